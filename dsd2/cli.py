@@ -1,0 +1,196 @@
+"""`dsd2-engine`: train (the pruning loop) and info (versions, device, op backends)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from dsd2.config import (
+    CRITERIA,
+    DATASETS,
+    LR_SCHEDULES,
+    MODELS,
+    NOISE_TYPES,
+    OPTIMIZERS,
+    PERTURBATIONS,
+    PRECISIONS,
+    PRESETS,
+    RETRAIN_SCHEDULES,
+    ConfigError,
+    build_config,
+    from_dict,
+)
+
+EXIT_USER_ERROR = 2
+
+# flag dest -> (section, key) in the config; None section means top level
+FLAG_MAP: dict[str, tuple[str | None, str]] = {
+    "dataset": ("data", "dataset"), "data_root": ("data", "data_root"), "download": ("data", "download"),
+    "noise": ("data", "noise"), "noise_type": ("data", "noise_type"), "val_fraction": ("data", "val_fraction"),
+    "clean_val": ("data", "clean_val"), "augment": ("data", "augment"),
+    "model": ("model", "name"), "hidden": ("model", "hidden"), "depth": ("model", "depth"),
+    "width": ("model", "width"),
+    "optimizer": ("optim", "optimizer"), "lr": ("optim", "lr"), "momentum": ("optim", "momentum"),
+    "weight_decay": ("optim", "weight_decay"), "batch_size": ("optim", "batch_size"),
+    "epochs": ("optim", "epochs"), "dense_epochs": ("optim", "dense_epochs"),
+    "lr_schedule": ("optim", "lr_schedule"),
+    "levels": ("prune", "levels"), "target_sparsity": ("prune", "target_sparsity"),
+    "prune_fraction": ("prune", "prune_fraction"), "criterion": ("prune", "criterion"),
+    "perturb": ("prune", "perturb"), "rewind_iteration": ("prune", "rewind_iteration"),
+    "retrain": ("prune", "retrain"),
+    "seed": (None, "seed"), "device": (None, "device"), "precision": (None, "precision"),
+}
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of widths") from None
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (flags override it)")
+    p.add_argument("--preset", choices=list(PRESETS), help="start from a preset (default: digits-mlp)")
+    p.add_argument("--out", help="run directory (default: runs/<name>-<config hash>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its stored config")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS)
+    g.add_argument("--data-root", help="folder holding CIFAR in torchvision's layout")
+    g.add_argument("--download", action="store_true", default=None, help="fetch CIFAR into --data-root")
+    g.add_argument("--noise", type=float, help="fraction of training labels corrupted, in [0, 1)")
+    g.add_argument("--noise-type", choices=NOISE_TYPES)
+    g.add_argument("--val-fraction", type=float)
+    g.add_argument("--clean-val", action="store_true", default=None, help="keep validation labels clean")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=MODELS)
+    g.add_argument("--hidden", type=_widths, help="MLP widths, e.g. 256,256")
+    g.add_argument("--depth", type=int, help="VGG-like blocks (delta)")
+    g.add_argument("--width", type=int, help="VGG-like log2 of first-block filters (gamma)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=OPTIMIZERS)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--epochs", type=int, help="epochs per pruning level")
+    g.add_argument("--dense-epochs", type=int, help="epochs of the dense level 0")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES)
+    g = p.add_argument_group("pruning")
+    g.add_argument("--levels", type=int, help="pruning levels after the dense one")
+    g.add_argument("--target-sparsity", type=float, help="stop at this sparsity (overrides --levels)")
+    g.add_argument("--prune-fraction", type=float, help="fraction of remaining weights removed per level")
+    g.add_argument("--criterion", choices=CRITERIA)
+    g.add_argument("--perturb", choices=PERTURBATIONS)
+    g.add_argument("--rewind-iteration", type=int, help="rewind to the weights after this many dense epochs")
+    g.add_argument("--retrain", choices=RETRAIN_SCHEDULES)
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--precision", choices=PRECISIONS)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dest, (section, key) in FLAG_MAP.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if section is None:
+            out[key] = value
+        else:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dsd2.engine import Engine
+    from dsd2.runs import RunDir
+
+    if args.resume:
+        run = RunDir(args.resume)
+        stored = run.stored_config()
+        if stored is None:
+            raise ConfigError(f"--resume '{args.resume}' holds no dsd2 run (no config.yaml)")
+        cfg = from_dict(stored["config"])
+        if args.data_root:
+            cfg.data.data_root = args.data_root
+    else:
+        cfg = build_config(args.preset, args.config, overrides_from_args(args))
+        name = args.preset or (f"{cfg.data.dataset}-{cfg.model.name}")
+        run = RunDir(args.out or Path("runs") / f"{name}-{cfg.run_hash()}")
+    summary = run.summary()
+    if summary is not None and summary.get("run_hash") == cfg.run_hash():
+        print(f"run already complete: {run.root}")
+    else:
+        summary = Engine(cfg, run, progress=not args.quiet and sys.stderr.isatty()).run_loop()
+    print(f"best level {summary['best_level']}: sparsity {summary['best_sparsity']:.4f}, "
+          f"val {summary['best_val_acc']:.4f}, test {summary['best_test_acc']:.4f} "
+          f"(dense test {summary['dense_test_acc']:.4f})")
+    print(f"results: {run.root}  (metrics.jsonl, epochs.jsonl, summary.json, checkpoints/)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from dsd2 import __version__
+    from dsd2.ops import backends
+
+    print(f"dsd2 {__version__}")
+    print(f"python {platform.python_version()}  torch {torch.__version__}")
+    try:
+        import torchvision
+
+        print(f"torchvision {torchvision.__version__}")
+    except ImportError:
+        print("torchvision missing")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        pass
+    cuda = torch.cuda.is_available()
+    print(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if cuda else 'cpu'}; "
+          f"cpu threads {torch.get_num_threads()}, capability {torch.backends.cpu.get_cpu_capability()}")
+    for name, state in backends().items():
+        print(f"backend {name}: {state}")
+    print(f"cuda graphs: {'available' if cuda else 'not in use (no CUDA device)'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsd2-engine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run the iterative pruning loop")
+    _add_train_flags(train)
+    train.set_defaults(func=cmd_train)
+    info = sub.add_parser("info", help="versions, device and op backends")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dsd2.data import DataError
+    from dsd2.runs import RunError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, RunError) as exc:
+        print(f"dsd2-engine: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("dsd2-engine: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

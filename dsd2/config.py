@@ -1,0 +1,263 @@
+"""Typed run configuration: presets, YAML loading, flag overrides, validation and the run hash."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("digits", "cifar10", "cifar100")
+MODELS = ("mlp", "lenet300", "vgg", "resnet18")
+NOISE_TYPES = ("symmetric", "asymmetric", "pairflip")
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("multistep", "cosine", "constant")
+CRITERIA = ("magnitude", "random", "gradient")
+PERTURBATIONS = ("none", "rewind", "reinit")
+RETRAIN_SCHEDULES = ("restart", "finetune", "lr-rewind")
+PRECISIONS = ("fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; its message is one sentence naming the value."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    noise: float = 0.5
+    noise_type: str = "symmetric"
+    val_fraction: float = 1 / 6
+    clean_val: bool = False
+    augment: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: tuple[int, ...] = (256, 256)  # MLP widths
+    depth: int = 5  # VGG-like delta: number of blocks
+    width: int = 5  # VGG-like gamma: first block has 2**gamma filters
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    batch_size: int = 64
+    epochs: int = 40  # per pruning level
+    dense_epochs: int | None = 120  # level 0; None means `epochs`
+    lr_schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the level's epochs (multistep)
+    gamma: float = 0.1
+
+
+@dataclass
+class PruneConfig:
+    levels: int = 28
+    target_sparsity: float | None = None
+    prune_fraction: float = 0.2
+    criterion: str = "magnitude"
+    gradient_batches: int = 4
+    perturb: str = "none"
+    rewind_iteration: int = 0
+    retrain: str = "restart"
+    finetune_lr_scale: float = 0.01
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    channels_last: bool = True  # conv nets only
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def run_hash(self) -> str:
+        """A stable name for the run: every field that changes its results (the data root does not)."""
+        payload = self.to_dict()
+        payload["data"].pop("data_root", None)
+        payload["data"].pop("download", None)
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def num_levels(self) -> int:
+        """Pruning levels after the dense one, from `levels` or from `target_sparsity`."""
+        if self.prune.target_sparsity is None:
+            return self.prune.levels
+        keep = 1.0 - self.prune.target_sparsity
+        return math.ceil(math.log(keep) / math.log(1.0 - self.prune.prune_fraction) - 1e-9)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default: real handwritten digits shipped with scikit-learn, 50 % symmetric noise,
+    # an MLP that interpolates the noise when dense. 1000 train / 200 val / 597 test.
+    "digits-mlp": {},
+    "cifar10-resnet18": {
+        "data": {"dataset": "cifar10", "noise": 0.2, "val_fraction": 0.1, "augment": True},
+        "model": {"name": "resnet18"},
+        "optim": {
+            "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
+            "batch_size": 128, "epochs": 160, "dense_epochs": None, "lr_schedule": "multistep",
+        },
+        "prune": {"levels": 30},
+    },
+    "cifar100-resnet18": {
+        "data": {"dataset": "cifar100", "noise": 0.2, "val_fraction": 0.1, "augment": True},
+        "model": {"name": "resnet18"},
+        "optim": {
+            "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
+            "batch_size": 128, "epochs": 160, "dense_epochs": None, "lr_schedule": "multistep",
+        },
+        "prune": {"levels": 30},
+    },
+    "cifar10-vgg": {
+        "data": {"dataset": "cifar10", "noise": 0.2, "val_fraction": 0.1, "augment": True},
+        "model": {"name": "vgg", "depth": 5, "width": 5},
+        "optim": {
+            "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
+            "batch_size": 128, "epochs": 160, "dense_epochs": None, "lr_schedule": "multistep",
+        },
+        "prune": {"levels": 30},
+    },
+}
+DEFAULT_PRESET = "digits-mlp"
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from nested plain data, rejecting unknown keys with a clear message."""
+    sections = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "prune": PruneConfig}
+    top_fields = {f.name for f in fields(Config)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in top_fields:
+            raise ConfigError(f"unknown config key '{key}'; allowed: {', '.join(sorted(top_fields))}")
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section '{key}' must be a mapping, got {value!r}")
+            cls = sections[key]
+            allowed = {f.name: f for f in fields(cls)}
+            sub = {}
+            for k, v in value.items():
+                if k not in allowed:
+                    raise ConfigError(
+                        f"unknown config key '{key}.{k}'; allowed: {', '.join(sorted(allowed))}"
+                    )
+                sub[k] = tuple(v) if isinstance(v, list) else v
+            kwargs[key] = cls(**sub)
+        else:
+            kwargs[key] = value
+    cfg = Config(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{p}' is not valid YAML ({exc.__class__.__name__})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+    return data
+
+
+def build_config(preset: str | None = None, yaml_path: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> Config:
+    """Preset, then YAML file, then flag overrides (later wins)."""
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; allowed: {', '.join(PRESETS)}")
+    raw = dataclasses.asdict(Config())
+    raw = merge(raw, PRESETS[name])
+    if yaml_path:
+        loaded = load_yaml(yaml_path)
+        raw = merge(raw, loaded)
+    if overrides:
+        raw = merge(raw, overrides)
+    return from_dict(raw)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} '{value}' is not known; allowed: {', '.join(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    d, m, o, p = cfg.data, cfg.model, cfg.optim, cfg.prune
+    _choice("dataset", d.dataset, DATASETS)
+    _choice("model", m.name, MODELS)
+    _choice("noise type", d.noise_type, NOISE_TYPES)
+    _choice("optimizer", o.optimizer, OPTIMIZERS)
+    _choice("lr schedule", o.lr_schedule, LR_SCHEDULES)
+    _choice("pruning criterion", p.criterion, CRITERIA)
+    _choice("perturbation", p.perturb, PERTURBATIONS)
+    _choice("retrain schedule", p.retrain, RETRAIN_SCHEDULES)
+    _choice("precision", cfg.precision, PRECISIONS)
+    if not isinstance(d.noise, (int, float)) or not 0.0 <= d.noise < 1.0:
+        raise ConfigError(f"noise {d.noise!r} is outside [0, 1)")
+    if d.noise_type == "asymmetric" and d.dataset == "cifar100":
+        raise ConfigError("noise type 'asymmetric' is the CIFAR-10 class map; use symmetric or pairflip")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"val fraction {d.val_fraction!r} is outside [0, 1)")
+    if not 0.0 < p.prune_fraction < 1.0:
+        raise ConfigError(f"prune fraction {p.prune_fraction!r} is outside (0, 1)")
+    if p.target_sparsity is not None and not 0.0 < p.target_sparsity < 1.0:
+        raise ConfigError(f"target sparsity {p.target_sparsity!r} is outside (0, 1)")
+    if not isinstance(p.levels, int) or p.levels < 0:
+        raise ConfigError(f"levels {p.levels!r} must be a whole number >= 0")
+    if not isinstance(o.epochs, int) or o.epochs < 1:
+        raise ConfigError(f"epochs {o.epochs!r} must be a whole number >= 1")
+    if o.dense_epochs is not None and (not isinstance(o.dense_epochs, int) or o.dense_epochs < 1):
+        raise ConfigError(f"dense epochs {o.dense_epochs!r} must be a whole number >= 1")
+    if not isinstance(o.batch_size, int) or o.batch_size < 1:
+        raise ConfigError(f"batch size {o.batch_size!r} must be a whole number >= 1")
+    if o.lr <= 0:
+        raise ConfigError(f"learning rate {o.lr!r} must be > 0")
+    if m.name == "vgg" and not (1 <= m.depth <= 8 and 1 <= m.width <= 10):
+        raise ConfigError(f"VGG-like depth {m.depth} / width {m.width} outside 1..8 / 1..10")
+    if m.name == "mlp" and (not m.hidden or any(int(h) < 1 for h in m.hidden)):
+        raise ConfigError(f"MLP hidden widths {m.hidden!r} must be one or more positive numbers")
+    if not (cfg.device == "cpu" or cfg.device == "auto" or cfg.device.startswith("cuda")):
+        raise ConfigError(f"device '{cfg.device}' is not known; allowed: cpu, cuda, cuda:N, auto")
+    if m.name in ("vgg", "resnet18") and d.dataset == "digits":
+        raise ConfigError(f"model '{m.name}' needs 32x32 images; dataset 'digits' is 8x8: use mlp")

@@ -1,0 +1,79 @@
+"""Datasets on the compute device: noisy training split, validation split, test set, fast batching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsd2.config import DataConfig
+from dsd2.data.noise import apply_noise
+from dsd2.data.sources import DataError, RawDataset, load_raw, write_fake_cifar
+
+__all__ = ["DataError", "DeviceDataset", "Splits", "build_splits", "load_raw", "write_fake_cifar"]
+
+
+@dataclass
+class DeviceDataset:
+    """One split held on the device as uint8 images and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+
+@dataclass
+class Splits:
+    train: DeviceDataset  # noisy labels
+    val: DeviceDataset
+    test: DeviceDataset
+    train_clean_labels: torch.Tensor  # on device, for the memorisation measure
+    noisy_mask: torch.Tensor  # bool [n_train] on device: label was corrupted
+    noise_indices: torch.Tensor  # indices into the full training pool (CPU), for the record
+    noise_original: torch.Tensor  # their original labels (CPU)
+    num_classes: int
+    mean: torch.Tensor  # [C] in pixel units
+    std: torch.Tensor
+    name: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.images.shape[1:])
+
+
+def build_splits(cfg: DataConfig, seed: int, device: torch.device,
+                 raw: RawDataset | None = None) -> Splits:
+    """Noise over the whole training pool, then a seeded validation hold-out (noisy unless clean_val)."""
+    raw = raw if raw is not None else load_raw(cfg.dataset, cfg.data_root, cfg.download)
+    pool_labels = raw.train_labels
+    noisy, idx = apply_noise(pool_labels, cfg.noise, cfg.noise_type, raw.num_classes, seed)
+    n = pool_labels.numel()
+    n_val = round(cfg.val_fraction * n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    val_labels = pool_labels[val_idx] if cfg.clean_val else noisy[val_idx]
+    corrupted = torch.zeros(n, dtype=torch.bool)
+    corrupted[idx] = True
+
+    train_x = raw.train_images[train_idx]
+    flat = train_x.float().transpose(0, 1).reshape(train_x.shape[1], -1)
+    mean, std = flat.mean(1), flat.std(1).clamp_min(1e-3)
+
+    def put(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().to(device)
+
+    return Splits(
+        train=DeviceDataset(put(train_x), put(noisy[train_idx])),
+        val=DeviceDataset(put(raw.train_images[val_idx]), put(val_labels)),
+        test=DeviceDataset(put(raw.test_images), put(raw.test_labels)),
+        train_clean_labels=put(pool_labels[train_idx]),
+        noisy_mask=put(corrupted[train_idx]),
+        noise_indices=idx,
+        noise_original=pool_labels[idx],
+        num_classes=raw.num_classes,
+        mean=put(mean),
+        std=put(std),
+        name=raw.name,
+    )

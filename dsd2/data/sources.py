@@ -1,0 +1,109 @@
+"""Raw datasets as uint8 image tensors: CIFAR-10/100 from a local torchvision-layout folder, digits."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """A dataset cannot be found or read; the message names the path and the fix."""
+
+
+@dataclass
+class RawDataset:
+    train_images: torch.Tensor  # uint8 [N, C, H, W]
+    train_labels: torch.Tensor  # int64 [N]
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    scale: float  # pixel value of full intensity (255 for CIFAR, 16 for digits)
+    name: str
+
+
+CIFAR_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                b"labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
+}
+
+
+def _read_batches(folder: Path, names: list[str], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for name in names:
+        path = folder / name
+        try:
+            with open(path, "rb") as fh:
+                entry = pickle.load(fh, encoding="bytes")
+            data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            target = np.asarray(entry[label_key], dtype=np.int64)
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
+            raise DataError(f"cannot read CIFAR file '{path}' ({exc.__class__.__name__}): "
+                            "re-extract the archive or pass --download") from None
+        images.append(torch.from_numpy(data.copy()))
+        labels.append(torch.from_numpy(target.copy()))
+    return torch.cat(images), torch.cat(labels)
+
+
+def load_cifar(name: str, root: str | None, download: bool = False) -> RawDataset:
+    folder_name, train_files, test_files, label_key, classes = CIFAR_LAYOUT[name]
+    if root is None:
+        raise DataError(f"dataset '{name}' needs --data-root: a folder holding '{folder_name}/' "
+                        "(torchvision's layout); add --download to fetch it there")
+    folder = Path(root).expanduser() / folder_name
+    if not folder.is_dir() and download:
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        cls(str(Path(root).expanduser()), train=True, download=True)
+    if not folder.is_dir():
+        raise DataError(f"{name} not found: '{folder}' does not exist; extract the python version "
+                        f"of the archive into '{Path(root)}' or rerun with --download")
+    tr_x, tr_y = _read_batches(folder, train_files, label_key)
+    te_x, te_y = _read_batches(folder, test_files, label_key)
+    return RawDataset(tr_x, tr_y, te_x, te_y, classes, 255.0, name)
+
+
+def load_digits_dataset(test_size: int = 597, seed: int = 0) -> RawDataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download).
+
+    A fixed seeded split puts `test_size` images in the test set; the rest form the training
+    pool from which the validation split is later held out.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    test, train = perm[:test_size], perm[test_size:]
+    return RawDataset(images[train], labels[train], images[test], labels[test], 10, 16.0, "digits")
+
+
+def load_raw(name: str, root: str | None = None, download: bool = False) -> RawDataset:
+    if name == "digits":
+        return load_digits_dataset()
+    if name in CIFAR_LAYOUT:
+        return load_cifar(name, root, download)
+    raise DataError(f"dataset '{name}' is not known; allowed: digits, cifar10, cifar100")
+
+
+def write_fake_cifar(root: str | Path, name: str = "cifar10", train_per_file: int = 20,
+                     test_size: int = 20, seed: int = 0) -> Path:
+    """Write a tiny dataset in torchvision's CIFAR layout (for tests and offline smoke runs)."""
+    folder_name, train_files, test_files, label_key, classes = CIFAR_LAYOUT[name]
+    folder = Path(root) / folder_name
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for fname, n in [(f, train_per_file) for f in train_files] + [(f, test_size) for f in test_files]:
+        entry = {
+            b"data": rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8),
+            label_key: rng.integers(0, classes, size=n).tolist(),
+        }
+        with open(folder / fname, "wb") as fh:
+            pickle.dump(entry, fh)
+    return folder

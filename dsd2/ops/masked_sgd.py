@@ -1,0 +1,120 @@
+"""MaskedSGD: SGD whose step masks gradient, momentum and weight in one pass, so pruned weights stay 0.0.
+
+Conv/Linear layers then run on plain dense weights: no per-forward `weight_orig * mask` as with
+`torch.nn.utils.prune`, no extra weight copies, and pruned entries take neither gradient nor
+momentum. For kept entries the update is exactly `torch.optim.SGD`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from dsd2.ops._backend import cpp_extension
+
+
+def masked_sgd_reference(params: list[torch.Tensor], grads: list[torch.Tensor],
+                         bufs: list[torch.Tensor | None], masks: list[torch.Tensor | None], *,
+                         lr: float, momentum: float, weight_decay: float, nesterov: bool,
+                         first: bool) -> None:
+    """The oracle, in plain PyTorch, tensor by tensor (updates params and bufs in place)."""
+    for p, g, buf, mask in zip(params, grads, bufs, masks):
+        d = g * mask if mask is not None else g.clone()
+        if weight_decay:
+            d = d.add(p, alpha=weight_decay)
+        if momentum and buf is not None:
+            if first:
+                buf.copy_(d)
+            else:
+                buf.mul_(momentum).add_(d)
+            if mask is not None:
+                buf.mul_(mask)
+            d = d.add(buf, alpha=momentum) if nesterov else buf
+        p.sub_(d, alpha=lr)
+        if mask is not None:
+            p.mul_(mask)
+
+
+def _foreach_step(params, grads, bufs, masks, *, lr, momentum, weight_decay, nesterov, first) -> None:
+    """Multi-tensor path for devices without a fused kernel: a handful of launches for all tensors."""
+    ones = [m if m is not None else None for m in masks]
+    d = [g * m if m is not None else g.clone() for g, m in zip(grads, ones)]
+    if weight_decay:
+        torch._foreach_add_(d, params, alpha=weight_decay)
+    if momentum:
+        if first:
+            torch._foreach_copy_(bufs, d)
+        else:
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, d)
+        mb = [(b, m) for b, m in zip(bufs, masks) if m is not None]
+        if mb:
+            torch._foreach_mul_([b for b, _ in mb], [m for _, m in mb])
+        if nesterov:
+            torch._foreach_add_(d, bufs, alpha=momentum)
+        else:
+            d = bufs
+    torch._foreach_add_(params, d, alpha=-lr)
+    pm = [(p, m) for p, m in zip(params, masks) if m is not None]
+    if pm:
+        torch._foreach_mul_([p for p, _ in pm], [m for _, m in pm])
+
+
+class MaskedSGD(torch.optim.Optimizer):
+    """SGD with momentum and weight decay that keeps masked weights exactly zero.
+
+    `masks` maps a parameter (the tensor object) or its position in `params` to a bool mask of the
+    same shape (True = kept). Parameters without a mask (biases, BatchNorm) step as plain SGD.
+    Masks are read at every step, so updating them in place after a prune needs no new optimizer.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], masks: dict[torch.Tensor, torch.Tensor] | None = None,
+                 lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
+                 nesterov: bool = False):
+        if lr < 0:
+            raise ValueError(f"learning rate {lr} must be >= 0")
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov momentum needs momentum > 0")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+        self.masks: dict[int, torch.Tensor] = {}
+        for p, m in (masks or {}).items():
+            self.set_mask(p, m)
+
+    def set_mask(self, param: torch.Tensor, mask: torch.Tensor) -> None:
+        if mask.shape != param.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} differs from parameter shape {tuple(param.shape)}")
+        self.masks[id(param)] = mask.to(device=param.device, dtype=torch.bool)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            momentum = group["momentum"]
+            bufs, first = [], False
+            for p in params:
+                state = self.state[p]
+                if momentum and "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    first = True
+                bufs.append(state.get("momentum_buffer"))
+            grads = [p.grad for p in params]
+            masks = [self.masks.get(id(p)) for p in params]
+            kwargs = dict(lr=float(group["lr"]), momentum=momentum, weight_decay=group["weight_decay"],
+                          nesterov=group["nesterov"], first=first)
+            ext = cpp_extension() if params[0].device.type == "cpu" else None
+            if ext is not None and all(p.is_contiguous() for p in params):
+                ext.masked_sgd_step_(params, grads, [b if b is not None else torch.Tensor() for b in bufs],
+                                     [m if m is not None else torch.Tensor() for m in masks],
+                                     kwargs["lr"], momentum, group["weight_decay"], group["nesterov"], first)
+            elif momentum:
+                _foreach_step(params, grads, bufs, masks, **kwargs)
+            else:
+                masked_sgd_reference(params, grads, bufs, masks, **kwargs)
+        return loss

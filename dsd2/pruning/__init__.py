@@ -1,0 +1,159 @@
+"""Global unstructured pruning: masks over every Conv/Linear weight, scoring criteria, perturbation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+Masks = dict[str, torch.Tensor]  # qualified parameter name -> bool tensor, True = kept
+
+PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights global pruning acts on: every Conv/Linear weight (not biases, not BatchNorm)."""
+    out = {}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES):
+            out[f"{mod_name}.weight" if mod_name else "weight"] = module.weight
+    return out
+
+
+def full_masks(model: nn.Module) -> Masks:
+    return {name: torch.ones_like(w, dtype=torch.bool) for name, w in prunable_weights(model).items()}
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Masks) -> None:
+    weights = prunable_weights(model)
+    for name, mask in masks.items():
+        weights[name].mul_(mask)
+
+
+def count_sparsity(model: nn.Module) -> tuple[int, int]:
+    """(zeros, total) counted in the prunable tensors themselves, not taken from the schedule."""
+    zeros = total = 0
+    for w in prunable_weights(model).values():
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return zeros, total
+
+
+def magnitude_scores(model: nn.Module, **_: object) -> dict[str, torch.Tensor]:
+    return {name: w.detach().abs().float() for name, w in prunable_weights(model).items()}
+
+
+def random_scores(model: nn.Module, *, generator: torch.Generator, **_: object) -> dict[str, torch.Tensor]:
+    return {
+        name: torch.rand(w.shape, generator=generator).to(w.device)
+        for name, w in prunable_weights(model).items()
+    }
+
+
+def gradient_scores(model: nn.Module, *, loss_batches: Iterable[Callable[[], torch.Tensor]],
+                    **_: object) -> dict[str, torch.Tensor]:
+    """|w * dL/dw| accumulated over a few batches (first-order Taylor saliency)."""
+    weights = prunable_weights(model)
+    grads = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    for make_loss in loss_batches:
+        model.zero_grad(set_to_none=True)
+        make_loss().backward()
+        for name, w in weights.items():
+            if w.grad is not None:
+                grads[name] += w.grad.float()
+    model.zero_grad(set_to_none=True)
+    return {name: (weights[name].detach().float() * grads[name]).abs() for name in weights}
+
+
+CRITERIA = {"magnitude": magnitude_scores, "random": random_scores, "gradient": gradient_scores}
+
+
+def global_prune(scores: dict[str, torch.Tensor], masks: Masks, fraction: float) -> Masks:
+    """Remove round(fraction * remaining) of the still-kept weights with the lowest scores, globally.
+
+    Ties are broken by position (stable sort) so the result is deterministic.
+    """
+    names = list(masks)
+    flat_mask = torch.cat([masks[n].flatten() for n in names])
+    flat_scores = torch.cat([scores[n].flatten().to(flat_mask.device) for n in names])
+    remaining = int(flat_mask.sum())
+    k = round(fraction * remaining)
+    if k == 0:
+        return {n: m.clone() for n, m in masks.items()}
+    flat_scores = torch.where(flat_mask, flat_scores, torch.full_like(flat_scores, float("inf")))
+    order = torch.argsort(flat_scores, stable=True)
+    new_flat = flat_mask.clone()
+    new_flat[order[:k]] = False
+    out, offset = {}, 0
+    for n in names:
+        size = masks[n].numel()
+        out[n] = new_flat[offset:offset + size].view_as(masks[n])
+        offset += size
+    return out
+
+
+def remaining_after(total: int, fraction: float, levels: int) -> list[int]:
+    """Kept-weight counts after each level, exactly as `global_prune` computes them."""
+    counts, remaining = [], total
+    for _ in range(levels):
+        remaining -= round(fraction * remaining)
+        counts.append(remaining)
+    return counts
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, kind: str, masks: Masks, init_state: dict[str, torch.Tensor] | None,
+            reinit_seed: int) -> None:
+    """After a prune: keep weights ('none'), rewind to saved ones ('rewind'), or re-draw them ('reinit')."""
+    if kind == "rewind":
+        if init_state is None:
+            raise ValueError("rewind needs the saved initial weights")
+        model.load_state_dict(init_state)
+    elif kind == "reinit":
+        devices = [p.device for p in model.parameters()][:1]
+        with torch.random.fork_rng(devices=[] if not devices or devices[0].type == "cpu" else devices):
+            torch.manual_seed(reinit_seed)
+            for module in model.modules():
+                if hasattr(module, "reset_parameters") and module is not model:
+                    module.reset_parameters()
+    elif kind != "none":
+        raise ValueError(f"perturbation '{kind}' is not known; allowed: none, rewind, reinit")
+    apply_masks(model, masks)
+
+
+# ---- interop with torch.nn.utils.prune ---------------------------------------------------------
+
+def masks_from_torch_prune(model: nn.Module) -> Masks:
+    """Read `weight_mask` buffers left by torch.nn.utils.prune into our mask dictionary."""
+    masks = {}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES):
+            key = f"{mod_name}.weight" if mod_name else "weight"
+            mask = getattr(module, "weight_mask", None)
+            masks[key] = (mask != 0) if mask is not None else torch.ones_like(module.weight, dtype=torch.bool)
+    return masks
+
+
+def to_torch_prune(model: nn.Module, masks: Masks) -> None:
+    """Install masks as torch.nn.utils.prune reparametrisations (weight_orig * weight_mask)."""
+    import torch.nn.utils.prune as tprune
+
+    modules = dict(model.named_modules())
+    for key, mask in masks.items():
+        module = modules[key.rsplit(".", 1)[0]] if "." in key else model
+        if tprune.is_pruned(module):
+            tprune.remove(module, "weight")
+        tprune.custom_from_mask(module, "weight", mask.to(module.weight.device))
+
+
+def remove_torch_prune(model: nn.Module) -> Masks:
+    """Fold torch.nn.utils.prune reparametrisations into plain weights; return the masks."""
+    import torch.nn.utils.prune as tprune
+
+    masks = masks_from_torch_prune(model)
+    for module in model.modules():
+        if isinstance(module, PRUNABLE_TYPES) and tprune.is_pruned(module):
+            tprune.remove(module, "weight")
+    return masks

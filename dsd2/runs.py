@@ -1,0 +1,149 @@
+"""The run directory: resolved config, metrics, checkpoints, summary. Every write is atomic.
+
+Layout of a run directory:
+    config.yaml         the resolved config (with its hash)
+    noise.safetensors   corrupted training indices and their original labels
+    metrics.jsonl       one JSON object per completed level
+    epochs.jsonl        one JSON object per completed epoch
+    checkpoints/level_XX.safetensors   weights, masks, optimizer state at the end of each level
+    checkpoints/last.safetensors       the last completed epoch (for resume)
+    checkpoints/init.safetensors       the initial weights (for rewinding)
+    summary.json        written when the run finishes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "dsd2-checkpoint-v1"
+
+
+class RunError(ValueError):
+    """A run directory or checkpoint problem a user must fix; the message names the path."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise RunError(f"'{path}' line {n} is not valid JSON; the run directory is damaged") from None
+    return rows
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """safetensors file with our format tag and JSON metadata; loading it never executes code."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    data = save(flat, metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True)})
+    atomic_write_bytes(path, data)
+
+
+def load_checkpoint(path: Path, expect_hash: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise RunError(f"checkpoint '{path}' is corrupt or not a safetensors file ({exc.__class__.__name__}); "
+                       "delete it to restart from the previous one") from None
+    if header.get("format") != FORMAT:
+        raise RunError(f"checkpoint '{path}' is not a dsd2 checkpoint (format {header.get('format')!r})")
+    meta = json.loads(header.get("meta", "{}"))
+    if expect_hash is not None and meta.get("run_hash") != expect_hash:
+        raise RunError(f"checkpoint '{path}' belongs to run {meta.get('run_hash')!r}, not {expect_hash!r}")
+    return tensors, meta
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    config_path = property(lambda self: self.root / "config.yaml")
+    metrics_path = property(lambda self: self.root / "metrics.jsonl")
+    epochs_path = property(lambda self: self.root / "epochs.jsonl")
+    summary_path = property(lambda self: self.root / "summary.json")
+    noise_path = property(lambda self: self.root / "noise.safetensors")
+    ckpt_dir = property(lambda self: self.root / "checkpoints")
+    last_path = property(lambda self: self.root / "checkpoints" / "last.safetensors")
+    init_path = property(lambda self: self.root / "checkpoints" / "init.safetensors")
+
+    def level_path(self, level: int) -> Path:
+        return self.ckpt_dir / f"level_{level:02d}.safetensors"
+
+    def stored_config(self) -> dict[str, Any] | None:
+        import yaml
+
+        if not self.config_path.exists():
+            return None
+        try:
+            data = yaml.safe_load(self.config_path.read_text())
+        except yaml.YAMLError:
+            raise RunError(f"'{self.config_path}' is not valid YAML; the run directory is damaged") from None
+        if not isinstance(data, dict) or "run_hash" not in data or "config" not in data:
+            raise RunError(f"'{self.config_path}' is not a dsd2 run config")
+        return data
+
+    def claim(self, config: dict[str, Any], run_hash: str) -> bool:
+        """Make the directory ours. Returns True when it already holds this run (resume)."""
+        stored = self.stored_config()
+        if stored is not None:
+            if stored["run_hash"] != run_hash:
+                raise RunError(f"output folder '{self.root}' holds a different run ({stored['run_hash']}, "
+                               f"this one is {run_hash}); choose another --out or --resume it")
+            return True
+        if self.root.exists() and any(self.root.iterdir()):
+            raise RunError(f"output folder '{self.root}' is not empty and holds no dsd2 run; choose another --out")
+        import yaml
+
+        text = yaml.safe_dump({"run_hash": run_hash, "config": config}, sort_keys=False)
+        atomic_write_text(self.config_path, text)
+        return False
+
+    def levels(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_path)
+
+    def summary(self) -> dict[str, Any] | None:
+        if not self.summary_path.exists():
+            return None
+        return json.loads(self.summary_path.read_text())

@@ -1,0 +1,122 @@
+"""Train and evaluation epochs, objectives, masked optimizers and learning-rate schedules.
+
+The whole training step fits on one screen: `train_epoch`. Metrics accumulate in device tensors
+and are read once per epoch, so the loop never waits on the device inside an epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsd2.config import OptimConfig
+from dsd2.data import DeviceDataset
+from dsd2.data.batching import eval_batches, normalize, train_batches
+from dsd2.ops import MaskedSGD
+from dsd2.pruning import Masks, prunable_weights
+
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels)
+
+
+class MaskedAdam(torch.optim.Adam):
+    """Adam whose pruned entries take no gradient and stay exactly 0.0 after every step."""
+
+    def __init__(self, params, masks: dict[torch.Tensor, torch.Tensor], **kwargs):
+        super().__init__(params, **kwargs)
+        self.masks = {id(p): m for p, m in masks.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        pairs = [(p, self.masks[id(p)]) for g in self.param_groups for p in g["params"]
+                 if id(p) in self.masks and p.grad is not None]
+        if pairs:
+            torch._foreach_mul_([p.grad for p, _ in pairs], [m for _, m in pairs])
+        loss = super().step(closure)
+        if pairs:
+            torch._foreach_mul_([p for p, _ in pairs], [m for _, m in pairs])
+        return loss
+
+
+def build_optimizer(model: nn.Module, masks: Masks, cfg: OptimConfig) -> torch.optim.Optimizer:
+    weights = prunable_weights(model)
+    by_param = {weights[name]: mask for name, mask in masks.items()}
+    if cfg.optimizer == "sgd":
+        return MaskedSGD(model.parameters(), by_param, lr=cfg.lr, momentum=cfg.momentum,
+                         weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    return MaskedAdam(model.parameters(), by_param, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def schedule_lr(cfg: OptimConfig, epoch: int, epochs: int, base_lr: float | None = None) -> float:
+    """Learning rate of `epoch` (0-based) in a schedule of `epochs`: a pure function, so resume is exact."""
+    base = cfg.lr if base_lr is None else base_lr
+    if cfg.lr_schedule == "constant":
+        return base
+    if cfg.lr_schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    passed = sum(1 for m in cfg.milestones if epoch >= round(m * epochs))
+    return base * cfg.gamma ** passed
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_inputs(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                   channels_last: bool) -> torch.Tensor:
+    x = normalize(images, mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: DeviceDataset, *,
+                batch_size: int, generator: torch.Generator, augment: bool, mean: torch.Tensor,
+                std: torch.Tensor, objective: Objective = cross_entropy, precision: str = "fp32",
+                channels_last: bool = False) -> dict[str, float]:
+    model.train()
+    device = data.images.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for images, labels, _ in train_batches(data, batch_size, generator, augment):
+        x = prepare_inputs(images, mean, std, channels_last)
+        with autocast(device, precision):
+            logits = model(x)
+            loss = objective(logits, labels, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * labels.numel()
+        correct += (logits.detach().argmax(1) == labels).sum()
+    n = len(data)
+    return {"train_loss": float(loss_sum) / n, "train_acc": float(correct) / n}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: DeviceDataset, *, batch_size: int, mean: torch.Tensor,
+            std: torch.Tensor, precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
+    """Float32 logits for a whole split in eval mode."""
+    model.eval()
+    device = data.images.device
+    out = []
+    for images, _ in eval_batches(data, batch_size):
+        with autocast(device, precision):
+            out.append(model(prepare_inputs(images, mean, std, channels_last)).float())
+    return torch.cat(out) if out else torch.empty(0, device=device)
+
+
+def evaluate(model: nn.Module, data: DeviceDataset, **kwargs) -> dict[str, float]:
+    logits = predict(model, data, **kwargs)
+    if len(data) == 0:
+        return {"loss": float("nan"), "acc": float("nan")}
+    loss = F.cross_entropy(logits, data.labels)
+    acc = (logits.argmax(1) == data.labels).float().mean()
+    return {"loss": float(loss), "acc": float(acc)}
