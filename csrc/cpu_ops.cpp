@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -31,9 +32,10 @@ void masked_sgd_tensor(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
   });
 }
 
+// Elementwise kernels walk memory linearly: every operand must share the parameter's layout.
 void check_same(const at::Tensor& a, const at::Tensor& b, const char* what) {
   TORCH_CHECK(a.sizes() == b.sizes(), what, " shape ", b.sizes(), " differs from parameter shape ", a.sizes());
-  TORCH_CHECK(b.is_contiguous(), what, " must be contiguous");
+  TORCH_CHECK(b.strides() == a.strides(), what, " memory layout differs from the parameter's");
 }
 
 }  // namespace
@@ -42,7 +44,8 @@ void check_same(const at::Tensor& a, const at::Tensor& b, const char* what) {
 // Masks may be undefined (unpruned parameters step as plain SGD); momentum buffers may be
 // undefined when momentum == 0.
 void masked_sgd_step_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
-                      std::vector<at::Tensor> bufs, std::vector<at::Tensor> masks, double lr,
+                      std::vector<std::optional<at::Tensor>> bufs,
+                      std::vector<std::optional<at::Tensor>> masks, double lr,
                       double momentum, double weight_decay, bool nesterov, bool first) {
   TORCH_CHECK(params.size() == grads.size() && params.size() == bufs.size() &&
                   params.size() == masks.size(),
@@ -50,20 +53,21 @@ void masked_sgd_step_(std::vector<at::Tensor> params, std::vector<at::Tensor> gr
   for (size_t t = 0; t < params.size(); ++t) {
     auto& p = params[t];
     TORCH_CHECK(p.device().is_cpu(), "masked_sgd_step_: CPU tensors only");
-    TORCH_CHECK(p.is_contiguous(), "masked_sgd_step_: parameters must be contiguous");
-    auto g = grads[t].contiguous();
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "masked_sgd_step_: parameters must be dense in memory");
+    auto g = grads[t];
+    if (g.strides() != p.strides()) g = at::empty_like(p).copy_(g);
     check_same(p, g, "gradient");
-    const bool has_buf = bufs[t].defined() && momentum != 0.0;
-    const bool has_mask = masks[t].defined();
-    if (has_buf) check_same(p, bufs[t], "momentum buffer");
+    const bool has_buf = bufs[t].has_value() && bufs[t]->defined() && momentum != 0.0;
+    const bool has_mask = masks[t].has_value() && masks[t]->defined();
+    if (has_buf) check_same(p, *bufs[t], "momentum buffer");
     if (has_mask) {
-      check_same(p, masks[t], "mask");
-      TORCH_CHECK(masks[t].scalar_type() == at::kBool, "mask must be bool");
+      check_same(p, *masks[t], "mask");
+      TORCH_CHECK(masks[t]->scalar_type() == at::kBool, "mask must be bool");
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "masked_sgd_step_", [&] {
       masked_sgd_tensor<scalar_t>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-                                  has_buf ? bufs[t].data_ptr<scalar_t>() : nullptr,
-                                  has_mask ? masks[t].data_ptr<bool>() : nullptr, p.numel(),
+                                  has_buf ? bufs[t]->data_ptr<scalar_t>() : nullptr,
+                                  has_mask ? masks[t]->data_ptr<bool>() : nullptr, p.numel(),
                                   static_cast<float>(lr), static_cast<float>(momentum),
                                   static_cast<float>(weight_decay), nesterov, first);
     });

@@ -1,4 +1,4 @@
-"""`dsd2-engine`: train (the pruning loop) and info (versions, device, op backends)."""
+"""`dsd2-engine`: train (the pruning loop), report (figures, tables) and info (versions, backends)."""
 
 from __future__ import annotations
 
@@ -131,7 +131,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"best level {summary['best_level']}: sparsity {summary['best_sparsity']:.4f}, "
           f"val {summary['best_val_acc']:.4f}, test {summary['best_test_acc']:.4f} "
           f"(dense test {summary['dense_test_acc']:.4f})")
+    from dsd2.report import write_report
+
+    written = write_report([run.root], run.root / "report", title=run.root.name)
     print(f"results: {run.root}  (metrics.jsonl, epochs.jsonl, summary.json, checkpoints/)")
+    print(f"report: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dsd2.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
+    for path in write_report(args.runs, out, title=args.title or ""):
+        print(path)
     return 0
 
 
@@ -172,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run the iterative pruning loop")
     _add_train_flags(train)
     train.set_defaults(func=cmd_train)
+    report = sub.add_parser("report", help="figures and tables from run directories (seeds aggregate)")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="output folder (default: RUN_DIR/report of the first run)")
+    report.add_argument("--title")
+    report.set_defaults(func=cmd_report)
     info = sub.add_parser("info", help="versions, device and op backends")
     info.set_defaults(func=cmd_info)
     return parser

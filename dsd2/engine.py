@@ -25,7 +25,6 @@ from dsd2.pruning import (
     full_masks,
     global_prune,
     perturb,
-    prunable_weights,
     remaining_after,
 )
 from dsd2.runs import RunDir, RunError, load_checkpoint, save_checkpoint, write_json, write_jsonl

@@ -84,7 +84,8 @@ class MaskedSGD(torch.optim.Optimizer):
     def set_mask(self, param: torch.Tensor, mask: torch.Tensor) -> None:
         if mask.shape != param.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} differs from parameter shape {tuple(param.shape)}")
-        self.masks[id(param)] = mask.to(device=param.device, dtype=torch.bool)
+        # stored in the parameter's own memory layout (e.g. channels_last) so one flat pass pairs them
+        self.masks[id(param)] = torch.empty_like(param, dtype=torch.bool).copy_(mask)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -101,7 +102,7 @@ class MaskedSGD(torch.optim.Optimizer):
             for p in params:
                 state = self.state[p]
                 if momentum and "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["momentum_buffer"] = torch.zeros_like(p)
                     first = True
                 bufs.append(state.get("momentum_buffer"))
             grads = [p.grad for p in params]
@@ -109,10 +110,9 @@ class MaskedSGD(torch.optim.Optimizer):
             kwargs = dict(lr=float(group["lr"]), momentum=momentum, weight_decay=group["weight_decay"],
                           nesterov=group["nesterov"], first=first)
             ext = cpp_extension() if params[0].device.type == "cpu" else None
-            if ext is not None and all(p.is_contiguous() for p in params):
-                ext.masked_sgd_step_(params, grads, [b if b is not None else torch.Tensor() for b in bufs],
-                                     [m if m is not None else torch.Tensor() for m in masks],
-                                     kwargs["lr"], momentum, group["weight_decay"], group["nesterov"], first)
+            if ext is not None:
+                ext.masked_sgd_step_(params, grads, bufs, masks, kwargs["lr"], momentum, group["weight_decay"],
+                                     group["nesterov"], first)
             elif momentum:
                 _foreach_step(params, grads, bufs, masks, **kwargs)
             else:

@@ -1,0 +1,191 @@
+"""Epoch time of dsd2's training loop against the way common reference code trains a pruned network.
+
+Baseline, as in typical IMP reference code: a torchvision-style dataset with per-sample PIL
+transforms behind a DataLoader, masks installed with `torch.nn.utils.prune` (weight recomputed as
+weight_orig * weight_mask in every forward), a plain eager fp32 step. Ours: the whole dataset as a
+uint8 tensor, batches as index slices, batched augmentation, dense weights kept sparse by the
+masked optimizer step, and (for conv nets) bf16 autocast with channels_last.
+
+Both run the same model, the same data and the same masks (80 % sparsity) in one process.
+
+    python benchmarks/bench_engine.py            # full: writes the table into benchmarks/RESULTS.md
+    python benchmarks/bench_engine.py --quick    # fewer repeats, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.utils.prune as tprune
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from dsd2.config import ModelConfig, OptimConfig
+from dsd2.data import DeviceDataset
+from dsd2.data.batching import epoch_generator
+from dsd2.models import build_model
+from dsd2.pruning import full_masks as make_full_masks
+from dsd2.pruning import global_prune, magnitude_scores, prunable_weights
+from dsd2.training import build_optimizer, train_epoch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+BEGIN, END = "<!-- bench_engine:begin -->", "<!-- bench_engine:end -->"
+
+
+class ArrayDataset(Dataset):
+    """What torchvision's CIFAR10/MNIST datasets do: one PIL image per sample through transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        pil = Image.fromarray(img.squeeze(0) if img.shape[0] == 1 else img.transpose(1, 2, 0))
+        return self.transform(pil), int(self.labels[i])
+
+
+def sparse_masks(model: nn.Module, sparsity: float = 0.8):
+    masks = make_full_masks(model)
+    return global_prune(magnitude_scores(model), masks, sparsity)
+
+
+def baseline_epoch(model, loader, optimizer) -> None:
+    model.train()
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+
+def time_it(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def case(name: str, model_cfg: ModelConfig, images: np.ndarray, labels: np.ndarray, num_classes: int,
+         optim: OptimConfig, augment: bool, bf16: bool, repeats: int) -> dict:
+    shape = images.shape[1:]
+    channels = shape[0]
+    mean = images.reshape(len(images), channels, -1).mean(axis=(0, 2)) / 255.0
+    std = images.reshape(len(images), channels, -1).std(axis=(0, 2)) / 255.0 + 1e-3
+
+    # --- baseline ---------------------------------------------------------------------------
+    torch.manual_seed(0)
+    base_model = build_model(model_cfg, shape, num_classes)
+    masks = sparse_masks(base_model)
+    tfs = ([transforms.RandomCrop(shape[1], padding=4), transforms.RandomHorizontalFlip()] if augment else [])
+    tfs += [transforms.ToTensor(), transforms.Normalize(mean.tolist(), std.tolist())]
+    loader = DataLoader(ArrayDataset(images, labels, transforms.Compose(tfs)), batch_size=optim.batch_size,
+                        shuffle=True, num_workers=0)
+    modules = dict(base_model.named_modules())
+    for key, mask in masks.items():
+        tprune.custom_from_mask(modules[key.rsplit(".", 1)[0]], "weight", mask)
+    if optim.optimizer == "sgd":
+        base_opt = torch.optim.SGD(base_model.parameters(), lr=optim.lr, momentum=optim.momentum,
+                                   weight_decay=optim.weight_decay)
+    else:
+        base_opt = torch.optim.Adam(base_model.parameters(), lr=optim.lr)
+    t_base = time_it(lambda: baseline_epoch(base_model, loader, base_opt), repeats)
+
+    # --- ours -------------------------------------------------------------------------------
+    torch.manual_seed(0)
+    conv = model_cfg.name in ("vgg", "resnet18")
+    model = build_model(model_cfg, shape, num_classes)
+    masks = sparse_masks(model)
+    with torch.no_grad():
+        for n, w in prunable_weights(model).items():
+            w.mul_(masks[n])
+    if conv and bf16:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, masks, optim)
+    data = DeviceDataset(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
+    m = torch.from_numpy(mean * 255).float()
+    s = torch.from_numpy(std * 255).float()
+    counter = iter(range(10**9))
+    t_ours = time_it(lambda: train_epoch(
+        model, opt, data, batch_size=optim.batch_size, generator=epoch_generator(0, 0, next(counter)),
+        augment=augment, mean=m, std=s, precision="bf16" if bf16 else "fp32", channels_last=conv and bf16,
+    ), repeats)
+    n = len(labels)
+    return {"case": name, "images": n, "baseline_s": t_base, "ours_s": t_ours, "speedup": t_base / t_ours,
+            "baseline_img_s": n / t_base, "ours_img_s": n / t_ours,
+            "ours_mode": ("bf16 + channels_last" if bf16 and conv else "fp32")}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and images; print only")
+    args = parser.parse_args()
+    torch.set_flush_denormal(True)
+    repeats = 2 if args.quick else 5
+
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    digits_x = (d.images[:1000] * (255 / 16)).round().astype(np.uint8)[:, None]  # 8-bit like real loaders
+    digits_y = d.target[:1000]
+    rows = [case("embedded default: digits, MLP 64-256-256-10, Adam, batch 64", ModelConfig(name="mlp"),
+                 digits_x, digits_y, 10, OptimConfig(optimizer="adam", lr=1e-3, batch_size=64),
+                 augment=False, bf16=False, repeats=repeats)]
+
+    n = 256 if args.quick else 1024
+    rng = np.random.default_rng(0)
+    cifar_x = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+    cifar_y = rng.integers(0, 10, size=n)
+    rows.append(case("VGG-like d=5 g=5, synthetic CIFAR-shaped data, SGD, batch 128, crop+flip",
+                     ModelConfig(name="vgg", depth=5, width=5), cifar_x, cifar_y, 10,
+                     OptimConfig(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=128),
+                     augment=True, bf16=True, repeats=max(1, repeats - 3)))
+
+    table = ["| case | images/epoch | baseline epoch (s) | ours epoch (s) | ours mode | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['case']} | {r['images']} | {r['baseline_s']:.3f} | {r['ours_s']:.3f} | "
+                     f"{r['ours_mode']} | **{r['speedup']:.2f}x** |")
+    text = "\n".join(table)
+    print(text)
+    if not args.quick:
+        block = (f"{BEGIN}\nMachine: {machine()}.\nCommand: `python benchmarks/bench_engine.py` "
+                 f"(median of {repeats} epochs for the MLP, {max(1, repeats - 3)} for VGG, after one warm-up).\n\n"
+                 f"{text}\n{END}")
+        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+        if BEGIN in old:
+            new = old.split(BEGIN)[0] + block + old.split(END, 1)[1]
+        else:
+            new = old.rstrip() + "\n\n## Engine: epoch time\n\n" + block + "\n"
+        RESULTS.write_text(new)
+        print(f"written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny configs and a fake CIFAR folder in torchvision's layout (never downloads)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsd2.config import build_config
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINE = [sys.executable, "-m", "dsd2"]
+
+
+def tiny_overrides(**extra):
+    """The embedded default shrunk to seconds: few epochs and levels."""
+    base = {"optim": {"epochs": 2, "dense_epochs": 3}, "prune": {"levels": 3}}
+    for key, value in extra.items():
+        section, _, name = key.partition("__")
+        if name:
+            base.setdefault(section, {})[name] = value
+        else:
+            base[key] = value
+    return base
+
+
+@pytest.fixture
+def tiny_config():
+    def make(**extra):
+        return build_config(None, None, tiny_overrides(**extra))
+
+    return make
+
+
+@pytest.fixture
+def fake_cifar(tmp_path):
+    from dsd2.data import write_fake_cifar
+
+    root = tmp_path / "cifar"
+    write_fake_cifar(root, "cifar10", train_per_file=12, test_size=16)
+    write_fake_cifar(root, "cifar100", train_per_file=60, test_size=16)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+
+
+def engine_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env

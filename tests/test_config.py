@@ -1,0 +1,68 @@
+import pytest
+
+from dsd2.config import PRESETS, Config, ConfigError, build_config
+
+
+def test_default_is_the_embedded_digits_preset():
+    cfg = build_config()
+    assert cfg.data.dataset == "digits" and cfg.model.name == "mlp"
+    assert cfg.data.noise == 0.5 and cfg.optim.optimizer == "adam" and cfg.prune.levels == 28
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_validate(name):
+    cfg = build_config(name)
+    assert isinstance(cfg, Config)
+
+
+def test_paper_cifar_recipe():
+    o = build_config("cifar10-resnet18").optim
+    assert (o.optimizer, o.lr, o.momentum, o.weight_decay, o.batch_size, o.epochs) == ("sgd", 0.1, 0.9, 1e-4, 128, 160)
+    assert o.milestones == (0.5, 0.75)
+
+
+def test_hash_is_stable_and_ignores_data_root():
+    a = build_config(overrides={"data": {"data_root": "/x"}})
+    b = build_config(overrides={"data": {"data_root": "/y"}})
+    c = build_config(overrides={"seed": 1})
+    assert a.run_hash() == b.run_hash() != c.run_hash()
+    assert len(a.run_hash()) == 12
+
+
+def test_yaml_then_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 3\noptim:\n  epochs: 7\n  lr: 0.01\n")
+    cfg = build_config(None, str(f), {"optim": {"lr": 0.5}})
+    assert cfg.seed == 3 and cfg.optim.epochs == 7 and cfg.optim.lr == 0.5
+
+
+@pytest.mark.parametrize("override, words", [
+    ({"data": {"noise": 1.0}}, "noise 1.0 is outside [0, 1)"),
+    ({"data": {"noise": -0.1}}, "outside [0, 1)"),
+    ({"model": {"name": "alexnet"}}, "model 'alexnet' is not known"),
+    ({"data": {"dataset": "mnist"}}, "dataset 'mnist' is not known"),
+    ({"prune": {"prune_fraction": 1.5}}, "prune fraction"),
+    ({"optim": {"epochs": 0}}, "epochs 0"),
+    ({"bogus": 1}, "unknown config key 'bogus'"),
+    ({"optim": {"bogus": 1}}, "unknown config key 'optim.bogus'"),
+    ({"device": "tpu"}, "device 'tpu'"),
+])
+def test_bad_values_name_the_value(override, words):
+    with pytest.raises(ConfigError, match=None) as info:
+        build_config(None, None, override)
+    assert words in str(info.value)
+
+
+def test_bad_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(None, str(f))
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(None, str(tmp_path / "missing.yaml"))
+
+
+def test_target_sparsity_sets_levels():
+    cfg = build_config(overrides={"prune": {"target_sparsity": 0.9, "prune_fraction": 0.2}})
+    n = cfg.num_levels()
+    assert 0.8 ** n <= 0.1 < 0.8 ** (n - 1)

@@ -1,0 +1,123 @@
+"""End-to-end runs of the level loop on the embedded default, shrunk to seconds."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import ENGINE, engine_env
+
+from dsd2.engine import Engine
+from dsd2.pruning import prunable_weights
+from dsd2.runs import RunDir, read_jsonl
+
+VOLATILE = {"wall_time_s", "train_time_s", "images_per_s"}
+
+
+def stable(rows):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+def test_loop_writes_levels_and_keeps_pruned_weights_zero(tmp_path, tiny_config):
+    cfg = tiny_config()
+    engine = Engine(cfg, RunDir(tmp_path / "run"), progress=False, log=lambda s: None)
+    summary = engine.run_loop()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["level"] for r in rows] == [0, 1, 2, 3]
+    for r, expect in zip(rows, [0.0, 0.2, 0.36, 0.488]):
+        assert abs(r["sparsity"] - expect) < 1e-3
+    assert summary["best_level"] == max(rows, key=lambda r: (r["val_acc"], r["sparsity"]))["level"]
+    # the counted zeros equal the masks: every pruned weight is exactly 0.0 after training
+    for name, w in prunable_weights(engine.model).items():
+        assert bool((w[~engine.masks[name]] == 0).all())
+    epochs = read_jsonl(tmp_path / "run" / "epochs.jsonl")
+    assert len(epochs) == 3 + 2 * 3
+    run = tmp_path / "run"
+    assert (run / "summary.json").exists() and (run / "checkpoints" / "level_03.safetensors").exists()
+
+
+def test_same_seed_same_metrics(tmp_path, tiny_config):
+    a = Engine(tiny_config(), RunDir(tmp_path / "a"), progress=False, log=lambda s: None).run_loop()
+    b = Engine(tiny_config(), RunDir(tmp_path / "b"), progress=False, log=lambda s: None).run_loop()
+    assert stable(read_jsonl(tmp_path / "a" / "metrics.jsonl")) == stable(read_jsonl(tmp_path / "b" / "metrics.jsonl"))
+    assert a["best_test_acc"] == b["best_test_acc"]
+
+
+@pytest.mark.parametrize("extra", [
+    {"prune__perturb": "rewind"}, {"prune__perturb": "reinit"}, {"prune__criterion": "random"},
+    {"prune__criterion": "gradient"}, {"prune__retrain": "finetune"}, {"prune__retrain": "lr-rewind"},
+    {"optim__optimizer": "sgd", "optim__lr": 0.05, "optim__lr_schedule": "multistep"},
+    {"prune__perturb": "rewind", "prune__rewind_iteration": 1},
+])
+def test_loop_variants_run_and_prune(tmp_path, tiny_config, extra):
+    cfg = tiny_config(**extra)
+    Engine(cfg, RunDir(tmp_path / "run"), progress=False, log=lambda s: None).run_loop()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert abs(rows[-1]["sparsity"] - 0.488) < 1e-3
+
+
+def test_resume_in_process_after_partial_level(tmp_path, tiny_config):
+    full = tmp_path / "full"
+    Engine(tiny_config(), RunDir(full), progress=False, log=lambda s: None).run_loop()
+    part = tmp_path / "part"
+    engine = Engine(tiny_config(), RunDir(part), progress=False, log=lambda s: None)
+    calls = {"n": 0}
+    original = engine.save_state
+
+    def crash_after(path, *args, **kwargs):
+        original(path, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 8:  # inside level 1
+            raise KeyboardInterrupt
+
+    engine.save_state = crash_after
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_loop()
+    Engine(tiny_config(), RunDir(part), progress=False, log=lambda s: None).run_loop()
+    assert stable(read_jsonl(part / "metrics.jsonl")) == stable(read_jsonl(full / "metrics.jsonl"))
+    assert stable(read_jsonl(part / "epochs.jsonl")) == stable(read_jsonl(full / "epochs.jsonl"))
+
+
+FLAGS = ["--epochs", "12", "--dense-epochs", "12", "--levels", "3", "--quiet", "--seed", "4"]
+
+
+def test_sigkill_mid_level_then_resume_equals_uninterrupted(tmp_path):
+    env = engine_env()
+    ref = tmp_path / "ref"
+    subprocess.run([*ENGINE, "train", *FLAGS, "--out", str(ref)], check=True, env=env, cwd=tmp_path,
+                   capture_output=True, timeout=300)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*ENGINE, "train", *FLAGS, "--out", str(run)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        rows = read_jsonl(run / "epochs.jsonl") if (run / "epochs.jsonl").exists() else []
+        if any(r["level"] == 2 and r["epoch"] >= 3 for r in rows):
+            proc.send_signal(signal.SIGKILL)
+            killed_at = rows[-1]
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert killed_at is not None, "the run finished before it could be killed"
+    assert not (run / "summary.json").exists()
+    out = subprocess.run([*ENGINE, "train", *FLAGS, "--out", str(run)], check=True, env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert "resuming" in out.stdout
+    assert stable(read_jsonl(run / "metrics.jsonl")) == stable(read_jsonl(ref / "metrics.jsonl"))
+    assert stable(read_jsonl(run / "epochs.jsonl")) == stable(read_jsonl(ref / "epochs.jsonl"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_test_acc"] == json.loads((ref / "summary.json").read_text())["best_test_acc"]
+
+
+def test_cifar_run_from_fake_folder(tmp_path, fake_cifar, tiny_config):
+    cfg = tiny_config(data__dataset="cifar10", data__data_root=str(fake_cifar), data__noise=0.2,
+                      data__augment=True, model__name="vgg", model__depth=2, model__width=2,
+                      optim__optimizer="sgd", optim__lr=0.01, optim__lr_schedule="multistep",
+                      optim__batch_size=16, prune__levels=1, precision="bf16")
+    Engine(cfg, RunDir(tmp_path / "run"), progress=False, log=lambda s: None).run_loop()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 2 and abs(rows[1]["sparsity"] - 0.2) < 1e-3
+    assert torch.isfinite(torch.tensor(rows[1]["train_loss"]))

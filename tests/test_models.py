@@ -1,0 +1,52 @@
+import pytest
+import torch
+from torch import nn
+
+from dsd2.config import ModelConfig
+from dsd2.models import VGGLike, build_model, relu_modules
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_resnet18_cifar_parameter_count_and_relus():
+    m = build_model(ModelConfig(name="resnet18"), (3, 32, 32), 10)
+    assert n_params(m) == 11_173_962
+    assert len(relu_modules(m)) == 17  # stem + 2 per BasicBlock x 8
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_vgg_like_blocks_follow_the_design():
+    m = VGGLike(depth=3, width=4, in_channels=3, num_classes=10)
+    convs = [x for x in m.features if isinstance(x, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 16, 32, 32, 64, 64]
+    # conv -> ReLU -> BatchNorm order inside each block
+    kinds = [type(x).__name__ for x in m.features][:3]
+    assert kinds == ["Conv2d", "ReLU", "BatchNorm2d"]
+    assert m.classifier.in_features == 64 * 49
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_vgg_paper_student_size():
+    m = build_model(ModelConfig(name="vgg", depth=5, width=5), (3, 32, 32), 10)
+    assert len(relu_modules(m)) == 10
+    # 5 blocks of 32..512 filters, classifier 512*49 -> 10
+    assert n_params(m) == 4_967_082
+
+
+@pytest.mark.parametrize("name, hidden, expected", [
+    ("mlp", (256, 256), 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10),
+    ("lenet300", (), 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10),
+])
+def test_mlps(name, hidden, expected):
+    shape = (1, 8, 8) if name == "mlp" else (1, 28, 28)
+    m = build_model(ModelConfig(name=name, hidden=hidden or (1,)), shape, 10)
+    assert n_params(m) == expected
+    assert len(relu_modules(m)) == 2
+
+
+def test_every_relu_is_a_distinct_module():
+    m = build_model(ModelConfig(name="resnet18"), (3, 32, 32), 10)
+    relus = list(relu_modules(m).values())
+    assert len({id(r) for r in relus}) == len(relus)
