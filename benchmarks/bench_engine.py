@@ -165,7 +165,7 @@ def main() -> None:
     rows.append(case("VGG-like d=5 g=5, synthetic CIFAR-shaped data, SGD, batch 128, crop+flip",
                      ModelConfig(name="vgg", depth=5, width=5), cifar_x, cifar_y, 10,
                      OptimConfig(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=128),
-                     augment=True, bf16=True, repeats=max(1, repeats - 3)))
+                     augment=True, bf16=True, repeats=max(1, repeats - 2)))
 
     table = ["| case | images/epoch | baseline epoch (s) | ours epoch (s) | ours mode | speed-up |",
              "|---|---|---|---|---|---|"]
@@ -176,7 +176,7 @@ def main() -> None:
     print(text)
     if not args.quick:
         block = (f"{BEGIN}\nMachine: {machine()}.\nCommand: `python benchmarks/bench_engine.py` "
-                 f"(median of {repeats} epochs for the MLP, {max(1, repeats - 3)} for VGG, after one warm-up).\n\n"
+                 f"(median of {repeats} epochs for the MLP, {max(1, repeats - 2)} for VGG, after one warm-up).\n\n"
                  f"{text}\n{END}")
         old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
         if BEGIN in old:

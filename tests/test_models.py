@@ -50,3 +50,12 @@ def test_every_relu_is_a_distinct_module():
     m = build_model(ModelConfig(name="resnet18"), (3, 32, 32), 10)
     relus = list(relu_modules(m).values())
     assert len({id(r) for r in relus}) == len(relus)
+
+
+def test_vgg_expand_shortcut_equals_adaptive_pooling():
+    m = VGGLike(depth=5, width=2, in_channels=3, num_classes=10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    feats = m.features(x)
+    assert feats.shape[-2:] == (1, 1)
+    expected = m.classifier(torch.flatten(m.pool(feats), 1))
+    torch.testing.assert_close(m(x), expected)

@@ -57,7 +57,8 @@ def plot_curves(groups: dict[str, list[list[dict[str, Any]]]], path_stem: Path, 
         s = [p.std * 100 for p in pts]
         ax.plot(x, y, marker="o", ms=3, label=f"{label} (n={pts[0].n})")
         ax.fill_between(x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)], alpha=0.2)
-        best = max(range(len(runs[0])), key=lambda i: sum(r[i]["val_acc"] for r in runs))
+        val = aggregate(runs, "val_acc")
+        best = max(range(len(val)), key=lambda i: (val[i].mean, val[i].sparsity))
         ax.plot([x[best]], [y[best]], marker="*", ms=14, color="gold", markeredgecolor="k", zorder=5)
     ax.set_xscale("log")
     ax.invert_xaxis()
