@@ -81,8 +81,9 @@ def test_rerun_of_finished_run_reports_and_resume_flag(tmp_path, capsys):
     assert RunDir(out).summary()["finished"]
 
 
-def test_info_lists_backends():
-    out = subprocess.run([*ENGINE, "info"], capture_output=True, text=True, env=engine_env(), check=True)
+def test_info_lists_backends(tmp_path):
+    out = subprocess.run([*ENGINE, "info"], capture_output=True, text=True, env=engine_env(), check=True,
+                         cwd=tmp_path)
     for words in ("torch", "backend cpp_extension: loaded", "backend triton", "backend cuda", "device:"):
         assert words in out.stdout
 

@@ -1,0 +1,93 @@
+"""Knowledge-distillation loss (DSD² eq. 2) as one fused op: forward writes the gradient, backward scales it.
+
+    L = (1 - alpha) * CE(s, y) + alpha * tau^2 * KL(softmax(t / tau) || softmax(s / tau))
+
+both terms averaged over the rows whose target is not `ignore_index` (batchmean for the KL). Differentiable in
+the student logits only. A teacher logit of -inf is probability 0 and contributes 0 to the KL, where eager
+`kl_div` returns NaN. Inputs may be float32, float16 or bfloat16; all math is fp32. The op never reads a value
+back to the host, so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsd2.ops._backend import cpp_extension, triton_available
+
+
+def kd_loss_reference(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.8,
+                      temperature: float = 10.0, ignore_index: int = -100) -> tuple[torch.Tensor, ...]:
+    """The oracle in plain PyTorch (differentiable by autograd). Returns (loss, ce, kl)."""
+    s, t = student.float(), teacher.detach().float()
+    valid = target != ignore_index
+    n = valid.sum().clamp_min(1)
+    ce_rows = F.cross_entropy(s, target, reduction="none", ignore_index=ignore_index)
+    log_q = F.log_softmax(s / temperature, dim=1)
+    p = F.softmax(t / temperature, dim=1)
+    log_p = F.log_softmax(t / temperature, dim=1)
+    kl_terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    kl_rows = torch.where(valid, kl_terms.sum(1), torch.zeros_like(ce_rows))
+    ce, kl = ce_rows.sum() / n, kl_rows.sum() / n
+    loss = (1 - alpha) * ce + alpha * temperature**2 * kl
+    return loss, ce, kl
+
+
+def _forward_reference(student, teacher, target, alpha, temperature, ignore_index):
+    with torch.enable_grad():
+        s = student.detach().requires_grad_(True)
+        loss, ce, kl = kd_loss_reference(s, teacher, target, alpha=alpha, temperature=temperature,
+                                         ignore_index=ignore_index)
+        (grad,) = torch.autograd.grad(loss, s)
+    return loss.detach(), ce.detach(), kl.detach(), grad
+
+
+def kd_loss_forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, alpha: float,
+                    temperature: float, ignore_index: int, backend: str | None = None) -> tuple[torch.Tensor, ...]:
+    """(loss, ce, kl, grad) from the backend chosen by device: CUDA -> Triton, CPU -> C++, else the reference."""
+    backend = backend or pick_backend(student)
+    if backend == "triton":
+        from dsd2.kernels.kd_loss import kd_loss_forward as triton_forward
+
+        return triton_forward(student, teacher, target, alpha, temperature, ignore_index)
+    if backend == "cpp":
+        ext = cpp_extension()
+        if ext is not None:
+            return tuple(ext.kd_loss_forward(student, teacher, target, alpha, temperature, ignore_index))
+    return _forward_reference(student, teacher, target, alpha, temperature, ignore_index)
+
+
+def pick_backend(x: torch.Tensor) -> str:
+    if x.device.type == "cuda" and triton_available():
+        return "triton"
+    if x.device.type == "cpu":
+        return "cpp" if cpp_extension() is not None else "reference"
+    return "reference"
+
+
+class KDLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, target, alpha, temperature, ignore_index, backend):
+        loss, ce, kl, grad = kd_loss_forward(student, teacher, target, alpha, temperature, ignore_index, backend)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
+            alpha: float = 0.8, temperature: float = 10.0, ignore_index: int = -100, return_parts: bool = False,
+            backend: str | None = None):
+    """Fused KD loss. With `return_parts`, returns (loss, ce, kl) with ce and kl detached (kl unscaled)."""
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student and teacher logits must both be [B, C]; got {tuple(student_logits.shape)} "
+                         f"and {tuple(teacher_logits.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature {temperature} must be > 0")
+    loss, ce, kl = KDLossFunction.apply(student_logits, teacher_logits.detach(), target, float(alpha),
+                                        float(temperature), int(ignore_index), backend)
+    return (loss, ce, kl) if return_parts else loss
