@@ -1,0 +1,1 @@
+"""Triton GPU kernels behind dsd2's fused ops: distillation loss, ReLU activity counting, masked SGD."""

@@ -6,6 +6,14 @@ import os
 import sys
 from pathlib import Path
 
+# Triton kernels run on the CPU through the interpreter when no GPU is present; the variable must be set
+# before triton decorates the kernels, i.e. before dsd2.kernels is first imported.
+if os.environ.get("TRITON_INTERPRET") is None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 import torch
 
@@ -55,3 +63,12 @@ def engine_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def cpu_backends() -> list[str]:
+    """Backends testable here: the reference, the C++ extension, and Triton (interpreted without a GPU)."""
+    return ["reference", "cpp", "triton"]
+
+
+def triton_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,7 +19,8 @@ from dsd2.ops._backend import cpp_extension, triton_available
 def kd_loss_reference(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.8,
                       temperature: float = 10.0, ignore_index: int = -100) -> tuple[torch.Tensor, ...]:
     """The oracle in plain PyTorch (differentiable by autograd). Returns (loss, ce, kl)."""
-    s, t = student.float(), teacher.detach().float()
+    dtype = torch.promote_types(student.dtype, torch.float32)  # fp32 math, float64 stays float64
+    s, t = student.to(dtype), teacher.detach().to(dtype)
     valid = target != ignore_index
     n = valid.sum().clamp_min(1)
     ce_rows = F.cross_entropy(s, target, reduction="none", ignore_index=ignore_index)

@@ -1,0 +1,161 @@
+"""ReLU on/off-state counting: exact integer counts per neuron (or per channel), fused into the ReLU itself.
+
+The usual entropy hook materialises a float copy of every ReLU output, `(x > 0).float().mean(0)`, per batch.
+`count_positive_` reads the activation once and adds integer counts; `CountingReLU` is a drop-in `nn.ReLU`
+that, while counting is on, applies the ReLU and updates its counters in the same pass.
+
+Granularity: "element" counts every output element of a sample separately (DSD² eq. 1: a conv neuron is one
+(channel, y, x) position); "channel" pools the positions of a channel. Threshold: x > 0 (default) or, with
+`inclusive=True`, x >= 0, because published implementations differ.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsd2.ops._backend import cpp_extension, triton_available
+
+GRANULARITIES = ("element", "channel")
+
+
+def counts_shape(x: torch.Tensor, per_channel: bool) -> int:
+    if per_channel:
+        return x.shape[1] if x.dim() > 1 else 1
+    return x[0].numel() if x.dim() > 1 else 1
+
+
+def count_positive_reference(x: torch.Tensor, counts: torch.Tensor, inclusive: bool = False,
+                             per_channel: bool = False) -> torch.Tensor:
+    """The oracle: plain PyTorch, exact (integer sums of booleans)."""
+    state = (x >= 0) if inclusive else (x > 0)
+    if per_channel and x.dim() > 2:
+        state = state.transpose(0, 1).reshape(x.shape[1], -1)
+        counts += state.sum(1)
+    elif per_channel:
+        counts += state.reshape(x.shape[0], -1).sum(0)
+    else:
+        counts += state.reshape(x.shape[0], -1).sum(0)
+    return counts
+
+
+def _backend(x: torch.Tensor) -> str:
+    if x.device.type == "cuda" and triton_available():
+        return "triton"
+    if x.device.type == "cpu" and cpp_extension() is not None and x.dtype in (torch.float32, torch.float16,
+                                                                                torch.bfloat16, torch.float64):
+        return "cpp"
+    return "reference"
+
+
+def _check(x: torch.Tensor, counts: torch.Tensor, per_channel: bool) -> None:
+    if counts.dtype != torch.int64:
+        raise ValueError(f"counts must be int64, got {counts.dtype}")
+    expected = counts_shape(x, per_channel)
+    if counts.numel() != expected:
+        raise ValueError(f"counts has {counts.numel()} entries; x of shape {tuple(x.shape)} needs {expected} "
+                         f"({'per channel' if per_channel else 'per element'})")
+
+
+def count_positive_(x: torch.Tensor, counts: torch.Tensor, *, inclusive: bool = False,
+                    per_channel: bool = False, backend: str | None = None) -> torch.Tensor:
+    """counts += number of samples (dim 0) with x > 0, per element of x[0] (or per channel). In place; exact."""
+    _check(x, counts, per_channel)
+    backend = backend or _backend(x)
+    if x.dim() == 1:
+        x = x.unsqueeze(1)
+    if backend == "triton":
+        from dsd2.kernels.relu_count import count_positive_ as triton_count
+
+        return triton_count(x, counts, inclusive, per_channel)
+    if backend == "cpp":
+        cpp_extension().count_positive_(x, counts, inclusive, per_channel)
+        return counts
+    return count_positive_reference(x, counts, inclusive, per_channel)
+
+
+def relu_count(x: torch.Tensor, counts: torch.Tensor, *, inclusive: bool = False, per_channel: bool = False,
+               backend: str | None = None) -> torch.Tensor:
+    """relu(x), updating counts in the same read of x."""
+    _check(x, counts, per_channel)
+    backend = backend or _backend(x)
+    if backend == "triton":
+        from dsd2.kernels.relu_count import relu_count as triton_relu_count
+
+        return triton_relu_count(x, counts, inclusive, per_channel)
+    if backend == "cpp" and not per_channel and x.dim() > 1:
+        return cpp_extension().relu_count(x, counts, inclusive)
+    count_positive_(x, counts, inclusive=inclusive, per_channel=per_channel, backend=backend)
+    return torch.relu(x)
+
+
+class _ReLUCountFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, counts, inclusive, per_channel):
+        y = relu_count(x, counts, inclusive=inclusive, per_channel=per_channel)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (y > 0).to(grad.dtype), None, None, None
+
+
+class CountingReLU(nn.ReLU):
+    """Drop-in `nn.ReLU` that can count on-states of its output neurons.
+
+    `counting = True` switches counting on; `counts` (int64) and `observations` (how many samples, or
+    sample-positions per channel, each counter has seen) accumulate until `reset_counts()`. The state
+    frequency of neuron i is counts[i] / observations.
+    """
+
+    def __init__(self, inplace: bool = False, granularity: str = "element", inclusive: bool = False):
+        super().__init__(inplace=inplace)
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity '{granularity}' is not known; allowed: {', '.join(GRANULARITIES)}")
+        self.granularity = granularity
+        self.inclusive = inclusive
+        self.counting = False
+        self.counts: torch.Tensor | None = None
+        self.observations = 0
+
+    @classmethod
+    def from_relu(cls, relu: nn.ReLU, **kwargs) -> CountingReLU:
+        return cls(inplace=relu.inplace, **kwargs)
+
+    def reset_counts(self) -> None:
+        self.counts, self.observations = None, 0
+
+    def frequencies(self) -> torch.Tensor:
+        if self.counts is None or self.observations == 0:
+            raise RuntimeError("no states counted yet: set counting = True and run some batches")
+        return self.counts.double() / self.observations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.counting:
+            return super().forward(x)
+        per_channel = self.granularity == "channel"
+        if self.counts is None:
+            self.counts = torch.zeros(counts_shape(x, per_channel), dtype=torch.int64, device=x.device)
+        self.observations += x.shape[0] * (x[0, 0].numel() if per_channel and x.dim() > 2 else 1)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _ReLUCountFunction.apply(x, self.counts, self.inclusive, per_channel)
+        return relu_count(x, self.counts, inclusive=self.inclusive, per_channel=per_channel)
+
+    def extra_repr(self) -> str:
+        return f"granularity={self.granularity}, inclusive={self.inclusive}"
+
+
+def swap_in_counting_relus(model: nn.Module, **kwargs) -> dict[str, CountingReLU]:
+    """Replace every `nn.ReLU` of `model` by a `CountingReLU` in place; returns them by qualified name."""
+    swapped: dict[str, CountingReLU] = {}
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.ReLU:
+                new = CountingReLU.from_relu(child, **kwargs)
+                setattr(module, child_name, new)
+                swapped[f"{name}.{child_name}" if name else child_name] = new
+            elif isinstance(child, CountingReLU):
+                swapped[f"{name}.{child_name}" if name else child_name] = child
+    return swapped

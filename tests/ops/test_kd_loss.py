@@ -1,0 +1,164 @@
+"""kd_loss: every backend against the plain-PyTorch reference; hand-computed cases; gradcheck; fuzz."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsd2.ops import kd_loss, kd_loss_reference
+
+from conftest import triton_device
+
+# tolerance on (loss, grad) per input dtype: fp32 math everywhere, only the stored gradient is rounded
+TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-4, 2e-3), torch.bfloat16: (1e-4, 1e-2)}
+SIZES = [(1, 2), (3, 10), (17, 100), (5, 1000), (2, 4097)]
+TRITON_SIZES = [(1, 2), (3, 10), (9, 100), (2, 1000)]
+
+
+def device_for(backend):
+    return triton_device() if backend == "triton" else "cpu"
+
+
+def inputs(b, c, dtype, seed=0, device="cpu", scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(b, c, generator=g) * scale).to(dtype)
+    t = (torch.randn(b, c, generator=g) * scale).to(dtype)
+    y = torch.randint(0, c, (b,), generator=g)
+    return s.to(device), t.to(device), y.to(device)
+
+
+def check(backend, s, t, y, **kw):
+    rtol, gtol = TOL[s.dtype]
+    a = s.clone().requires_grad_()
+    loss, ce, kl = kd_loss(a, t, y, return_parts=True, backend=backend, **kw)
+    loss.backward()
+    r = s.clone().float().requires_grad_()
+    ref, ref_ce, ref_kl = kd_loss_reference(r, t.float(), y, **kw)
+    ref.backward()
+    assert torch.isfinite(loss) and torch.isfinite(a.grad.float()).all()
+    torch.testing.assert_close(loss.float(), ref.detach(), rtol=rtol, atol=rtol)
+    torch.testing.assert_close(ce.float(), ref_ce.detach(), rtol=rtol, atol=rtol)
+    torch.testing.assert_close(kl.float(), ref_kl.detach(), rtol=rtol, atol=rtol)
+    scale = r.grad.abs().max().clamp_min(1e-12)
+    assert a.grad.dtype == s.dtype
+    assert float((a.grad.float() - r.grad).abs().max() / scale) <= gtol
+    assert not ce.requires_grad and not kl.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b, c", SIZES)
+def test_cpp_matches_reference(b, c, dtype):
+    check("cpp", *inputs(b, c, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, c", TRITON_SIZES)
+def test_triton_matches_reference(b, c, dtype):
+    check("triton", *inputs(b, c, dtype, device=triton_device()))
+
+
+@pytest.mark.parametrize("backend, b", [("cpp", 3), ("triton", 2)])
+def test_large_vocabulary_chunked(backend, b):
+    check(backend, *inputs(b, 32768, torch.float32, device=device_for(backend)))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+def test_non_contiguous_inputs(backend):
+    dev = device_for(backend)
+    s, t, y = inputs(6, 40, torch.float32, device=dev)
+    wide_s = torch.zeros(6, 80, device=dev)
+    wide_s[:, ::2] = s
+    check(backend, wide_s[:, ::2], t.t().contiguous().t(), y)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_extreme_and_minus_inf_logits(backend):
+    dev = device_for(backend)
+    s, t, y = inputs(5, 10, torch.float32, device=dev)
+    s[0] = 1e4
+    s[0, 3] = -1e4
+    t[1] = -1e4
+    t[2, :4] = float("-inf")  # probability 0: contributes 0 to the KL
+    check(backend, s, t, y)
+    # the case eager gets wrong: the log of a zero teacher probability gives NaN
+    p = F.softmax(t / 10, 1)
+    assert torch.isnan(F.kl_div(F.log_softmax(s / 10, 1), p.log(), reduction="batchmean", log_target=True))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+def test_ignore_index_rows_and_all_ignored(backend):
+    dev = device_for(backend)
+    s, t, y = inputs(6, 10, torch.float32, device=dev)
+    y[1] = y[4] = -100
+    check(backend, s, t, y)
+    a = s.clone().requires_grad_()
+    loss = kd_loss(a, t, torch.full_like(y, -100), backend=backend)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and bool((a.grad == 0).all())
+    assert float(kd_loss(s, t, torch.full_like(y, 7), ignore_index=7, backend=backend)) == 0.0
+
+
+def test_hand_computed_cases():
+    # equal logits, alpha 0.8: CE = log 2, KL = 0
+    s = torch.zeros(1, 2)
+    assert float(kd_loss(s, s, torch.tensor([0]))) == pytest.approx(0.2 * math.log(2), rel=1e-6)
+    # alpha = 1, tau = 1: p = (0.75, 0.25), q = (0.5, 0.5)
+    t = torch.tensor([[math.log(3.0), 0.0]])
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    for backend in ("cpp", "reference", "triton"):
+        got = kd_loss(s, t, torch.tensor([1]), alpha=1.0, temperature=1.0, backend=backend)
+        assert float(got) == pytest.approx(kl, rel=1e-5)
+    # tau scales the KL by tau^2 and softens both distributions
+    got = kd_loss(s, t, torch.tensor([1]), alpha=0.5, temperature=2.0)
+    p = torch.softmax(t / 2, 1)
+    expected = 0.5 * math.log(2) + 0.5 * 4 * float((p * (p.log() - math.log(0.5))).sum())
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_gradcheck_float64(backend):
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(4, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randn(4, 7, dtype=torch.float64, generator=g)
+    t[0, 2] = float("-inf")
+    y = torch.tensor([0, 3, -100, 6])
+    assert torch.autograd.gradcheck(lambda x: kd_loss(x, t, y, backend=backend), (s,))
+
+
+def test_backward_scales_by_incoming_gradient():
+    s, t, y = inputs(4, 10, torch.float32)
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    (3.0 * kd_loss(a, t, y)).backward()
+    kd_loss(b, t, y).backward()
+    torch.testing.assert_close(a.grad, 3 * b.grad)
+
+
+def test_teacher_gets_no_gradient_and_bad_shapes_are_errors():
+    s, t, y = inputs(4, 10, torch.float32)
+    t.requires_grad_()
+    a = s.clone().requires_grad_()
+    kd_loss(a, t, y).backward()
+    assert t.grad is None
+    with pytest.raises(ValueError, match="must both be"):
+        kd_loss(s, t[:, :5], y)
+    with pytest.raises(ValueError, match="temperature"):
+        kd_loss(s, t, y, temperature=0.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 9), c=st.integers(2, 300), alpha=st.floats(0, 1), tau=st.floats(0.5, 20),
+       scale=st.floats(0.01, 50), seed=st.integers(0, 10_000))
+def test_fuzz_cpp_against_reference(b, c, alpha, tau, scale, seed):
+    s, t, y = inputs(b, c, torch.float32, seed=seed, scale=scale)
+    rtol = 2e-5 * max(1.0, tau * tau)
+    a = s.clone().requires_grad_()
+    loss = kd_loss(a, t, y, alpha=alpha, temperature=tau, backend="cpp")
+    loss.backward()
+    r = s.clone().requires_grad_()
+    ref = kd_loss_reference(r, t, y, alpha=alpha, temperature=tau)[0]
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=rtol, atol=rtol)
+    torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,122 @@
+"""ReLU-state counting: exact equality of every backend with the reference; the CountingReLU drop-in."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dsd2.ops import CountingReLU, count_positive_, count_positive_reference, relu_count, swap_in_counting_relus
+
+from conftest import triton_device
+
+SHAPES = [(1, 5), (3, 7), (4, 3, 5, 5), (2, 6, 3), (5, 16, 8, 8)]
+
+
+def device_for(backend):
+    return triton_device() if backend == "triton" else "cpu"
+
+
+def activation(shape, dtype, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    x[x.abs() < 0.3] = 0.0  # exact zeros tell > 0 from >= 0
+    return x.to(dtype).to(device)
+
+
+def expected(x, per_channel, inclusive):
+    n = x.shape[1] if per_channel else x[0].numel()
+    return count_positive_reference(x.cpu(), torch.zeros(n, dtype=torch.long), inclusive, per_channel)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("per_channel, inclusive", [(False, False), (True, False), (False, True), (True, True)])
+def test_count_positive_exact(backend, dtype, shape, per_channel, inclusive):
+    x = activation(shape, dtype, device=device_for(backend))
+    want = expected(x, per_channel, inclusive)
+    counts = torch.full_like(want, 3).to(x.device)  # adds into existing counts
+    count_positive_(x, counts, inclusive=inclusive, per_channel=per_channel, backend=backend)
+    assert torch.equal(counts.cpu(), want + 3)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_relu_count_fuses_relu_and_counts(backend, per_channel):
+    x = activation((4, 6, 5, 5), torch.float32, device=device_for(backend))
+    n = 6 if per_channel else 150
+    counts = torch.zeros(n, dtype=torch.long, device=x.device)
+    y = relu_count(x, counts, per_channel=per_channel, backend=backend)
+    assert torch.equal(y, torch.relu(x))
+    assert torch.equal(counts.cpu(), expected(x, per_channel, False))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+def test_non_contiguous_and_channels_last(backend):
+    base = activation((4, 6, 5, 5), torch.float32, device=device_for(backend))
+    for x in (base.contiguous(memory_format=torch.channels_last), base.transpose(2, 3), base[:, ::2]):
+        for per_channel in (False, True):
+            want = expected(x, per_channel, False)
+            counts = torch.zeros_like(want).to(x.device)
+            count_positive_(x, counts, per_channel=per_channel, backend=backend)
+            assert torch.equal(counts.cpu(), want)
+            c2 = torch.zeros_like(want).to(x.device)
+            assert torch.equal(relu_count(x, c2, per_channel=per_channel, backend=backend), torch.relu(x))
+            assert torch.equal(c2.cpu(), want)
+
+
+def test_counting_relu_is_a_drop_in():
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.ReLU())
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.ReLU())
+    model.load_state_dict(ref.state_dict())
+    relus = swap_in_counting_relus(model)
+    assert list(relus) == ["1", "4"] and all(isinstance(m, CountingReLU) for m in relus.values())
+    x = torch.randn(8, 3, 8, 8)
+    for r in relus.values():
+        r.counting = True
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, want = model(xa), ref(xb)
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    pre = ref[0](x)
+    assert torch.equal(relus["1"].counts, (pre > 0).sum(0).flatten())
+    assert relus["1"].observations == 8
+    with torch.no_grad():
+        model(x)
+    assert relus["1"].observations == 16 and torch.equal(relus["1"].counts, 2 * (pre > 0).sum(0).flatten())
+    relus["1"].reset_counts()
+    relus["1"].counting = False
+    model(x)
+    assert relus["1"].counts is None
+
+
+def test_per_channel_observations_pool_positions():
+    r = CountingReLU(granularity="channel")
+    r.counting = True
+    x = torch.randn(3, 4, 5, 5)
+    r(x)
+    assert r.observations == 75 and torch.equal(r.counts, (x > 0).sum((0, 2, 3)))
+    with pytest.raises(ValueError, match="granularity"):
+        CountingReLU(granularity="layer")
+
+
+def test_bad_counts_are_errors():
+    with pytest.raises(ValueError, match="int64"):
+        count_positive_(torch.randn(2, 3), torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="needs 3"):
+        count_positive_(torch.randn(2, 3), torch.zeros(4, dtype=torch.long))
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.lists(st.integers(1, 7), min_size=2, max_size=4), per_channel=st.booleans(),
+       inclusive=st.booleans(), seed=st.integers(0, 10_000))
+def test_fuzz_cpp_exact(shape, per_channel, inclusive, seed):
+    x = activation(tuple(shape), torch.float32, seed=seed)
+    want = expected(x, per_channel, inclusive)
+    counts = torch.zeros_like(want)
+    count_positive_(x, counts, inclusive=inclusive, per_channel=per_channel, backend="cpp")
+    assert torch.equal(counts, want)
