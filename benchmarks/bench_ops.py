@@ -138,7 +138,8 @@ def masked_model(name):
 
 def sgd_then_remask(opt, pairs):
     opt.step()
-    torch._foreach_mul_([p for p, _ in pairs], [m for _, m in pairs])
+    with torch.no_grad():
+        torch._foreach_mul_([p for p, _ in pairs], [m for _, m in pairs])
 
 
 @pytest.mark.parametrize("variant", ["ours", "dense-sgd", "eager", "compile"])

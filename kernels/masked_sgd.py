@@ -8,13 +8,16 @@ import torch
 import triton
 import triton.language as tl
 
+# The kernel reaches every tensor through raw addresses read from int64 tables, so one launch serves any number of
+# tensors of mixed dtypes. This also runs under TRITON_INTERPRET=1 with CPU tensors (the interpreter dereferences
+# host addresses directly); CUDA tensors under the interpreter would not work, as it only copies direct arguments.
 _BLOCK = 2048
 # One int64 row per tensor: p, grad, buf, mask data pointers; p, grad, buf dtype codes; has-mask flag.
 _N_COLS = 8
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Device tables keyed by everything they contain, so a hit is exactly the table that would be rebuilt; steady-state
 # steps (and CUDA-graph replays, after one warm-up call) then do no host-to-device copy at all.
-_TABLE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_TABLE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
 _TABLE_CACHE_SIZE = 64
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -143,7 +145,7 @@ def _run(x: torch.Tensor, counts: torch.Tensor, inclusive: bool, per_channel: bo
         if x.dim() < 2:
             raise ValueError("per_channel counting needs x of shape [B, C, ...]")
         C = x.shape[1]
-        S = x[0, 0].numel()
+        S = math.prod(x.shape[2:])
         if counts.numel() != C:
             raise ValueError(f"counts has {counts.numel()} entries, x has {C} channels")
         if x.numel() == 0:
@@ -156,7 +158,7 @@ def _run(x: torch.Tensor, counts: torch.Tensor, inclusive: bool, per_channel: bo
         else:
             _launch_channels(x, y if write_out else x, counts, B, C, S, write_out, inclusive)
     else:
-        N = x[0].numel() if B > 0 else counts.numel()
+        N = math.prod(x.shape[1:])
         if counts.numel() != N:
             raise ValueError(f"counts has {counts.numel()} entries, x[0] has {N}")
         if x.numel() == 0:

@@ -11,7 +11,9 @@ from collections.abc import Iterable
 
 import torch
 
-from dsd2.ops._backend import cpp_extension
+from dsd2.ops._backend import cpp_extension, triton_available
+
+BACKENDS = ("auto", "cpp", "triton", "foreach", "reference")
 
 
 def masked_sgd_reference(params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -70,9 +72,12 @@ class MaskedSGD(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[torch.Tensor], masks: dict[torch.Tensor, torch.Tensor] | None = None,
-                 lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
-                 nesterov: bool = False):
-        if lr < 0:
+                 lr: float | torch.Tensor = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
+                 nesterov: bool = False, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend '{backend}' is not known; allowed: {', '.join(BACKENDS)}")
+        self.backend = backend
+        if not torch.is_tensor(lr) and lr < 0:
             raise ValueError(f"learning rate {lr} must be >= 0")
         if nesterov and momentum <= 0:
             raise ValueError("nesterov momentum needs momentum > 0")
@@ -86,6 +91,15 @@ class MaskedSGD(torch.optim.Optimizer):
             raise ValueError(f"mask shape {tuple(mask.shape)} differs from parameter shape {tuple(param.shape)}")
         # stored in the parameter's own memory layout (e.g. channels_last) so one flat pass pairs them
         self.masks[id(param)] = torch.empty_like(param, dtype=torch.bool).copy_(mask)
+
+    def _pick(self, p: torch.Tensor) -> str:
+        if self.backend != "auto":
+            return self.backend
+        if p.device.type == "cuda" and triton_available():
+            return "triton"
+        if p.device.type == "cpu" and cpp_extension() is not None:
+            return "cpp"
+        return "foreach"
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -107,13 +121,20 @@ class MaskedSGD(torch.optim.Optimizer):
                 bufs.append(state.get("momentum_buffer"))
             grads = [p.grad for p in params]
             masks = [self.masks.get(id(p)) for p in params]
+            backend = self._pick(params[0])
+            if backend == "triton":
+                # one launch for every tensor; lr may be a device tensor (changed without CUDA-graph recapture)
+                from dsd2.kernels.masked_sgd import masked_sgd_step_ as triton_step
+
+                triton_step(params, grads, bufs, masks, group["lr"], momentum, group["weight_decay"],
+                            group["nesterov"])
+                continue
             kwargs = dict(lr=float(group["lr"]), momentum=momentum, weight_decay=group["weight_decay"],
                           nesterov=group["nesterov"], first=first)
-            ext = cpp_extension() if params[0].device.type == "cpu" else None
-            if ext is not None:
-                ext.masked_sgd_step_(params, grads, bufs, masks, kwargs["lr"], momentum, group["weight_decay"],
-                                     group["nesterov"], first)
-            elif momentum:
+            if backend == "cpp":
+                cpp_extension().masked_sgd_step_(params, grads, bufs, masks, kwargs["lr"], momentum,
+                                                 group["weight_decay"], group["nesterov"], first)
+            elif backend == "foreach" and momentum:
                 _foreach_step(params, grads, bufs, masks, **kwargs)
             else:
                 masked_sgd_reference(params, grads, bufs, masks, **kwargs)

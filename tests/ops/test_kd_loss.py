@@ -5,12 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import triton_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsd2.ops import kd_loss, kd_loss_reference
-
-from conftest import triton_device
 
 # tolerance on (loss, grad) per input dtype: fp32 math everywhere, only the stored gradient is rounded
 TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-4, 2e-3), torch.bfloat16: (1e-4, 1e-2)}

@@ -1,5 +1,8 @@
 import pytest
 import torch
+from conftest import triton_device
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dsd2.ops import MaskedSGD, masked_sgd_reference
 
@@ -14,18 +17,22 @@ def make_problem(seed=0, shapes=((7, 5), (3, 4, 3, 3), (11,)), density=0.4):
     return params, masks
 
 
+@pytest.mark.parametrize("backend", ["cpp", "foreach", "reference", "triton"])
 @pytest.mark.parametrize("momentum, nesterov, wd", [(0.9, False, 1e-4), (0.9, True, 5e-4), (0.0, False, 1e-3)])
-def test_100_random_steps_pruned_exactly_zero_and_kept_equal_to_sgd(momentum, nesterov, wd):
+def test_100_random_steps_pruned_exactly_zero_and_kept_equal_to_sgd(momentum, nesterov, wd, backend):
     params, masks = make_problem()
+    if backend == "triton":
+        params = [p.to(triton_device()) for p in params]
+        masks = [m.to(triton_device()) if m is not None else None for m in masks]
     ours = [p.clone().requires_grad_() for p in params]
     ref = [p.clone().requires_grad_() for p in params]
     opt = MaskedSGD(ours, {p: m for p, m in zip(ours, masks) if m is not None}, lr=0.05,
-                    momentum=momentum, weight_decay=wd, nesterov=nesterov)
+                    momentum=momentum, weight_decay=wd, nesterov=nesterov, backend=backend)
     sgd = torch.optim.SGD(ref, lr=0.05, momentum=momentum, weight_decay=wd, nesterov=nesterov)
     g = torch.Generator().manual_seed(1)
     for _ in range(100):
         for a, b in zip(ours, ref):
-            grad = torch.randn(a.shape, generator=g)
+            grad = torch.randn(a.shape, generator=g).to(a.device)
             a.grad, b.grad = grad.clone(), grad.clone()
         opt.step()
         sgd.step()
@@ -79,3 +86,57 @@ def test_channels_last_parameters_take_the_same_step():
     assert b.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(a.detach(), b.detach())
     assert bool((b[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 3e-2)])
+def test_triton_multi_tensor_matches_reference_per_dtype(dtype, tol):
+    """bf16's tolerance is wide: the Triton interpreter truncates fp32 -> bf16 where a GPU rounds."""
+    params, masks = make_problem(seed=5)
+    dev = triton_device()
+    ref = [p.to(dtype).clone() for p in params]
+    ours = [p.to(dtype).to(dev).clone().requires_grad_() for p in params]
+    dmasks = [m.to(dev) if m is not None else None for m in masks]
+    opt = MaskedSGD(ours, {p: m for p, m in zip(ours, dmasks) if m is not None}, lr=torch.tensor(0.05, device=dev),
+                    momentum=0.9, weight_decay=1e-4, nesterov=True, backend="triton")
+    bufs = [torch.zeros_like(p) for p in ref]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=g).to(dtype) for p in ref]
+        for p, gr in zip(ours, grads):
+            p.grad = gr.to(dev)
+        opt.step()
+        masked_sgd_reference(ref, grads, bufs, masks, lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True,
+                             first=False)
+    for a, b, m in zip(ours, ref, masks):
+        scale = b.float().abs().max().clamp_min(1e-6)
+        assert float((a.detach().cpu().float() - b.float()).abs().max() / scale) <= tol
+        if m is not None:
+            assert bool((a.detach().cpu()[~m] == 0).all())
+
+
+def test_unknown_backend_is_an_error():
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="backend 'cuda-magic'"):
+        MaskedSGD([p], backend="cuda-magic")
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 300), density=st.floats(0, 1), lr=st.floats(1e-4, 1.0), momentum=st.sampled_from([0.0, 0.5, 0.9]),
+       wd=st.floats(0, 1e-2), nesterov=st.booleans(), seed=st.integers(0, 10_000))
+def test_fuzz_cpp_against_reference(n, density, lr, momentum, wd, nesterov, seed):
+    if nesterov and momentum == 0:
+        nesterov = False
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g)
+    m = torch.rand(n, generator=g) < density
+    grads = [torch.randn(n, generator=g) for _ in range(3)]
+    a = (w * m).requires_grad_()
+    opt = MaskedSGD([a], {a: m}, lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov, backend="cpp")
+    ref, buf = [(w * m).clone()], [torch.zeros(n)]
+    for gr in grads:
+        a.grad = gr.clone()
+        opt.step()
+        masked_sgd_reference(ref, [gr], buf if momentum else [None], [m], lr=lr, momentum=momentum,
+                             weight_decay=wd, nesterov=nesterov, first=False)
+    torch.testing.assert_close(a.detach(), ref[0], rtol=1e-5, atol=1e-6)
+    assert bool((a.detach()[~m] == 0).all())

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import triton_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from dsd2.ops import CountingReLU, count_positive_, count_positive_reference, relu_count, swap_in_counting_relus
-
-from conftest import triton_device
 
 SHAPES = [(1, 5), (3, 7), (4, 3, 5, 5), (2, 6, 3), (5, 16, 8, 8)]
 

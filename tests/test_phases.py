@@ -1,0 +1,67 @@
+import random
+
+import pytest
+
+from dsd2.analysis.early_stop import decide, entropy_drop_level
+from dsd2.analysis.phases import detect_phases
+
+SDD = [0.60, 0.595, 0.57, 0.53, 0.52, 0.55, 0.64, 0.72, 0.76, 0.75, 0.60, 0.40]
+
+
+def test_sparse_double_descent_curve_gets_four_phases():
+    r = detect_phases(SDD)
+    assert r.has_critical and r.sweet_level == 8 and r.critical_level == 4
+    # the dip starts once accuracy is more than θ/2 below the running maximum; the sweet phase once it is θ
+    # above the critical minimum again; the collapse is the tail more than θ below the peak
+    assert r.labels == ["light", "light", "critical", "critical", "critical", "sweet", "sweet", "sweet",
+                        "sweet", "sweet", "collapsed", "collapsed"]
+    assert r.boundaries == {"light": (0, 1), "critical": (2, 4), "sweet": (5, 9), "collapsed": (10, 11)}
+    assert "critical 2-4" in r.describe()
+
+
+def test_flat_then_collapse_has_no_critical_phase():
+    r = detect_phases([0.80, 0.805, 0.80, 0.81, 0.80, 0.79, 0.60, 0.30])
+    assert not r.has_critical and r.critical_level is None
+    assert r.labels == ["light"] * 6 + ["collapsed"] * 2
+    assert "no critical phase" in r.describe()
+
+
+def test_monotone_curves():
+    up = detect_phases([0.5, 0.55, 0.6, 0.65, 0.7])
+    assert not up.has_critical and set(up.labels) == {"light"}
+    down = detect_phases([0.7, 0.65, 0.6, 0.55, 0.5])
+    assert not down.has_critical and down.labels[0] == "light" and down.labels[-1] == "collapsed"
+
+
+def test_noise_below_threshold_is_not_a_dip():
+    assert not detect_phases([0.80, 0.79, 0.81, 0.795, 0.81, 0.70], min_drop=0.02).has_critical
+    assert detect_phases([0.80, 0.77, 0.80, 0.83, 0.6], min_drop=0.02).has_critical
+
+
+def test_seed_spread_sets_the_threshold():
+    rng = random.Random(0)
+    noisy = [[a + rng.gauss(0, 0.03) for a in SDD] for _ in range(3)]
+    r = detect_phases(noisy)
+    assert 0.02 < r.threshold < 0.15 and r.has_critical
+    tight = [[a + d for a in [0.8, 0.78, 0.81, 0.5]] for d in (0.0, 0.001, -0.001)]
+    assert not detect_phases(tight).has_critical or detect_phases(tight).threshold < 0.01
+
+
+def test_entropy_drop_detection():
+    assert entropy_drop_level([0.85, 0.84, 0.86, 0.83, 0.78, 0.6], 0.05) == 4
+    assert entropy_drop_level([0.85, 0.84, 0.86, 0.83], 0.05) is None
+
+
+def test_entropy_rule_waits_for_the_drop_then_for_patience():
+    ent = [0.85, 0.84, 0.85, 0.84, 0.75, 0.70, 0.65, 0.60, 0.55]
+    val = [0.30, 0.29, 0.28, 0.27, 0.33, 0.38, 0.37, 0.36, 0.35]
+    # the validation rule stops in the critical phase
+    assert decide("val", val[:4], patience=3).stop
+    stops = [i - 1 for i in range(1, len(val) + 1) if decide("entropy", val[:i], ent[:i], patience=2).stop]
+    assert stops[0] == 7  # drop at 4, best val at 5, two levels without improvement
+    d = decide("entropy", val[:8], ent[:8], patience=2)
+    assert d.best_level == 5 and d.entropy_drop_level == 4 and "not improved for 2" in d.reason
+    assert not decide("entropy", val[:4], ent[:4], patience=1).stop  # stationary: keep pruning
+    assert not decide("none", val, ent).stop
+    with pytest.raises(ValueError, match="rule 'x'"):
+        decide("x", val)
