@@ -122,7 +122,8 @@ def test_unknown_backend_is_an_error():
 
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 300), density=st.floats(0, 1), lr=st.floats(1e-4, 1.0),
-       momentum=st.sampled_from([0.0, 0.5, 0.9]), wd=st.floats(0, 1e-2), nesterov=st.booleans(), seed=st.integers(0, 10_000))
+       momentum=st.sampled_from([0.0, 0.5, 0.9]), wd=st.floats(0, 1e-2), nesterov=st.booleans(),
+       seed=st.integers(0, 10_000))
 def test_fuzz_cpp_against_reference(n, density, lr, momentum, wd, nesterov, seed):
     if nesterov and momentum == 0:
         nesterov = False
