@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -14,22 +15,61 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 14;
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DSD2_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DSD2_CLONES
+#endif
+
+// The update with every option fixed at compile time, so each variant is one branch-free vector loop.
+template <typename scalar_t, bool HAS_MASK, bool HAS_BUF, bool NESTEROV>
+inline void sgd_loop(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ buf,
+                     const bool* __restrict__ mask_in, int64_t begin, int64_t end, float lr, float momentum,
+                     float wd) {
+  // read masks as bytes: a bool -> float conversion does not vectorise, a byte -> float one does
+  const uint8_t* __restrict__ mask = reinterpret_cast<const uint8_t*>(mask_in);
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const float keep = HAS_MASK ? static_cast<float>(mask[i]) : 1.0f;
+    const float w = static_cast<float>(p[i]);
+    float d = static_cast<float>(g[i]) * keep + wd * w;
+    if constexpr (HAS_BUF) {
+      const float b = (momentum * static_cast<float>(buf[i]) + d) * keep;
+      buf[i] = static_cast<scalar_t>(b);
+      d = NESTEROV ? d + momentum * b : b;
+    }
+    p[i] = static_cast<scalar_t>((w - lr * d) * keep);
+  }
+}
+
+template <typename scalar_t>
+inline void sgd_dispatch(scalar_t* p, const scalar_t* g, scalar_t* buf, const bool* mask, int64_t begin,
+                         int64_t end, float lr, float momentum, float wd, bool nesterov) {
+  if (mask) {
+    if (!buf) return sgd_loop<scalar_t, true, false, false>(p, g, buf, mask, begin, end, lr, momentum, wd);
+    if (nesterov) return sgd_loop<scalar_t, true, true, true>(p, g, buf, mask, begin, end, lr, momentum, wd);
+    return sgd_loop<scalar_t, true, true, false>(p, g, buf, mask, begin, end, lr, momentum, wd);
+  }
+  if (!buf) return sgd_loop<scalar_t, false, false, false>(p, g, buf, mask, begin, end, lr, momentum, wd);
+  if (nesterov) return sgd_loop<scalar_t, false, true, true>(p, g, buf, mask, begin, end, lr, momentum, wd);
+  return sgd_loop<scalar_t, false, true, false>(p, g, buf, mask, begin, end, lr, momentum, wd);
+}
+
+DSD2_CLONES static void sgd_f32(float* p, const float* g, float* buf, const bool* mask, int64_t begin,
+                                int64_t end, float lr, float momentum, float wd, bool nesterov) {
+  sgd_dispatch<float>(p, g, buf, mask, begin, end, lr, momentum, wd, nesterov);
+}
+
+// `first` needs no special case: buffers start at zero, so momentum * 0 + d = d, as torch.optim.SGD's first step.
 template <typename scalar_t>
 void masked_sgd_tensor(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                        scalar_t* __restrict__ buf, const bool* __restrict__ mask, int64_t n,
-                       float lr, float momentum, float wd, bool nesterov, bool first) {
+                       float lr, float momentum, float wd, bool nesterov) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      const float keep = mask ? static_cast<float>(mask[i]) : 1.0f;
-      const float w = static_cast<float>(p[i]);
-      float d = static_cast<float>(g[i]) * keep + wd * w;
-      if (buf) {
-        const float b = first ? d : momentum * static_cast<float>(buf[i]) + d;
-        buf[i] = static_cast<scalar_t>(b * keep);
-        d = nesterov ? d + momentum * b : b;
-      }
-      p[i] = static_cast<scalar_t>((w - lr * d) * keep);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      sgd_f32(p, g, buf, mask, begin, end, lr, momentum, wd, nesterov);
+    } else {
+      sgd_dispatch<scalar_t>(p, g, buf, mask, begin, end, lr, momentum, wd, nesterov);
     }
   });
 }
@@ -49,6 +89,7 @@ void masked_sgd_step_(std::vector<at::Tensor> params, std::vector<at::Tensor> gr
                       std::vector<std::optional<at::Tensor>> bufs,
                       std::vector<std::optional<at::Tensor>> masks, double lr,
                       double momentum, double weight_decay, bool nesterov, bool first) {
+  (void)first;
   TORCH_CHECK(params.size() == grads.size() && params.size() == bufs.size() &&
                   params.size() == masks.size(),
               "masked_sgd_step_: params, grads, bufs and masks must have the same length");
@@ -71,47 +112,94 @@ void masked_sgd_step_(std::vector<at::Tensor> params, std::vector<at::Tensor> gr
                                   has_buf ? bufs[t]->data_ptr<scalar_t>() : nullptr,
                                   has_mask ? masks[t]->data_ptr<bool>() : nullptr, p.numel(),
                                   static_cast<float>(lr), static_cast<float>(momentum),
-                                  static_cast<float>(weight_decay), nesterov, first);
+                                  static_cast<float>(weight_decay), nesterov);
     });
   }
 }
 
-template <typename scalar_t>
-void count_positive_impl(const scalar_t* __restrict__ data, int64_t* __restrict__ out, int64_t batch,
-                         int64_t per_sample, int64_t channels, int64_t spatial, bool inclusive) {
-  at::parallel_for(0, channels, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      int64_t total = 0;
-      for (int64_t b = 0; b < batch; ++b) {
-        const scalar_t* row = data + b * per_sample + c * spatial;
-        int64_t part = 0;
-#pragma omp simd reduction(+ : part)
-        for (int64_t s = 0; s < spatial; ++s) {
-          const float v = static_cast<float>(row[s]);
-          part += inclusive ? (v >= 0.0f) : (v > 0.0f);
+// ---- ReLU-state counting ------------------------------------------------------------------------------
+// Per element: each thread owns a block of columns and walks the batch, accumulating int32 counts in a
+// small stack buffer before one int64 add per column. fp16/bf16 are compared on their bit patterns
+// (x > 0  <=>  0 < bits <= +inf), which vectorises where a float conversion would not.
+
+constexpr int64_t kCols = 8192;  // 32 KiB of int32 counters per thread: rows stream in 32 KiB (fp32) runs
+
+template <typename T, typename Pred, typename Relu>
+inline void count_block(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ out, int64_t batch,
+                        int64_t stride, int64_t begin, int64_t end, Pred on, Relu relu) {
+  int32_t acc[kCols];
+  for (int64_t j0 = begin; j0 < end; j0 += kCols) {
+    const int64_t w = std::min(kCols, end - j0);
+    for (int64_t j = 0; j < w; ++j) acc[j] = 0;
+    for (int64_t b = 0; b < batch; ++b) {
+      const T* row = x + b * stride + j0;
+      if (y) {
+        T* orow = y + b * stride + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          acc[j] += on(row[j]);
+          orow[j] = relu(row[j]);
         }
-        total += part;
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) acc[j] += on(row[j]);
       }
-      out[c] += total;
     }
-  });
+    for (int64_t j = 0; j < w; ++j) out[j0 + j] += acc[j];
+  }
+}
+
+DSD2_CLONES static void count_cols_f32(const float* x, float* y, int64_t* out, int64_t batch, int64_t stride,
+                                       int64_t begin, int64_t end, bool inclusive) {
+  auto relu = [](float v) { return v > 0.0f ? v : 0.0f; };
+  if (inclusive)
+    count_block(x, y, out, batch, stride, begin, end, [](float v) { return static_cast<int32_t>(v >= 0.0f); }, relu);
+  else
+    count_block(x, y, out, batch, stride, begin, end, [](float v) { return static_cast<int32_t>(v > 0.0f); }, relu);
+}
+
+DSD2_CLONES static void count_cols_u16(const uint16_t* x, uint16_t* y, int64_t* out, int64_t batch,
+                                       int64_t stride, int64_t begin, int64_t end, bool inclusive, uint16_t inf) {
+  const uint16_t neg_inf = static_cast<uint16_t>(0x8000 | inf);
+  // relu: negative numbers (not NaN) become +0; -0 also becomes +0
+  auto relu = [neg_inf](uint16_t v) { return static_cast<uint16_t>(v >= 0x8000 && v <= neg_inf ? 0 : v); };
+  if (inclusive)
+    count_block(x, y, out, batch, stride, begin, end,
+                [inf](uint16_t v) { return static_cast<int32_t>(v <= inf || v == 0x8000); }, relu);
+  else
+    count_block(x, y, out, batch, stride, begin, end,
+                [inf](uint16_t v) { return static_cast<int32_t>(static_cast<uint16_t>(v - 1) < inf); }, relu);
 }
 
 template <typename scalar_t>
-void relu_count_impl(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t* __restrict__ out,
-                     int64_t batch, int64_t per_sample, bool inclusive) {
-  at::parallel_for(0, per_sample, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t b = 0; b < batch; ++b) {
-      const scalar_t* row = src + b * per_sample;
-      scalar_t* orow = dst + b * per_sample;
-#pragma omp simd
-      for (int64_t j = begin; j < end; ++j) {
-        const float v = static_cast<float>(row[j]);
-        orow[j] = v > 0.0f ? row[j] : static_cast<scalar_t>(0.0f);
-        out[j] += inclusive ? (v >= 0.0f) : (v > 0.0f);
-      }
-    }
-  });
+void count_cols_generic(const scalar_t* x, scalar_t* y, int64_t* out, int64_t batch, int64_t stride,
+                        int64_t begin, int64_t end, bool inclusive) {
+  auto relu = [](scalar_t v) { return v > scalar_t(0) ? v : scalar_t(0); };
+  if (inclusive)
+    count_block(x, y, out, batch, stride, begin, end,
+                [](scalar_t v) { return static_cast<int32_t>(v >= scalar_t(0)); }, relu);
+  else
+    count_block(x, y, out, batch, stride, begin, end,
+                [](scalar_t v) { return static_cast<int32_t>(v > scalar_t(0)); }, relu);
+}
+
+// Count (and optionally apply the ReLU into y) over columns [begin, end) of a [batch, stride] view at x.
+void count_columns(at::ScalarType dt, const void* x, void* y, int64_t* out, int64_t batch, int64_t stride,
+                   int64_t begin, int64_t end, bool inclusive) {
+  switch (dt) {
+    case at::kFloat:
+      return count_cols_f32(static_cast<const float*>(x), static_cast<float*>(y), out, batch, stride, begin, end,
+                            inclusive);
+    case at::kBFloat16:
+    case at::kHalf:
+      return count_cols_u16(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y), out, batch, stride, begin,
+                            end, inclusive, dt == at::kBFloat16 ? 0x7F80 : 0x7C00);
+    case at::kDouble:
+      return count_cols_generic(static_cast<const double*>(x), static_cast<double*>(y), out, batch, stride, begin,
+                                end, inclusive);
+    default:
+      TORCH_CHECK(false, "ReLU-state counting: unsupported dtype ", dt);
+  }
 }
 
 // counts[j] += #{b : x[b, j] > 0} (or >= 0 when inclusive) over the flattened non-batch dims.
@@ -128,9 +216,26 @@ void count_positive_(const at::Tensor& x_in, at::Tensor counts, bool inclusive, 
   const int64_t spatial = channels ? per_sample / channels : 0;
   TORCH_CHECK(counts.numel() == channels, "count_positive_: counts has ", counts.numel(),
               " entries, expected ", channels);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "count_positive_", [&] {
-    count_positive_impl<scalar_t>(x.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), batch, per_sample,
-                                  channels, spatial, inclusive);
+  int64_t* out = counts.data_ptr<int64_t>();
+  const auto dt = x.scalar_type();
+  const char* base = static_cast<const char*>(x.data_ptr());
+  if (spatial == 1) {
+    at::parallel_for(0, per_sample, kCols, [&](int64_t begin, int64_t end) {
+      count_columns(dt, base, nullptr, out, batch, per_sample, begin, end, inclusive);
+    });
+    return;
+  }
+  // per channel: channel c's positions are columns [c*S, (c+1)*S) of the [batch, per_sample] view
+  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> scratch(spatial);
+    for (int64_t c = begin; c < end; ++c) {
+      std::fill(scratch.begin(), scratch.end(), 0);
+      count_columns(dt, base + c * spatial * x.element_size(), nullptr, scratch.data(), batch, per_sample, 0,
+                    spatial, inclusive);
+      int64_t total = 0;
+      for (int64_t v : scratch) total += v;
+      out[c] += total;
+    }
   });
 }
 
@@ -145,13 +250,12 @@ at::Tensor relu_count(const at::Tensor& x_in, at::Tensor counts, bool inclusive)
   const int64_t per_sample = batch ? x.numel() / batch : 0;
   TORCH_CHECK(counts.numel() == per_sample, "relu_count: counts has ", counts.numel(),
               " entries, expected ", per_sample);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_count", [&] {
-    relu_count_impl<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(),
-                              batch, per_sample, inclusive);
+  int64_t* out = counts.data_ptr<int64_t>();
+  at::parallel_for(0, per_sample, kCols, [&](int64_t begin, int64_t end) {
+    count_columns(x.scalar_type(), x.data_ptr(), y.data_ptr(), out, batch, per_sample, begin, end, inclusive);
   });
   return y;
 }
-
 
 // ---- KD loss: (1 - a) CE(s, y) + a T^2 KL(softmax(t/T) || softmax(s/T)), gradient written in the forward --
 

@@ -1,4 +1,4 @@
-"""`dsd2-engine`: train (the pruning loop), report (figures, tables) and info (versions, backends)."""
+"""`dsd2-engine`: train (the pruning loop), entropy, report (figures, tables) and info (versions, backends)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from typing import Any
 from dsd2.config import (
     CRITERIA,
     DATASETS,
+    EARLY_STOP_RULES,
+    ENTROPY_MODES,
+    GRANULARITIES,
     LR_SCHEDULES,
     MODELS,
     NOISE_TYPES,
@@ -41,6 +44,9 @@ FLAG_MAP: dict[str, tuple[str | None, str]] = {
     "perturb": ("prune", "perturb"), "rewind_iteration": ("prune", "rewind_iteration"),
     "retrain": ("prune", "retrain"),
     "seed": (None, "seed"), "device": (None, "device"), "precision": (None, "precision"),
+    "entropy": ("analysis", "entropy"), "entropy_granularity": ("analysis", "granularity"),
+    "entropy_inclusive": ("analysis", "inclusive"), "early_stop": ("analysis", "early_stop"),
+    "patience": ("analysis", "patience"), "entropy_tolerance": ("analysis", "entropy_tolerance"),
 }
 
 
@@ -88,6 +94,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--perturb", choices=PERTURBATIONS)
     g.add_argument("--rewind-iteration", type=int, help="rewind to the weights after this many dense epochs")
     g.add_argument("--retrain", choices=RETRAIN_SCHEDULES)
+    g = p.add_argument_group("entropy and early stop")
+    g.add_argument("--entropy", choices=ENTROPY_MODES,
+                   help="ReLU-state entropy: a counting pass after each level, online in the last epoch, or off")
+    g.add_argument("--entropy-granularity", choices=GRANULARITIES)
+    g.add_argument("--entropy-inclusive", action="store_true", default=None, help="on-state is x >= 0")
+    g.add_argument("--early-stop", choices=EARLY_STOP_RULES)
+    g.add_argument("--patience", type=int, help="levels without validation improvement before stopping")
+    g.add_argument("--entropy-tolerance", type=float, help="relative entropy fall that counts as decreasing")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
@@ -148,6 +162,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_entropy(args: argparse.Namespace) -> int:
+    from dsd2.engine import entropy_of_run
+    from dsd2.runs import RunDir
+
+    run = RunDir(args.run)
+    entropy_of_run(run, data_root=args.data_root, granularity=args.granularity, inclusive=args.inclusive)
+    print(f"written: {run.root / 'entropy.jsonl'}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import platform
 
@@ -190,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="output folder (default: RUN_DIR/report of the first run)")
     report.add_argument("--title")
     report.set_defaults(func=cmd_report)
+    ent = sub.add_parser("entropy", help="ReLU-state entropy of every saved level of an existing run")
+    ent.add_argument("run", metavar="RUN_DIR")
+    ent.add_argument("--data-root", help="where the run's dataset lives, if not where it was")
+    ent.add_argument("--granularity", choices=GRANULARITIES)
+    ent.add_argument("--inclusive", action="store_true", default=None, help="on-state is x >= 0")
+    ent.set_defaults(func=cmd_entropy)
     info = sub.add_parser("info", help="versions, device and op backends")
     info.set_defaults(func=cmd_info)
     return parser

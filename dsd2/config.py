@@ -19,6 +19,9 @@ CRITERIA = ("magnitude", "random", "gradient")
 PERTURBATIONS = ("none", "rewind", "reinit")
 RETRAIN_SCHEDULES = ("restart", "finetune", "lr-rewind")
 PRECISIONS = ("fp32", "bf16")
+ENTROPY_MODES = ("pass", "online", "off")
+GRANULARITIES = ("element", "channel")
+EARLY_STOP_RULES = ("none", "entropy", "val")
 
 
 class ConfigError(ValueError):
@@ -74,11 +77,22 @@ class PruneConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    entropy: str = "pass"  # counting pass over the training split after each level; "online": last epoch
+    granularity: str = "element"  # per output element (eq. 1) or per channel
+    inclusive: bool = False  # on-state is x > 0, or x >= 0 when inclusive
+    early_stop: str = "none"
+    patience: int = 3
+    entropy_tolerance: float = 0.05  # relative fall below the running maximum that counts as decreasing
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     seed: int = 0
     device: str = "cpu"
     precision: str = "fp32"
@@ -158,7 +172,8 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config from nested plain data, rejecting unknown keys with a clear message."""
-    sections = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "prune": PruneConfig}
+    sections = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "prune": PruneConfig,
+                "analysis": AnalysisConfig}
     top_fields = {f.name for f in fields(Config)}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
@@ -233,6 +248,16 @@ def validate(cfg: Config) -> None:
     _choice("perturbation", p.perturb, PERTURBATIONS)
     _choice("retrain schedule", p.retrain, RETRAIN_SCHEDULES)
     _choice("precision", cfg.precision, PRECISIONS)
+    a = cfg.analysis
+    _choice("entropy mode", a.entropy, ENTROPY_MODES)
+    _choice("entropy granularity", a.granularity, GRANULARITIES)
+    _choice("early-stop rule", a.early_stop, EARLY_STOP_RULES)
+    if a.early_stop == "entropy" and a.entropy == "off":
+        raise ConfigError("early stop 'entropy' needs the entropy measure: use --entropy pass or online")
+    if not isinstance(a.patience, int) or a.patience < 1:
+        raise ConfigError(f"patience {a.patience!r} must be a whole number >= 1")
+    if not 0.0 < a.entropy_tolerance < 1.0:
+        raise ConfigError(f"entropy tolerance {a.entropy_tolerance!r} is outside (0, 1)")
     if not isinstance(d.noise, (int, float)) or not 0.0 <= d.noise < 1.0:
         raise ConfigError(f"noise {d.noise!r} is outside [0, 1)")
     if d.noise_type == "asymmetric" and d.dataset == "cifar100":

@@ -14,10 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsd2.analysis.early_stop import StopDecision, decide
+from dsd2.analysis.entropy import summarize
+from dsd2.analysis.flops import ForwardFlops, densities_of, measure_forward_flops, training_flops
+from dsd2.analysis.phases import detect_phases
 from dsd2.config import Config, ConfigError
 from dsd2.data import Splits, build_splits
 from dsd2.data.batching import epoch_generator, train_batches
 from dsd2.models import CONV_MODELS, build_model
+from dsd2.ops import CountingReLU, swap_in_counting_relus
 from dsd2.pruning import (
     CRITERIA,
     Masks,
@@ -25,6 +30,7 @@ from dsd2.pruning import (
     full_masks,
     global_prune,
     perturb,
+    prunable_weights,
     remaining_after,
 )
 from dsd2.runs import RunDir, RunError, load_checkpoint, save_checkpoint, write_json, write_jsonl
@@ -60,18 +66,23 @@ def best_level(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 class Engine:
     def __init__(self, cfg: Config, run_dir: RunDir, *, progress: bool = True,
                  log: Callable[[str], None] = print, objective: Objective = cross_entropy,
-                 splits: Splits | None = None):
+                 splits: Splits | None = None, run_hash: str | None = None):
         self.cfg = cfg
         self.run = run_dir
         self.progress = progress
         self.log = log
         self.objective = objective
         self.device = resolve_device(cfg.device)
-        self.run_hash = cfg.run_hash()
+        self.run_hash = run_hash or cfg.run_hash()
         self.level_measures: list[LevelMeasure] = []
         self.splits = splits
         self.model: nn.Module | None = None
         self.masks: Masks = {}
+        self.relus: dict[str, CountingReLU] = {}
+        self.flops: ForwardFlops | None = None
+        self.level_start: dict[str, torch.Tensor] = {}
+        self._init_weights: dict[str, torch.Tensor] | None = None
+        self.stop: StopDecision | None = None
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -96,7 +107,7 @@ class Engine:
         return dict(batch_size=max(self.cfg.optim.batch_size, 512), mean=self.splits.mean,
                     std=self.splits.std, precision=self.cfg.precision, channels_last=self._channels_last())
 
-    def prepare(self) -> None:
+    def prepare(self, force_counting: bool = False) -> None:
         """Everything that can fail on bad input, before anything is written."""
         torch.set_flush_denormal(True)  # denormal weights after pruning slow CPU retraining ~20x
         if self.splits is None:
@@ -106,8 +117,13 @@ class Engine:
         model = model.to(self.device)
         if self._channels_last():
             model = model.to(memory_format=torch.channels_last)
+        a = self.cfg.analysis
+        if a.entropy != "off" or force_counting:
+            # drop-in swap: ReLUs hold no state, so state dicts and checkpoints are unchanged
+            self.relus = swap_in_counting_relus(model, granularity=a.granularity, inclusive=a.inclusive)
         self.model = model
         self.masks = full_masks(model)
+        self.flops = measure_forward_flops(model, self.splits.input_shape)
         total = sum(m.numel() for m in self.masks.values())
         levels = self.cfg.num_levels()
         counts = remaining_after(total, self.cfg.prune.prune_fraction, levels)
@@ -139,6 +155,8 @@ class Engine:
 
     def save_state(self, path, optimizer, level: int, epoch: int, level_done: bool) -> None:
         tensors, optim_meta = self._state_tensors(optimizer)
+        if optimizer is not None:
+            tensors.update({f"start.{k}": v for k, v in self.level_start.items()})
         meta = {"run_hash": self.run_hash, "level": level, "epoch": epoch, "level_done": level_done,
                 "optim_scalars": optim_meta}
         save_checkpoint(path, tensors, meta)
@@ -151,6 +169,7 @@ class Engine:
         except RuntimeError:
             raise RunError(f"checkpoint '{path}' does not match the configured model") from None
         self.masks = {k[5:]: v.to(self.device, torch.bool) for k, v in tensors.items() if k.startswith("mask.")}
+        self.level_start = {k[6:]: v.to(self.device) for k, v in tensors.items() if k.startswith("start.")}
         return meta, tensors
 
     def restore_optimizer(self, optimizer: torch.optim.Optimizer, meta: dict, tensors: dict) -> None:
@@ -199,10 +218,63 @@ class Engine:
         tensors, _ = load_checkpoint(path, self.run_hash)
         return {k[6:]: v.to(self.device) for k, v in tensors.items() if k.startswith("model.")}
 
-    def measure_level(self, level: int, epochs: int, wall: float) -> dict[str, Any]:
+    def init_weights(self) -> dict[str, torch.Tensor]:
+        if self._init_weights is None:
+            tensors, _ = load_checkpoint(self.run.init_path, self.run_hash)
+            names = set(prunable_weights(self.model))
+            self._init_weights = {k[6:]: v.to(self.device) for k, v in tensors.items()
+                                  if k.startswith("model.") and k[6:] in names}
+        return self._init_weights
+
+    def set_counting(self, on: bool, reset: bool = False) -> None:
+        for r in self.relus.values():
+            if reset:
+                r.reset_counts()
+            r.counting = on
+
+    def entropy_metrics(self) -> dict[str, Any]:
+        layers = {n: (r.counts, r.observations) for n, r in self.relus.items() if r.counts is not None}
+        if not layers:
+            return {}
+        e = summarize(layers)
+        return {"entropy_mean": e.mean_over_layers, "entropy_weighted": e.neuron_weighted,
+                "entropy_layers": [round(v, 6) for v in e.per_layer.values()]}
+
+    def learning_distances(self) -> dict[str, float]:
+        """He et al.'s learning distance: l2 distance of the retained weights from the level's start and from init."""
+        out = {}
+        weights = prunable_weights(self.model)
+        for key, ref in (("dist_from_level_start", self.level_start), ("dist_from_init", self.init_weights())):
+            if not ref:
+                continue
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for name, w in weights.items():
+                diff = (w.detach().double() - ref[name].double()) * self.masks[name]
+                total += (diff * diff).sum()
+            out[key] = float(total.sqrt())
+        return out
+
+    def flop_metrics(self, level: int, epochs: int, train_time: float) -> dict[str, float]:
+        dens = densities_of({n: w.detach() for n, w in prunable_weights(self.model).items()})
+        f = self.flops
+        eff, eff2 = f.effective(dens, "fvcore"), f.effective(dens, "2mac")
+        images = epochs * len(self.splits.train)
+        train_eff, train_dense = training_flops(images, eff), training_flops(images, f.dense("fvcore"))
+        return {"forward_flops_dense": f.dense("fvcore"), "forward_flops_effective": eff,
+                "forward_flops_effective_2mac": eff2, "train_flops_effective": train_eff,
+                "train_flops_dense": train_dense, "train_time_s": train_time,
+                "images_per_s": images / max(train_time, 1e-9),
+                "achieved_flop_per_s": train_dense / max(train_time, 1e-9)}
+
+    def measure_level(self, level: int, epochs: int, wall: float, train_time: float = 0.0) -> dict[str, Any]:
         s = self.splits
         kw = self.eval_kwargs()
+        counted_online = any(r.counts is not None for r in self.relus.values())
+        pass_count = self.relus and (self.cfg.analysis.entropy == "pass" or not counted_online)
+        if pass_count:
+            self.set_counting(True, reset=True)  # the train-accuracy pass doubles as the counting pass
         logits = predict(self.model, s.train, **kw)
+        self.set_counting(False)
         pred = logits.argmax(1)
         noisy = s.noisy_mask
         n_noisy = int(noisy.sum())
@@ -221,6 +293,10 @@ class Engine:
             "epochs": epochs,
             "wall_time_s": wall,
         }
+        row.update(self.entropy_metrics())
+        row.update(self.learning_distances())
+        row.update(self.flop_metrics(level, epochs, train_time))
+        self.set_counting(False, reset=True)
         for measure in self.level_measures:
             row.update(measure(self, level))
         return row
@@ -252,12 +328,15 @@ class Engine:
                      + (" (level complete)" if level_done else ""))
         if level_done:
             level, epoch = level + 1, 0
+        if metric_rows and self.check_stop(metric_rows):
+            level = self.num_levels + 1  # the run had already stopped early
 
         while level <= self.num_levels:
             started = time.perf_counter()
             if epoch == 0 and optimizer is None:
                 if level > 0:
                     self.prune_level(level)
+                self.level_start = {n: w.detach().clone() for n, w in prunable_weights(self.model).items()}
                 optimizer = build_optimizer(self.model, self.masks, self.cfg.optim)
             epochs = self.epochs_for(level)
             bar = self._bar(level, epochs, epoch)
@@ -265,6 +344,9 @@ class Engine:
                 lr = self.lr_for(level, epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                online = self.cfg.analysis.entropy == "online" and epoch == epochs - 1
+                if online:
+                    self.set_counting(True, reset=True)
                 t0 = time.perf_counter()
                 stats = train_epoch(
                     self.model, optimizer, s.train, batch_size=self.cfg.optim.batch_size,
@@ -273,6 +355,8 @@ class Engine:
                     channels_last=self._channels_last(),
                 )
                 train_time = time.perf_counter() - t0
+                if online:
+                    self.set_counting(False)
                 kw = self.eval_kwargs()
                 val, test = evaluate(self.model, s.val, **kw), evaluate(self.model, s.test, **kw)
                 epoch += 1
@@ -291,15 +375,20 @@ class Engine:
                     bar.update(1)
             if bar is not None:
                 bar.close()
-            row = self.measure_level(level, epochs, time.perf_counter() - started)
+            train_time = sum(r["train_time_s"] for r in epoch_rows if r["level"] == level)
+            row = self.measure_level(level, epochs, time.perf_counter() - started, train_time)
             metric_rows.append(row)
             self.save_state(self.run.level_path(level), optimizer, level, epoch, True)
             write_jsonl(self.run.metrics_path, metric_rows)
             self.save_state(self.run.last_path, None, level, epoch, True)
+            entropy = f"  H {row['entropy_mean']:.3f}" if "entropy_mean" in row else ""
             self.log(f"level {level:2d}/{self.num_levels}  sparsity {row['sparsity']:.4f}  "
-                     f"train {row['train_acc']:.3f}  val {row['val_acc']:.3f}  test {row['test_acc']:.3f}  "
-                     f"({row['wall_time_s']:.1f}s)")
+                     f"train {row['train_acc']:.3f}  val {row['val_acc']:.3f}  test {row['test_acc']:.3f}"
+                     f"{entropy}  ({row['wall_time_s']:.1f}s)")
             level, epoch, optimizer = level + 1, 0, None
+            if self.check_stop(metric_rows):
+                self.log(f"early stop after level {self.stop.level}: {self.stop.reason}")
+                break
 
         return self.write_summary(metric_rows)
 
@@ -308,8 +397,36 @@ class Engine:
 
         return read_jsonl(self.run.epochs_path if kind == "epochs" else self.run.metrics_path)
 
+    def check_stop(self, rows: list[dict[str, Any]]) -> bool:
+        a = self.cfg.analysis
+        if a.early_stop == "none":
+            return False
+        entropies = [r.get("entropy_mean", float("nan")) for r in rows]
+        self.stop = decide(a.early_stop, [r["val_acc"] for r in rows], entropies, patience=a.patience,
+                           tolerance=a.entropy_tolerance)
+        return self.stop.stop
+
+    def early_stop_summary(self, rows: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any]:
+        a = self.cfg.analysis
+        per_level_dense = [r["train_flops_dense"] for r in rows]
+        planned = self.num_levels + 1
+        # training cost of the levels not run, in the dense convention (exact: it does not depend on the masks)
+        remaining = max(planned - len(rows), 0)
+        level_cost = training_flops(self.cfg.optim.epochs * len(self.splits.train), self.flops.dense("fvcore"))
+        return {
+            "rule": a.early_stop, "patience": a.patience, "stopped": bool(self.stop and self.stop.stop),
+            "stop_level": rows[-1]["level"], "stop_test_acc": rows[-1]["test_acc"],
+            "entropy_drop_level": self.stop.entropy_drop_level if self.stop else None,
+            "reason": self.stop.reason if self.stop else "",
+            "returned_level": best["level"], "returned_test_acc": best["test_acc"],
+            "returned_sparsity": best["sparsity"], "levels_run": len(rows), "levels_planned": planned,
+            "train_pflops_run_dense": sum(per_level_dense) / 1e15,
+            "train_pflops_saved_dense": remaining * level_cost / 1e15,
+        }
+
     def write_summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         best = best_level(rows)
+        phases = detect_phases([r["test_acc"] for r in rows])
         summary = {
             "run_hash": self.run_hash,
             "finished": True,
@@ -322,7 +439,15 @@ class Engine:
             "final_sparsity": rows[-1]["sparsity"],
             "final_test_acc": rows[-1]["test_acc"],
             "total_wall_time_s": sum(r["wall_time_s"] for r in rows),
+            "train_pflops_dense": sum(r.get("train_flops_dense", 0.0) for r in rows) / 1e15,
+            "train_pflops_effective": sum(r.get("train_flops_effective", 0.0) for r in rows) / 1e15,
+            "flop_convention": "fvcore: 1 FLOP per multiply-add; training = 3 x forward per image",
+            "phases": {"labels": phases.labels, "has_critical": phases.has_critical, "dip": phases.dip,
+                       "rise": phases.rise, "threshold": phases.threshold, "describe": phases.describe()},
+            "relu_layers": list(self.relus),
         }
+        if self.cfg.analysis.early_stop != "none":
+            summary["early_stop"] = self.early_stop_summary(rows, best)
         write_json(self.run.summary_path, summary)
         return summary
 
@@ -332,6 +457,46 @@ class Engine:
         from tqdm.auto import tqdm
 
         return tqdm(total=epochs, initial=done, desc=f"level {level:2d}", unit="ep", leave=False)
+
+
+def entropy_of_run(run_dir: RunDir, *, data_root: str | None = None, granularity: str | None = None,
+                   inclusive: bool | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Entropy of ReLU states of every saved level of an existing run (also runs made without the measure).
+
+    Writes `entropy.jsonl` into the run directory and returns its rows.
+    """
+    from dsd2.config import from_dict
+    from dsd2.runs import write_jsonl
+
+    stored = run_dir.stored_config()
+    if stored is None:
+        raise RunError(f"'{run_dir.root}' holds no dsd2 run (no config.yaml)")
+    cfg = from_dict(stored["config"])
+    if data_root:
+        cfg.data.data_root = data_root
+    if granularity:
+        cfg.analysis.granularity = granularity
+    if inclusive is not None:
+        cfg.analysis.inclusive = inclusive
+    levels = sorted(run_dir.ckpt_dir.glob("level_*.safetensors"))
+    if not levels:
+        raise RunError(f"'{run_dir.root}' has no level checkpoints yet")
+    engine = Engine(cfg, run_dir, progress=False, log=log, run_hash=stored["run_hash"])
+    engine.prepare(force_counting=True)
+    rows = []
+    for path in levels:
+        meta, _ = engine.load_state(path)
+        engine.set_counting(True, reset=True)
+        predict(engine.model, engine.splits.train, **engine.eval_kwargs())
+        engine.set_counting(False)
+        zeros, total = count_sparsity(engine.model)
+        row = {"level": meta["level"], "sparsity": zeros / total, "granularity": cfg.analysis.granularity,
+               "inclusive": cfg.analysis.inclusive, **engine.entropy_metrics()}
+        rows.append(row)
+        log(f"level {row['level']:2d}  sparsity {row['sparsity']:.4f}  entropy {row['entropy_mean']:.4f} bits "
+            f"(neuron-weighted {row['entropy_weighted']:.4f})")
+    write_jsonl(run_dir.root / "entropy.jsonl", rows)
+    return rows
 
 
 def run_training(cfg: Config, run_dir: RunDir, **kwargs) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dsd2.engine import Engine
 from dsd2.pruning import prunable_weights
 from dsd2.runs import RunDir, read_jsonl
 
-VOLATILE = {"wall_time_s", "train_time_s", "images_per_s"}
+VOLATILE = {"wall_time_s", "train_time_s", "images_per_s", "achieved_flop_per_s"}
 
 
 def stable(rows):

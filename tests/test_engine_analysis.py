@@ -1,0 +1,88 @@
+"""Entropy, learning distances, FLOPs and early stop inside the level loop."""
+
+import json
+
+import pytest
+
+from dsd2 import engine as engine_module
+from dsd2.analysis.early_stop import StopDecision
+from dsd2.cli import main
+from dsd2.engine import Engine, entropy_of_run
+from dsd2.runs import RunDir, read_jsonl
+
+
+def quiet_engine(cfg, path):
+    return Engine(cfg, RunDir(path), progress=False, log=lambda s: None)
+
+
+def test_entropy_distances_and_flops_per_level(tmp_path, tiny_config):
+    quiet_engine(tiny_config(), tmp_path / "run").run_loop()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    for r in rows:
+        assert 0.0 <= r["entropy_mean"] <= 1.0 and len(r["entropy_layers"]) == 2
+        assert r["entropy_mean"] == pytest.approx(sum(r["entropy_layers"]) / 2, abs=1e-6)
+        assert r["dist_from_level_start"] > 0 and r["dist_from_init"] > 0
+        assert r["forward_flops_effective"] < r["forward_flops_dense"] or r["level"] == 0
+        assert r["train_flops_dense"] == r["epochs"] * 1000 * 3 * r["forward_flops_dense"]
+    # MLP 64-256-256-10: 84,480 multiply-adds per image; effective scales with the kept weights
+    assert rows[0]["forward_flops_dense"] == 84_480
+    assert rows[2]["forward_flops_effective"] == pytest.approx(84_480 * 0.64, rel=1e-3)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["relu_layers"] == ["net.2", "net.4"]
+    assert "describe" in summary["phases"]
+
+
+def test_online_entropy_counts_during_the_last_epoch(tmp_path, tiny_config):
+    quiet_engine(tiny_config(analysis__entropy="online"), tmp_path / "run").run_loop()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert all(0.0 < r["entropy_mean"] <= 1.0 for r in rows)
+
+
+def test_entropy_command_on_a_run_made_without_the_measure(tmp_path, tiny_config):
+    with_measure = tmp_path / "with"
+    without = tmp_path / "without"
+    quiet_engine(tiny_config(), with_measure).run_loop()
+    quiet_engine(tiny_config(analysis__entropy="off"), without).run_loop()
+    assert "entropy_mean" not in read_jsonl(without / "metrics.jsonl")[0]
+    rows = entropy_of_run(RunDir(without), log=lambda s: None)
+    recorded = read_jsonl(with_measure / "metrics.jsonl")
+    assert [r["level"] for r in rows] == [0, 1, 2, 3]
+    # the measure does not change training: the same weights give the same entropies
+    assert [r["entropy_mean"] for r in rows] == pytest.approx([r["entropy_mean"] for r in recorded], abs=1e-9)
+    assert read_jsonl(without / "entropy.jsonl") == rows
+    assert main(["entropy", str(without), "--granularity", "channel"]) == 0
+
+
+def test_engine_really_stops_and_a_rerun_does_not_continue(tmp_path, tiny_config, monkeypatch):
+    def stop_at_two(rule, vals, ents, **kw):
+        level = len(vals) - 1
+        return StopDecision(level >= 2, level, 1, 1, "scripted")
+
+    monkeypatch.setattr(engine_module, "decide", stop_at_two)
+    cfg = tiny_config(analysis__early_stop="entropy", prune__levels=6)
+    summary = quiet_engine(cfg, tmp_path / "run").run_loop()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 3
+    es = summary["early_stop"]
+    assert es["stopped"] and es["stop_level"] == 2 and es["levels_run"] == 3 and es["levels_planned"] == 7
+    assert es["train_pflops_saved_dense"] == pytest.approx(4 * 2 * 1000 * 3 * 84_480 / 1e15)
+    assert es["returned_level"] == max(rows, key=lambda r: (r["val_acc"], r["sparsity"]))["level"]
+    (tmp_path / "run" / "summary.json").unlink()  # killed after stopping, before the summary
+    quiet_engine(cfg, tmp_path / "run").run_loop()
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 3
+
+
+def test_validation_rule_stop_is_consistent(tmp_path, tiny_config):
+    cfg = tiny_config(analysis__early_stop="val", analysis__patience=1, prune__levels=8)
+    summary = quiet_engine(cfg, tmp_path / "run").run_loop()
+    vals = [r["val_acc"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    es = summary["early_stop"]
+    if es["stopped"]:
+        assert vals[-1] <= max(vals[:-1]) and len(vals) < 9
+    else:
+        assert len(vals) == 9
+
+
+def test_entropy_rule_without_the_measure_is_refused(capsys):
+    assert main(["train", "--early-stop", "entropy", "--entropy", "off", "--quiet"]) == 2
+    assert "needs the entropy measure" in capsys.readouterr().err
