@@ -86,6 +86,29 @@ class AnalysisConfig:
     entropy_tolerance: float = 0.05  # relative fall below the running maximum that counts as decreasing
 
 
+STUDENT_KINDS = ("vanilla", "kd-dense", "kd-sparse")
+
+
+@dataclass
+class DistillConfig:
+    """The DSD² experiment: teacher curve, then students pruned by the same loop (vanilla or distilled).
+
+    On a student's own run, `teacher` names its KD teacher as "RUN_DIR:LEVEL" (None: plain cross-entropy)
+    and `teacher_id` is that teacher's run hash and level, which names the student run.
+    """
+
+    students: tuple[str, ...] = ("vanilla", "kd-dense", "kd-sparse")
+    teacher_level: str = "best"  # best | dense | a level number
+    alpha: float = 0.8
+    temperature: float = 10.0
+    student_model: str = "mlp"
+    student_hidden: tuple[int, ...] = (128, 128)
+    student_depth: int = 5
+    student_width: int = 5
+    teacher: str | None = None
+    teacher_id: str | None = None
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -93,6 +116,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
     device: str = "cpu"
     precision: str = "fp32"
@@ -102,10 +126,12 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
     def run_hash(self) -> str:
-        """A stable name for the run: every field that changes its results (the data root does not)."""
+        """A stable name for the run: every field that changes its results (the data root does not, nor
+        where the teacher lives: `teacher_id` names it)."""
         payload = self.to_dict()
         payload["data"].pop("data_root", None)
         payload["data"].pop("download", None)
+        payload["distill"].pop("teacher", None)
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -137,6 +163,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 128, "epochs": 160, "dense_epochs": None, "lr_schedule": "multistep",
         },
         "prune": {"levels": 30},
+        "distill": {"student_model": "vgg", "student_depth": 5, "student_width": 5},
     },
     "cifar100-resnet18": {
         "data": {"dataset": "cifar100", "noise": 0.2, "val_fraction": 0.1, "augment": True},
@@ -146,6 +173,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 128, "epochs": 160, "dense_epochs": None, "lr_schedule": "multistep",
         },
         "prune": {"levels": 30},
+        "distill": {"student_model": "vgg", "student_depth": 5, "student_width": 5},
     },
     "cifar10-vgg": {
         "data": {"dataset": "cifar10", "noise": 0.2, "val_fraction": 0.1, "augment": True},
@@ -155,6 +183,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 128, "epochs": 160, "dense_epochs": None, "lr_schedule": "multistep",
         },
         "prune": {"levels": 30},
+        "distill": {"students": [], "student_model": "vgg", "student_depth": 5, "student_width": 5},
     },
 }
 DEFAULT_PRESET = "digits-mlp"
@@ -173,7 +202,7 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config from nested plain data, rejecting unknown keys with a clear message."""
     sections = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "prune": PruneConfig,
-                "analysis": AnalysisConfig}
+                "analysis": AnalysisConfig, "distill": DistillConfig}
     top_fields = {f.name for f in fields(Config)}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
@@ -284,5 +313,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"MLP hidden widths {m.hidden!r} must be one or more positive numbers")
     if not (cfg.device == "cpu" or cfg.device == "auto" or cfg.device.startswith("cuda")):
         raise ConfigError(f"device '{cfg.device}' is not known; allowed: cpu, cuda, cuda:N, auto")
+    k = cfg.distill
+    for student in k.students:
+        _choice("student", student, STUDENT_KINDS)
+    if not 0.0 <= k.alpha <= 1.0:
+        raise ConfigError(f"alpha {k.alpha!r} is outside [0, 1]")
+    if k.temperature <= 0:
+        raise ConfigError(f"temperature {k.temperature!r} must be > 0")
+    _choice("student model", k.student_model, MODELS)
+    level = str(k.teacher_level)
+    if level not in ("best", "dense") and not (level.isdigit()):
+        raise ConfigError(f"teacher level '{level}' is not known; allowed: best, dense or a level number")
     if m.name in ("vgg", "resnet18") and d.dataset == "digits":
         raise ConfigError(f"model '{m.name}' needs 32x32 images; dataset 'digits' is 8x8: use mlp")

@@ -205,11 +205,11 @@ class Engine:
         gen = epoch_generator(self.cfg.seed, level, -1)
         batches = train_batches(s.train, self.cfg.optim.batch_size, gen, augment=False)
         self.model.train()
-        for i, (images, labels, _) in enumerate(batches):
+        for i, (images, labels, idx) in enumerate(batches):
             if i >= self.cfg.prune.gradient_batches:
                 break
             x = prepare_inputs(images, s.mean, s.std, self._channels_last())
-            yield lambda x=x, labels=labels: self.objective(self.model(x), labels, x)
+            yield lambda x=x, labels=labels, idx=idx: self.objective(self.model(x), labels, x, idx)
 
     def _rewind_state(self) -> dict[str, torch.Tensor]:
         path = self.run.ckpt_dir / "rewind.safetensors"

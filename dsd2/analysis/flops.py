@@ -75,10 +75,10 @@ class ForwardFlops:
 
 def fvcore_counts(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     """(total, conv+linear part) from fvcore, 1 FLOP per multiply-add."""
-    from fvcore.nn import FlopCountAnalysis
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # fvcore's import and trace warn about torch.jit deprecations
+        from fvcore.nn import FlopCountAnalysis
+
         analysis = FlopCountAnalysis(model, example)
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)

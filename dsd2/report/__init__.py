@@ -1,37 +1,98 @@
-"""Figures and tables from run directories: accuracy vs sparsity over seeds, as PNG/SVG, Markdown and CSV."""
+"""Figures and tables from run directories: the paper's Fig. 2 (accuracy vs sparsity, phases, w_best, entropy),
+comparisons of several configurations on one panel (Fig. 4: depth/width; Fig. 5: students), curve tables and
+a Table 1 analogue (training PFLOPs and accuracy of the full loop and of early-stopped loops).
+
+Runs whose configs differ only in the seed form one group and aggregate to mean ± std.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dsd2.analysis.curves import aggregate, dip_report
+from dsd2.analysis.early_stop import decide
+from dsd2.analysis.phases import detect_phases
 from dsd2.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
 
-
-def load_runs(paths: list[str | Path]) -> list[list[dict[str, Any]]]:
-    runs = []
-    for p in paths:
-        rows = RunDir(p).levels()
-        if not rows:
-            raise RunError(f"'{p}' holds no completed level (no metrics.jsonl rows)")
-        runs.append(rows)
-    return runs
+PHASE_COLOURS = {"light": "#e8f4e8", "critical": "#fbe3e3", "sweet": "#e3ecfb", "collapsed": "#eeeeee"}
 
 
-def curve_table(runs: list[list[dict[str, Any]]]) -> tuple[str, str]:
-    """Markdown and CSV of mean ± std per level over the given runs."""
-    test, val, train = aggregate(runs, "test_acc"), aggregate(runs, "val_acc"), aggregate(runs, "train_acc")
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+
+
+def load_run(path: str | Path) -> Run:
+    rd = RunDir(path)
+    rows = rd.levels()
+    if not rows:
+        raise RunError(f"'{path}' holds no completed level (no metrics.jsonl rows)")
+    stored = rd.stored_config() if rd.config_path.exists() else None
+    return Run(Path(path), stored["config"] if stored else {}, rows, rd.summary())
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+IGNORED_FOR_GROUPING = {"seed", "device", "data.data_root", "data.download"}
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Group runs that differ only by seed; label groups by the config fields that differ between them."""
+    flats = [_flatten(r.config) for r in runs]
+    keys = sorted({k for f in flats for k in f} - IGNORED_FOR_GROUPING)
+    signature = [tuple((k, f.get(k)) for k in keys) for f in flats]
+    distinct = sorted(set(signature), key=signature.index)
+    varying = [k for k in keys if len({dict(sig).get(k) for sig in distinct}) > 1]
+    groups: dict[str, list[Run]] = {}
+    for run, sig in zip(runs, signature):
+        d = dict(sig)
+        if varying:
+            label = ", ".join(f"{k.split('.')[-1]}={d.get(k)}" for k in varying)
+        else:
+            label = f"{d.get('data.dataset', '?')} {d.get('model.name', '?')} noise={d.get('data.noise', '?')}"
+        groups.setdefault(label, []).append(run)
+    return groups
+
+
+def _curves(runs: list[Run], key: str) -> list[list[float]]:
+    return [[r[key] for r in run.rows] for run in runs]
+
+
+def curve_table(rows_per_run: list[list[dict[str, Any]]]) -> tuple[str, str]:
+    """Markdown and CSV of mean ± std per level over the given runs (seeds of one configuration)."""
+    test, val, train = (aggregate(rows_per_run, k) for k in ("test_acc", "val_acc", "train_acc"))
+    has_entropy = all("entropy_mean" in r for rows in rows_per_run for r in rows)
+    ent = aggregate(rows_per_run, "entropy_mean") if has_entropy else None
     header = ["level", "sparsity", "train_acc", "val_acc", "test_acc", "test_std", "seeds"]
+    if ent:
+        header.append("entropy_bits")
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
-    for t, v, tr in zip(test, val, train):
-        cells = [t.level, f"{t.sparsity:.4f}", f"{tr.mean:.3f}", f"{v.mean:.3f}", f"{t.mean:.3f}",
-                 f"{t.std:.3f}", t.n]
+    for i, (t, v, tr) in enumerate(zip(test, val, train)):
+        cells = [t.level, f"{t.sparsity:.4f}", f"{tr.mean:.3f}", f"{v.mean:.3f}", f"{t.mean:.3f}", f"{t.std:.3f}",
+                 t.n]
+        if ent:
+            cells.append(f"{ent[i].mean:.4f}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         writer.writerow(cells)
     d = dip_report([p.mean for p in test])
@@ -42,49 +103,153 @@ def curve_table(runs: list[list[dict[str, Any]]]) -> tuple[str, str]:
     return "\n".join(lines) + "\n", buf.getvalue()
 
 
-def plot_curves(groups: dict[str, list[list[dict[str, Any]]]], path_stem: Path, title: str = "") -> list[Path]:
-    """Test accuracy vs remaining weights (log scale, sparser to the right), mean ± std band per group."""
+def _save(fig, stem: Path) -> list[Path]:
+    written = []
+    for ext in ("png", "svg"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=120)
+        out = stem.with_suffix(f".{ext}")
+        atomic_write_bytes(out, buf.getvalue())
+        written.append(out)
+    return written
+
+
+def _plot_group(ax, label: str, runs: list[Run], *, shade: bool) -> dict[str, Any]:
+    rows = [r.rows for r in runs]
+    pts = aggregate(rows, "test_acc")
+    x = [max(1 - p.sparsity, 1e-6) * 100 for p in pts]
+    y = [p.mean * 100 for p in pts]
+    s = [p.std * 100 for p in pts]
+    (line,) = ax.plot(x, y, marker="o", ms=3, label=f"{label} (n={pts[0].n})")
+    ax.fill_between(x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)], alpha=0.2,
+                    color=line.get_color())
+    val = aggregate(rows, "val_acc")
+    best = max(range(len(val)), key=lambda i: (val[i].mean, val[i].sparsity))
+    ax.plot([x[best]], [y[best]], marker="*", ms=15, color="gold", markeredgecolor="k", zorder=5)
+    data = {"label": label, "levels": [p.level for p in pts], "remaining_pct": x, "test_acc_pct": y,
+            "test_std_pct": s, "best_level": pts[best].level, "runs": [str(r.path) for r in runs]}
+    if shade:
+        phases = detect_phases(_curves(runs, "test_acc") if len(runs) > 1 else [p.mean for p in pts])
+        bounds = [x[0] * 1.15] + [(x[i] * x[i + 1]) ** 0.5 for i in range(len(x) - 1)] + [x[-1] / 1.15]
+        for i, name in enumerate(phases.labels):
+            ax.axvspan(bounds[i], bounds[i + 1], color=PHASE_COLOURS[name], zorder=0, lw=0)
+        data["phases"] = phases.labels
+        data["phase_summary"] = phases.describe()
+    return data
+
+
+def figure_sparsity(groups: dict[str, list[Run]], stem: Path, title: str = "", shade: bool = True,
+                    entropy: bool = True) -> tuple[list[Path], dict[str, Any]]:
+    """Fig. 2 (one group: phases shaded, entropy on a second axis) or a comparison panel (several groups)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    plotted = {"groups": []}
     for label, runs in groups.items():
-        pts = aggregate(runs, "test_acc")
-        x = [max(1 - p.sparsity, 1e-6) * 100 for p in pts]
-        y = [p.mean * 100 for p in pts]
-        s = [p.std * 100 for p in pts]
-        ax.plot(x, y, marker="o", ms=3, label=f"{label} (n={pts[0].n})")
-        ax.fill_between(x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)], alpha=0.2)
-        val = aggregate(runs, "val_acc")
-        best = max(range(len(val)), key=lambda i: (val[i].mean, val[i].sparsity))
-        ax.plot([x[best]], [y[best]], marker="*", ms=14, color="gold", markeredgecolor="k", zorder=5)
+        plotted["groups"].append(_plot_group(ax, label, runs, shade=shade and len(groups) == 1))
     ax.set_xscale("log")
     ax.invert_xaxis()
     ax.set_xlabel("remaining weights (%)  [log scale; sparser to the right]")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower left")
+    handles, _ = ax.get_legend_handles_labels()
+    if shade and len(groups) == 1:
+        handles += [Patch(color=c, label=n) for n, c in PHASE_COLOURS.items()]
+    if entropy and len(groups) == 1:
+        runs = next(iter(groups.values()))
+        if all("entropy_mean" in r for run in runs for r in run.rows):
+            ent = aggregate([r.rows for r in runs], "entropy_mean")
+            ax2 = ax.twinx()
+            x = [max(1 - p.sparsity, 1e-6) * 100 for p in ent]
+            (eline,) = ax2.plot(x, [p.mean for p in ent], color="purple", ls="--", marker=".", label="ReLU-state "
+                                "entropy (bits, mean over layers)")
+            ax2.set_ylabel("entropy (bits)", color="purple")
+            handles.append(eline)
+            plotted["entropy"] = {"remaining_pct": x, "entropy_bits": [p.mean for p in ent]}
+    ax.legend(handles=handles, loc="lower left", fontsize=8)
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    written = []
-    for ext in ("png", "svg"):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=120)
-        out = path_stem.with_suffix(f".{ext}")
-        atomic_write_bytes(out, buf.getvalue())
-        written.append(out)
+    written = _save(fig, stem)
     plt.close(fig)
-    return written
+    return written, plotted
+
+
+def simulate_early_stop(rows: list[dict[str, Any]], rule: str, patience: int, tolerance: float) -> int:
+    """The level at which the engine's rule would stop on this recorded curve (the last level if never)."""
+    for i in range(1, len(rows) + 1):
+        prefix = rows[:i]
+        ents = [r.get("entropy_mean", float("nan")) for r in prefix]
+        if decide(rule, [r["val_acc"] for r in prefix], ents, patience=patience, tolerance=tolerance).stop:
+            return i - 1
+    return len(rows) - 1
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0] * 100:.2f}"
+    return f"{statistics.fmean(values) * 100:.2f} ± {statistics.stdev(values) * 100:.2f}"
+
+
+def table1(groups: dict[str, list[Run]], patience: int = 3, tolerance: float = 0.05) -> tuple[str, str]:
+    """Training PFLOPs (dense, fvcore convention) and test accuracy of the returned model (w_best by
+    validation) for the full loop and the loops the early-stop rules would have run."""
+    header = ["configuration", "loop", "train PFLOPs (dense, 1/MAC)", "teacher PFLOPs", "test acc (%)",
+              "sparsity (%)", "levels run", "seeds"]
+    lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for label, runs in groups.items():
+        rules = [("full loop", None)]
+        if all("entropy_mean" in r for run in runs for r in run.rows):
+            rules.append(("early stop: entropy", "entropy"))
+        rules.append(("early stop: validation", "val"))
+        for name, rule in rules:
+            pflops, teacher, accs, sparsities, levels = [], [], [], [], []
+            for run in runs:
+                stop = len(run.rows) - 1 if rule is None else simulate_early_stop(run.rows, rule, patience, tolerance)
+                done = run.rows[: stop + 1]
+                best = max(done, key=lambda r: (r["val_acc"], r["sparsity"]))
+                pflops.append(sum(r.get("train_flops_dense", 0.0) for r in done) / 1e15)
+                teacher.append(sum(r.get("teacher_flops", 0.0) for r in done) / 1e15)
+                accs.append(best["test_acc"])
+                sparsities.append(best["sparsity"])
+                levels.append(len(done))
+            cells = [label, name, f"{statistics.fmean(pflops):.6g}", f"{statistics.fmean(teacher):.6g}",
+                     _mean_std(accs), f"{statistics.fmean(sparsities) * 100:.2f}", f"{statistics.fmean(levels):g}",
+                     len(runs)]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+            writer.writerow(cells)
+    return "\n".join(lines) + "\n", buf.getvalue()
 
 
 def write_report(run_paths: list[str | Path], out: Path, title: str = "") -> list[Path]:
-    runs = load_runs(run_paths)
+    runs = [load_run(p) for p in run_paths]
+    groups = group_runs(runs)
     out.mkdir(parents=True, exist_ok=True)
-    md, csv_text = curve_table(runs)
-    atomic_write_text(out / "curve.md", md)
-    atomic_write_text(out / "curve.csv", csv_text)
-    figures = plot_curves({title or "test accuracy": runs}, out / "curve", title)
-    return [out / "curve.md", out / "curve.csv", *figures]
+    written: list[Path] = []
+    figure_data: dict[str, Any] = {}
+    for i, (label, members) in enumerate(groups.items()):
+        suffix = "" if len(groups) == 1 else f"_{i}"
+        md, csv_text = curve_table([r.rows for r in members])
+        atomic_write_text(out / f"curve{suffix}.md", f"# {label}\n\n{md}")
+        atomic_write_text(out / f"curve{suffix}.csv", csv_text)
+        written += [out / f"curve{suffix}.md", out / f"curve{suffix}.csv"]
+        paths, data = figure_sparsity({label: members}, out / f"fig2{suffix}", title or label)
+        written += paths
+        figure_data[f"fig2{suffix}"] = data
+    if len(groups) > 1:
+        paths, data = figure_sparsity(groups, out / "compare", title or "comparison", shade=False, entropy=False)
+        written += paths
+        figure_data["compare"] = data
+    md, csv_text = table1(groups)
+    atomic_write_text(out / "table1.md", md)
+    atomic_write_text(out / "table1.csv", csv_text)
+    atomic_write_text(out / "figure_data.json", json.dumps(figure_data, indent=1))
+    written += [out / "table1.md", out / "table1.csv", out / "figure_data.json"]
+    return written

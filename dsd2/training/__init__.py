@@ -20,11 +20,59 @@ from dsd2.data.batching import eval_batches, normalize, train_batches
 from dsd2.ops import MaskedSGD
 from dsd2.pruning import Masks, prunable_weights
 
-Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# objective(logits, labels, inputs, sample indices) -> scalar loss
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor,
+                  indices: torch.Tensor | None = None) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
+
+
+class DistillationObjective:
+    """(1 - alpha) CE + alpha tau^2 KL to a frozen teacher, via the fused `dsd2.ops.kd_loss`.
+
+    The teacher runs in eval mode under no_grad on the same (augmented) batch as the student; without
+    augmentation its logits are computed once for the whole training split and looked up by sample index.
+    The CE and KL parts accumulate in device tensors (read once per epoch, no sync per step).
+    With alpha = 0 the objective is plain cross-entropy, bit for bit.
+    """
+
+    def __init__(self, teacher: nn.Module, alpha: float, temperature: float,
+                 cached_logits: torch.Tensor | None = None, precision: str = "fp32"):
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+        self.cached = cached_logits
+        self.precision = precision
+        self.reset()
+
+    def reset(self) -> None:
+        self.ce_sum = self.kl_sum = None
+        self.samples = 0
+
+    def teacher_logits(self, inputs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if self.cached is not None:
+            return self.cached[indices]
+        with torch.no_grad(), autocast(inputs.device, self.precision):
+            return self.teacher(inputs).float()
+
+    def __call__(self, logits, labels, inputs, indices=None):
+        if self.alpha == 0.0:
+            return F.cross_entropy(logits.float(), labels)
+        from dsd2.ops import kd_loss
+
+        t = self.teacher_logits(inputs, indices)
+        loss, ce, kl = kd_loss(logits.float(), t, labels, alpha=self.alpha, temperature=self.temperature,
+                               return_parts=True)
+        n = labels.numel()
+        self.ce_sum = ce * n if self.ce_sum is None else self.ce_sum + ce * n
+        self.kl_sum = kl * n if self.kl_sum is None else self.kl_sum + kl * n
+        self.samples += n
+        return loss
+
+    def parts(self) -> dict[str, float]:
+        if not self.samples:
+            return {}
+        return {"kd_ce": float(self.ce_sum) / self.samples, "kd_kl": float(self.kl_sum) / self.samples}
 
 
 class MaskedAdam(torch.optim.Adam):
@@ -86,11 +134,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Device
     device = data.images.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for images, labels, _ in train_batches(data, batch_size, generator, augment):
+    for images, labels, idx in train_batches(data, batch_size, generator, augment):
         x = prepare_inputs(images, mean, std, channels_last)
         with autocast(device, precision):
             logits = model(x)
-            loss = objective(logits, labels, x)
+            loss = objective(logits, labels, x, idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
