@@ -47,7 +47,17 @@ FLAG_MAP: dict[str, tuple[str | None, str]] = {
     "entropy": ("analysis", "entropy"), "entropy_granularity": ("analysis", "granularity"),
     "entropy_inclusive": ("analysis", "inclusive"), "early_stop": ("analysis", "early_stop"),
     "patience": ("analysis", "patience"), "entropy_tolerance": ("analysis", "entropy_tolerance"),
+    "students": ("distill", "students"), "teacher_level": ("distill", "teacher_level"),
+    "alpha": ("distill", "alpha"), "temperature": ("distill", "temperature"),
+    "student_model": ("distill", "student_model"), "student_hidden": ("distill", "student_hidden"),
+    "student_depth": ("distill", "student_depth"), "student_width": ("distill", "student_width"),
 }
+
+
+def _students(text: str) -> tuple[str, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(v.strip() for v in text.split(","))
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -102,6 +112,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--early-stop", choices=EARLY_STOP_RULES)
     g.add_argument("--patience", type=int, help="levels without validation improvement before stopping")
     g.add_argument("--entropy-tolerance", type=float, help="relative entropy fall that counts as decreasing")
+    g = p.add_argument_group("distillation (DSD²)")
+    g.add_argument("--students", type=_students,
+                   help="student curves after the teacher's: any of vanilla,kd-dense,kd-sparse, or none")
+    g.add_argument("--teacher-level", help="teacher for kd-sparse: best (validation), dense, or a level number")
+    g.add_argument("--alpha", type=float, help="weight of the KD term (default 0.8)")
+    g.add_argument("--temperature", type=float, help="KD temperature tau (default 10)")
+    g.add_argument("--student-model", choices=MODELS)
+    g.add_argument("--student-hidden", type=_widths)
+    g.add_argument("--student-depth", type=int)
+    g.add_argument("--student-width", type=int)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
@@ -122,7 +142,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dsd2.engine import Engine
+    from dsd2.engine import run_experiment
     from dsd2.runs import RunDir
 
     if args.resume:
@@ -141,23 +161,62 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary is not None and summary.get("run_hash") == cfg.run_hash():
         print(f"run already complete: {run.root}")
     else:
-        summary = Engine(cfg, run, progress=not args.quiet and sys.stderr.isatty()).run_loop()
-    print(f"best level {summary['best_level']}: sparsity {summary['best_sparsity']:.4f}, "
+        summary = run_experiment(cfg, run, progress=not args.quiet and sys.stderr.isatty())
+    return finish(run, summary)
+
+
+def finish(run, summary: dict) -> int:
+    from dsd2.report import write_experiment_report, write_report
+
+    what = "teacher" if "students" in summary else "best"
+    print(f"{what}: best level {summary['best_level']}: sparsity {summary['best_sparsity']:.4f}, "
           f"val {summary['best_val_acc']:.4f}, test {summary['best_test_acc']:.4f} "
           f"(dense test {summary['dense_test_acc']:.4f})")
-    from dsd2.report import write_report
-
-    written = write_report([run.root], run.root / "report", title=run.root.name)
-    print(f"results: {run.root}  (metrics.jsonl, epochs.jsonl, summary.json, checkpoints/)")
+    for kind, st in summary.get("students", {}).items():
+        dip = f"critical dip {st['dip_points']:.1f} points" if st["critical_dip"] else "no critical dip"
+        print(f"student {kind}: best level {st['best_level']}: sparsity {st['best_sparsity']:.4f}, "
+              f"test {st['best_test_acc']:.4f} (dense {st['dense_test_acc']:.4f}); {dip}")
+    if "students" in summary:
+        written = write_experiment_report(run.root, run.root / "report")
+    else:
+        written = write_report([run.root], run.root / "report", title=run.root.name)
+    print(f"results: {run.root}  (summary.json, metrics.jsonl per run, checkpoints/)")
     print(f"report: {', '.join(str(p) for p in written)}")
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from dsd2.engine import Engine, parse_teacher_spec, resolve_teacher_level
+    from dsd2.runs import RunDir
+
+    overrides = overrides_from_args(args)
+    overrides.setdefault("distill", {})["students"] = ()
+    cfg = build_config(args.preset, args.config, overrides)
+    teacher_run, level = parse_teacher_spec(args.teacher)
+    chosen = resolve_teacher_level(teacher_run, level)
+    stored = teacher_run.stored_config()
+    cfg.distill.teacher = f"{teacher_run.root.resolve()}:{chosen}"
+    cfg.distill.teacher_id = f"{stored['run_hash']}:{chosen}"
+    name = f"distill-{cfg.data.dataset}-{cfg.model.name}"
+    run = RunDir(args.out or Path("runs") / f"{name}-{cfg.run_hash()}")
+    summary = run.summary()
+    if summary is not None and summary.get("run_hash") == cfg.run_hash():
+        print(f"run already complete: {run.root}")
+    else:
+        summary = Engine(cfg, run, progress=not args.quiet and sys.stderr.isatty()).run_loop()
+    print(f"teacher: {teacher_run.root} level {chosen}")
+    return finish(run, summary)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from dsd2.report import write_report
+    from dsd2.report import write_experiment_report, write_report
 
     out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
-    for path in write_report(args.runs, out, title=args.title or ""):
+    if len(args.runs) == 1 and (Path(args.runs[0]) / "teacher").is_dir():
+        written = write_experiment_report(args.runs[0], out)
+    else:
+        written = write_report(args.runs, out, title=args.title or "")
+    for path in written:
         print(path)
     return 0
 
@@ -209,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run the iterative pruning loop")
     _add_train_flags(train)
     train.set_defaults(func=cmd_train)
+    distill = sub.add_parser("distill", help="prune a student distilled from an existing run's checkpoint")
+    distill.add_argument("--teacher", required=True, metavar="RUN_DIR[:LEVEL]",
+                         help="teacher run and level: best (default), dense or a number")
+    _add_train_flags(distill)
+    distill.set_defaults(func=cmd_distill)
     report = sub.add_parser("report", help="figures and tables from run directories (seeds aggregate)")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="output folder (default: RUN_DIR/report of the first run)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from dsd2.pruning import (
 )
 from dsd2.runs import RunDir, RunError, load_checkpoint, save_checkpoint, write_json, write_jsonl
 from dsd2.training import (
+    DistillationObjective,
     Objective,
     build_optimizer,
     cross_entropy,
@@ -54,6 +56,72 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' was asked for but CUDA is not available here; use --device cpu")
     return torch.device(name)
+
+
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+
+
+def parse_teacher_spec(spec: str) -> tuple[RunDir, str]:
+    """'RUN_DIR[:LEVEL]' -> (run directory, level: best | dense | a number)."""
+    path, sep, level = spec.rpartition(":")
+    if not sep or not path or "/" in level:
+        path, level = spec, "best"
+    return RunDir(path), level or "best"
+
+
+def resolve_teacher_level(run: RunDir, level: str) -> int:
+    if not run.config_path.exists():
+        raise RunError(f"teacher run '{run.root}' does not exist or holds no dsd2 run (no config.yaml)")
+    rows = run.levels()
+    if level == "dense":
+        chosen = 0
+    elif level == "best":
+        if not rows:
+            raise RunError(f"teacher run '{run.root}' has no completed level to select from")
+        chosen = best_level(rows)["level"]
+    elif str(level).isdigit():
+        chosen = int(level)
+    else:
+        raise RunError(f"teacher level '{level}' is not known; allowed: best, dense or a level number")
+    if not run.level_path(chosen).exists():
+        done = sorted(int(p.stem.split("_")[1]) for p in run.ckpt_dir.glob("level_*.safetensors"))
+        raise RunError(f"teacher run '{run.root}' has no level {chosen}; saved levels: "
+                       f"{', '.join(map(str, done)) or 'none'}")
+    return chosen
+
+
+def load_teacher(spec: str, input_shape: tuple[int, ...], num_classes: int,
+                 device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The frozen teacher named by 'RUN_DIR:LEVEL', checked against the student's data."""
+    from dsd2.config import from_dict
+
+    run, level = parse_teacher_spec(spec)
+    chosen = resolve_teacher_level(run, level)
+    stored = run.stored_config()
+    tcfg = from_dict(stored["config"])
+    classes = NUM_CLASSES[tcfg.data.dataset]
+    if classes != num_classes:
+        raise RunError(f"teacher run '{run.root}' has {classes} classes ({tcfg.data.dataset}); the student's data "
+                       f"has {num_classes}")
+    with torch.random.fork_rng(devices=[]):  # building the teacher must not shift the student's random stream
+        teacher = build_model(tcfg.model, input_shape, classes)
+    tensors, meta = load_checkpoint(run.level_path(chosen), stored["run_hash"])
+    try:
+        teacher.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError:
+        raise RunError(f"teacher checkpoint '{run.level_path(chosen)}' does not fit its run's model") from None
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    zeros, total = count_sparsity(teacher)
+    return teacher, {"run": str(run.root), "level": chosen, "run_hash": stored["run_hash"],
+                     "sparsity": zeros / total, "model": tcfg.model.name}
+
+
+def teacher_checksum(teacher: nn.Module) -> torch.Tensor:
+    """Float64 sum and sum of squares of every teacher tensor: any update changes them."""
+    vals = [t.detach().double() for t in teacher.state_dict().values() if t.is_floating_point()]
+    return torch.stack([sum(v.sum() for v in vals), sum((v * v).sum() for v in vals)])
 
 
 def best_level(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -83,6 +151,11 @@ class Engine:
         self.level_start: dict[str, torch.Tensor] = {}
         self._init_weights: dict[str, torch.Tensor] | None = None
         self.stop: StopDecision | None = None
+        self.teacher: nn.Module | None = None
+        self.teacher_info: dict[str, Any] = {}
+        self.teacher_flops = 0.0
+        self.teacher_cached = False
+        self._epoch_rows: list[dict[str, Any]] = []
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -109,6 +182,8 @@ class Engine:
 
     def prepare(self, force_counting: bool = False) -> None:
         """Everything that can fail on bad input, before anything is written."""
+        if self.model is not None:
+            return
         torch.set_flush_denormal(True)  # denormal weights after pruning slow CPU retraining ~20x
         if self.splits is None:
             self.splits = build_splits(self.cfg.data, self.cfg.seed, self.device)
@@ -124,6 +199,8 @@ class Engine:
         self.model = model
         self.masks = full_masks(model)
         self.flops = measure_forward_flops(model, self.splits.input_shape)
+        if self.cfg.distill.teacher:
+            self.setup_teacher()
         total = sum(m.numel() for m in self.masks.values())
         levels = self.cfg.num_levels()
         counts = remaining_after(total, self.cfg.prune.prune_fraction, levels)
@@ -136,6 +213,27 @@ class Engine:
                 )
             prev = kept
         self.num_levels = levels
+
+    def setup_teacher(self) -> None:
+        k, s = self.cfg.distill, self.splits
+        self.teacher, self.teacher_info = load_teacher(k.teacher, s.input_shape, s.num_classes, self.device)
+        if self._channels_last():
+            self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        teacher_precision = "bf16" if self.device.type == "cuda" else self.cfg.precision
+        cached = None
+        if not self.cfg.data.augment:
+            # no augmentation: the teacher sees the same inputs every epoch, so compute its logits once
+            kw = dict(self.eval_kwargs(), precision=teacher_precision)
+            cached = predict(self.teacher, s.train, **kw)  # row i = training sample i
+        self.objective = DistillationObjective(self.teacher, k.alpha, k.temperature, cached, teacher_precision)
+        self.teacher_flops = measure_forward_flops(self.teacher, s.input_shape).effective(
+            densities_of({n: w.detach() for n, w in prunable_weights(self.teacher).items()}))
+        self.teacher_cached = cached is not None
+        self._teacher_sum = teacher_checksum(self.teacher)
+
+    def check_teacher_unchanged(self) -> None:
+        if not torch.equal(teacher_checksum(self.teacher), self._teacher_sum):
+            raise RuntimeError("the teacher's weights changed during student training")
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -296,6 +394,13 @@ class Engine:
         row.update(self.entropy_metrics())
         row.update(self.learning_distances())
         row.update(self.flop_metrics(level, epochs, train_time))
+        if self.teacher is not None:
+            self.check_teacher_unchanged()
+            images = len(s.train) if self.teacher_cached else epochs * len(s.train)
+            row["teacher_flops"] = images * self.teacher_flops if (level == 0 or not self.teacher_cached) else 0.0
+            last = [r for r in self._epoch_rows if r["level"] == level]
+            if last and "kd_ce" in last[-1]:
+                row["kd_ce"], row["kd_kl"] = last[-1]["kd_ce"], last[-1]["kd_kl"]
         self.set_counting(False, reset=True)
         for measure in self.level_measures:
             row.update(measure(self, level))
@@ -344,6 +449,8 @@ class Engine:
                 lr = self.lr_for(level, epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                if isinstance(self.objective, DistillationObjective):
+                    self.objective.reset()
                 online = self.cfg.analysis.entropy == "online" and epoch == epochs - 1
                 if online:
                     self.set_counting(True, reset=True)
@@ -360,6 +467,8 @@ class Engine:
                 kw = self.eval_kwargs()
                 val, test = evaluate(self.model, s.val, **kw), evaluate(self.model, s.test, **kw)
                 epoch += 1
+                if isinstance(self.objective, DistillationObjective):
+                    stats.update(self.objective.parts())
                 epoch_rows.append({"level": level, "epoch": epoch - 1, "lr": lr, **stats,
                                    "val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
                                    "test_loss": test["loss"], "train_time_s": train_time,
@@ -376,6 +485,7 @@ class Engine:
             if bar is not None:
                 bar.close()
             train_time = sum(r["train_time_s"] for r in epoch_rows if r["level"] == level)
+            self._epoch_rows = epoch_rows
             row = self.measure_level(level, epochs, time.perf_counter() - started, train_time)
             metric_rows.append(row)
             self.save_state(self.run.level_path(level), optimizer, level, epoch, True)
@@ -446,6 +556,9 @@ class Engine:
                        "rise": phases.rise, "threshold": phases.threshold, "describe": phases.describe()},
             "relu_layers": list(self.relus),
         }
+        if self.teacher is not None:
+            summary["teacher"] = self.teacher_info
+            summary["teacher_pflops"] = sum(r.get("teacher_flops", 0.0) for r in rows) / 1e15
         if self.cfg.analysis.early_stop != "none":
             summary["early_stop"] = self.early_stop_summary(rows, best)
         write_json(self.run.summary_path, summary)
@@ -497,6 +610,76 @@ def entropy_of_run(run_dir: RunDir, *, data_root: str | None = None, granularity
             f"(neuron-weighted {row['entropy_weighted']:.4f})")
     write_jsonl(run_dir.root / "entropy.jsonl", rows)
     return rows
+
+
+def student_config(cfg: Config, kind: str, teacher_dir: Path, teacher_hash: str, level: int) -> Config:
+    """The config of one student run of the DSD² experiment."""
+    from dataclasses import replace
+
+    from dsd2.config import ModelConfig, validate
+
+    k = cfg.distill
+    model = ModelConfig(name=k.student_model, hidden=tuple(k.student_hidden), depth=k.student_depth,
+                        width=k.student_width)
+    teacher = None if kind == "vanilla" else f"{teacher_dir}:{0 if kind == 'kd-dense' else level}"
+    teacher_id = None if teacher is None else f"{teacher_hash}:{0 if kind == 'kd-dense' else level}"
+    out = replace(cfg, model=model, distill=replace(k, students=(), teacher=teacher, teacher_id=teacher_id))
+    validate(out)
+    return out
+
+
+def teacher_config(cfg: Config) -> Config:
+    from dataclasses import replace
+
+    return replace(cfg, distill=replace(cfg.distill, students=(), teacher=None, teacher_id=None))
+
+
+def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The DSD² experiment in one directory: the teacher's IMP curve (teacher/), the selection of the teacher
+    level, then each student pruned by the same loop (students/<kind>/): vanilla, distilled from the dense
+    teacher, distilled from the selected sparse teacher. Every part is a resumable run of its own."""
+    if not cfg.distill.students:
+        return Engine(cfg, root, progress=progress, log=log).run_loop()
+    tcfg = teacher_config(cfg)
+    teacher_run = RunDir(root.root / "teacher")
+    engine = Engine(tcfg, teacher_run, progress=progress, log=log)
+    engine.prepare()  # bad input fails here, before the experiment directory is claimed
+    root.claim(cfg.to_dict(), cfg.run_hash())
+    done = teacher_run.summary()
+    if done is None or done.get("run_hash") != tcfg.run_hash():
+        log("== teacher: the vanilla IMP curve")
+        done = engine.run_loop()
+    level = resolve_teacher_level(teacher_run, str(cfg.distill.teacher_level))
+    log(f"== teacher level {level} selected ({cfg.distill.teacher_level})")
+    students: dict[str, Any] = {}
+    for kind in cfg.distill.students:
+        scfg = student_config(cfg, kind, teacher_run.root.resolve(), done["run_hash"], level)
+        srun = RunDir(root.root / "students" / kind)
+        summary = srun.summary()
+        if summary is None or summary.get("run_hash") != scfg.run_hash():
+            log(f"== student {kind}")
+            summary = Engine(scfg, srun, progress=progress, log=log).run_loop()
+        rows = srun.levels()
+        phases = detect_phases([r["test_acc"] for r in rows])
+        students[kind] = {
+            "run": str(srun.root), "best_level": summary["best_level"], "best_test_acc": summary["best_test_acc"],
+            "best_sparsity": summary["best_sparsity"], "dense_test_acc": summary["dense_test_acc"],
+            "final_test_acc": summary["final_test_acc"], "critical_dip": phases.has_critical,
+            "dip_points": phases.dip * 100, "rise_points": phases.rise * 100, "phases": phases.describe(),
+            "train_pflops_dense": summary["train_pflops_dense"], "teacher_pflops": summary.get("teacher_pflops", 0.0),
+        }
+    summary = {"run_hash": cfg.run_hash(), "finished": True, "experiment": "dsd2",
+               "teacher": {"run": str(teacher_run.root), "selected_level": level,
+                           "rule": str(cfg.distill.teacher_level), "best_test_acc": done["best_test_acc"],
+                           "dense_test_acc": done["dense_test_acc"], "train_pflops_dense": done["train_pflops_dense"]},
+               "students": students,
+               # keys shared with a single run's summary, so `train` prints one line either way
+               "best_level": done["best_level"], "best_sparsity": done["best_sparsity"],
+               "best_val_acc": done["best_val_acc"], "best_test_acc": done["best_test_acc"],
+               "dense_test_acc": done["dense_test_acc"]}
+    write_json(root.summary_path, summary)
+    return summary
 
 
 def run_training(cfg: Config, run_dir: RunDir, **kwargs) -> dict[str, Any]:

@@ -228,6 +228,37 @@ def table1(groups: dict[str, list[Run]], patience: int = 3, tolerance: float = 0
     return "\n".join(lines) + "\n", buf.getvalue()
 
 
+def write_experiment_report(root: str | Path, out: Path) -> list[Path]:
+    """Report of a DSD² experiment directory: the teacher's Fig. 2, the students on one panel (Fig. 5),
+    and one Table 1 with the teacher and every student."""
+    root = Path(root)
+    teacher = load_run(root / "teacher")
+    students = {p.name: load_run(p) for p in sorted((root / "students").iterdir()) if (p / "metrics.jsonl").exists()}
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    figure_data: dict[str, Any] = {}
+    paths, data = figure_sparsity({"teacher": [teacher]}, out / "fig2_teacher", "teacher")
+    written += paths
+    figure_data["fig2_teacher"] = data
+    labels = {"vanilla": "student, vanilla", "kd-dense": "student, KD from the dense teacher",
+              "kd-sparse": "student, KD from the selected sparse teacher"}
+    groups = {labels.get(k, k): [r] for k, r in students.items()}
+    if groups:
+        paths, data = figure_sparsity(groups, out / "fig5_students", "students", shade=False, entropy=False)
+        written += paths
+        figure_data["fig5_students"] = data
+    for name, group in [("teacher", [teacher])] + [(k, [r]) for k, r in students.items()]:
+        md, csv_text = curve_table([r.rows for r in group])
+        atomic_write_text(out / f"curve_{name}.md", f"# {name}\n\n{md}")
+        atomic_write_text(out / f"curve_{name}.csv", csv_text)
+        written += [out / f"curve_{name}.md", out / f"curve_{name}.csv"]
+    md, csv_text = table1({"teacher": [teacher], **groups})
+    atomic_write_text(out / "table1.md", md)
+    atomic_write_text(out / "table1.csv", csv_text)
+    atomic_write_text(out / "figure_data.json", json.dumps(figure_data, indent=1))
+    return written + [out / "table1.md", out / "table1.csv", out / "figure_data.json"]
+
+
 def write_report(run_paths: list[str | Path], out: Path, title: str = "") -> list[Path]:
     runs = [load_run(p) for p in run_paths]
     groups = group_runs(runs)
