@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def finish(run, summary: dict) -> int:
     from dsd2.report import write_experiment_report, write_report
+    from dsd2.training.distributed import context
+
+    if not context().is_main:
+        return 0
 
     what = "teacher" if "students" in summary else "best"
     print(f"{what}: best level {summary['best_level']}: sparsity {summary['best_sparsity']:.4f}, "
@@ -294,7 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     from dsd2.runs import RunError
 
     args = build_parser().parse_args(argv)
+    distributed = args.command in ("train", "distill") and int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
+        if distributed:
+            from dsd2.training.distributed import init_from_env
+
+            init_from_env()
         return args.func(args)
     except (ConfigError, DataError, RunError) as exc:
         print(f"dsd2-engine: error: {exc}", file=sys.stderr)
@@ -302,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dsd2-engine: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if distributed:
+            from dsd2.training.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

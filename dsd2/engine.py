@@ -40,21 +40,24 @@ from dsd2.training import (
     Objective,
     build_optimizer,
     cross_entropy,
-    evaluate,
     predict,
     prepare_inputs,
     schedule_lr,
     train_epoch,
 )
+from dsd2.training.distributed import context as dist_context
 
 LevelMeasure = Callable[["Engine", int], dict[str, Any]]
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' was asked for but CUDA is not available here; use --device cpu")
+    ctx = dist_context()
+    if ctx.enabled and name.startswith("cuda"):
+        return torch.device("cuda", ctx.local_rank)  # one GPU per process under torchrun
     return torch.device(name)
 
 
@@ -137,8 +140,9 @@ class Engine:
                  splits: Splits | None = None, run_hash: str | None = None):
         self.cfg = cfg
         self.run = run_dir
-        self.progress = progress
-        self.log = log
+        self.ctx = dist_context()
+        self.progress = progress and self.ctx.is_main
+        self.log = log if self.ctx.is_main else (lambda message: None)
         self.objective = objective
         self.device = resolve_device(cfg.device)
         self.run_hash = run_hash or cfg.run_hash()
@@ -197,6 +201,12 @@ class Engine:
             # drop-in swap: ReLUs hold no state, so state dicts and checkpoints are unchanged
             self.relus = swap_in_counting_relus(model, granularity=a.granularity, inclusive=a.inclusive)
         self.model = model
+        self.train_model = model
+        if self.ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(model, device_ids=ids)
         self.masks = full_masks(model)
         self.flops = measure_forward_flops(model, self.splits.input_shape)
         if self.cfg.distill.teacher:
@@ -252,6 +262,8 @@ class Engine:
         return tensors, optim_meta
 
     def save_state(self, path, optimizer, level: int, epoch: int, level_done: bool) -> None:
+        if not self.ctx.is_main:
+            return
         tensors, optim_meta = self._state_tensors(optimizer)
         if optimizer is not None:
             tensors.update({f"start.{k}": v for k, v in self.level_start.items()})
@@ -324,6 +336,36 @@ class Engine:
                                   if k.startswith("model.") and k[6:] in names}
         return self._init_weights
 
+    def predict_all(self, data, model: nn.Module | None = None) -> torch.Tensor:
+        """Logits of a whole split; under data parallelism each rank predicts its shard and all gather."""
+        model = model or self.model
+        if not self.ctx.enabled:
+            return predict(model, data, **self.eval_kwargs())
+        from dsd2.data import DeviceDataset
+
+        part = self.ctx.shard(len(data))
+        local = predict(model, DeviceDataset(data.images[part], data.labels[part]), **self.eval_kwargs())
+        return self.ctx.gather_rows(local, len(data))
+
+    def evaluate_all(self, data) -> dict[str, float]:
+        if len(data) == 0:
+            return {"loss": float("nan"), "acc": float("nan")}
+        logits = self.predict_all(data)
+        return {"loss": float(torch.nn.functional.cross_entropy(logits, data.labels)),
+                "acc": float((logits.argmax(1) == data.labels).float().mean())}
+
+    def reduce_counts(self) -> None:
+        """Sum every rank's ReLU-state counts (each counted its own shard)."""
+        if not self.ctx.enabled:
+            return
+        for r in self.relus.values():
+            if r.counts is None:
+                r.counts = torch.zeros(0, dtype=torch.int64, device=self.device)
+            obs = torch.tensor([r.observations], dtype=torch.int64, device=self.device)
+            self.ctx.all_reduce_sum(r.counts)
+            self.ctx.all_reduce_sum(obs)
+            r.observations = int(obs)
+
     def set_counting(self, on: bool, reset: bool = False) -> None:
         for r in self.relus.values():
             if reset:
@@ -366,18 +408,18 @@ class Engine:
 
     def measure_level(self, level: int, epochs: int, wall: float, train_time: float = 0.0) -> dict[str, Any]:
         s = self.splits
-        kw = self.eval_kwargs()
         counted_online = any(r.counts is not None for r in self.relus.values())
         pass_count = self.relus and (self.cfg.analysis.entropy == "pass" or not counted_online)
         if pass_count:
             self.set_counting(True, reset=True)  # the train-accuracy pass doubles as the counting pass
-        logits = predict(self.model, s.train, **kw)
+        logits = self.predict_all(s.train)
         self.set_counting(False)
+        self.reduce_counts()
         pred = logits.argmax(1)
         noisy = s.noisy_mask
         n_noisy = int(noisy.sum())
         zeros, total = count_sparsity(self.model)
-        val, test = evaluate(self.model, s.val, **kw), evaluate(self.model, s.test, **kw)
+        val, test = self.evaluate_all(s.val), self.evaluate_all(s.test)
         row = {
             "level": level,
             "sparsity": zeros / total,
@@ -408,14 +450,16 @@ class Engine:
 
     def run_loop(self) -> dict[str, Any]:
         self.prepare()
-        resumed = self.run.claim(self.cfg.to_dict(), self.run_hash)
+        main = self.ctx.is_main
+        resumed = self.run.claim(self.cfg.to_dict(), self.run_hash) if main else True
         s = self.splits
-        if not resumed or not self.run.noise_path.exists():
+        if main and (not resumed or not self.run.noise_path.exists()):
             save_checkpoint(self.run.noise_path, {"indices": s.noise_indices, "original_labels": s.noise_original},
                             {"run_hash": self.run_hash, "noise": self.cfg.data.noise,
                              "noise_type": self.cfg.data.noise_type})
         if not self.run.init_path.exists():
             self.save_state(self.run.init_path, None, 0, 0, False)
+        self.ctx.barrier()  # the other ranks read what rank 0 has just written
 
         level, epoch, level_done = 0, 0, False
         optimizer = None
@@ -456,16 +500,15 @@ class Engine:
                     self.set_counting(True, reset=True)
                 t0 = time.perf_counter()
                 stats = train_epoch(
-                    self.model, optimizer, s.train, batch_size=self.cfg.optim.batch_size,
+                    self.train_model, optimizer, s.train, batch_size=self.cfg.optim.batch_size,
                     generator=epoch_generator(self.cfg.seed, level, epoch), augment=self.cfg.data.augment,
                     mean=s.mean, std=s.std, objective=self.objective, precision=self.cfg.precision,
-                    channels_last=self._channels_last(),
+                    channels_last=self._channels_last(), dist_ctx=self.ctx,
                 )
                 train_time = time.perf_counter() - t0
                 if online:
                     self.set_counting(False)
-                kw = self.eval_kwargs()
-                val, test = evaluate(self.model, s.val, **kw), evaluate(self.model, s.test, **kw)
+                val, test = self.evaluate_all(s.val), self.evaluate_all(s.test)
                 epoch += 1
                 if isinstance(self.objective, DistillationObjective):
                     stats.update(self.objective.parts())
@@ -476,7 +519,8 @@ class Engine:
                 if (self.cfg.prune.perturb == "rewind" and level == 0 and self.cfg.prune.rewind_iteration > 0
                         and epoch == self.cfg.prune.rewind_iteration):
                     self.save_state(self.run.ckpt_dir / "rewind.safetensors", None, 0, epoch, False)
-                write_jsonl(self.run.epochs_path, epoch_rows)
+                if main:
+                    write_jsonl(self.run.epochs_path, epoch_rows)
                 self.save_state(self.run.last_path, optimizer, level, epoch, False)
                 if bar is not None:
                     bar.set_postfix(loss=f"{stats['train_loss']:.3f}", train=f"{stats['train_acc']:.3f}",
@@ -489,7 +533,8 @@ class Engine:
             row = self.measure_level(level, epochs, time.perf_counter() - started, train_time)
             metric_rows.append(row)
             self.save_state(self.run.level_path(level), optimizer, level, epoch, True)
-            write_jsonl(self.run.metrics_path, metric_rows)
+            if main:
+                write_jsonl(self.run.metrics_path, metric_rows)
             self.save_state(self.run.last_path, None, level, epoch, True)
             entropy = f"  H {row['entropy_mean']:.3f}" if "entropy_mean" in row else ""
             self.log(f"level {level:2d}/{self.num_levels}  sparsity {row['sparsity']:.4f}  "
@@ -561,7 +606,9 @@ class Engine:
             summary["teacher_pflops"] = sum(r.get("teacher_flops", 0.0) for r in rows) / 1e15
         if self.cfg.analysis.early_stop != "none":
             summary["early_stop"] = self.early_stop_summary(rows, best)
-        write_json(self.run.summary_path, summary)
+        if self.ctx.is_main:
+            write_json(self.run.summary_path, summary)
+        self.ctx.barrier()
         return summary
 
     def _bar(self, level: int, epochs: int, done: int):
@@ -645,7 +692,10 @@ def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
     teacher_run = RunDir(root.root / "teacher")
     engine = Engine(tcfg, teacher_run, progress=progress, log=log)
     engine.prepare()  # bad input fails here, before the experiment directory is claimed
-    root.claim(cfg.to_dict(), cfg.run_hash())
+    ctx = dist_context()
+    if ctx.is_main:
+        root.claim(cfg.to_dict(), cfg.run_hash())
+    ctx.barrier()
     done = teacher_run.summary()
     if done is None or done.get("run_hash") != tcfg.run_hash():
         log("== teacher: the vanilla IMP curve")
@@ -678,7 +728,9 @@ def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
                "best_level": done["best_level"], "best_sparsity": done["best_sparsity"],
                "best_val_acc": done["best_val_acc"], "best_test_acc": done["best_test_acc"],
                "dense_test_acc": done["dense_test_acc"]}
-    write_json(root.summary_path, summary)
+    if ctx.is_main:
+        write_json(root.summary_path, summary)
+    ctx.barrier()
     return summary
 
 

@@ -8,7 +8,7 @@ from conftest import ENGINE, engine_env
 from dsd2.cli import main
 from dsd2.runs import RunDir
 
-TINY = ["--epochs", "1", "--dense-epochs", "1", "--levels", "1", "--quiet"]
+TINY = ["--epochs", "1", "--dense-epochs", "1", "--levels", "1", "--quiet", "--students", "none"]
 
 
 def snapshot(folder):

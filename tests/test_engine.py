@@ -80,7 +80,7 @@ def test_resume_in_process_after_partial_level(tmp_path, tiny_config):
     assert stable(read_jsonl(part / "epochs.jsonl")) == stable(read_jsonl(full / "epochs.jsonl"))
 
 
-FLAGS = ["--epochs", "12", "--dense-epochs", "12", "--levels", "3", "--quiet", "--seed", "4"]
+FLAGS = ["--epochs", "12", "--dense-epochs", "12", "--levels", "3", "--quiet", "--seed", "4", "--students", "none"]
 
 
 def test_sigkill_mid_level_then_resume_equals_uninterrupted(tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -38,8 +38,13 @@ def epoch_generator(seed: int, level: int, epoch: int) -> torch.Generator:
 
 
 def train_batches(data: DeviceDataset, batch_size: int, generator: torch.Generator,
-                  augment: bool, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (uint8 images, labels, sample indices) for one shuffled epoch."""
+                  augment: bool, drop_last: bool = False, shard: Callable[[int], slice] | None = None,
+                  world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (uint8 images, labels, sample indices) for one shuffled epoch.
+
+    With `shard` (data-parallel ranks), every rank draws the same global batch and augmentation, then keeps
+    its own contiguous share; a final batch smaller than the number of ranks is skipped on all of them.
+    """
     n = len(data)
     perm = torch.randperm(n, generator=generator).to(data.images.device)
     stop = n - n % batch_size if drop_last else n
@@ -48,6 +53,11 @@ def train_batches(data: DeviceDataset, batch_size: int, generator: torch.Generat
         x = data.images[idx]
         if augment:
             x = random_crop_flip(x, generator)
+        if shard is not None:
+            if idx.numel() < world:
+                continue
+            part = shard(idx.numel())
+            idx, x = idx[part], x[part]
         yield x, data.labels[idx], idx
 
 

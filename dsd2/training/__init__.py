@@ -129,12 +129,17 @@ def prepare_inputs(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: DeviceDataset, *,
                 batch_size: int, generator: torch.Generator, augment: bool, mean: torch.Tensor,
                 std: torch.Tensor, objective: Objective = cross_entropy, precision: str = "fp32",
-                channels_last: bool = False) -> dict[str, float]:
+                channels_last: bool = False, dist_ctx=None) -> dict[str, float]:
+    """One epoch. Under data parallelism (`dist_ctx` enabled) `model` is the DDP wrapper and each rank
+    trains on its share of every global batch; the epoch's loss and accuracy are summed over ranks."""
     model.train()
     device = data.images.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for images, labels, idx in train_batches(data, batch_size, generator, augment):
+    sharded = dist_ctx is not None and dist_ctx.enabled
+    batches = train_batches(data, batch_size, generator, augment, shard=dist_ctx.shard if sharded else None,
+                            world=dist_ctx.world if sharded else 1)
+    for images, labels, idx in batches:
         x = prepare_inputs(images, mean, std, channels_last)
         with autocast(device, precision):
             logits = model(x)
@@ -144,6 +149,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Device
         optimizer.step()
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.detach().argmax(1) == labels).sum()
+    if sharded:
+        dist_ctx.all_reduce_sum(loss_sum)
+        dist_ctx.all_reduce_sum(correct)
     n = len(data)
     return {"train_loss": float(loss_sum) / n, "train_acc": float(correct) / n}
 
