@@ -217,8 +217,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from dsd2.report import write_experiment_report, write_report
 
     out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
-    if len(args.runs) == 1 and (Path(args.runs[0]) / "teacher").is_dir():
-        written = write_experiment_report(args.runs[0], out)
+    if all((Path(r) / "teacher").is_dir() for r in args.runs):
+        written = write_experiment_report(list(args.runs), out)
     else:
         written = write_report(args.runs, out, title=args.title or "")
     for path in written:

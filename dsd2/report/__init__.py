@@ -228,31 +228,34 @@ def table1(groups: dict[str, list[Run]], patience: int = 3, tolerance: float = 0
     return "\n".join(lines) + "\n", buf.getvalue()
 
 
-def write_experiment_report(root: str | Path, out: Path) -> list[Path]:
-    """Report of a DSD² experiment directory: the teacher's Fig. 2, the students on one panel (Fig. 5),
-    and one Table 1 with the teacher and every student."""
-    root = Path(root)
-    teacher = load_run(root / "teacher")
-    students = {p.name: load_run(p) for p in sorted((root / "students").iterdir()) if (p / "metrics.jsonl").exists()}
+def write_experiment_report(roots: str | Path | list[str | Path], out: Path) -> list[Path]:
+    """Report of one or several DSD² experiment directories (seeds aggregate): the teacher's Fig. 2, the
+    students on one panel (Fig. 5), a curve table per curve and one Table 1 with the teacher and students."""
+    roots = [Path(r) for r in (roots if isinstance(roots, list) else [roots])]
+    teachers = [load_run(r / "teacher") for r in roots]
+    kinds = sorted({p.name for r in roots if (r / "students").is_dir() for p in (r / "students").iterdir()
+                    if (p / "metrics.jsonl").exists()})
+    students = {k: [load_run(r / "students" / k) for r in roots if (r / "students" / k / "metrics.jsonl").exists()]
+                for k in kinds}
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     figure_data: dict[str, Any] = {}
-    paths, data = figure_sparsity({"teacher": [teacher]}, out / "fig2_teacher", "teacher")
+    paths, data = figure_sparsity({"teacher": teachers}, out / "fig2_teacher", "teacher")
     written += paths
     figure_data["fig2_teacher"] = data
     labels = {"vanilla": "student, vanilla", "kd-dense": "student, KD from the dense teacher",
               "kd-sparse": "student, KD from the selected sparse teacher"}
-    groups = {labels.get(k, k): [r] for k, r in students.items()}
+    groups = {labels.get(k, k): runs for k, runs in students.items()}
     if groups:
         paths, data = figure_sparsity(groups, out / "fig5_students", "students", shade=False, entropy=False)
         written += paths
         figure_data["fig5_students"] = data
-    for name, group in [("teacher", [teacher])] + [(k, [r]) for k, r in students.items()]:
+    for name, group in [("teacher", teachers), *students.items()]:
         md, csv_text = curve_table([r.rows for r in group])
         atomic_write_text(out / f"curve_{name}.md", f"# {name}\n\n{md}")
         atomic_write_text(out / f"curve_{name}.csv", csv_text)
         written += [out / f"curve_{name}.md", out / f"curve_{name}.csv"]
-    md, csv_text = table1({"teacher": [teacher], **groups})
+    md, csv_text = table1({"teacher": teachers, **groups})
     atomic_write_text(out / "table1.md", md)
     atomic_write_text(out / "table1.csv", csv_text)
     atomic_write_text(out / "figure_data.json", json.dumps(figure_data, indent=1))
