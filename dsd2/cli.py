@@ -226,6 +226,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dsd2.sweep import run_sweep
+
+    cfg = build_config(args.preset, args.config_file or args.config, overrides_from_args(args))
+    slurm = {k: v for k, v in {"slurm_partition": args.slurm_partition, "gpus_per_node": args.slurm_gpus,
+                               "cpus_per_task": args.slurm_cpus, "timeout_min": args.slurm_timeout_min}.items()
+             if v is not None}
+    root = Path(args.out or "sweeps")
+    summary = run_sweep(cfg, args.grid or [], root, args.launcher, slurm=slurm)
+    print(f"sweep: {summary['finished']} of {summary['runs']} runs finished; table: {root / 'sweep.md'}; "
+          f"summary: {root / 'sweep_summary.json'}")
+    print(f"report: dsd2-engine report {root}/<run> ... (runs whose configs differ only by seed aggregate)")
+    return 0
+
+
 def cmd_entropy(args: argparse.Namespace) -> int:
     from dsd2.engine import entropy_of_run
     from dsd2.runs import RunDir
@@ -278,6 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="teacher run and level: best (default), dense or a number")
     _add_train_flags(distill)
     distill.set_defaults(func=cmd_distill)
+    sweep = sub.add_parser("sweep", help="a grid of runs named by their config hash (finished runs skipped)")
+    sweep.add_argument("config_file", nargs="?", metavar="CONFIG", help="base YAML config")
+    sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                       help="one axis: noise, seed, depth/delta, width/gamma, lr, ... or a dotted config path")
+    sweep.add_argument("--launcher", default="local", choices=["local", "slurm", "submitit-local"])
+    sweep.add_argument("--slurm-partition")
+    sweep.add_argument("--slurm-gpus", type=int, help="GPUs per job")
+    sweep.add_argument("--slurm-cpus", type=int, help="CPUs per job")
+    sweep.add_argument("--slurm-timeout-min", type=int)
+    _add_train_flags(sweep)
+    sweep.set_defaults(func=cmd_sweep)
     report = sub.add_parser("report", help="figures and tables from run directories (seeds aggregate)")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="output folder (default: RUN_DIR/report of the first run)")
