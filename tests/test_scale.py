@@ -8,14 +8,13 @@ import sys
 import time
 
 import pytest
+from conftest import engine_env
 
 from dsd2.config import ConfigError, build_config
 from dsd2.engine import Engine
 from dsd2.runs import RunDir, read_jsonl
 from dsd2.sweep import expand, parse_grid, run_dir_for, run_sweep
 from dsd2.training import distributed
-
-from conftest import engine_env
 
 FLAGS = ["train", "--epochs", "6", "--dense-epochs", "6", "--levels", "3", "--quiet", "--students", "none",
          "--seed", "3"]
