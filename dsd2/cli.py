@@ -45,6 +45,7 @@ FLAG_MAP: dict[str, tuple[str | None, str]] = {
     "perturb": ("prune", "perturb"), "rewind_iteration": ("prune", "rewind_iteration"),
     "retrain": ("prune", "retrain"),
     "seed": (None, "seed"), "device": (None, "device"), "precision": (None, "precision"),
+    "cuda_graphs": (None, "cuda_graphs"),
     "entropy": ("analysis", "entropy"), "entropy_granularity": ("analysis", "granularity"),
     "entropy_inclusive": ("analysis", "inclusive"), "early_stop": ("analysis", "early_stop"),
     "patience": ("analysis", "patience"), "entropy_tolerance": ("analysis", "entropy_tolerance"),
@@ -127,6 +128,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--precision", choices=PRECISIONS)
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the training step as a CUDA graph (default: on with CUDA)")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -278,7 +281,9 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"cpu threads {torch.get_num_threads()}, capability {torch.backends.cpu.get_cpu_capability()}")
     for name, state in backends().items():
         print(f"backend {name}: {state}")
-    print(f"cuda graphs: {'available' if cuda else 'not in use (no CUDA device)'}")
+    graphs = "in use for training (single process; --no-cuda-graphs turns them off)" if cuda else \
+        "not in use (no CUDA device)"
+    print(f"cuda graphs: {graphs}")
     return 0
 
 

@@ -35,7 +35,7 @@ class DataConfig:
     download: bool = False
     noise: float = 0.5
     noise_type: str = "symmetric"
-    val_fraction: float = 1 / 6
+    val_fraction: float = 0.1
     clean_val: bool = False
     augment: bool = False
 
@@ -121,6 +121,7 @@ class Config:
     device: str = "cpu"
     precision: str = "fp32"
     channels_last: bool = True  # conv nets only
+    cuda_graphs: bool | None = None  # None: on when training on a CUDA device (single process)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -154,7 +155,7 @@ def _plain(value: Any) -> Any:
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: real handwritten digits shipped with scikit-learn, 50 % symmetric noise,
     # an MLP that interpolates the noise when dense. 1000 train / 200 val / 597 test.
-    "digits-mlp": {},
+    "digits-mlp": {"data": {"val_fraction": 1 / 6}},
     "cifar10-resnet18": {
         "data": {"dataset": "cifar10", "noise": 0.2, "val_fraction": 0.1, "augment": True},
         "model": {"name": "resnet18"},

@@ -245,6 +245,36 @@ class Engine:
         if not torch.equal(teacher_checksum(self.teacher), self._teacher_sum):
             raise RuntimeError("the teacher's weights changed during student training")
 
+    # ---- CUDA graphs ---------------------------------------------------------------------------
+
+    def use_graphs(self) -> bool:
+        from dsd2.training.graphs import WARMUP_STEPS
+
+        wanted = self.cfg.cuda_graphs is not False
+        enough = len(self.splits.train) // self.cfg.optim.batch_size > WARMUP_STEPS
+        return wanted and enough and self.device.type == "cuda" and not self.ctx.enabled
+
+    def graphed_train_epoch(self, optimizer, level: int, epoch: int, lr: float) -> dict[str, float]:
+        """The epoch as graph replays; a level's first graphed epoch captures (its optimizer is new)."""
+        from dsd2.training.graphs import GraphedTrainStep, graphed_epoch
+
+        s, batch = self.splits, self.cfg.optim.batch_size
+        if getattr(self, "_graph_optimizer", None) is not optimizer:
+            self._graph_step, self._graph_optimizer = None, optimizer
+
+        def make_step(warmup, first_lr):
+            return GraphedTrainStep(self.model, optimizer, self.objective, s.train, batch, s.mean, s.std,
+                                    augment=self.cfg.data.augment, precision=self.cfg.precision,
+                                    channels_last=self._channels_last(), warmup_indices=warmup, lr=first_lr)
+
+        perm = torch.randperm(len(s.train), generator=epoch_generator(self.cfg.seed, level, epoch))
+        self._graph_step, loss_sum, correct = graphed_epoch(self._graph_step, make_step, perm.to(self.device),
+                                                            batch, lr)
+        if isinstance(self.objective, DistillationObjective):
+            self.objective.samples = len(s.train)  # the Python-side count ran once, at capture
+        n = len(s.train)
+        return {"train_loss": float(loss_sum) / n, "train_acc": float(correct) / n}
+
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def _state_tensors(self, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -267,6 +297,11 @@ class Engine:
         tensors, optim_meta = self._state_tensors(optimizer)
         if optimizer is not None:
             tensors.update({f"start.{k}": v for k, v in self.level_start.items()})
+        # all of the loop's randomness comes from generators seeded by (seed, level, epoch); the global
+        # states are kept too, for code that draws from them (user objectives, layers with dropout)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         meta = {"run_hash": self.run_hash, "level": level, "epoch": epoch, "level_done": level_done,
                 "optim_scalars": optim_meta}
         save_checkpoint(path, tensors, meta)
@@ -280,6 +315,10 @@ class Engine:
             raise RunError(f"checkpoint '{path}' does not match the configured model") from None
         self.masks = {k[5:]: v.to(self.device, torch.bool) for k, v in tensors.items() if k.startswith("mask.")}
         self.level_start = {k[6:]: v.to(self.device) for k, v in tensors.items() if k.startswith("start.")}
+        if "rng.cpu" in tensors:
+            torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         return meta, tensors
 
     def restore_optimizer(self, optimizer: torch.optim.Optimizer, meta: dict, tensors: dict) -> None:
@@ -499,12 +538,15 @@ class Engine:
                 if online:
                     self.set_counting(True, reset=True)
                 t0 = time.perf_counter()
-                stats = train_epoch(
-                    self.train_model, optimizer, s.train, batch_size=self.cfg.optim.batch_size,
-                    generator=epoch_generator(self.cfg.seed, level, epoch), augment=self.cfg.data.augment,
-                    mean=s.mean, std=s.std, objective=self.objective, precision=self.cfg.precision,
-                    channels_last=self._channels_last(), dist_ctx=self.ctx,
-                )
+                if self.use_graphs() and not online:
+                    stats = self.graphed_train_epoch(optimizer, level, epoch, lr)
+                else:
+                    stats = train_epoch(
+                        self.train_model, optimizer, s.train, batch_size=self.cfg.optim.batch_size,
+                        generator=epoch_generator(self.cfg.seed, level, epoch), augment=self.cfg.data.augment,
+                        mean=s.mean, std=s.std, objective=self.objective, precision=self.cfg.precision,
+                        channels_last=self._channels_last(), dist_ctx=self.ctx,
+                    )
                 train_time = time.perf_counter() - t0
                 if online:
                     self.set_counting(False)
@@ -581,6 +623,10 @@ class Engine:
 
     def write_summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         best = best_level(rows)
+        for r in rows:
+            r["best"] = r["level"] == best["level"]  # w_best, marked in metrics.jsonl
+        if self.ctx.is_main:
+            write_jsonl(self.run.metrics_path, rows)
         phases = detect_phases([r["test_acc"] for r in rows])
         summary = {
             "run_hash": self.run_hash,

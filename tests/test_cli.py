@@ -94,3 +94,23 @@ def test_default_run_dir_is_named_by_hash(tmp_path):
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("digits-mlp-")
     assert f"results: runs/{runs[0].name}" in proc.stdout
+
+
+def test_foreign_checkpoint_is_refused(tmp_path, capsys):
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    assert main(["train", *TINY, "--levels", "2", "--out", str(mine)]) == 0
+    assert main(["train", *TINY, "--levels", "2", "--seed", "5", "--out", str(other)]) == 0
+    (mine / "summary.json").unlink()
+    last = mine / "checkpoints" / "last.safetensors"
+    last.write_bytes((other / "checkpoints" / "last.safetensors").read_bytes())
+    capsys.readouterr()
+    code, err = run_main(["train", *TINY, "--levels", "2", "--out", str(mine)], capsys)
+    assert code == 2 and "belongs to run" in err and str(last) in err
+
+
+def test_metrics_mark_the_best_level(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--levels", "2", "--out", str(out)]) == 0
+    rows = RunDir(out).levels()
+    assert sum(r["best"] for r in rows) == 1
+    assert next(r for r in rows if r["best"])["level"] == RunDir(out).summary()["best_level"]

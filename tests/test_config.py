@@ -66,3 +66,8 @@ def test_target_sparsity_sets_levels():
     cfg = build_config(overrides={"prune": {"target_sparsity": 0.9, "prune_fraction": 0.2}})
     n = cfg.num_levels()
     assert 0.8 ** n <= 0.1 < 0.8 ** (n - 1)
+
+
+def test_validation_split_defaults():
+    assert build_config("cifar10-resnet18").data.val_fraction == 0.1
+    assert build_config().data.val_fraction == pytest.approx(1 / 6)  # digits: 1000 train / 200 validation

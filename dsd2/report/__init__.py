@@ -195,11 +195,15 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values) * 100:.2f} ± {statistics.stdev(values) * 100:.2f}"
 
 
-def table1(groups: dict[str, list[Run]], patience: int = 3, tolerance: float = 0.05) -> tuple[str, str]:
+def table1(groups: dict[str, list[Run]], patience: int = 3, tolerance: float = 0.05,
+           teacher_training: dict[str, list[float]] | None = None) -> tuple[str, str]:
     """Training PFLOPs (dense, fvcore convention) and test accuracy of the returned model (w_best by
-    validation) for the full loop and the loops the early-stop rules would have run."""
-    header = ["configuration", "loop", "train PFLOPs (dense, 1/MAC)", "teacher PFLOPs", "test acc (%)",
-              "sparsity (%)", "levels run", "seeds"]
+    validation) for the full loop and the loops the early-stop rules would have run. The teacher columns
+    hold the teacher's forward passes during distillation and, when given, the cost of training the teacher
+    up to the level it was taken from (the paper's "+ teacher")."""
+    teacher_training = teacher_training or {}
+    header = ["configuration", "loop", "train PFLOPs (dense, 1/MAC)", "teacher inference PFLOPs",
+              "teacher training PFLOPs", "test acc (%)", "sparsity (%)", "levels run", "seeds"]
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -220,9 +224,10 @@ def table1(groups: dict[str, list[Run]], patience: int = 3, tolerance: float = 0
                 accs.append(best["test_acc"])
                 sparsities.append(best["sparsity"])
                 levels.append(len(done))
+            trained = teacher_training.get(label)
             cells = [label, name, f"{statistics.fmean(pflops):.6g}", f"{statistics.fmean(teacher):.6g}",
-                     _mean_std(accs), f"{statistics.fmean(sparsities) * 100:.2f}", f"{statistics.fmean(levels):g}",
-                     len(runs)]
+                     f"{statistics.fmean(trained):.6g}" if trained else "0", _mean_std(accs),
+                     f"{statistics.fmean(sparsities) * 100:.2f}", f"{statistics.fmean(levels):g}", len(runs)]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
             writer.writerow(cells)
     return "\n".join(lines) + "\n", buf.getvalue()
@@ -255,7 +260,17 @@ def write_experiment_report(roots: str | Path | list[str | Path], out: Path) -> 
         atomic_write_text(out / f"curve_{name}.md", f"# {name}\n\n{md}")
         atomic_write_text(out / f"curve_{name}.csv", csv_text)
         written += [out / f"curve_{name}.md", out / f"curve_{name}.csv"]
-    md, csv_text = table1({"teacher": teachers, **groups})
+    # the teacher's own training cost, up to the level each student was distilled from
+    selected = [json.loads((r / "summary.json").read_text())["teacher"]["selected_level"]
+                if (r / "summary.json").exists() else None for r in roots]
+    cost = {}
+    for kind, upto in (("kd-dense", lambda level: 0), ("kd-sparse", lambda level: level)):
+        if kind in students and all(level is not None for level in selected):
+            cost[labels[kind]] = [
+                sum(row.get("train_flops_dense", 0.0) for row in t.rows if row["level"] <= upto(lv)) / 1e15
+                for t, lv in zip(teachers, selected)
+            ]
+    md, csv_text = table1({"teacher": teachers, **groups}, teacher_training=cost)
     atomic_write_text(out / "table1.md", md)
     atomic_write_text(out / "table1.csv", csv_text)
     atomic_write_text(out / "figure_data.json", json.dumps(figure_data, indent=1))

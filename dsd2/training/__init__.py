@@ -46,7 +46,13 @@ class DistillationObjective:
         self.reset()
 
     def reset(self) -> None:
-        self.ce_sum = self.kl_sum = None
+        # accumulators live on the device and are added to in place: no sync per step, and a captured
+        # CUDA graph keeps adding into the same memory on every replay
+        if getattr(self, "ce_sum", None) is not None:
+            self.ce_sum.zero_()
+            self.kl_sum.zero_()
+        else:
+            self.ce_sum = self.kl_sum = None
         self.samples = 0
 
     def teacher_logits(self, inputs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -63,9 +69,12 @@ class DistillationObjective:
         t = self.teacher_logits(inputs, indices)
         loss, ce, kl = kd_loss(logits.float(), t, labels, alpha=self.alpha, temperature=self.temperature,
                                return_parts=True)
+        if self.ce_sum is None:
+            self.ce_sum = torch.zeros((), device=logits.device)
+            self.kl_sum = torch.zeros((), device=logits.device)
         n = labels.numel()
-        self.ce_sum = ce * n if self.ce_sum is None else self.ce_sum + ce * n
-        self.kl_sum = kl * n if self.kl_sum is None else self.kl_sum + kl * n
+        self.ce_sum.add_(ce * n)
+        self.kl_sum.add_(kl * n)
         self.samples += n
         return loss
 
@@ -100,7 +109,9 @@ def build_optimizer(model: nn.Module, masks: Masks, cfg: OptimConfig) -> torch.o
     if cfg.optimizer == "sgd":
         return MaskedSGD(model.parameters(), by_param, lr=cfg.lr, momentum=cfg.momentum,
                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    return MaskedAdam(model.parameters(), by_param, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # capturable keeps Adam's step counters on the GPU: no host read per step, and CUDA-graph safe
+    cuda = next(model.parameters()).device.type == "cuda"
+    return MaskedAdam(model.parameters(), by_param, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=cuda)
 
 
 def schedule_lr(cfg: OptimConfig, epoch: int, epochs: int, base_lr: float | None = None) -> float:

@@ -7,7 +7,7 @@ from dsd2.data.batching import epoch_generator, random_crop_flip, train_batches
 
 
 def test_digits_split_sizes_and_recorded_noise():
-    s = build_splits(DataConfig(), seed=0, device=torch.device("cpu"))
+    s = build_splits(DataConfig(val_fraction=1 / 6), seed=0, device=torch.device("cpu"))  # the digits preset
     assert (len(s.train), len(s.val), len(s.test)) == (1000, 200, 597)
     assert s.train.images.dtype == torch.uint8 and s.input_shape == (1, 8, 8)
     # noise over the 1200-sample pool: exactly 600 corrupted, recorded with original labels
@@ -18,8 +18,8 @@ def test_digits_split_sizes_and_recorded_noise():
 
 def test_clean_val_keeps_true_labels():
     raw = load_raw("digits")
-    noisy = build_splits(DataConfig(), 0, torch.device("cpu"), raw)
-    clean = build_splits(DataConfig(clean_val=True), 0, torch.device("cpu"), raw)
+    noisy = build_splits(DataConfig(val_fraction=1 / 6), 0, torch.device("cpu"), raw)
+    clean = build_splits(DataConfig(val_fraction=1 / 6, clean_val=True), 0, torch.device("cpu"), raw)
     assert torch.equal(noisy.train.labels, clean.train.labels)
     assert (noisy.val.labels != clean.val.labels).float().mean() > 0.3
 
@@ -43,7 +43,7 @@ def test_missing_cifar_names_path_and_fix(tmp_path):
 def test_batches_cover_the_epoch_once():
     s = build_splits(DataConfig(), seed=0, device=torch.device("cpu"))
     seen = torch.cat([idx for _, _, idx in train_batches(s.train, 64, epoch_generator(0, 0, 0), False)])
-    assert torch.equal(seen.sort().values, torch.arange(1000))
+    assert torch.equal(seen.sort().values, torch.arange(len(s.train)))
 
 
 def test_crop_flip_is_a_shifted_window_of_the_padded_image():
@@ -60,3 +60,15 @@ def test_crop_flip_is_a_shifted_window_of_the_padded_image():
                 if torch.equal(out[b], win) or torch.equal(out[b], win.flip(2)):
                     found = True
         assert found
+
+
+def test_sharded_batches_split_every_global_batch_between_ranks():
+    from dsd2.training.distributed import DistContext
+
+    s = build_splits(DataConfig(), seed=0, device=torch.device("cpu"))
+    whole = [idx for _, _, idx in train_batches(s.train, 64, epoch_generator(0, 0, 1), False)]
+    parts = [[idx for _, _, idx in train_batches(s.train, 64, epoch_generator(0, 0, 1), False,
+                                                 shard=DistContext(rank, 2).shard, world=2)] for rank in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == len(whole)
+    for w, a, b in zip(whole, *parts):
+        assert torch.equal(torch.cat([a, b]), w)
