@@ -17,6 +17,20 @@ _TARGET_PROGRAMS = 1024
 
 
 @triton.jit
+def _count_tile(x_ptr, y_ptr, offs, m, WRITE_OUT: tl.constexpr, INCLUSIVE: tl.constexpr):
+    # on-states of one masked tile as int32, storing relu(x) on the way when WRITE_OUT;
+    # x < 0 -> 0 rather than x > 0 -> x keeps NaN as NaN, like torch.relu
+    x = tl.load(x_ptr + offs, mask=m, other=0)
+    if INCLUSIVE:
+        pos = x >= 0
+    else:
+        pos = x > 0
+    if WRITE_OUT:
+        tl.store(y_ptr + offs, tl.where(x < 0, tl.zeros_like(x), x), mask=m)
+    return (pos & m).to(tl.int32)
+
+
+@triton.jit
 def _count_cols_kernel(x_ptr, y_ptr, counts_ptr, R, N, rows_per_prog, C, HW,
                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_OUT: tl.constexpr,
                        INCLUSIVE: tl.constexpr, NHWC: tl.constexpr, ATOMIC: tl.constexpr):
@@ -32,15 +46,7 @@ def _count_cols_kernel(x_ptr, y_ptr, counts_ptr, R, N, rows_per_prog, C, HW,
         rows = r0 + tl.arange(0, BLOCK_R)
         m = (rows < r_hi)[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=m, other=0)
-        if INCLUSIVE:
-            pos = x >= 0
-        else:
-            pos = x > 0
-        acc += (pos & m).to(tl.int32)
-        if WRITE_OUT:
-            # x < 0 -> 0 rather than x > 0 -> x keeps NaN as NaN, like torch.relu
-            tl.store(y_ptr + offs, tl.where(x < 0, tl.zeros_like(x), x), mask=m)
+        acc += _count_tile(x_ptr, y_ptr, offs, m, WRITE_OUT, INCLUSIVE)
     total = tl.sum(acc, axis=0).to(tl.int64)
     if NHWC:
         # memory column (h * W + w) * C + c of a channels_last sample -> logical index c * H * W + h * W + w
@@ -76,14 +82,7 @@ def _count_channels_kernel(x_ptr, y_ptr, counts_ptr, B, C, S, items_per_prog,
         s = (w - b * n_s) * BLOCK_S + sp
         m = c_ok[:, None] & (s < S)[None, :]
         offs = ((b.to(tl.int64) * C + chans.to(tl.int64)) * S)[:, None] + s[None, :]
-        x = tl.load(x_ptr + offs, mask=m, other=0)
-        if INCLUSIVE:
-            pos = x >= 0
-        else:
-            pos = x > 0
-        acc += (pos & m).to(tl.int32)
-        if WRITE_OUT:
-            tl.store(y_ptr + offs, tl.where(x < 0, tl.zeros_like(x), x), mask=m)
+        acc += _count_tile(x_ptr, y_ptr, offs, m, WRITE_OUT, INCLUSIVE)
     total = tl.sum(acc, axis=1).to(tl.int64)
     if ATOMIC:
         tl.atomic_add(counts_ptr + chans, total, mask=c_ok)
