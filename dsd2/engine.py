@@ -248,11 +248,14 @@ class Engine:
     # ---- CUDA graphs ---------------------------------------------------------------------------
 
     def use_graphs(self) -> bool:
+        from dsd2.ops._backend import triton_available
         from dsd2.training.graphs import WARMUP_STEPS
 
         wanted = self.cfg.cuda_graphs is not False
         enough = len(self.splits.train) // self.cfg.optim.batch_size > WARMUP_STEPS
-        return wanted and enough and self.device.type == "cuda" and not self.ctx.enabled
+        # MaskedSGD's capturable step (learning rate read on the device) is the Triton kernel
+        capturable = self.cfg.optim.optimizer == "adam" or triton_available()
+        return wanted and enough and capturable and self.device.type == "cuda" and not self.ctx.enabled
 
     def graphed_train_epoch(self, optimizer, level: int, epoch: int, lr: float) -> dict[str, float]:
         """The epoch as graph replays; a level's first graphed epoch captures (its optimizer is new)."""
@@ -270,7 +273,7 @@ class Engine:
         perm = torch.randperm(len(s.train), generator=epoch_generator(self.cfg.seed, level, epoch))
         self._graph_step, loss_sum, correct = graphed_epoch(self._graph_step, make_step, perm.to(self.device),
                                                             batch, lr)
-        if isinstance(self.objective, DistillationObjective):
+        if isinstance(self.objective, DistillationObjective) and self.objective.ce_sum is not None:
             self.objective.samples = len(s.train)  # the Python-side count ran once, at capture
         n = len(s.train)
         return {"train_loss": float(loss_sum) / n, "train_acc": float(correct) / n}
@@ -384,6 +387,8 @@ class Engine:
 
         part = self.ctx.shard(len(data))
         local = predict(model, DeviceDataset(data.images[part], data.labels[part]), **self.eval_kwargs())
+        if local.numel() == 0:  # fewer samples than ranks: this rank's shard is empty
+            local = torch.zeros(0, self.splits.num_classes, device=self.device)
         return self.ctx.gather_rows(local, len(data))
 
     def evaluate_all(self, data) -> dict[str, float]:
@@ -404,6 +409,15 @@ class Engine:
             self.ctx.all_reduce_sum(r.counts)
             self.ctx.all_reduce_sum(obs)
             r.observations = int(obs)
+
+    def reduce_kd_parts(self) -> None:
+        obj = self.objective
+        if not self.ctx.enabled or obj.ce_sum is None:
+            return
+        samples = torch.tensor([obj.samples], dtype=torch.int64, device=self.device)
+        for t in (obj.ce_sum, obj.kl_sum, samples):
+            self.ctx.all_reduce_sum(t)
+        obj.samples = int(samples)
 
     def set_counting(self, on: bool, reset: bool = False) -> None:
         for r in self.relus.values():
@@ -453,7 +467,8 @@ class Engine:
             self.set_counting(True, reset=True)  # the train-accuracy pass doubles as the counting pass
         logits = self.predict_all(s.train)
         self.set_counting(False)
-        self.reduce_counts()
+        if self.relus:
+            self.reduce_counts()  # whichever way they were counted (pass or online), every rank holds a shard
         pred = logits.argmax(1)
         noisy = s.noisy_mask
         n_noisy = int(noisy.sum())
@@ -490,7 +505,11 @@ class Engine:
     def run_loop(self) -> dict[str, Any]:
         self.prepare()
         main = self.ctx.is_main
-        resumed = self.run.claim(self.cfg.to_dict(), self.run_hash) if main else True
+        # every rank checks the folder (read-only) before rank 0 writes, so a refusal stops all of them
+        resumed = self.run.claim(self.cfg.to_dict(), self.run_hash, write=False)
+        self.ctx.barrier()
+        if main and not resumed:
+            self.run.claim(self.cfg.to_dict(), self.run_hash)
         s = self.splits
         if main and (not resumed or not self.run.noise_path.exists()):
             save_checkpoint(self.run.noise_path, {"indices": s.noise_indices, "original_labels": s.noise_original},
@@ -553,6 +572,7 @@ class Engine:
                 val, test = self.evaluate_all(s.val), self.evaluate_all(s.test)
                 epoch += 1
                 if isinstance(self.objective, DistillationObjective):
+                    self.reduce_kd_parts()
                     stats.update(self.objective.parts())
                 epoch_rows.append({"level": level, "epoch": epoch - 1, "lr": lr, **stats,
                                    "val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
@@ -739,7 +759,9 @@ def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
     engine = Engine(tcfg, teacher_run, progress=progress, log=log)
     engine.prepare()  # bad input fails here, before the experiment directory is claimed
     ctx = dist_context()
-    if ctx.is_main:
+    resumed = root.claim(cfg.to_dict(), cfg.run_hash(), write=False)  # every rank checks, rank 0 writes
+    ctx.barrier()
+    if ctx.is_main and not resumed:
         root.claim(cfg.to_dict(), cfg.run_hash())
     ctx.barrier()
     done = teacher_run.summary()

@@ -124,8 +124,9 @@ class RunDir:
             raise RunError(f"'{self.config_path}' is not a dsd2 run config")
         return data
 
-    def claim(self, config: dict[str, Any], run_hash: str) -> bool:
-        """Make the directory ours. Returns True when it already holds this run (resume)."""
+    def claim(self, config: dict[str, Any], run_hash: str, write: bool = True) -> bool:
+        """Make the directory ours. Returns True when it already holds this run (resume). With
+        `write=False` (data-parallel ranks other than 0) only check, never write."""
         stored = self.stored_config()
         if stored is not None:
             if stored["run_hash"] != run_hash:
@@ -134,6 +135,8 @@ class RunDir:
             return True
         if self.root.exists() and any(self.root.iterdir()):
             raise RunError(f"output folder '{self.root}' is not empty and holds no dsd2 run; choose another --out")
+        if not write:
+            return False
         import yaml
 
         text = yaml.safe_dump({"run_hash": run_hash, "config": config}, sort_keys=False)

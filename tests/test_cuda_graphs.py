@@ -59,3 +59,38 @@ def test_graph_replays_equal_eager_steps(model_name, optimizer):
     for (name, a), b in zip(prunable_weights(model).items(), prunable_weights(gmodel).values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         assert bool((b[~gmasks[name]] == 0).all())
+
+
+def test_second_epoch_after_evaluation_reuses_the_graph_in_train_mode():
+    """Evaluation between epochs leaves the model in eval mode; the graph must train in train mode (BatchNorm
+    statistics updated) and take the new learning rate without recapture."""
+    from dsd2.training import predict
+    from dsd2.training.graphs import GraphedTrainStep, graphed_epoch
+
+    eager, graphed = setup("vgg", "sgd"), setup("vgg", "sgd")
+    perms = [torch.randperm(eager[2].labels.numel(), generator=torch.Generator().manual_seed(s)).cuda()
+             for s in (3, 4)]
+    model, opt, data, mean, std, _ = eager
+    for perm, lr in zip(perms, (0.01, 0.002)):
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for start in range(0, perm.numel(), 64):
+            idx = perm[start:start + 64]
+            loss = cross_entropy(model(normalize(data.images[idx], mean, std)), data.labels[idx], None, idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        predict(model, data, batch_size=256, mean=mean, std=std)
+    gmodel, gopt, gdata, gmean, gstd, _ = graphed
+
+    def make(warm, lr):
+        return GraphedTrainStep(gmodel, gopt, cross_entropy, gdata, 64, gmean, gstd, augment=False,
+                                precision="fp32", channels_last=False, warmup_indices=warm, lr=lr)
+
+    step = None
+    for perm, lr in zip(perms, (0.01, 0.002)):
+        step, _, _ = graphed_epoch(step, make, perm, 64, lr)
+        predict(gmodel, gdata, batch_size=256, mean=gmean, std=gstd)
+    for (name, a), b in zip(model.state_dict().items(), gmodel.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5, msg=name)

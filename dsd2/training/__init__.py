@@ -150,20 +150,28 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Device
     sharded = dist_ctx is not None and dist_ctx.enabled
     batches = train_batches(data, batch_size, generator, augment, shard=dist_ctx.shard if sharded else None,
                             world=dist_ctx.world if sharded else 1)
+    n = len(data)
+    if sharded:
+        # DDP averages the ranks' mean losses; shards of one batch may differ by a sample, so each rank's
+        # loss is weighted by its share to give exactly the global batch mean
+        global_sizes = iter([g for g in (min(batch_size, n - s) for s in range(0, n, batch_size))
+                             if g >= dist_ctx.world])
     for images, labels, idx in batches:
         x = prepare_inputs(images, mean, std, channels_last)
         with autocast(device, precision):
             logits = model(x)
             loss = objective(logits, labels, x, idx)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if sharded:
+            (loss * (labels.numel() * dist_ctx.world / next(global_sizes))).backward()
+        else:
+            loss.backward()
         optimizer.step()
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.detach().argmax(1) == labels).sum()
     if sharded:
         dist_ctx.all_reduce_sum(loss_sum)
         dist_ctx.all_reduce_sum(correct)
-    n = len(data)
     return {"train_loss": float(loss_sum) / n, "train_acc": float(correct) / n}
 
 

@@ -74,8 +74,9 @@ def init_from_env() -> DistContext:
         return _CONTEXT
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        # gloo for CPU tensors and NCCL for CUDA ones, so `--device cpu` works on a GPU host too
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend)
     _CONTEXT = DistContext(dist.get_rank(), dist.get_world_size(), local_rank)

@@ -19,6 +19,16 @@ from dsd2.data import DeviceDataset
 from dsd2.data.batching import normalize
 
 
+def _optimizer_tables() -> list:
+    """The Triton optimizer kernel reads its pointer tables by address from a bounded cache: hold them for as
+    long as the graph that captured them lives."""
+    try:
+        from dsd2.kernels import masked_sgd
+    except ImportError:
+        return []
+    return list(masked_sgd._TABLE_CACHE.values())
+
+
 def device_crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     """Random crop + flip with the device's own generator (graph-safe: philox offsets advance per replay)."""
     b, _, h, w = x.shape
@@ -53,6 +63,9 @@ class GraphedTrainStep:
         self.lr = torch.full((), float(lr), device=dev)
         for group in optimizer.param_groups:
             group["lr"] = self.lr
+        # an eager epoch before this one (e.g. the online-counting epoch) leaves gradients behind: the warm-up
+        # steps, like every replay, must start from zero
+        optimizer.zero_grad(set_to_none=False)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -65,8 +78,10 @@ class GraphedTrainStep:
         optimizer.zero_grad(set_to_none=False)
         with torch.cuda.graph(self.graph):
             self._step(self.idx)
+        self._keep_alive = _optimizer_tables()
 
     def _step(self, idx: torch.Tensor) -> None:
+        self.model.train()  # evaluation between epochs leaves the model in eval mode (a Python-only switch)
         x = self.data.images[idx]
         if self.augment:
             x = device_crop_flip(x)
