@@ -7,6 +7,7 @@
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -239,6 +240,43 @@ void count_positive_(const at::Tensor& x_in, at::Tensor counts, bool inclusive, 
   });
 }
 
+// Row streaming for the fused ReLU: each thread walks whole samples front to back, exactly like a plain
+// ReLU, keeping full-width int32 counters of its own (L2-resident) that are merged once at the end.
+template <typename T, typename Pred, typename Relu>
+inline void relu_rows(const T* __restrict__ x, T* __restrict__ y, int32_t* __restrict__ acc, int64_t b0,
+                      int64_t b1, int64_t width, Pred on, Relu relu) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* row = x + b * width;
+    T* orow = y + b * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      acc[j] += on(row[j]);
+      orow[j] = relu(row[j]);
+    }
+  }
+}
+
+DSD2_CLONES static void relu_rows_f32(const float* x, float* y, int32_t* acc, int64_t b0, int64_t b1,
+                                      int64_t width, bool inclusive) {
+  auto relu = [](float v) { return v > 0.0f ? v : 0.0f; };
+  if (inclusive)
+    relu_rows(x, y, acc, b0, b1, width, [](float v) { return static_cast<int32_t>(v >= 0.0f); }, relu);
+  else
+    relu_rows(x, y, acc, b0, b1, width, [](float v) { return static_cast<int32_t>(v > 0.0f); }, relu);
+}
+
+DSD2_CLONES static void relu_rows_u16(const uint16_t* x, uint16_t* y, int32_t* acc, int64_t b0, int64_t b1,
+                                      int64_t width, bool inclusive, uint16_t inf) {
+  const uint16_t neg_inf = static_cast<uint16_t>(0x8000 | inf);
+  auto relu = [neg_inf](uint16_t v) { return static_cast<uint16_t>(v >= 0x8000 && v <= neg_inf ? 0 : v); };
+  if (inclusive)
+    relu_rows(x, y, acc, b0, b1, width, [inf](uint16_t v) { return static_cast<int32_t>(v <= inf || v == 0x8000); },
+              relu);
+  else
+    relu_rows(x, y, acc, b0, b1, width,
+              [inf](uint16_t v) { return static_cast<int32_t>(static_cast<uint16_t>(v - 1) < inf); }, relu);
+}
+
 // ReLU forward that counts states in the same pass over the activation (per-element counts).
 at::Tensor relu_count(const at::Tensor& x_in, at::Tensor counts, bool inclusive) {
   TORCH_CHECK(x_in.device().is_cpu(), "relu_count: CPU tensors only");
@@ -251,8 +289,25 @@ at::Tensor relu_count(const at::Tensor& x_in, at::Tensor counts, bool inclusive)
   TORCH_CHECK(counts.numel() == per_sample, "relu_count: counts has ", counts.numel(),
               " entries, expected ", per_sample);
   int64_t* out = counts.data_ptr<int64_t>();
+  const auto dt = x.scalar_type();
+  const bool streamable = dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf;
+  if (streamable && batch >= 2 * at::get_num_threads() && per_sample >= kCols) {
+    std::mutex merge;
+    at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<int32_t> acc(per_sample, 0);
+      if (dt == at::kFloat) {
+        relu_rows_f32(x.data_ptr<float>(), y.data_ptr<float>(), acc.data(), b0, b1, per_sample, inclusive);
+      } else {
+        relu_rows_u16(reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<uint16_t*>(y.data_ptr()),
+                      acc.data(), b0, b1, per_sample, inclusive, dt == at::kBFloat16 ? 0x7F80 : 0x7C00);
+      }
+      std::lock_guard<std::mutex> lock(merge);
+      for (int64_t j = 0; j < per_sample; ++j) out[j] += acc[j];
+    });
+    return y;
+  }
   at::parallel_for(0, per_sample, kCols, [&](int64_t begin, int64_t end) {
-    count_columns(x.scalar_type(), x.data_ptr(), y.data_ptr(), out, batch, per_sample, begin, end, inclusive);
+    count_columns(dt, x.data_ptr(), y.data_ptr(), out, batch, per_sample, begin, end, inclusive);
   });
   return y;
 }

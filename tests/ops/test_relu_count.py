@@ -119,3 +119,16 @@ def test_fuzz_cpp_exact(shape, per_channel, inclusive, seed):
     counts = torch.zeros_like(want)
     count_positive_(x, counts, inclusive=inclusive, per_channel=per_channel, backend="cpp")
     assert torch.equal(counts, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("inclusive", [False, True])
+@pytest.mark.parametrize("shape", [(6, 16, 8, 8), (9, 1030), (3, 16, 8, 8)])
+def test_cpp_relu_count_row_and_column_paths(dtype, inclusive, shape):
+    """Large samples with a batch of several per thread stream row by row; the rest walk column tiles."""
+    x = activation(shape, dtype)
+    x.view(-1)[:7] = torch.tensor([-0.0, 0.0, float("inf"), float("-inf"), 1e-30, -1e-30, 2.0]).to(dtype)
+    counts = torch.zeros(x[0].numel(), dtype=torch.long)
+    y = relu_count(x, counts, inclusive=inclusive, backend="cpp")
+    assert torch.equal(y, torch.relu(x))
+    assert torch.equal(counts, expected(x, False, inclusive))
