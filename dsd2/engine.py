@@ -191,6 +191,12 @@ class Engine:
         torch.set_flush_denormal(True)  # denormal weights after pruning slow CPU retraining ~20x
         if self.splits is None:
             self.splits = build_splits(self.cfg.data, self.cfg.seed, self.device)
+        if self.ctx.enabled:
+            for name in ("train", "val", "test"):
+                n = len(getattr(self.splits, name))
+                if 0 < n < self.ctx.world:
+                    raise ConfigError(f"the {name} split has {n} samples, fewer than the {self.ctx.world} processes "
+                                      "that would share it; use fewer processes")
         torch.manual_seed(self.cfg.seed)
         model = build_model(self.cfg.model, self.splits.input_shape, self.splits.num_classes)
         model = model.to(self.device)
