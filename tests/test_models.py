@@ -59,3 +59,32 @@ def test_vgg_expand_shortcut_equals_adaptive_pooling():
     assert feats.shape[-2:] == (1, 1)
     expected = m.classifier(torch.flatten(m.pool(feats), 1))
     torch.testing.assert_close(m(x), expected)
+
+
+@pytest.mark.parametrize("stride, kernel, bias, channels_last, size", [
+    (1, 3, True, False, 2), (1, 3, False, True, 4), (2, 3, False, False, 4), (2, 1, False, True, 4),
+    (1, 3, True, True, 8),  # above the small-map threshold: the stock path
+])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_small_map_conv_gradients_equal_nn_conv2d(stride, kernel, bias, channels_last, size, bf16):
+    from dsd2.models import Conv2d
+
+    torch.manual_seed(0)
+    ours = Conv2d(8, 6, kernel, stride, kernel // 2, bias=bias)
+    ref = nn.Conv2d(8, 6, kernel, stride, kernel // 2, bias=bias)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 8, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        ya, yb = ours(xa), ref(xb)
+    g = torch.randn(ya.shape)
+    ya.float().backward(g)
+    yb.float().backward(g)
+    tol = 1e-2 if bf16 else 1e-6
+    assert ya.dtype == yb.dtype and torch.equal(ya, yb)
+    for a, b in [(xa.grad, xb.grad), (ours.weight.grad, ref.weight.grad)] + (
+            [(ours.bias.grad, ref.bias.grad)] if bias else []):
+        assert a.dtype == b.dtype
+        assert float((a - b).abs().max() / b.abs().max()) <= tol
