@@ -98,7 +98,7 @@ class DistillConfig:
     """
 
     students: tuple[str, ...] = ("vanilla", "kd-dense", "kd-sparse")
-    teacher_level: str = "best"  # best | dense | a level number
+    teacher_level: str | int = "best"  # best | dense | a level number
     alpha: float = 0.8
     temperature: float = 10.0
     student_model: str = "mlp"
@@ -208,13 +208,32 @@ def from_dict(raw: dict[str, Any]) -> Config:
                     raise ConfigError(
                         f"unknown config key '{key}.{k}'; allowed: {', '.join(sorted(allowed))}"
                     )
-                sub[k] = tuple(v) if isinstance(v, list) else v
+                v = tuple(v) if isinstance(v, list) else v
+                _check_type(f"{key}.{k}", v, allowed[k].type)
+                sub[k] = v
             kwargs[key] = cls(**sub)
         else:
+            _check_type(key, value, next(f.type for f in fields(Config) if f.name == key))
             kwargs[key] = value
     cfg = Config(**kwargs)
     validate(cfg)
     return cfg
+
+
+_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,), "None": (type(None),),
+          "tuple": (tuple,)}
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    """Reject a value whose type the field's annotation (e.g. 'float', 'int | None', 'tuple[int, ...]') rules out."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    names = [part.strip().split("[")[0] for part in text.split("|")]
+    allowed = tuple(t for n in names for t in _TYPES.get(n, (object,)))
+    bad = not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)
+    if isinstance(value, tuple) and "tuple[int, ...]" in text:
+        bad = bad or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if bad:
+        raise ConfigError(f"config value {name} = {value!r} has the wrong type; expected {text}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -280,8 +299,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"noise {d.noise!r} is outside [0, 1)")
     if d.noise_type == "asymmetric" and d.dataset == "cifar100":
         raise ConfigError("noise type 'asymmetric' is the CIFAR-10 class map; use symmetric or pairflip")
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise ConfigError(f"val fraction {d.val_fraction!r} is outside [0, 1)")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"val fraction {d.val_fraction!r} is outside (0, 1): the validation split selects w_best")
     if not 0.0 < p.prune_fraction < 1.0:
         raise ConfigError(f"prune fraction {p.prune_fraction!r} is outside (0, 1)")
     if p.target_sparsity is not None and not 0.0 < p.target_sparsity < 1.0:
@@ -294,8 +313,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dense epochs {o.dense_epochs!r} must be a whole number >= 1")
     if not isinstance(o.batch_size, int) or o.batch_size < 1:
         raise ConfigError(f"batch size {o.batch_size!r} must be a whole number >= 1")
-    if o.lr <= 0:
-        raise ConfigError(f"learning rate {o.lr!r} must be > 0")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise ConfigError(f"learning rate {o.lr!r} must be a finite number > 0")
+    for name, value in (("momentum", o.momentum), ("weight decay", o.weight_decay), ("lr decay factor", o.gamma),
+                        ("finetune lr scale", p.finetune_lr_scale)):
+        if not (0.0 <= value < float("inf")) or (name == "momentum" and value >= 1.0):
+            raise ConfigError(f"{name} {value!r} is outside its range ({'[0, 1)' if name == 'momentum' else '>= 0'})")
+    dense = o.dense_epochs or o.epochs
+    if not 0 <= p.rewind_iteration <= dense:
+        raise ConfigError(f"rewind iteration {p.rewind_iteration!r} must be between 0 and the {dense} dense epochs")
     if m.name == "vgg" and not (1 <= m.depth <= 8 and 1 <= m.width <= 10):
         raise ConfigError(f"VGG-like depth {m.depth} / width {m.width} outside 1..8 / 1..10")
     if m.name == "mlp" and (not m.hidden or any(int(h) < 1 for h in m.hidden)):
@@ -313,5 +339,9 @@ def validate(cfg: Config) -> None:
     level = str(k.teacher_level)
     if level not in ("best", "dense") and not (level.isdigit()):
         raise ConfigError(f"teacher level '{level}' is not known; allowed: best, dense or a level number")
+    if level.isdigit() and int(level) > cfg.num_levels():
+        raise ConfigError(f"teacher level {level} is beyond the teacher's {cfg.num_levels()} pruning levels")
+    if k.students and k.student_model in ("vgg", "resnet18") and d.dataset == "digits":
+        raise ConfigError(f"student model '{k.student_model}' needs 32x32 images; dataset 'digits' is 8x8: use mlp")
     if m.name in ("vgg", "resnet18") and d.dataset == "digits":
         raise ConfigError(f"model '{m.name}' needs 32x32 images; dataset 'digits' is 8x8: use mlp")

@@ -308,11 +308,17 @@ class Engine:
             tensors.update({f"start.{k}": v for k, v in self.level_start.items()})
         # all of the loop's randomness comes from generators seeded by (seed, level, epoch); the global
         # states are kept too, for code that draws from them (user objectives, layers with dropout)
+        # online entropy counts of the last epoch exist until the level is measured: keep them across a kill
+        observations = {}
+        for name, r in self.relus.items():
+            if r.counts is not None:
+                tensors[f"relu.{name}"] = r.counts
+                observations[name] = r.observations
         tensors["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         meta = {"run_hash": self.run_hash, "level": level, "epoch": epoch, "level_done": level_done,
-                "optim_scalars": optim_meta}
+                "optim_scalars": optim_meta, "relu_observations": observations}
         save_checkpoint(path, tensors, meta)
 
     def load_state(self, path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -324,6 +330,10 @@ class Engine:
             raise RunError(f"checkpoint '{path}' does not match the configured model") from None
         self.masks = {k[5:]: v.to(self.device, torch.bool) for k, v in tensors.items() if k.startswith("mask.")}
         self.level_start = {k[6:]: v.to(self.device) for k, v in tensors.items() if k.startswith("start.")}
+        for name, obs in meta.get("relu_observations", {}).items():
+            if name in self.relus and f"relu.{name}" in tensors:
+                self.relus[name].counts = tensors[f"relu.{name}"].to(self.device)
+                self.relus[name].observations = obs
         if "rng.cpu" in tensors:
             torch.set_rng_state(tensors["rng.cpu"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
@@ -748,9 +758,12 @@ def student_config(cfg: Config, kind: str, teacher_dir: Path, teacher_hash: str,
 
 
 def teacher_config(cfg: Config) -> Config:
+    """The teacher's own run: independent of student-only settings, so a sweep over alpha reuses it."""
     from dataclasses import replace
 
-    return replace(cfg, distill=replace(cfg.distill, students=(), teacher=None, teacher_id=None))
+    from dsd2.config import DistillConfig
+
+    return replace(cfg, distill=DistillConfig(students=(), teacher=None, teacher_id=None))
 
 
 def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
@@ -764,6 +777,9 @@ def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
     teacher_run = RunDir(root.root / "teacher")
     engine = Engine(tcfg, teacher_run, progress=progress, log=log)
     engine.prepare()  # bad input fails here, before the experiment directory is claimed
+    # and so does the student's (model size, level count), before the teacher trains
+    probe = student_config(cfg, "vanilla", teacher_run.root, "", 0)
+    Engine(probe, RunDir(root.root / "students" / "vanilla"), progress=False, log=log, splits=engine.splits).prepare()
     ctx = dist_context()
     resumed = root.claim(cfg.to_dict(), cfg.run_hash(), write=False)  # every rank checks, rank 0 writes
     ctx.barrier()

@@ -28,7 +28,18 @@ class RunError(ValueError):
     """A run directory or checkpoint problem a user must fix; the message names the path."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    if path.parent.exists() and not path.parent.is_dir():
+        raise RunError(f"'{path.parent}' is a file, not a folder; choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -36,6 +47,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes files private; run files are ordinary files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -86,7 +98,7 @@ def load_checkpoint(path: Path, expect_hash: str | None = None) -> tuple[dict[st
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:  # safetensors raises several types for damaged files
         raise RunError(f"checkpoint '{path}' is corrupt or not a safetensors file ({exc.__class__.__name__}); "
-                       "delete it to restart from the previous one") from None
+                       "restore it, or start the run again in a new --out") from None
     if header.get("format") != FORMAT:
         raise RunError(f"checkpoint '{path}' is not a dsd2 checkpoint (format {header.get('format')!r})")
     meta = json.loads(header.get("meta", "{}"))
@@ -114,6 +126,8 @@ class RunDir:
     def stored_config(self) -> dict[str, Any] | None:
         import yaml
 
+        if self.root.exists() and not self.root.is_dir():
+            raise RunError(f"'{self.root}' is a file, not a run folder")
         if not self.config_path.exists():
             return None
         try:
@@ -127,6 +141,8 @@ class RunDir:
     def claim(self, config: dict[str, Any], run_hash: str, write: bool = True) -> bool:
         """Make the directory ours. Returns True when it already holds this run (resume). With
         `write=False` (data-parallel ranks other than 0) only check, never write."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RunError(f"output '{self.root}' is a file, not a folder; choose another --out")
         stored = self.stored_config()
         if stored is not None:
             if stored["run_hash"] != run_hash:
@@ -149,4 +165,10 @@ class RunDir:
     def summary(self) -> dict[str, Any] | None:
         if not self.summary_path.exists():
             return None
-        return json.loads(self.summary_path.read_text())
+        try:
+            data = json.loads(self.summary_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RunError(f"'{self.summary_path}' is not valid JSON; the run directory is damaged") from None
+        if not isinstance(data, dict):
+            raise RunError(f"'{self.summary_path}' is not a dsd2 summary")
+        return data

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dsd2.config import Config, ConfigError, build_config, from_dict, merge
-from dsd2.runs import RunDir, atomic_write_text, write_json
+from dsd2.runs import RunDir, RunError, atomic_write_text, write_json
 
 # short grid names for the paper's axes; any dotted config path also works (e.g. optim.lr)
 ALIASES = {
@@ -102,22 +102,28 @@ def _gpu_count() -> int:
         return 0
 
 
-def launch(configs: list[Config], root: Path, launcher: str, log=print, slurm: dict[str, Any] | None = None) -> None:
+def launch(configs: list[Config], root: Path, launcher: str, log=print,
+           slurm: dict[str, Any] | None = None) -> list[str]:
+    """Run what is not finished; one failed run does not stop the others. Returns the failures."""
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher '{launcher}' is not known; allowed: {', '.join(LAUNCHERS)}")
     todo = [(c, run_dir_for(root, c)) for c in configs if not is_finished(run_dir_for(root, c), c)]
     log(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} finished, {len(todo)} to run")
+    failures: list[str] = []
     if not todo:
-        return
+        return failures
     if launcher == "local":
         gpus = _gpu_count()
         if gpus > 1:
-            _local_per_gpu(todo, gpus, log)
-        else:
-            for cfg, path in todo:
-                log(f"  run {path.name}")
+            return _local_per_gpu(todo, gpus, log)
+        for cfg, path in todo:
+            log(f"  run {path.name}")
+            try:
                 run_one(cfg.to_dict(), str(path))
-        return
+            except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
+                failures.append(f"{path.name}: {exc}")
+                log(f"  run {path.name} failed: {exc}")
+        return failures
     import submitit
 
     folder = root / "submitit"
@@ -127,33 +133,39 @@ def launch(configs: list[Config], root: Path, launcher: str, log=print, slurm: d
     else:
         executor = submitit.LocalExecutor(folder=str(folder))
         executor.update_parameters(timeout_min=(slurm or {}).get("timeout_min", 60))
-    jobs = [executor.submit(run_one, cfg.to_dict(), str(path)) for cfg, path in todo]
+    jobs = [(path, executor.submit(run_one, cfg.to_dict(), str(path))) for cfg, path in todo]
     log(f"  submitted {len(jobs)} jobs ({launcher}); logs in {folder}")
-    for job in jobs:
-        job.result()  # re-raises a failed run's error
+    for path, job in jobs:
+        try:
+            job.result()
+        except Exception as exc:  # noqa: BLE001 - submitit wraps the run's error; recorded, the sweep goes on
+            failures.append(f"{path.name}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
+    return failures
 
 
-def _local_per_gpu(todo: list[tuple[Config, Path]], gpus: int, log) -> None:
+def _local_per_gpu(todo: list[tuple[Config, Path]], gpus: int, log) -> list[str]:
     """One run per visible GPU at a time, each in its own process."""
     import time
 
     pending = list(todo)
-    running: dict[int, subprocess.Popen] = {}
+    failures: list[str] = []
+    running: dict[int, tuple[subprocess.Popen, Path]] = {}
     code = "import json,sys; from dsd2.sweep import run_one; run_one(json.loads(sys.argv[1]), sys.argv[2])"
     while pending or running:
         for gpu in range(gpus):
-            proc = running.get(gpu)
+            proc, path = running.get(gpu, (None, None))
             if proc is not None and proc.poll() is not None:
                 if proc.returncode != 0:
-                    raise RuntimeError(f"a sweep run on GPU {gpu} failed with exit code {proc.returncode}")
+                    failures.append(f"{path.name}: exit code {proc.returncode} on GPU {gpu}")
                 del running[gpu]
             if gpu not in running and pending:
                 cfg, path = pending.pop(0)
                 env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
-                running[gpu] = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(path)],
-                                                env=env)
+                proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(path)], env=env)
+                running[gpu] = (proc, path)
                 log(f"  run {path.name} on GPU {gpu}")
         time.sleep(1.0)
+    return failures
 
 
 def summarize(configs: list[Config], root: Path) -> dict[str, Any]:
@@ -202,9 +214,14 @@ def run_sweep(base: Config, grid_items: list[str], root: Path, launcher: str = "
     grid = parse_grid(grid_items)
     configs = expand(base, grid)
     root.mkdir(parents=True, exist_ok=True)
-    launch(configs, root, launcher, log, slurm)
+    failures = launch(configs, root, launcher, log, slurm)
     summary = summarize(configs, root)
+    summary["failed"] = failures
+    write_json(root / "sweep_summary.json", summary)
     atomic_write_text(root / "sweep.md", sweep_table(summary, grid))
+    if failures:
+        raise RunError(f"{len(failures)} of {len(configs)} sweep runs failed ({failures[0]}); the others are "
+                       f"summarised in {root / 'sweep.md'}; rerun the sweep after fixing them")
     return summary
 
 

@@ -114,3 +114,17 @@ def test_metrics_mark_the_best_level(tmp_path):
     rows = RunDir(out).levels()
     assert sum(r["best"] for r in rows) == 1
     assert next(r for r in rows if r["best"])["level"] == RunDir(out).summary()["best_level"]
+
+
+def test_usage_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model", "foo"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "invalid choice: 'foo'" in err
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+    code, err = run_main(["train", *TINY, "--out", str(target)], capsys)
+    assert code == 2 and "is a file, not a folder" in err and target.read_text() == "keep me"

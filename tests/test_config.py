@@ -71,3 +71,20 @@ def test_target_sparsity_sets_levels():
 def test_validation_split_defaults():
     assert build_config("cifar10-resnet18").data.val_fraction == 0.1
     assert build_config().data.val_fraction == pytest.approx(1 / 6)  # digits: 1000 train / 200 validation
+
+
+@pytest.mark.parametrize("override, words", [
+    ({"optim": {"lr": "abc"}}, "optim.lr = 'abc' has the wrong type"),
+    ({"model": {"hidden": 256}}, "model.hidden = 256 has the wrong type"),
+    ({"distill": {"alpha": "x"}}, "distill.alpha = 'x' has the wrong type"),
+    ({"optim": {"lr": float("nan")}}, "learning rate nan"),
+    ({"data": {"val_fraction": 0.0}}, "val fraction 0.0 is outside (0, 1)"),
+    ({"prune": {"perturb": "rewind", "rewind_iteration": 500}}, "rewind iteration 500"),
+    ({"optim": {"momentum": 1.5}}, "momentum 1.5"),
+    ({"distill": {"teacher_level": 99}}, "teacher level 99 is beyond"),
+    ({"distill": {"student_model": "vgg"}}, "student model 'vgg' needs 32x32"),
+])
+def test_wrong_types_and_ranges_are_one_sentence(override, words):
+    with pytest.raises(ConfigError) as info:
+        build_config(None, None, override)
+    assert words in str(info.value)

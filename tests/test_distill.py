@@ -159,3 +159,24 @@ def test_main_job_runs_the_whole_experiment(tmp_path, capsys):
     assert sparse["test_acc_pct"] == pytest.approx([r["test_acc"] * 100 for r in rows])
     assert main(["train", *TINY, "--out", str(out)]) == 0
     assert "already complete" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--levels", "20", "--students", "vanilla", "--student-hidden", "1"], "20 levels cannot be reached"),
+    (["--teacher-level", "9", "--students", "kd-sparse"], "teacher level 9 is beyond"),
+])
+def test_student_problems_are_found_before_the_teacher_trains(tmp_path, capsys, args, words):
+    out = tmp_path / "exp"
+    code = main(["train", "--epochs", "1", "--dense-epochs", "1", "--levels", "3", "--quiet", *args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and not out.exists()
+
+
+def test_experiments_with_different_configs_are_not_pooled(tmp_path, capsys):
+    from dsd2.report import write_experiment_report
+    from dsd2.runs import RunError
+
+    for name, noise in (("a", "0.1"), ("b", "0.6")):
+        assert main(["train", *TINY, "--students", "vanilla", "--noise", noise, "--out", str(tmp_path / name)]) == 0
+    with pytest.raises(RunError, match="differ in data.noise"):
+        write_experiment_report([tmp_path / "a", tmp_path / "b"], tmp_path / "rep")

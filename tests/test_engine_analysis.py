@@ -86,3 +86,23 @@ def test_validation_rule_stop_is_consistent(tmp_path, tiny_config):
 def test_entropy_rule_without_the_measure_is_refused(capsys):
     assert main(["train", "--early-stop", "entropy", "--entropy", "off", "--quiet"]) == 2
     assert "needs the entropy measure" in capsys.readouterr().err
+
+
+def test_online_counts_survive_a_kill_before_the_level_is_measured(tmp_path, tiny_config):
+    cfg = tiny_config(analysis__entropy="online")
+    quiet_engine(cfg, tmp_path / "ref").run_loop()
+    engine = quiet_engine(cfg, tmp_path / "killed")
+    original = engine.save_state
+
+    def crash_at_level_checkpoint(path, *args, **kwargs):
+        if path.name == "level_01.safetensors":
+            raise KeyboardInterrupt  # after the last epoch's checkpoint, before the level's measures are saved
+        original(path, *args, **kwargs)
+
+    engine.save_state = crash_at_level_checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_loop()
+    quiet_engine(cfg, tmp_path / "killed").run_loop()
+    ref = read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    got = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["entropy_mean"] for r in got] == [r["entropy_mean"] for r in ref]

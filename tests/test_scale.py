@@ -146,3 +146,13 @@ def test_submitit_local_launcher(tmp_path):
     assert list((tmp_path / "sw" / "submitit").glob("*_result.pkl"))
     with pytest.raises(ConfigError, match="launcher 'pbs'"):
         run_sweep(base, ["seed=0"], tmp_path / "sw2", launcher="pbs", log=lambda s: None)
+
+
+def test_a_failed_run_does_not_stop_the_sweep(tmp_path):
+    from dsd2.runs import RunError
+
+    base = build_config(overrides={"optim": {"epochs": 1, "dense_epochs": 1}, "prune": {"levels": 1},
+                                   "distill": {"students": []}})
+    with pytest.raises(RunError, match="1 of 2 sweep runs failed"):
+        run_sweep(base, ["levels=200,1"], tmp_path / "sw", log=lambda s: None)
+    assert "| 1 | 1 |" in (tmp_path / "sw" / "sweep.md").read_text()

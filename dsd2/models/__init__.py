@@ -13,7 +13,6 @@ from torch import nn
 
 from dsd2.config import ModelConfig
 
-
 SMALL_MAP = 16  # input positions per channel (4x4) up to which the CPU weight gradient is one matrix product
 
 

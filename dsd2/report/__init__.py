@@ -51,13 +51,22 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-IGNORED_FOR_GROUPING = {"seed", "device", "data.data_root", "data.download"}
+# what does not tell configurations apart: where things live, and the teacher run's hash (it differs with the
+# teacher's seed); the teacher level a student was distilled from is kept
+IGNORED_FOR_GROUPING = {"seed", "device", "data.data_root", "data.download", "distill.teacher"}
+
+
+def _grouping_view(flat: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in flat.items() if k not in IGNORED_FOR_GROUPING}
+    if out.get("distill.teacher_id"):
+        out["distill.teacher_id"] = "level " + str(out["distill.teacher_id"]).rsplit(":", 1)[-1]
+    return out
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     """Group runs that differ only by seed; label groups by the config fields that differ between them."""
-    flats = [_flatten(r.config) for r in runs]
-    keys = sorted({k for f in flats for k in f} - IGNORED_FOR_GROUPING)
+    flats = [_grouping_view(_flatten(r.config)) for r in runs]
+    keys = sorted({k for f in flats for k in f})
     signature = [tuple((k, f.get(k)) for k in keys) for f in flats]
     distinct = sorted(set(signature), key=signature.index)
     varying = [k for k in keys if len({dict(sig).get(k) for sig in distinct}) > 1]
@@ -195,8 +204,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values) * 100:.2f} ± {statistics.stdev(values) * 100:.2f}"
 
 
-def table1(groups: dict[str, list[Run]], patience: int = 3, tolerance: float = 0.05,
-           teacher_training: dict[str, list[float]] | None = None) -> tuple[str, str]:
+def _rule_settings(run: Run) -> tuple[int, float]:
+    a = run.config.get("analysis", {}) if run.config else {}
+    return int(a.get("patience", 3)), float(a.get("entropy_tolerance", 0.05))
+
+
+def table1(groups: dict[str, list[Run]], teacher_training: dict[str, list[float]] | None = None
+           ) -> tuple[str, str]:
     """Training PFLOPs (dense, fvcore convention) and test accuracy of the returned model (w_best by
     validation) for the full loop and the loops the early-stop rules would have run. The teacher columns
     hold the teacher's forward passes during distillation and, when given, the cost of training the teacher
@@ -209,13 +223,15 @@ def table1(groups: dict[str, list[Run]], patience: int = 3, tolerance: float = 0
     writer = csv.writer(buf)
     writer.writerow(header)
     for label, runs in groups.items():
-        rules = [("full loop", None)]
+        stopped = any((r.summary or {}).get("early_stop", {}).get("stopped") for r in runs)
+        rules = [("loop as run (stopped early)" if stopped else "full loop", None)]
         if all("entropy_mean" in r for run in runs for r in run.rows):
             rules.append(("early stop: entropy", "entropy"))
         rules.append(("early stop: validation", "val"))
         for name, rule in rules:
             pflops, teacher, accs, sparsities, levels = [], [], [], [], []
             for run in runs:
+                patience, tolerance = _rule_settings(run)
                 stop = len(run.rows) - 1 if rule is None else simulate_early_stop(run.rows, rule, patience, tolerance)
                 done = run.rows[: stop + 1]
                 best = max(done, key=lambda r: (r["val_acc"], r["sparsity"]))
@@ -237,6 +253,12 @@ def write_experiment_report(roots: str | Path | list[str | Path], out: Path) -> 
     """Report of one or several DSD² experiment directories (seeds aggregate): the teacher's Fig. 2, the
     students on one panel (Fig. 5), a curve table per curve and one Table 1 with the teacher and students."""
     roots = [Path(r) for r in (roots if isinstance(roots, list) else [roots])]
+    configs = [_grouping_view(_flatten(RunDir(r).stored_config()["config"])) if RunDir(r).config_path.exists()
+               else {} for r in roots]
+    differing = sorted({k for c in configs for k in c if any(c.get(k) != o.get(k) for o in configs)})
+    if differing:
+        raise RunError(f"the experiments differ in {', '.join(differing)}, not only in the seed; report them one "
+                       "at a time")
     teachers = [load_run(r / "teacher") for r in roots]
     kinds = sorted({p.name for r in roots if (r / "students").is_dir() for p in (r / "students").iterdir()
                     if (p / "metrics.jsonl").exists()})
