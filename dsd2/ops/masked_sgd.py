@@ -40,8 +40,7 @@ def masked_sgd_reference(params: list[torch.Tensor], grads: list[torch.Tensor],
 
 def _foreach_step(params, grads, bufs, masks, *, lr, momentum, weight_decay, nesterov, first) -> None:
     """Multi-tensor path for devices without a fused kernel: a handful of launches for all tensors."""
-    ones = [m if m is not None else None for m in masks]
-    d = [g * m if m is not None else g.clone() for g, m in zip(grads, ones)]
+    d = [g * m if m is not None else g.clone() for g, m in zip(grads, masks)]
     if weight_decay:
         torch._foreach_add_(d, params, alpha=weight_decay)
     if momentum:
