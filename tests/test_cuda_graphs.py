@@ -32,6 +32,20 @@ def setup(model_name, optimizer):
     return model, opt, data, mean, std, masks
 
 
+def eager_epoch(model, opt, data, mean, std, perm, batch=64):
+    """The reference: plain eager steps over `perm`; returns the summed loss."""
+    model.train()
+    losses = torch.zeros((), device="cuda")
+    for start in range(0, perm.numel(), batch):
+        idx = perm[start:start + batch]
+        loss = cross_entropy(model(normalize(data.images[idx], mean, std)), data.labels[idx], None, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses += loss.detach() * idx.numel()
+    return losses
+
+
 @pytest.mark.parametrize("model_name, optimizer", [("mlp", "sgd"), ("mlp", "adam"), ("vgg", "sgd")])
 def test_graph_replays_equal_eager_steps(model_name, optimizer):
     from dsd2.training.graphs import GraphedTrainStep, graphed_epoch
@@ -40,14 +54,7 @@ def test_graph_replays_equal_eager_steps(model_name, optimizer):
     graphed = setup(model_name, optimizer)
     perm = torch.randperm(eager[2].labels.numel(), generator=torch.Generator().manual_seed(2)).cuda()
     model, opt, data, mean, std, masks = eager
-    losses = torch.zeros((), device="cuda")
-    for start in range(0, perm.numel(), 64):
-        idx = perm[start:start + 64]
-        loss = cross_entropy(model(normalize(data.images[idx], mean, std)), data.labels[idx], None, idx)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses += loss.detach() * idx.numel()
+    losses = eager_epoch(model, opt, data, mean, std, perm)
     gmodel, gopt, gdata, gmean, gstd, gmasks = graphed
 
     def make(warm, lr):
@@ -72,15 +79,9 @@ def test_second_epoch_after_evaluation_reuses_the_graph_in_train_mode():
              for s in (3, 4)]
     model, opt, data, mean, std, _ = eager
     for perm, lr in zip(perms, (0.01, 0.002)):
-        model.train()
         for group in opt.param_groups:
             group["lr"] = lr
-        for start in range(0, perm.numel(), 64):
-            idx = perm[start:start + 64]
-            loss = cross_entropy(model(normalize(data.images[idx], mean, std)), data.labels[idx], None, idx)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        eager_epoch(model, opt, data, mean, std, perm)
         predict(model, data, batch_size=256, mean=mean, std=std)
     gmodel, gopt, gdata, gmean, gstd, _ = graphed
 

@@ -32,16 +32,31 @@ CIFAR_LAYOUT = {
 }
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles: rebuild only numpy arrays and plain containers from them, so a
+    tampered file in a data folder cannot run code when it is read."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
+
+
 def _read_batches(folder: Path, names: list[str], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     for name in names:
         path = folder / name
         try:
             with open(path, "rb") as fh:
-                entry = pickle.load(fh, encoding="bytes")
+                entry = _CifarUnpickler(fh, encoding="bytes").load()
             data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             target = np.asarray(entry[label_key], dtype=np.int64)
-        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as exc:
             raise DataError(f"cannot read CIFAR file '{path}' ({exc.__class__.__name__}): "
                             "re-extract the archive or pass --download") from None
         images.append(torch.from_numpy(data.copy()))

@@ -72,3 +72,21 @@ def test_sharded_batches_split_every_global_batch_between_ranks():
     assert len(parts[0]) == len(parts[1]) == len(whole)
     for w, a, b in zip(whole, *parts):
         assert torch.equal(torch.cat([a, b]), w)
+
+
+def test_cifar_reader_refuses_pickled_code(tmp_path):
+    import pickle
+
+    from dsd2.data import write_fake_cifar
+
+    root = tmp_path / "cifar"
+    folder = write_fake_cifar(root, "cifar10", train_per_file=4, test_size=4)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    with open(folder / "data_batch_1", "wb") as fh:
+        pickle.dump({b"data": Payload(), b"labels": [0]}, fh)
+    with pytest.raises(DataError, match="cannot read CIFAR file .*data_batch_1"):
+        load_raw("cifar10", str(root))
