@@ -137,7 +137,7 @@ def best_level(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 class Engine:
     def __init__(self, cfg: Config, run_dir: RunDir, *, progress: bool = True,
                  log: Callable[[str], None] = print, objective: Objective = cross_entropy,
-                 splits: Splits | None = None, run_hash: str | None = None):
+                 splits: Splits | None = None, run_hash: str | None = None, graphs=None):
         self.cfg = cfg
         self.run = run_dir
         self.ctx = dist_context()
@@ -160,6 +160,12 @@ class Engine:
         self.teacher_flops = 0.0
         self.teacher_cached = False
         self._epoch_rows: list[dict[str, Any]] = []
+        # graph maker for the captured train step, evaluation and counting pass (dsd2.training.graphs); None:
+        # CUDA graphs on a CUDA device
+        self.graphs = graphs
+        self._graph_steps: dict[bool, Any] = {}
+        self._graph_optimizer: torch.optim.Optimizer | None = None
+        self._predictor = None
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -254,35 +260,55 @@ class Engine:
     # ---- CUDA graphs ---------------------------------------------------------------------------
 
     def use_graphs(self) -> bool:
-        from dsd2.ops._backend import triton_available
         from dsd2.training.graphs import WARMUP_STEPS
 
         wanted = self.cfg.cuda_graphs is not False
         enough = len(self.splits.train) // self.cfg.optim.batch_size > WARMUP_STEPS
-        # MaskedSGD's capturable step (learning rate read on the device) is the Triton kernel
-        capturable = self.cfg.optim.optimizer == "adam" or triton_available()
-        return wanted and enough and capturable and self.device.type == "cuda" and not self.ctx.enabled
+        capturable = self.device.type == "cuda" or self.graphs is not None
+        return wanted and enough and capturable and not self.ctx.enabled
 
-    def graphed_train_epoch(self, optimizer, level: int, epoch: int, lr: float) -> dict[str, float]:
-        """The epoch as graph replays; a level's first graphed epoch captures (its optimizer is new)."""
+    def _graph_maker(self):
+        from dsd2.training.graphs import CudaGraphs
+
+        return self.graphs if self.graphs is not None else CudaGraphs()
+
+    def graphed_train_epoch(self, optimizer, level: int, epoch: int, lr: float, counting: bool) -> dict[str, Any]:
+        """The epoch as graph replays. A level's first graphed epoch captures (its optimizer is new); the online
+        counting epoch has a graph of its own, captured with the ReLUs counting."""
         from dsd2.training.graphs import GraphedTrainStep, graphed_epoch
 
         s, batch = self.splits, self.cfg.optim.batch_size
-        if getattr(self, "_graph_optimizer", None) is not optimizer:
-            self._graph_step, self._graph_optimizer = None, optimizer
+        if self._graph_optimizer is not optimizer:
+            self._graph_steps, self._graph_optimizer = {}, optimizer
 
         def make_step(warmup, first_lr):
             return GraphedTrainStep(self.model, optimizer, self.objective, s.train, batch, s.mean, s.std,
                                     augment=self.cfg.data.augment, precision=self.cfg.precision,
-                                    channels_last=self._channels_last(), warmup_indices=warmup, lr=first_lr)
+                                    channels_last=self._channels_last(), warmup_indices=warmup, lr=first_lr,
+                                    graphs=self._graph_maker(), relus=self.relus)
 
         perm = torch.randperm(len(s.train), generator=epoch_generator(self.cfg.seed, level, epoch))
-        self._graph_step, loss_sum, correct = graphed_epoch(self._graph_step, make_step, perm.to(self.device),
-                                                            batch, lr)
+        captured = self._graph_steps.get(counting)
+        step, loss_sum, correct = graphed_epoch(captured, make_step, perm.to(self.device), batch, lr)
+        self._graph_steps[counting] = step
         if isinstance(self.objective, DistillationObjective) and self.objective.ce_sum is not None:
             self.objective.samples = len(s.train)  # the Python-side count ran once, at capture
         n = len(s.train)
-        return {"train_loss": float(loss_sum) / n, "train_acc": float(correct) / n}
+        stats: dict[str, Any] = {"train_loss": float(loss_sum) / n, "train_acc": float(correct) / n}
+        if captured is None:
+            stats["graph_capture_s"] = step.capture_s
+        return stats
+
+    def predictor(self):
+        """Evaluation and the counting pass as graph replays (kept across levels: the model changes in place)."""
+        from dsd2.training.graphs import GraphedPredictor
+
+        if self._predictor is None:
+            k = self.eval_kwargs()
+            self._predictor = GraphedPredictor(self.model, k["batch_size"], k["mean"], k["std"],
+                                               precision=k["precision"], channels_last=k["channels_last"],
+                                               relus=self.relus, graphs=self._graph_maker())
+        return self._predictor
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -398,6 +424,8 @@ class Engine:
         """Logits of a whole split; under data parallelism each rank predicts its shard and all gather."""
         model = model or self.model
         if not self.ctx.enabled:
+            if model is self.model and self.use_graphs():
+                return self.predictor().predict(data)
             return predict(model, data, **self.eval_kwargs())
         from dsd2.data import DeviceDataset
 
@@ -573,8 +601,8 @@ class Engine:
                 if online:
                     self.set_counting(True, reset=True)
                 t0 = time.perf_counter()
-                if self.use_graphs() and not online:
-                    stats = self.graphed_train_epoch(optimizer, level, epoch, lr)
+                if self.use_graphs():
+                    stats = self.graphed_train_epoch(optimizer, level, epoch, lr, online)
                 else:
                     stats = train_epoch(
                         self.train_model, optimizer, s.train, batch_size=self.cfg.optim.batch_size,

@@ -56,7 +56,10 @@ def _foreach_step(params, grads, bufs, masks, *, lr, momentum, weight_decay, nes
             torch._foreach_add_(d, bufs, alpha=momentum)
         else:
             d = bufs
-    torch._foreach_add_(params, d, alpha=-lr)
+    if torch.is_tensor(lr):  # a device tensor: read by the kernels, never by the host
+        torch._foreach_sub_(params, torch._foreach_mul(d, lr))
+    else:
+        torch._foreach_add_(params, d, alpha=-lr)
     pm = [(p, m) for p, m in zip(params, masks) if m is not None]
     if pm:
         torch._foreach_mul_([p for p, _ in pm], [m for _, m in pm])
@@ -127,6 +130,12 @@ class MaskedSGD(torch.optim.Optimizer):
 
                 triton_step(params, grads, bufs, masks, group["lr"], momentum, group["weight_decay"],
                             group["nesterov"])
+                continue
+            if torch.is_tensor(group["lr"]):
+                # a learning rate held in a tensor (CUDA-graph replays change it without recapture) is passed to
+                # the multi-tensor path as a tensor: reading it back would be a host sync inside a capture
+                _foreach_step(params, grads, bufs, masks, lr=group["lr"], momentum=momentum,
+                              weight_decay=group["weight_decay"], nesterov=group["nesterov"], first=first)
                 continue
             kwargs = dict(lr=float(group["lr"]), momentum=momentum, weight_decay=group["weight_decay"],
                           nesterov=group["nesterov"], first=first)

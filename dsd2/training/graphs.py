@@ -1,22 +1,54 @@
-"""The whole training step as one CUDA graph: gather + augment + normalise, forward (teacher included), loss,
-backward and the masked optimizer step, replayed for every full batch of an epoch.
+"""CUDA graphs: the whole training step, and evaluation / the ReLU-state counting pass, captured once and replayed.
 
-Rules of capture followed here: static shapes and addresses (one graph per batch size; inputs reach it by a
-device-side copy of sample indices into a static buffer); no allocation visible to Python and no host sync
-inside the capture (metrics accumulate into static device tensors, the learning rate is a device tensor the
-optimizer kernel reads, so schedules change without recapture); warm-up steps on a side stream before
-capture, so lazily created state (momentum buffers, the optimizer's pointer tables, cuDNN plans) exists;
-autocast's weight-cast cache off. The last partial batch runs eagerly with the same ops, so an epoch sees
-every sample exactly as the eager loop does. A level gets a new optimizer, hence a new capture.
+Training (`GraphedTrainStep`): gather + augment + normalise, forward (teacher included), loss, backward and the
+masked optimizer step, replayed for every full batch of an epoch. Evaluation (`GraphedPredictor`): normalise +
+forward in eval mode, one graph with counting off and one with it on, replayed for every full batch of a split.
+
+Rules of capture followed here: static shapes and addresses (one graph per batch size; training inputs reach
+the graph by a device-side copy of sample indices into a static buffer, evaluation inputs by a copy of the
+split's slice into a static image buffer); no host sync inside the capture (metrics accumulate into static
+device tensors, the learning rate is a device tensor the optimizer reads, so schedules change without
+recapture; Python-side counters such as a ReLU's number of observations are advanced by the replaying code,
+not by the captured one); warm-up on a side stream before capture, so lazily created state (momentum buffers,
+the optimizer's pointer tables, ReLU counters, cuDNN plans) exists; autocast's weight-cast cache off. The last
+partial batch runs eagerly with the same code, so an epoch sees every sample exactly as the eager loop does.
+
+Where graphs are made is one small object (`CudaGraphs`): `graph()`, `warmup()` and `capture(graph)`. The test
+suite swaps in an emulator that records the dispatched tensor operations of the capture and replays them, so
+the capturing and replaying code here is exercised on the CPU too.
 """
 
 from __future__ import annotations
+
+import contextlib
+import time
 
 import torch
 from torch import nn
 
 from dsd2.data import DeviceDataset
 from dsd2.data.batching import normalize
+
+
+class CudaGraphs:
+    """Graph capture on the current CUDA device."""
+
+    name = "cuda"
+
+    def graph(self) -> torch.cuda.CUDAGraph:
+        return torch.cuda.CUDAGraph()
+
+    @contextlib.contextmanager
+    def warmup(self):
+        """Warm-up work runs on a side stream (as torch.cuda.graph requires of work that precedes a capture)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream().wait_stream(side)
+
+    def capture(self, graph: torch.cuda.CUDAGraph):
+        return torch.cuda.graph(graph)
 
 
 def _optimizer_tables() -> list:
@@ -45,16 +77,26 @@ def device_crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
 
 
 class GraphedTrainStep:
-    """One captured training step for batches of `batch_size` samples of `data`."""
+    """One captured training step for batches of `batch_size` samples of `data`.
+
+    `graphs` makes the graph (default: `CudaGraphs()`, which needs `data` and the model on a CUDA device).
+    `relus`: the model's `CountingReLU`s; those counting when the step is captured count in every replay
+    (online entropy), and their Python-side `observations` are advanced here, once per replay.
+    `capture_s` is how long the warm-up and capture took."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, objective, data: DeviceDataset,
                  batch_size: int, mean: torch.Tensor, std: torch.Tensor, *, augment: bool, precision: str,
-                 channels_last: bool, warmup_indices: list[torch.Tensor], lr: float):
-        if data.images.device.type != "cuda":
-            raise ValueError("CUDA graphs need the dataset and the model on a CUDA device")
+                 channels_last: bool, warmup_indices: list[torch.Tensor], lr: float, graphs=None,
+                 relus: dict | None = None):
+        if graphs is None:
+            if data.images.device.type != "cuda":
+                raise ValueError("CUDA graphs need the dataset and the model on a CUDA device")
+            graphs = CudaGraphs()
+        started = time.perf_counter()
         self.model, self.optimizer, self.objective = model, optimizer, objective
         self.data, self.mean, self.std = data, mean, std
         self.augment, self.precision, self.channels_last = augment, precision, channels_last
+        self.device_type = data.images.device.type
         dev = data.images.device
         self.idx = torch.zeros(batch_size, dtype=torch.long, device=dev)
         self.loss_sum = torch.zeros((), device=dev)
@@ -66,19 +108,23 @@ class GraphedTrainStep:
         # an eager epoch before this one (e.g. the online-counting epoch) leaves gradients behind: the warm-up
         # steps, like every replay, must start from zero
         optimizer.zero_grad(set_to_none=False)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with graphs.warmup():
             for idx in warmup_indices:  # real training steps: they also build every lazy buffer
                 self._step(idx)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
+        self.graph = graphs.graph()
         # gradients stay allocated (zeroed in the graph after each step): their addresses, and with them the
         # optimizer kernel's cached pointer tables, are the same in warm-up and in every replay
         optimizer.zero_grad(set_to_none=False)
-        with torch.cuda.graph(self.graph):
+        counting = {n: r for n, r in (relus or {}).items() if r.counting}
+        seen = {n: r.observations for n, r in counting.items()}
+        with graphs.capture(self.graph):
             self._step(self.idx)
+        # capture ran the Python once (counting observations once) but computed nothing: undo the count
+        self.observations = {r: r.observations - seen[n] for n, r in counting.items()}
+        for n, r in counting.items():
+            r.observations = seen[n]
         self._keep_alive = _optimizer_tables()
+        self.capture_s = time.perf_counter() - started
 
     def _step(self, idx: torch.Tensor) -> None:
         self.model.train()  # evaluation between epochs leaves the model in eval mode (a Python-only switch)
@@ -90,7 +136,7 @@ class GraphedTrainStep:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         enabled = self.precision == "bf16"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled, cache_enabled=False):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False):
             logits = self.model(x)
             loss = self.objective(logits, labels, x, idx)
         loss.backward()
@@ -103,6 +149,8 @@ class GraphedTrainStep:
         self.lr.fill_(lr)
         self.idx.copy_(idx, non_blocking=True)
         self.graph.replay()
+        for relu, per_batch in self.observations.items():
+            relu.observations += per_batch
 
     def run_eager(self, idx: torch.Tensor, lr: float) -> None:
         """The same step, uncaptured, for a batch of another size (the last partial batch)."""
@@ -132,3 +180,116 @@ def graphed_epoch(step: GraphedTrainStep | None, make_step, perm: torch.Tensor, 
     if full < perm.numel():
         step.run_eager(perm[full:], lr)
     return step, step.loss_sum.clone(), step.correct.clone()
+
+
+class _Capture:
+    """One captured evaluation forward: a static image buffer in, static float32 logits out."""
+
+    def __init__(self, graph, images: torch.Tensor, logits: torch.Tensor, observations: dict[str, int],
+                 counts: dict[str, torch.Tensor], addresses: tuple[int, ...]):
+        self.graph, self.images, self.logits = graph, images, logits
+        self.observations, self.counts, self.addresses = observations, counts, addresses
+
+
+class GraphedPredictor:
+    """Evaluation, and the counting pass, as graph replays; logits equal `dsd2.training.predict`'s.
+
+    One graph per mode: counting off, and counting on (the `CountingReLU`s of `relus` add their counts inside
+    the graph; their Python-side `observations` are advanced here, once per replay). Each split's full batches
+    are copied into the graph's static image buffer and replayed; its last partial batch runs eagerly. A graph
+    is recaptured when a parameter, buffer or counter of the model has moved to another address since it was
+    captured, so the model can be modified in place (pruned, rewound, loaded) between passes.
+    `capture_s` sums the time spent warming up and capturing."""
+
+    WARMUP_FORWARDS = 2
+
+    def __init__(self, model: nn.Module, batch_size: int, mean: torch.Tensor, std: torch.Tensor, *,
+                 precision: str = "fp32", channels_last: bool = False, relus: dict | None = None, graphs=None):
+        self.model, self.batch_size, self.mean, self.std = model, batch_size, mean, std
+        self.precision, self.channels_last = precision, channels_last
+        self.relus = dict(relus or {})
+        self.graphs = graphs if graphs is not None else CudaGraphs()
+        self.captures: dict[bool, _Capture] = {}
+        self.capture_s = 0.0
+        self.replays = 0
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = normalize(images, self.mean, self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        enabled = self.precision == "bf16"
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False):
+            return self.model(x).float()
+
+    def _addresses(self) -> tuple[int, ...]:
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [r.counts for r in self.relus.values() if r.counting and r.counts is not None]
+        return tuple(t.data_ptr() for t in tensors)
+
+    def _capture(self, counting: bool, batch: torch.Tensor) -> _Capture:
+        started = time.perf_counter()
+        relus = {n: r for n, r in self.relus.items() if r.counting}
+        # warm-up and capture must leave the counts as they were: remember them (None = nothing counted yet)
+        before = {n: (None if r.counts is None else r.counts.clone(), r.observations) for n, r in relus.items()}
+        images = batch.clone()
+        with self.graphs.warmup():
+            for _ in range(self.WARMUP_FORWARDS):  # builds the counters and every lazy buffer
+                self._forward(images)
+        graph = self.graphs.graph()
+        seen = {n: r.observations for n, r in relus.items()}
+        with self.graphs.capture(graph):
+            logits = self._forward(images)
+        per_batch = {n: r.observations - seen[n] for n, r in relus.items()}
+        for n, r in relus.items():
+            counts, observations = before[n]
+            if counts is None:
+                r.counts.zero_()
+            else:
+                r.counts.copy_(counts)
+            r.observations = observations
+        capture = _Capture(graph, images, logits, per_batch, {n: r.counts for n, r in relus.items()},
+                           self._addresses())
+        self.capture_s += time.perf_counter() - started
+        return capture
+
+    def _ready(self, counting: bool, batch: torch.Tensor) -> _Capture:
+        if counting:
+            for name, r in self.relus.items():
+                # a reset (`counts = None`) or a restored checkpoint rebinds the counter: give the captured
+                # graph's counter back to the module, carrying whatever it holds
+                captured = self.captures[True].counts.get(name) if True in self.captures else None
+                if r.counting and captured is not None and r.counts is not captured:
+                    if r.counts is None:
+                        captured.zero_()
+                    else:
+                        captured.copy_(r.counts)
+                    r.counts = captured
+        capture = self.captures.get(counting)
+        if capture is None or capture.addresses != self._addresses():
+            capture = self.captures[counting] = self._capture(counting, batch)
+        return capture
+
+    @torch.no_grad()
+    def predict(self, data: DeviceDataset) -> torch.Tensor:
+        self.model.eval()
+        n, b = len(data), self.batch_size
+        full = n - n % b
+        if full == 0:
+            from dsd2.training import predict
+
+            return predict(self.model, data, batch_size=b, mean=self.mean, std=self.std,
+                           precision=self.precision, channels_last=self.channels_last)
+        counting = any(r.counting for r in self.relus.values())
+        capture = self._ready(counting, data.images[:b])
+        out = torch.empty((n, *capture.logits.shape[1:]), dtype=capture.logits.dtype, device=data.images.device)
+        for start in range(0, full, b):
+            capture.images.copy_(data.images[start:start + b], non_blocking=True)
+            capture.graph.replay()
+            out[start:start + b].copy_(capture.logits)
+        replays = full // b
+        self.replays += replays
+        for name, per_batch in capture.observations.items():
+            self.relus[name].observations += per_batch * replays
+        if full < n:
+            out[full:] = self._forward(data.images[full:])
+        return out
