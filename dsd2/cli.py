@@ -129,7 +129,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--precision", choices=PRECISIONS)
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the training step as a CUDA graph (default: on with CUDA)")
+                   help="capture the training step, evaluation and the counting pass as CUDA graphs "
+                   "(default: on with CUDA in a single process)")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -281,7 +282,8 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"cpu threads {torch.get_num_threads()}, capability {torch.backends.cpu.get_cpu_capability()}")
     for name, state in backends().items():
         print(f"backend {name}: {state}")
-    graphs = "in use for training (single process; --no-cuda-graphs turns them off)" if cuda else \
+    graphs = "in use for the training step, evaluation and the counting pass (single process; " \
+        "--no-cuda-graphs turns them off)" if cuda else \
         "not in use (no CUDA device)"
     print(f"cuda graphs: {graphs}")
     return 0

@@ -195,6 +195,9 @@ class Engine:
         if self.model is not None:
             return
         torch.set_flush_denormal(True)  # denormal weights after pruning slow CPU retraining ~20x
+        if self.cfg.cuda_graphs and self.device.type != "cuda" and self.graphs is None:
+            raise ConfigError(f"cuda_graphs is on but the device is {self.device.type}; CUDA graphs need a CUDA "
+                              "device (--device cuda), or leave --cuda-graphs off")
         if self.splits is None:
             self.splits = build_splits(self.cfg.data, self.cfg.seed, self.device)
         if self.ctx.enabled:
@@ -548,6 +551,9 @@ class Engine:
 
     def run_loop(self) -> dict[str, Any]:
         self.prepare()
+        if self.device.type == "cuda" or self.graphs is not None:
+            self.log("graphs: " + ("training step, evaluation and counting pass captured" if self.use_graphs() else
+                                   "off (turned off, data parallel, or fewer than 4 batches per epoch)"))
         main = self.ctx.is_main
         # every rank checks the folder (read-only) before rank 0 writes, so a refusal stops all of them
         resumed = self.run.claim(self.cfg.to_dict(), self.run_hash, write=False)

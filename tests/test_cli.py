@@ -27,6 +27,7 @@ def run_main(args, capsys):
     (["--levels", "200"], "200 levels cannot be reached"),
     (["--dataset", "cifar10"], "needs --data-root"),
     (["--prune-fraction", "0"], "prune fraction"),
+    (["--cuda-graphs", "--device", "cpu"], "CUDA graphs need a CUDA device"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, words):
     out = tmp_path / "run"
@@ -84,7 +85,8 @@ def test_rerun_of_finished_run_reports_and_resume_flag(tmp_path, capsys):
 def test_info_lists_backends(tmp_path):
     out = subprocess.run([*ENGINE, "info"], capture_output=True, text=True, env=engine_env(), check=True,
                          cwd=tmp_path)
-    for words in ("torch", "backend cpp_extension: loaded", "backend triton", "backend cuda", "device:"):
+    for words in ("torch", "backend cpp_extension: loaded", "backend triton", "backend cuda", "device:",
+                  "cuda graphs:"):
         assert words in out.stdout
 
 

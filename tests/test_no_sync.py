@@ -60,3 +60,31 @@ def test_syncs_per_epoch_do_not_grow_with_steps(count_syncs, objective, optimize
     few = epoch_syncs(count_syncs, 64, objective, optimizer)  # 4 steps
     many = epoch_syncs(count_syncs, 512, objective, optimizer)  # 32 steps
     assert few == many <= 2  # the epoch's loss and accuracy, read once at its end
+
+
+def predict_syncs(count_syncs, n_samples, graphed):
+    from dsd2.ops import swap_in_counting_relus
+    from dsd2.training import predict
+
+    splits = build_splits(DataConfig(noise=0.5), 0, torch.device("cpu"))
+    data = DeviceDataset(splits.train.images[:n_samples], splits.train.labels[:n_samples])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mlp"), (1, 8, 8), 10)
+    relus = swap_in_counting_relus(model)
+    for r in relus.values():
+        r.counting = True  # the counting pass: counts stay on the device too
+    start = len(count_syncs["ids"])
+    if graphed:
+        from graph_emulator import EmulatedGraphs
+
+        from dsd2.training.graphs import GraphedPredictor
+
+        GraphedPredictor(model, 16, splits.mean, splits.std, relus=relus, graphs=EmulatedGraphs()).predict(data)
+    else:
+        predict(model, data, batch_size=16, mean=splits.mean, std=splits.std)
+    return len(count_syncs["ids"]) - start
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
+def test_evaluation_and_counting_pass_make_no_host_read(count_syncs, graphed):
+    assert predict_syncs(count_syncs, 64 + 5, graphed) == predict_syncs(count_syncs, 512 + 5, graphed) == 0
