@@ -2,11 +2,11 @@
 
 Capture records every tensor operation that reaches the dispatcher (forward, autograd's backward, optimizer
 kernels written with torch ops) with the very tensors it read and wrote, and then restores the memory that
-existed before it and that the capture touched: like a CUDA capture, capturing computes nothing that stays. A replay re-runs
-the recorded operations on the recorded tensors, writing each result into the memory the capture produced, so
-only what the graph holds by address is seen: Python code, Python counters and tensors rebound after capture
-are not replayed, exactly as on a GPU. A host read of a device value inside the capture (`.item()`, `float()`,
-`nonzero`) raises, as CUDA's capture does.
+existed before it and that the capture touched: like a CUDA capture, capturing computes nothing that stays.
+A replay re-runs the recorded operations on the recorded tensors, writing each result into the memory the
+capture produced, so only what the graph holds by address is seen: Python code, Python counters and tensors
+rebound after capture are not replayed, exactly as on a GPU. A host read of a device value inside the capture
+(`.item()`, `float()`, `nonzero`) raises, as CUDA's capture does.
 
 Work that bypasses the dispatcher (the C++ extension's pybind functions, Triton kernels) is invisible to it:
 tests that capture through the emulator run the fused ops' plain-PyTorch paths (`reference_ops` fixture).

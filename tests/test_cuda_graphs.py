@@ -7,6 +7,7 @@ present) and with the CPU graph emulator of `graph_emulator.py`, which replays o
 
 import pytest
 import torch
+from graph_emulator import EmulatedGraphs, HostSyncInCapture
 
 from dsd2.config import ModelConfig, OptimConfig
 from dsd2.data import DeviceDataset
@@ -16,7 +17,6 @@ from dsd2.ops import swap_in_counting_relus
 from dsd2.pruning import full_masks, global_prune, magnitude_scores, prunable_weights
 from dsd2.training import DistillationObjective, build_optimizer, cross_entropy, predict
 from dsd2.training.graphs import CudaGraphs, GraphedPredictor, GraphedTrainStep, graphed_epoch
-from graph_emulator import EmulatedGraphs, HostSyncInCapture
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")])
@@ -309,3 +309,25 @@ def test_distilled_run_with_graphs_equals_eager_run(tmp_path, tiny_config, refer
     _, graphed, _ = run_rows(tmp_path / "graphs", cfg, EmulatedGraphs())
     assert_rows_close(graphed, eager)
     assert all("kd_kl" in r for r in graphed)
+
+
+def test_gpu_benchmark_runs_every_variant_through_the_emulator(reference_ops):
+    """benchmarks/bench_gpu.py measures on a GPU only; its code paths are run here at toy size."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
+    g = torch.Generator().manual_seed(0)
+    data = DeviceDataset(torch.randint(0, 256, (70, 3, 32, 32), generator=g, dtype=torch.uint8),
+                         torch.randint(0, 10, (70,), generator=g))
+    cfg = ModelConfig(name="vgg", depth=2, width=3)
+    for graphs in (None, EmulatedGraphs()):
+        for precision, channels_last in (("fp32", False), ("bf16", True)):
+            step, capture = bench_gpu.bench(cfg, graphs, precision, channels_last, data, batch=16, steps=2)
+            assert step > 0 and (capture > 0) == (graphs is not None)
+            assert bench_gpu.bench_eval(cfg, graphs, True, precision, channels_last, data, batch=16, passes=1) > 0
+        if graphs is not None:
+            assert len(graphs.captured) == 4 and all(c.replays > 0 for c in graphs.captured)
