@@ -58,7 +58,11 @@ def resolve_device(name: str) -> torch.device:
     ctx = dist_context()
     if ctx.enabled and name.startswith("cuda"):
         return torch.device("cuda", ctx.local_rank)  # one GPU per process under torchrun
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        # Triton launches, graph captures and replays use the current device's streams: make it this one
+        torch.cuda.set_device(device)
+    return device
 
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
@@ -273,7 +277,7 @@ class Engine:
     def _graph_maker(self):
         from dsd2.training.graphs import CudaGraphs
 
-        return self.graphs if self.graphs is not None else CudaGraphs()
+        return self.graphs if self.graphs is not None else CudaGraphs(self.device)
 
     def graphed_train_epoch(self, optimizer, level: int, epoch: int, lr: float, counting: bool) -> dict[str, Any]:
         """The epoch as graph replays. A level's first graphed epoch captures (its optimizer is new); the online
@@ -294,8 +298,6 @@ class Engine:
         captured = self._graph_steps.get(counting)
         step, loss_sum, correct = graphed_epoch(captured, make_step, perm.to(self.device), batch, lr)
         self._graph_steps[counting] = step
-        if isinstance(self.objective, DistillationObjective) and self.objective.ce_sum is not None:
-            self.objective.samples = len(s.train)  # the Python-side count ran once, at capture
         n = len(s.train)
         stats: dict[str, Any] = {"train_loss": float(loss_sum) / n, "train_acc": float(correct) / n}
         if captured is None:

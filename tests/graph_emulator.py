@@ -6,7 +6,13 @@ existed before it and that the capture touched: like a CUDA capture, capturing c
 A replay re-runs the recorded operations on the recorded tensors, writing each result into the memory the
 capture produced, so only what the graph holds by address is seen: Python code, Python counters and tensors
 rebound after capture are not replayed, exactly as on a GPU. A host read of a device value inside the capture
-(`.item()`, `float()`, `nonzero`) raises, as CUDA's capture does.
+(`.item()`, `float()`, `torch.equal`, `nonzero`, boolean-mask indexing, `unique`...) raises, as CUDA's capture
+does, and so does a replay after a tensor the capture used has been given new memory (`w.data = ...`).
+
+Limits: on the CPU, `.tolist()`, `.numpy()` and copies to the host do not reach the dispatcher (the
+`test_no_sync.py` counters catch those); the emulator keeps every tensor the capture used alive, so it cannot
+show a graph reading memory freed after capture (a counter reset to None must be handed back to the graph:
+the code under test does that, and the tests check the counts after such resets).
 
 Work that bypasses the dispatcher (the C++ extension's pybind functions, Triton kernels) is invisible to it:
 tests that capture through the emulator run the fused ops' plain-PyTorch paths (`reference_ops` fixture).
@@ -20,12 +26,27 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-              torch.ops.aten.masked_select.default}
+aten = torch.ops.aten
+# operations whose result (a Python value, or an output shape) depends on device values: a host read
+HOST_READS = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default,
+              aten.nonzero.default, aten.masked_select.default, aten.bincount.default, aten._unique2.default,
+              aten.unique_consecutive.default, aten.unique_dim.default, aten.repeat_interleave.Tensor}
 
 
 class HostSyncInCapture(RuntimeError):
     pass
+
+
+class MovedSinceCapture(RuntimeError):
+    pass
+
+
+def _host_read(func, args, kwargs) -> bool:
+    if func in HOST_READS:
+        return func is not aten.repeat_interleave.Tensor or kwargs.get("output_size") is None
+    if func is aten.index.Tensor:  # boolean-mask indexing sizes its output by the mask's contents
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    return False
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -35,9 +56,14 @@ def _tensors(tree) -> list[torch.Tensor]:
 class EmulatedGraph:
     def __init__(self):
         self.ops: list[tuple] = []
+        self.addresses: dict[int, tuple[torch.Tensor, int]] = {}  # pre-existing tensors the capture used
         self.replays = 0
 
     def replay(self) -> None:
+        for t, ptr in self.addresses.values():
+            if t.data_ptr() != ptr:
+                raise MovedSinceCapture(f"a tensor of shape {tuple(t.shape)} captured at {ptr:#x} now lives at "
+                                        f"{t.data_ptr():#x}: a CUDA graph would still read the old address")
         with torch.no_grad():
             for func, args, kwargs, out in self.ops:
                 fresh = func(*args, **kwargs)
@@ -57,7 +83,7 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in HOST_READS:
+        if _host_read(func, args, kwargs):
             raise HostSyncInCapture(f"{func} reads a device value on the host inside a graph capture")
         # every pre-existing memory the capture touches is kept, not only what the schema marks as written:
         # some kernels (native_batch_norm's running statistics) write arguments their schema does not mark
@@ -66,8 +92,10 @@ class _Recorder(TorchDispatchMode):
             storage = t.untyped_storage()
             key = storage.data_ptr()
             inputs.add(key)
-            if key not in self.internal and key not in self.saved:
-                self.saved[key] = (storage, storage.clone())
+            if key not in self.internal:
+                self.graph.addresses.setdefault(id(t), (t, t.data_ptr()))
+                if key not in self.saved:
+                    self.saved[key] = (storage, storage.clone())
         out = func(*args, **kwargs)
         for t in _tensors(out):
             key = t.untyped_storage().data_ptr()

@@ -7,7 +7,7 @@ present) and with the CPU graph emulator of `graph_emulator.py`, which replays o
 
 import pytest
 import torch
-from graph_emulator import EmulatedGraphs, HostSyncInCapture
+from graph_emulator import EmulatedGraphs, HostSyncInCapture, MovedSinceCapture
 
 from dsd2.config import ModelConfig, OptimConfig
 from dsd2.data import DeviceDataset
@@ -61,6 +61,26 @@ def test_emulated_capture_refuses_host_reads(reference_ops):
     graphs = EmulatedGraphs()
     with pytest.raises(HostSyncInCapture), graphs.capture(graphs.graph()):
         float(torch.ones(2).sum())
+
+
+@pytest.mark.parametrize("read", [lambda t: t.sum().item(), lambda t: torch.equal(t, t), lambda t: t[t > 0],
+                                  lambda t: t.nonzero(), lambda t: t.long().bincount()],
+                         ids=["item", "equal", "bool-index", "nonzero", "bincount"])
+def test_emulated_capture_refuses_other_host_reads(reference_ops, read):
+    graphs = EmulatedGraphs()
+    with pytest.raises(HostSyncInCapture), graphs.capture(graphs.graph()):
+        read(torch.ones(4))
+
+
+def test_emulated_replay_refuses_tensors_moved_since_capture(reference_ops):
+    graphs = EmulatedGraphs()
+    w, acc = torch.ones(3), torch.zeros(())
+    graph = graphs.graph()
+    with graphs.capture(graph):
+        acc.add_(w.sum())
+    w.data = torch.full((3,), 2.0)
+    with pytest.raises(MovedSinceCapture):
+        graph.replay()
 
 
 def test_emulated_replay_does_not_see_rebound_tensors(reference_ops):
@@ -235,6 +255,29 @@ def test_graphed_predict_and_counting_pass_equal_eager(env, granularity):
     assert predictor.replays == 4 * 5
     if isinstance(graphs, EmulatedGraphs):
         assert len(graphs.captured) == 2  # counting off, counting on
+
+
+def test_counting_pass_adds_to_counts_already_held_and_to_restored_counters(env):
+    device, graphs = env
+    model, data, mean, std, masks, relus = eval_setup(device)
+    part = DeviceDataset(data.images[:50], data.labels[:50])
+    _, want_part = eager_counts(model, relus, part, mean, std, 64)
+    _, want_all = eager_counts(model, relus, data, mean, std, 64)
+    for r in relus.values():
+        r.counting = True
+    predict(model, part, batch_size=64, mean=mean, std=std)  # eager counting first: the counters hold the part
+    predictor = GraphedPredictor(model, 64, mean, std, relus=relus, graphs=graphs)
+    predictor.predict(data)
+    for name, r in relus.items():
+        assert torch.equal(r.counts, want_part[name][0] + want_all[name][0])
+        assert r.observations == want_part[name][1] + want_all[name][1]
+        # a restored checkpoint: other counts, in a new tensor
+        r.counts, r.observations = want_part[name][0].clone(), want_part[name][1]
+    predictor.predict(data)
+    predictor.predict(data)
+    for name, r in relus.items():
+        assert torch.equal(r.counts, want_part[name][0] + 2 * want_all[name][0])
+        assert r.observations == want_part[name][1] + 2 * want_all[name][1]
 
 
 def test_graphed_predict_follows_in_place_changes_and_recaptures_moved_weights(env):

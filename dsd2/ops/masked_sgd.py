@@ -132,6 +132,9 @@ class MaskedSGD(torch.optim.Optimizer):
                             group["nesterov"])
                 continue
             if torch.is_tensor(group["lr"]):
+                if self.backend in ("cpp", "reference"):
+                    raise ValueError(f"backend '{self.backend}' takes a float learning rate; a tensor learning rate "
+                                     "needs backend auto, foreach or triton")
                 # a learning rate held in a tensor (CUDA-graph replays change it without recapture) is passed to
                 # the multi-tensor path as a tensor: reading it back would be a host sync inside a capture
                 _foreach_step(params, grads, bufs, masks, lr=group["lr"], momentum=momentum,

@@ -31,9 +31,19 @@ from dsd2.data.batching import normalize
 
 
 class CudaGraphs:
-    """Graph capture on the current CUDA device."""
+    """Graph capture on a CUDA device, which must be the current one (`torch.cuda.set_device`): captures and
+    replays run on the current device's streams."""
 
     name = "cuda"
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device if device is not None else "cuda")
+
+    def _check(self) -> None:
+        current = torch.cuda.current_device()
+        if self.device.index is not None and self.device.index != current:
+            raise ValueError(f"CUDA graphs run on the current device (cuda:{current}) but the model is on "
+                             f"{self.device}; call torch.cuda.set_device({self.device.index}) first")
 
     def graph(self) -> torch.cuda.CUDAGraph:
         return torch.cuda.CUDAGraph()
@@ -41,6 +51,7 @@ class CudaGraphs:
     @contextlib.contextmanager
     def warmup(self):
         """Warm-up work runs on a side stream (as torch.cuda.graph requires of work that precedes a capture)."""
+        self._check()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -48,7 +59,46 @@ class CudaGraphs:
         torch.cuda.current_stream().wait_stream(side)
 
     def capture(self, graph: torch.cuda.CUDAGraph):
+        self._check()
         return torch.cuda.graph(graph)
+
+
+class _HostCounters:
+    """Python-side counters that captured code advances: a `CountingReLU`'s `observations`, a distillation
+    objective's `samples`. A replay runs no Python, so they are advanced here by what one captured step added;
+    the capture itself, which computes nothing, leaves them as they were."""
+
+    def __init__(self, items: list[tuple[object, str]]):
+        self.items = items
+        self.seen = [getattr(obj, attr) for obj, attr in items]
+        self.per_step: list[int] = []
+
+    def captured(self) -> None:
+        self.per_step = [getattr(obj, attr) - seen for (obj, attr), seen in zip(self.items, self.seen)]
+        for (obj, attr), seen in zip(self.items, self.seen):
+            setattr(obj, attr, seen)
+
+    def advance(self, steps: int = 1) -> None:
+        for (obj, attr), per_step in zip(self.items, self.per_step):
+            setattr(obj, attr, getattr(obj, attr) + per_step * steps)
+
+
+def _bind_counters(relus: dict, captured: dict[str, torch.Tensor]) -> None:
+    """A graph adds into the counter tensors it captured. A reset (`counts = None`) or a restored checkpoint
+    rebinds a ReLU's counter: give the captured tensor back to it, carrying whatever the ReLU holds."""
+    for name, counts in captured.items():
+        relu = relus[name]
+        if relu.counts is counts:
+            continue
+        if relu.counts is None:
+            counts.zero_()
+        else:
+            counts.copy_(relu.counts)
+        relu.counts = counts
+
+
+def _counting(relus: dict | None) -> dict:
+    return {name: r for name, r in (relus or {}).items() if r.counting}
 
 
 def _optimizer_tables() -> list:
@@ -79,10 +129,10 @@ def device_crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
 class GraphedTrainStep:
     """One captured training step for batches of `batch_size` samples of `data`.
 
-    `graphs` makes the graph (default: `CudaGraphs()`, which needs `data` and the model on a CUDA device).
+    `graphs` makes the graph (default: `CudaGraphs`, which needs `data` and the model on a CUDA device).
     `relus`: the model's `CountingReLU`s; those counting when the step is captured count in every replay
-    (online entropy), and their Python-side `observations` are advanced here, once per replay.
-    `capture_s` is how long the warm-up and capture took."""
+    (online entropy). Python-side counters (the ReLUs' `observations`, the objective's `samples`) are
+    advanced here, once per replay. `capture_s` is how long the warm-up and capture took."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, objective, data: DeviceDataset,
                  batch_size: int, mean: torch.Tensor, std: torch.Tensor, *, augment: bool, precision: str,
@@ -91,7 +141,7 @@ class GraphedTrainStep:
         if graphs is None:
             if data.images.device.type != "cuda":
                 raise ValueError("CUDA graphs need the dataset and the model on a CUDA device")
-            graphs = CudaGraphs()
+            graphs = CudaGraphs(data.images.device)
         started = time.perf_counter()
         self.model, self.optimizer, self.objective = model, optimizer, objective
         self.data, self.mean, self.std = data, mean, std
@@ -115,14 +165,15 @@ class GraphedTrainStep:
         # gradients stay allocated (zeroed in the graph after each step): their addresses, and with them the
         # optimizer kernel's cached pointer tables, are the same in warm-up and in every replay
         optimizer.zero_grad(set_to_none=False)
-        counting = {n: r for n, r in (relus or {}).items() if r.counting}
-        seen = {n: r.observations for n, r in counting.items()}
+        self.relus = _counting(relus)
+        self.counters = {n: r.counts for n, r in self.relus.items()}  # allocated by the warm-up steps
+        host = [(r, "observations") for r in self.relus.values()]
+        if hasattr(objective, "samples"):
+            host.append((objective, "samples"))
+        self.host = _HostCounters(host)
         with graphs.capture(self.graph):
             self._step(self.idx)
-        # capture ran the Python once (counting observations once) but computed nothing: undo the count
-        self.observations = {r: r.observations - seen[n] for n, r in counting.items()}
-        for n, r in counting.items():
-            r.observations = seen[n]
+        self.host.captured()
         self._keep_alive = _optimizer_tables()
         self.capture_s = time.perf_counter() - started
 
@@ -148,13 +199,14 @@ class GraphedTrainStep:
     def replay(self, idx: torch.Tensor, lr: float) -> None:
         self.lr.fill_(lr)
         self.idx.copy_(idx, non_blocking=True)
+        _bind_counters(self.relus, self.counters)
         self.graph.replay()
-        for relu, per_batch in self.observations.items():
-            relu.observations += per_batch
+        self.host.advance()
 
     def run_eager(self, idx: torch.Tensor, lr: float) -> None:
         """The same step, uncaptured, for a batch of another size (the last partial batch)."""
         self.lr.fill_(lr)
+        _bind_counters(self.relus, self.counters)
         self._step(idx)
 
 
@@ -185,31 +237,37 @@ def graphed_epoch(step: GraphedTrainStep | None, make_step, perm: torch.Tensor, 
 class _Capture:
     """One captured evaluation forward: a static image buffer in, static float32 logits out."""
 
-    def __init__(self, graph, images: torch.Tensor, logits: torch.Tensor, observations: dict[str, int],
+    def __init__(self, graph, images: torch.Tensor, logits: torch.Tensor, host: _HostCounters,
                  counts: dict[str, torch.Tensor], addresses: tuple[int, ...]):
         self.graph, self.images, self.logits = graph, images, logits
-        self.observations, self.counts, self.addresses = observations, counts, addresses
+        self.host, self.counts, self.addresses = host, counts, addresses
 
 
 class GraphedPredictor:
     """Evaluation, and the counting pass, as graph replays; logits equal `dsd2.training.predict`'s.
 
-    One graph per mode: counting off, and counting on (the `CountingReLU`s of `relus` add their counts inside
-    the graph; their Python-side `observations` are advanced here, once per replay). Each split's full batches
-    are copied into the graph's static image buffer and replayed; its last partial batch runs eagerly. A graph
-    is recaptured when a parameter, buffer or counter of the model has moved to another address since it was
-    captured, so the model can be modified in place (pruned, rewound, loaded) between passes.
-    `capture_s` sums the time spent warming up and capturing."""
+    One graph per set of counting ReLUs (in practice: none, or all): the `CountingReLU`s of `relus` that are
+    counting add their counts inside the graph, and their Python-side `observations` are advanced here, once
+    per replay. Each split's full batches are copied into the graph's static image buffer and replayed; its
+    last partial batch runs eagerly. A graph is recaptured when a parameter or buffer of the model has moved
+    to another address since it was captured, so the model can be modified in place (pruned, rewound, loaded)
+    between passes; counters reset or restored between passes are handed back to the graph's.
+    `graphs` makes the graphs (default: `CudaGraphs`, which needs the model on a CUDA device); `capture_s`
+    sums the time spent warming up and capturing, `replays` counts the replays."""
 
     WARMUP_FORWARDS = 2
 
     def __init__(self, model: nn.Module, batch_size: int, mean: torch.Tensor, std: torch.Tensor, *,
                  precision: str = "fp32", channels_last: bool = False, relus: dict | None = None, graphs=None):
+        if graphs is None:
+            if mean.device.type != "cuda":
+                raise ValueError("CUDA graphs need the model and its inputs on a CUDA device")
+            graphs = CudaGraphs(mean.device)
         self.model, self.batch_size, self.mean, self.std = model, batch_size, mean, std
         self.precision, self.channels_last = precision, channels_last
         self.relus = dict(relus or {})
-        self.graphs = graphs if graphs is not None else CudaGraphs()
-        self.captures: dict[bool, _Capture] = {}
+        self.graphs = graphs
+        self.captures: dict[frozenset, _Capture] = {}
         self.capture_s = 0.0
         self.replays = 0
 
@@ -222,13 +280,11 @@ class GraphedPredictor:
             return self.model(x).float()
 
     def _addresses(self) -> tuple[int, ...]:
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        tensors += [r.counts for r in self.relus.values() if r.counting and r.counts is not None]
-        return tuple(t.data_ptr() for t in tensors)
+        return tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
 
-    def _capture(self, counting: bool, batch: torch.Tensor) -> _Capture:
+    def _capture(self, batch: torch.Tensor) -> _Capture:
         started = time.perf_counter()
-        relus = {n: r for n, r in self.relus.items() if r.counting}
+        relus = _counting(self.relus)
         # warm-up and capture must leave the counts as they were: remember them (None = nothing counted yet)
         before = {n: (None if r.counts is None else r.counts.clone(), r.observations) for n, r in relus.items()}
         images = batch.clone()
@@ -236,37 +292,28 @@ class GraphedPredictor:
             for _ in range(self.WARMUP_FORWARDS):  # builds the counters and every lazy buffer
                 self._forward(images)
         graph = self.graphs.graph()
-        seen = {n: r.observations for n, r in relus.items()}
+        host = _HostCounters([(r, "observations") for r in relus.values()])
         with self.graphs.capture(graph):
             logits = self._forward(images)
-        per_batch = {n: r.observations - seen[n] for n, r in relus.items()}
+        host.captured()
         for n, r in relus.items():
-            counts, observations = before[n]
+            counts, r.observations = before[n]
             if counts is None:
                 r.counts.zero_()
             else:
                 r.counts.copy_(counts)
-            r.observations = observations
-        capture = _Capture(graph, images, logits, per_batch, {n: r.counts for n, r in relus.items()},
+        capture = _Capture(graph, images, logits, host, {n: r.counts for n, r in relus.items()},
                            self._addresses())
         self.capture_s += time.perf_counter() - started
         return capture
 
-    def _ready(self, counting: bool, batch: torch.Tensor) -> _Capture:
-        if counting:
-            for name, r in self.relus.items():
-                # a reset (`counts = None`) or a restored checkpoint rebinds the counter: give the captured
-                # graph's counter back to the module, carrying whatever it holds
-                captured = self.captures[True].counts.get(name) if True in self.captures else None
-                if r.counting and captured is not None and r.counts is not captured:
-                    if r.counts is None:
-                        captured.zero_()
-                    else:
-                        captured.copy_(r.counts)
-                    r.counts = captured
-        capture = self.captures.get(counting)
+    def _ready(self, batch: torch.Tensor) -> _Capture:
+        key = frozenset(_counting(self.relus))
+        capture = self.captures.get(key)
+        if capture is not None:
+            _bind_counters(self.relus, capture.counts)
         if capture is None or capture.addresses != self._addresses():
-            capture = self.captures[counting] = self._capture(counting, batch)
+            capture = self.captures[key] = self._capture(batch)
         return capture
 
     @torch.no_grad()
@@ -279,17 +326,14 @@ class GraphedPredictor:
 
             return predict(self.model, data, batch_size=b, mean=self.mean, std=self.std,
                            precision=self.precision, channels_last=self.channels_last)
-        counting = any(r.counting for r in self.relus.values())
-        capture = self._ready(counting, data.images[:b])
+        capture = self._ready(data.images[:b])
         out = torch.empty((n, *capture.logits.shape[1:]), dtype=capture.logits.dtype, device=data.images.device)
         for start in range(0, full, b):
             capture.images.copy_(data.images[start:start + b], non_blocking=True)
             capture.graph.replay()
             out[start:start + b].copy_(capture.logits)
-        replays = full // b
-        self.replays += replays
-        for name, per_batch in capture.observations.items():
-            self.relus[name].observations += per_batch * replays
+        self.replays += full // b
+        capture.host.advance(full // b)
         if full < n:
             out[full:] = self._forward(data.images[full:])
         return out

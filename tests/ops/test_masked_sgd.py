@@ -141,3 +141,34 @@ def test_fuzz_cpp_against_reference(n, density, lr, momentum, wd, nesterov, seed
                              weight_decay=wd, nesterov=nesterov, first=False)
     torch.testing.assert_close(a.detach(), ref[0], rtol=1e-5, atol=1e-6)
     assert bool((a.detach()[~m] == 0).all())
+
+
+def test_tensor_learning_rate_steps_like_a_float_one():
+    """A learning rate held in a tensor (changed in place, as CUDA-graph replays do) is never read on the host."""
+    params, masks = make_problem()
+    ours = [p.clone().requires_grad_() for p in params]
+    ref = [p.clone().requires_grad_() for p in params]
+    lr = torch.tensor(0.05)
+    by_param = lambda ps: {p: m for p, m in zip(ps, masks) if m is not None}  # noqa: E731
+    opt = MaskedSGD(ours, by_param(ours), lr=lr, momentum=0.9, weight_decay=1e-4)
+    float_opt = MaskedSGD(ref, by_param(ref), lr=0.05, momentum=0.9, weight_decay=1e-4, backend="reference")
+    g = torch.Generator().manual_seed(1)
+    for step in range(30):
+        if step == 15:
+            lr.fill_(0.005)
+            float_opt.param_groups[0]["lr"] = 0.005
+        for a, b in zip(ours, ref):
+            grad = torch.randn(a.shape, generator=g)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        opt.step()
+        float_opt.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_tensor_learning_rate_on_a_float_only_backend_is_an_error(backend):
+    p = torch.zeros(2, requires_grad=True)
+    p.grad = torch.ones(2)
+    with pytest.raises(ValueError, match=f"backend '{backend}' takes a float learning rate"):
+        MaskedSGD([p], lr=torch.tensor(0.1), backend=backend).step()
