@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.utils.prune as tprune
 from PIL import Image
+from results_file import write_block  # benchmarks/, on the path of a script run from it
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -35,9 +36,6 @@ from dsd2.models import build_model
 from dsd2.pruning import full_masks as make_full_masks
 from dsd2.pruning import global_prune, magnitude_scores, prunable_weights
 from dsd2.training import build_optimizer, train_epoch
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- bench_engine:begin -->", "<!-- bench_engine:end -->"
 
 
 class ArrayDataset(Dataset):
@@ -175,16 +173,9 @@ def main() -> None:
     text = "\n".join(table)
     print(text)
     if not args.quick:
-        block = (f"{BEGIN}\nMachine: {machine()}.\nCommand: `python benchmarks/bench_engine.py` "
-                 f"(median of {repeats} epochs for the MLP, {max(1, repeats - 2)} for VGG, after one warm-up).\n\n"
-                 f"{text}\n{END}")
-        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-        if BEGIN in old:
-            new = old.split(BEGIN)[0] + block + old.split(END, 1)[1]
-        else:
-            new = old.rstrip() + "\n\n## Engine: epoch time\n\n" + block + "\n"
-        RESULTS.write_text(new)
-        print(f"written to {RESULTS}")
+        write_block("bench_engine", "Engine: epoch time",
+                    f"Machine: {machine()}.\nCommand: `python benchmarks/bench_engine.py` (median of {repeats} epochs "
+                    f"for the MLP, {max(1, repeats - 2)} for VGG, after one warm-up).\n\n{text}")
 
 
 if __name__ == "__main__":

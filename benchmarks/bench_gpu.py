@@ -1,7 +1,7 @@
 """GPU benchmark of the engine's step: eager against CUDA graphs, fp32 against bf16, channels_last, for the
 teacher (ResNet-18) and student (VGG-like d=5 g=5) presets on CIFAR-shaped data, 80 % sparse.
 
-    python benchmarks/bench_gpu.py            # prints the tables and appends them to benchmarks/RESULTS.md
+    python benchmarks/bench_gpu.py            # prints the tables and writes them into benchmarks/RESULTS.md
 
 Training step at batch 128: step time, images/s and achieved TFLOP/s (training FLOPs = 3 x the dense forward,
 fvcore convention, 1 FLOP per multiply-add), and for graphs the one-off warm-up + capture time that each level
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
+from results_file import write_block  # benchmarks/, on the path of a script run from it
 
 from dsd2.analysis.flops import measure_forward_flops
 from dsd2.config import ModelConfig, OptimConfig
@@ -143,10 +143,8 @@ def main() -> None:
                              f"{t * 1e3:.2f} | {len(data) / t:,.0f} |")
     table = "\n".join(lines)
     print(table)
-    results = Path(__file__).with_name("RESULTS.md")
-    heading = "\n\n## GPU training step and evaluation (bench_gpu.py)\n\n"
-    results.write_text(results.read_text().rstrip() + heading + table + "\n")
-
+    write_block("bench_gpu", "GPU: training step and evaluation, eager against CUDA graphs",
+                "Command: `python benchmarks/bench_gpu.py`.\n\n" + table)
 
 if __name__ == "__main__":
     main()

@@ -10,8 +10,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- bench_ops:begin -->", "<!-- bench_ops:end -->"
+from results_file import write_block  # benchmarks/, on the path of a script run from it
 
 
 def fmt_time(seconds: float) -> str:
@@ -66,15 +65,9 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
-    block = (f"{BEGIN}\nCommand: `pytest benchmarks/bench_ops.py --benchmark-enable --benchmark-json=ops.json && "
-             f"python benchmarks/results_table.py ops.json` (medians).\n\n{table}\n{END}")
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in old:
-        new = old.split(BEGIN)[0] + block + old.split(END, 1)[1]
-    else:
-        new = old.rstrip() + "\n\n## Fused ops\n\n" + block + "\n"
-    RESULTS.write_text(new)
-    print(f"written to {RESULTS}")
+    write_block("bench_ops", "Fused ops",
+                "Command: `pytest benchmarks/bench_ops.py --benchmark-enable --benchmark-json=ops.json && "
+                f"python benchmarks/results_table.py ops.json` (medians).\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -354,12 +354,14 @@ def test_distilled_run_with_graphs_equals_eager_run(tmp_path, tiny_config, refer
     assert all("kd_kl" in r for r in graphed)
 
 
-def test_gpu_benchmark_runs_every_variant_through_the_emulator(reference_ops):
+def test_gpu_benchmark_runs_every_variant_through_the_emulator(reference_ops, monkeypatch):
     """benchmarks/bench_gpu.py measures on a GPU only; its code paths are run here at toy size."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))  # as when the script runs: its own folder on the path
+    path = benchmarks / "bench_gpu.py"
     spec = importlib.util.spec_from_file_location("bench_gpu", path)
     bench_gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_gpu)
