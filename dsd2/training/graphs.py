@@ -153,6 +153,7 @@ class GraphedTrainStep:
         self.correct = torch.zeros((), dtype=torch.long, device=dev)
         # the optimizer reads its learning rate from this tensor on every replay
         self.lr = torch.full((), float(lr), device=dev)
+        self._lr_value = float(lr)
         for group in optimizer.param_groups:
             group["lr"] = self.lr
         # an eager epoch before this one (e.g. the online-counting epoch) leaves gradients behind: the warm-up
@@ -196,8 +197,13 @@ class GraphedTrainStep:
         self.loss_sum.add_(loss.detach() * labels.numel())
         self.correct.add_((logits.detach().argmax(1) == labels).sum())
 
+    def _set_lr(self, lr: float) -> None:
+        if lr != self._lr_value:  # a schedule changes it once per epoch at most: no fill kernel per step
+            self.lr.fill_(lr)
+            self._lr_value = lr
+
     def replay(self, idx: torch.Tensor, lr: float) -> None:
-        self.lr.fill_(lr)
+        self._set_lr(lr)
         self.idx.copy_(idx, non_blocking=True)
         _bind_counters(self.relus, self.counters)
         self.graph.replay()
@@ -205,7 +211,7 @@ class GraphedTrainStep:
 
     def run_eager(self, idx: torch.Tensor, lr: float) -> None:
         """The same step, uncaptured, for a batch of another size (the last partial batch)."""
-        self.lr.fill_(lr)
+        self._set_lr(lr)
         _bind_counters(self.relus, self.counters)
         self._step(idx)
 
