@@ -4,8 +4,8 @@ Build with `pip install --no-build-isolation .` so the extension compiles agains
 already installed (a build-isolated torch would be a second multi-GB download).
 """
 
-import os
 import sys
+from pathlib import Path
 
 from setuptools import setup
 
@@ -16,9 +16,10 @@ except ImportError:  # pragma: no cover - only when torch is absent at build tim
              "`pip install --no-build-isolation .`")
 
 openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-extra_compile = ["-O3", *openmp]
-if os.environ.get("DSD2_NATIVE", "0") == "1":
-    extra_compile.append("-march=native")
+# No -march: csrc/isa_*.cpp compile their kernels for each instruction-set level themselves and the level is
+# chosen at run time. -ffp-contract=off: a fused multiply-add only where the kernels ask for one, so results do
+# not depend on the level; -fno-trapping-math lets GCC turn the kernels' selects into blends below AVX-512.
+extra_compile = ["-O3", "-ffp-contract=off", "-fno-trapping-math", *openmp]
 
 setup(
     packages=[
@@ -29,7 +30,7 @@ setup(
     ext_modules=[
         CppExtension(
             "dsd2._C",
-            ["csrc/cpu_ops.cpp"],
+            sorted(str(p) for p in Path("csrc").glob("*.cpp")),
             extra_compile_args=extra_compile,
             extra_link_args=openmp,
         )

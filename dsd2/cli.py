@@ -339,6 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     from dsd2.runs import RunError
 
     args = build_parser().parse_args(argv)
+    try:
+        from dsd2.ops._backend import cpp_extension
+
+        cpp_extension()  # applies DSD2_CPU_ISA, refused in one line if this CPU lacks the level
+    except ValueError as exc:
+        print(f"dsd2-engine: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     distributed = args.command in ("train", "distill") and int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         if distributed:

@@ -178,4 +178,6 @@ def masked_sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs
     _masked_sgd_kernel[(blocks.shape[0],)](
         tensors, blocks, numel_t, lr_ptr, lr_val, float(momentum), float(weight_decay),
         N_COLS=_N_COLS, LR_FROM_PTR=lr_from_ptr, HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov),
-        BLOCK=_BLOCK, num_warps=8)
+        BLOCK=_BLOCK, num_warps=8,
+        # no contraction into fused multiply-adds: the same rounding as the C++ and multi-tensor paths
+        enable_fp_fusion=False)

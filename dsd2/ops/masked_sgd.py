@@ -2,7 +2,13 @@
 
 Conv/Linear layers then run on plain dense weights: no per-forward `weight_orig * mask` as with
 `torch.nn.utils.prune`, no extra weight copies, and pruned entries take neither gradient nor
-momentum. For kept entries the update is exactly `torch.optim.SGD`'s.
+momentum. For kept entries the update is `torch.optim.SGD`'s.
+
+One formula on every path (C++ at every CPU level, multi-tensor, reference), each product and sum rounded on its
+own, with no fused multiply-add, so they agree bit for bit:
+
+    d = g * m + wd * p;   buf = (momentum * buf + d) * m;   d = d + momentum * buf (Nesterov) or buf
+    p = (p - lr * d) * m
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ def masked_sgd_reference(params: list[torch.Tensor], grads: list[torch.Tensor],
     for p, g, buf, mask in zip(params, grads, bufs, masks):
         d = g * mask if mask is not None else g.clone()
         if weight_decay:
-            d = d.add(p, alpha=weight_decay)
+            d = d + p * weight_decay
         if momentum and buf is not None:
             if first:
                 buf.copy_(d)
@@ -32,17 +38,18 @@ def masked_sgd_reference(params: list[torch.Tensor], grads: list[torch.Tensor],
                 buf.mul_(momentum).add_(d)
             if mask is not None:
                 buf.mul_(mask)
-            d = d.add(buf, alpha=momentum) if nesterov else buf
-        p.sub_(d, alpha=lr)
+            d = d + buf * momentum if nesterov else buf
+        p.sub_(d * lr)
         if mask is not None:
             p.mul_(mask)
 
 
 def _foreach_step(params, grads, bufs, masks, *, lr, momentum, weight_decay, nesterov, first) -> None:
-    """Multi-tensor path for devices without a fused kernel: a handful of launches for all tensors."""
+    """Multi-tensor path for devices without a fused kernel: a handful of launches for all tensors. No `alpha=`
+    arguments: ATen computes `a + alpha * b` as one fused multiply-add on some CPUs and not on others."""
     d = [g * m if m is not None else g.clone() for g, m in zip(grads, masks)]
     if weight_decay:
-        torch._foreach_add_(d, params, alpha=weight_decay)
+        torch._foreach_add_(d, torch._foreach_mul(params, weight_decay))
     if momentum:
         if first:
             torch._foreach_copy_(bufs, d)
@@ -53,13 +60,11 @@ def _foreach_step(params, grads, bufs, masks, *, lr, momentum, weight_decay, nes
         if mb:
             torch._foreach_mul_([b for b, _ in mb], [m for _, m in mb])
         if nesterov:
-            torch._foreach_add_(d, bufs, alpha=momentum)
+            torch._foreach_add_(d, torch._foreach_mul(bufs, momentum))
         else:
             d = bufs
-    if torch.is_tensor(lr):  # a device tensor: read by the kernels, never by the host
-        torch._foreach_sub_(params, torch._foreach_mul(d, lr))
-    else:
-        torch._foreach_add_(params, d, alpha=-lr)
+    # lr may be a device tensor: read by the kernels, never by the host
+    torch._foreach_sub_(params, torch._foreach_mul(d, lr))
     pm = [(p, m) for p, m in zip(params, masks) if m is not None]
     if pm:
         torch._foreach_mul_([p for p, _ in pm], [m for _, m in pm])

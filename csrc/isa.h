@@ -1,0 +1,61 @@
+// The CPU kernels of dsd2._C, compiled once per instruction-set level and chosen at run time.
+//
+// Each level's kernels live in their own translation unit (isa_default.cpp, isa_avx2.cpp, isa_avx512.cpp) that
+// includes kernels_impl.h under `#pragma GCC target(...)` inside a namespace of its own, so no inline function is
+// shared between levels and nothing compiled for AVX-512 can leak into code that runs on an AVX2 machine. Those
+// units include no torch header; the ops (masked_sgd.cpp, relu_count.cpp, kd_loss.cpp) call them through the
+// table below.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dsd2 {
+
+struct KernelTable {
+  const char* name;
+  // p -= lr * d with d = g * keep + wd * p, momentum and Nesterov as torch.optim.SGD, then p *= keep.
+  // Every product and sum is rounded on its own (no fused multiply-add), so all levels agree bit for bit.
+  void (*sgd_f32)(float* p, const float* g, float* buf, const uint8_t* mask, int64_t n, float lr, float momentum,
+                  float wd, bool nesterov);
+  // counts[j] += #{b : x[b, begin + j] on} for columns [begin, end) of a [batch, stride] view; y (optional)
+  // receives relu(x) at the same positions.
+  void (*count_cols_f32)(const float* x, float* y, int64_t* out, int64_t batch, int64_t stride, int64_t begin,
+                         int64_t end, bool inclusive);
+  void (*count_cols_u16)(const uint16_t* x, uint16_t* y, int64_t* out, int64_t batch, int64_t stride,
+                         int64_t begin, int64_t end, bool inclusive, uint16_t inf_bits);
+  // rows [b0, b1) of a [*, width] activation: y = relu(x), acc[j] += on(x[b, j])
+  void (*relu_rows_f32)(const float* x, float* y, int32_t* acc, int64_t b0, int64_t b1, int64_t width,
+                        bool inclusive);
+  void (*relu_rows_u16)(const uint16_t* x, uint16_t* y, int32_t* acc, int64_t b0, int64_t b1, int64_t width,
+                        bool inclusive, uint16_t inf_bits);
+  // KD loss of one row of C classes (large C): s student logits, tt teacher logits already divided by T.
+  // g receives the gradient of the batch-mean loss; scratch holds 3 * C floats.
+  void (*kd_row)(const float* s, const float* tt, float* g, float* scratch, int64_t C, int64_t y, float invT,
+                 float a_ce, float a_kl, float* ce, float* kl);
+  // KD loss of up to kKDBlockRows rows of C <= kKDSmallC classes, rows as SIMD lanes. valid[r] is 1 or 0 (an
+  // ignored or padding row); y[r] in [0, C). Rows are read at s + r * s_stride and t + r * t_stride (teacher
+  // NOT divided by T) and the gradient written at g + r * g_stride. scratch holds 6 * C * kKDBlockRows floats.
+  void (*kd_block)(const float* s, int64_t s_stride, const float* t, int64_t t_stride, float* g, int64_t g_stride,
+                   int64_t rows, const int64_t* y, const float* valid, int64_t C, float invT, float a_ce,
+                   float a_kl, float* scratch, float* ce, float* kl);
+};
+
+constexpr int64_t kKDBlockRows = 16;
+constexpr int64_t kKDSmallC = 128;  // up to here rows-as-lanes beats vectorising within a row
+
+// Kernel tables, one per level compiled into this build (nullptr for a level this architecture lacks).
+const KernelTable* kernels_default();
+const KernelTable* kernels_avx2();
+const KernelTable* kernels_avx512();
+
+// Levels this CPU can run, lowest first ("default" is always there).
+std::vector<std::string> cpu_isa_levels();
+// The level in use; the best available one unless set_cpu_isa chose another.
+const KernelTable& active_kernels();
+std::string cpu_isa();
+// Refuses, with one sentence, a level that is unknown or that this CPU cannot run.
+void set_cpu_isa(const std::string& level);
+
+}  // namespace dsd2

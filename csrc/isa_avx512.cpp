@@ -1,0 +1,22 @@
+// dsd2's CPU kernels for x86-64 with AVX-512 (F, BW, VL, DQ; Skylake-SP, Zen 4 and later), 512-bit vectors.
+#include <cmath>
+#include <cstdint>
+
+#include "isa.h"
+
+namespace dsd2 {
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
+namespace isa_avx512 {
+#define DSD2_ISA_NAME "avx512"
+#define DSD2_HAS_FMA 1
+#include "kernels_impl.h"
+}  // namespace isa_avx512
+#pragma GCC pop_options
+
+const KernelTable* kernels_avx512() { return &isa_avx512::kTable; }
+#else
+const KernelTable* kernels_avx512() { return nullptr; }
+#endif
+}  // namespace dsd2

@@ -1,0 +1,365 @@
+// The bodies of dsd2's CPU kernels, compiled once per instruction-set level. Include it only from an isa_*.cpp
+// file, inside that level's namespace and after its `#pragma GCC target`; it includes nothing itself.
+//
+// Rules that keep every level vectorised and every level's answer the same:
+// - Hot loops are branch-free: a value that may be unused is computed anyway and chosen by a select, because a
+//   call or a division under a condition stops GCC from vectorising below AVX-512 ("control flow in loop").
+// - Sums run over kLanes fixed partial sums (element c always goes to lane c % kLanes), so the order of every
+//   addition is the same whatever the vector width; fp32 partials are folded into double every kFold elements,
+//   so the error of a sum of exps does not grow with the number of classes.
+// - The build uses -ffp-contract=off: a fused multiply-add happens only where madd() asks for one (the exp and
+//   log polynomials on levels that have FMA), never in the SGD update, which is bit-identical on every level.
+
+#ifndef DSD2_HAS_FMA
+#error "define DSD2_HAS_FMA (0 or 1) before including kernels_impl.h"
+#endif
+
+#define DSD2_INLINE static inline __attribute__((always_inline))
+
+constexpr int kLanes = 16;
+constexpr int64_t kFold = 256;
+
+DSD2_INLINE float madd(float a, float b, float c) {
+#if DSD2_HAS_FMA
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+DSD2_INLINE uint32_t bits_of(float x) { return __builtin_bit_cast(uint32_t, x); }
+DSD2_INLINE float float_of(uint32_t b) { return __builtin_bit_cast(float, b); }
+
+// exp(x) for x <= 0: range reduction by the 1.5 * 2^23 rounding trick, degree-6 polynomial, exponent by a bit
+// cast (relative error ~2e-7). Plain arithmetic, so it vectorises without a vector math library.
+DSD2_INLINE float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = madd(n, -1.428606765330187e-06f, madd(n, -0.693145751953125f, x));
+  float p = 1.9875691500e-4f;
+  p = madd(p, r, 1.3981999507e-3f);
+  p = madd(p, r, 8.3334519073e-3f);
+  p = madd(p, r, 4.1665795894e-2f);
+  p = madd(p, r, 1.6666665459e-1f);
+  p = madd(p, r, 5.0000001201e-1f);
+  p = madd(p * r, r, r) + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  return p * float_of(static_cast<uint32_t>(e));
+}
+
+// log(x) for normal x > 0 (Cephes logf: mantissa and exponent by bit operations, degree-8 polynomial).
+DSD2_INLINE float log_pos(float x) {
+  const uint32_t b = bits_of(x);
+  float e = static_cast<float>(static_cast<int32_t>((b >> 23) & 0xff) - 126);
+  float m = float_of((b & 0x807fffffu) | 0x3f000000u);  // in [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = madd(y, m, -1.1514610310e-1f);
+  y = madd(y, m, 1.1676998740e-1f);
+  y = madd(y, m, -1.2420140846e-1f);
+  y = madd(y, m, 1.4249322787e-1f);
+  y = madd(y, m, -1.6668057665e-1f);
+  y = madd(y, m, 2.0000714765e-1f);
+  y = madd(y, m, -2.4999993993e-1f);
+  y = madd(y, m, 3.3333331174e-1f);
+  y = y * m * z;
+  y = madd(-2.12194440e-4f, e, y);
+  y = madd(-0.5f, z, y);
+  return m + y + 0.693359375f * e;
+}
+
+// ---- masked SGD -------------------------------------------------------------------------------------------
+
+template <bool HAS_MASK, bool HAS_BUF, bool NESTEROV>
+DSD2_INLINE void sgd_loop(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ buf,
+                          const uint8_t* __restrict__ mask, int64_t n, float lr, float momentum, float wd) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float keep = HAS_MASK ? static_cast<float>(mask[i]) : 1.0f;
+    const float w = p[i];
+    float d = g[i] * keep + wd * w;
+    if constexpr (HAS_BUF) {
+      const float b = (momentum * buf[i] + d) * keep;
+      buf[i] = b;
+      d = NESTEROV ? d + momentum * b : b;
+    }
+    p[i] = (w - lr * d) * keep;
+  }
+}
+
+static void sgd_f32(float* p, const float* g, float* buf, const uint8_t* mask, int64_t n, float lr, float momentum,
+                    float wd, bool nesterov) {
+  if (mask) {
+    if (!buf) return sgd_loop<true, false, false>(p, g, buf, mask, n, lr, momentum, wd);
+    if (nesterov) return sgd_loop<true, true, true>(p, g, buf, mask, n, lr, momentum, wd);
+    return sgd_loop<true, true, false>(p, g, buf, mask, n, lr, momentum, wd);
+  }
+  if (!buf) return sgd_loop<false, false, false>(p, g, buf, mask, n, lr, momentum, wd);
+  if (nesterov) return sgd_loop<false, true, true>(p, g, buf, mask, n, lr, momentum, wd);
+  return sgd_loop<false, true, false>(p, g, buf, mask, n, lr, momentum, wd);
+}
+
+// ---- ReLU-state counting -------------------------------------------------------------------------------
+// Each call owns a block of columns and walks the batch, accumulating int32 counts in a stack buffer before one
+// int64 add per column. fp16/bf16 are compared on their bit patterns (x > 0  <=>  0 < bits <= +inf), which
+// vectorises where a conversion to float would not.
+
+constexpr int64_t kCols = 8192;  // 32 KiB of int32 counters: rows stream in 32 KiB (fp32) runs
+
+template <typename T, typename On, typename Relu>
+DSD2_INLINE void count_block(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ out, int64_t batch,
+                             int64_t stride, int64_t begin, int64_t end, On on, Relu relu) {
+  int32_t acc[kCols];
+  for (int64_t j0 = begin; j0 < end; j0 += kCols) {
+    const int64_t w = end - j0 < kCols ? end - j0 : kCols;
+    for (int64_t j = 0; j < w; ++j) acc[j] = 0;
+    for (int64_t b = 0; b < batch; ++b) {
+      const T* __restrict__ row = x + b * stride + j0;
+      if (y) {
+        T* __restrict__ orow = y + b * stride + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          acc[j] += on(row[j]);
+          orow[j] = relu(row[j]);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) acc[j] += on(row[j]);
+      }
+    }
+    for (int64_t j = 0; j < w; ++j) out[j0 + j] += acc[j];
+  }
+}
+
+DSD2_INLINE float relu_f32(float v) { return v > 0.0f ? v : 0.0f; }
+DSD2_INLINE int32_t on_f32(float v) { return v > 0.0f; }
+DSD2_INLINE int32_t on_incl_f32(float v) { return v >= 0.0f; }
+
+static void count_cols_f32(const float* x, float* y, int64_t* out, int64_t batch, int64_t stride, int64_t begin,
+                           int64_t end, bool inclusive) {
+  if (inclusive)
+    count_block(x, y, out, batch, stride, begin, end, on_incl_f32, relu_f32);
+  else
+    count_block(x, y, out, batch, stride, begin, end, on_f32, relu_f32);
+}
+
+// On-state and ReLU of 16-bit floats by their bits: `inf` is +inf's pattern (0x7F80 bf16, 0x7C00 fp16).
+struct U16Ops {
+  uint16_t inf;
+  int32_t on(uint16_t v) const { return static_cast<uint16_t>(v - 1) < inf; }          // 0 < v <= +inf
+  int32_t on_incl(uint16_t v) const { return (v <= inf) | (v == 0x8000); }             // also -0
+  uint16_t relu(uint16_t v) const {                                                    // negatives, -0 -> +0
+    return v >= 0x8000 && v <= static_cast<uint16_t>(0x8000 | inf) ? 0 : v;
+  }
+};
+
+static void count_cols_u16(const uint16_t* x, uint16_t* y, int64_t* out, int64_t batch, int64_t stride,
+                           int64_t begin, int64_t end, bool inclusive, uint16_t inf) {
+  const U16Ops o{inf};
+  auto relu = [o](uint16_t v) { return o.relu(v); };
+  if (inclusive)
+    count_block(x, y, out, batch, stride, begin, end, [o](uint16_t v) { return o.on_incl(v); }, relu);
+  else
+    count_block(x, y, out, batch, stride, begin, end, [o](uint16_t v) { return o.on(v); }, relu);
+}
+
+// Row streaming for the fused ReLU: whole samples front to back, like a plain ReLU, counting into full-width
+// int32 counters that the caller owns per thread.
+template <typename T, typename On, typename Relu>
+DSD2_INLINE void relu_rows(const T* __restrict__ x, T* __restrict__ y, int32_t* __restrict__ acc, int64_t b0,
+                           int64_t b1, int64_t width, On on, Relu relu) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* __restrict__ row = x + b * width;
+    T* __restrict__ orow = y + b * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      acc[j] += on(row[j]);
+      orow[j] = relu(row[j]);
+    }
+  }
+}
+
+static void relu_rows_f32(const float* x, float* y, int32_t* acc, int64_t b0, int64_t b1, int64_t width,
+                          bool inclusive) {
+  if (inclusive)
+    relu_rows(x, y, acc, b0, b1, width, on_incl_f32, relu_f32);
+  else
+    relu_rows(x, y, acc, b0, b1, width, on_f32, relu_f32);
+}
+
+static void relu_rows_u16(const uint16_t* x, uint16_t* y, int32_t* acc, int64_t b0, int64_t b1, int64_t width,
+                          bool inclusive, uint16_t inf) {
+  const U16Ops o{inf};
+  auto relu = [o](uint16_t v) { return o.relu(v); };
+  if (inclusive)
+    relu_rows(x, y, acc, b0, b1, width, [o](uint16_t v) { return o.on_incl(v); }, relu);
+  else
+    relu_rows(x, y, acc, b0, b1, width, [o](uint16_t v) { return o.on(v); }, relu);
+}
+
+// ---- KD loss: (1 - a) CE(s, y) + a T^2 KL(softmax(t/T) || softmax(s/T)), gradient written in the forward -----
+// A teacher logit of -inf is probability 0 and contributes 0 (0 * log 0 = 0), chosen by selects.
+
+// The three exponentials of one class and its KL cross term; stores the exponentials for the gradient pass.
+DSD2_INLINE void kd_terms(float s, float tt, float ms, float mt, float invT, float& e1, float& e2, float& e3,
+                          float& x) {
+  const float d = s - ms;
+  e1 = exp_nonpos(d);
+  e2 = exp_nonpos(d * invT);
+  const bool live = tt > -__builtin_inff();
+  const float e = exp_nonpos(tt - mt);
+  e3 = live ? e : 0.0f;
+  x = e3 * (live ? tt - s * invT : 0.0f);
+}
+
+static void kd_row(const float* __restrict__ s, const float* __restrict__ tt, float* __restrict__ g,
+                   float* __restrict__ scratch, int64_t C, int64_t y, float invT, float a_ce, float a_kl, float* ce,
+                   float* kl) {
+  float* __restrict__ es = scratch;
+  float* __restrict__ est = scratch + C;
+  float* __restrict__ et = scratch + 2 * C;
+  float ms = -__builtin_inff(), mt = -__builtin_inff();
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t c = 0; c < C; ++c) {
+    ms = s[c] > ms ? s[c] : ms;
+    mt = tt[c] > mt ? tt[c] : mt;
+  }
+  double z1[kLanes] = {}, z2[kLanes] = {}, z3[kLanes] = {}, zx[kLanes] = {};
+  for (int64_t c0 = 0; c0 < C; c0 += kFold) {
+    const int64_t stop = C - c0 < kFold ? C : c0 + kFold;
+    float p1[kLanes] = {}, p2[kLanes] = {}, p3[kLanes] = {}, px[kLanes] = {};
+    int64_t c = c0;
+    for (; c + kLanes <= stop; c += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        float e1, e2, e3, x;
+        kd_terms(s[c + l], tt[c + l], ms, mt, invT, e1, e2, e3, x);
+        es[c + l] = e1;
+        est[c + l] = e2;
+        et[c + l] = e3;
+        p1[l] += e1;
+        p2[l] += e2;
+        p3[l] += e3;
+        px[l] += x;
+      }
+    }
+    for (int l = 0; c + l < stop; ++l) {  // the last < kLanes classes, each in its own lane as above
+      float e1, e2, e3, x;
+      kd_terms(s[c + l], tt[c + l], ms, mt, invT, e1, e2, e3, x);
+      es[c + l] = e1;
+      est[c + l] = e2;
+      et[c + l] = e3;
+      p1[l] += e1;
+      p2[l] += e2;
+      p3[l] += e3;
+      px[l] += x;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      z1[l] += p1[l];
+      z2[l] += p2[l];
+      z3[l] += p3[l];
+      zx[l] += px[l];
+    }
+  }
+  for (int w = kLanes / 2; w > 0; w /= 2) {  // pairwise, in a fixed order
+    for (int l = 0; l < w; ++l) {
+      z1[l] += z1[l + w];
+      z2[l] += z2[l + w];
+      z3[l] += z3[l + w];
+      zx[l] += zx[l + w];
+    }
+  }
+  const double zs = z1[0], zst = z2[0], zt = z3[0], cross = zx[0];
+  const float b_ce = static_cast<float>(a_ce / zs), b_q = static_cast<float>(a_kl / zst);
+  const float b_p = static_cast<float>(a_kl / zt);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) g[c] = madd(b_ce, es[c], madd(b_q, est[c], -b_p * et[c]));
+  g[y] -= a_ce;
+  // KL = sum p (t/T - s/T) - lse(t/T) + lse(s/T), using sum p = 1
+  const double lse_s = ms + std::log(zs), lse_st = static_cast<double>(ms) * invT + std::log(zst);
+  const double lse_t = mt + std::log(zt);
+  *ce = static_cast<float>(lse_s - s[y]);
+  *kl = static_cast<float>(cross / zt - lse_t + lse_st);
+}
+
+// Small C (10 or 100 classes): the rows of a block are the SIMD lanes and classes the outer loop, so a 10-class
+// row still fills the vector. Each row's sums run over its classes in order: the same on every level.
+static void kd_block(const float* __restrict__ s, int64_t s_stride, const float* __restrict__ t, int64_t t_stride,
+                     float* __restrict__ g, int64_t g_stride, int64_t rows, const int64_t* __restrict__ y,
+                     const float* __restrict__ valid, int64_t C, float invT, float a_ce, float a_kl,
+                     float* __restrict__ scratch, float* __restrict__ ce, float* __restrict__ kl) {
+  constexpr int64_t R = kKDBlockRows;
+  float* __restrict__ S = scratch;
+  float* __restrict__ Tt = S + C * R;
+  float* __restrict__ G = Tt + C * R;
+  float* __restrict__ E1 = G + C * R;
+  float* __restrict__ E2 = E1 + C * R;
+  float* __restrict__ E3 = E2 + C * R;
+  // transpose in; padding rows (r >= rows) repeat row 0 and are weighted 0 by valid[r]
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t rr = r < rows ? r : 0;
+    for (int64_t c = 0; c < C; ++c) {
+      S[c * R + r] = s[rr * s_stride + c];
+      Tt[c * R + r] = t[rr * t_stride + c] * invT;
+    }
+  }
+  float ms[R], mt[R], zs[R], zst[R], zt[R], cross[R];
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) {
+    ms[r] = mt[r] = -__builtin_inff();
+    zs[r] = zst[r] = zt[r] = cross[r] = 0.0f;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) {
+      ms[r] = S[c * R + r] > ms[r] ? S[c * R + r] : ms[r];
+      mt[r] = Tt[c * R + r] > mt[r] ? Tt[c * R + r] : mt[r];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) {
+      float e1, e2, e3, x;
+      kd_terms(S[c * R + r], Tt[c * R + r], ms[r], mt[r], invT, e1, e2, e3, x);
+      E1[c * R + r] = e1;
+      E2[c * R + r] = e2;
+      E3[c * R + r] = e3;
+      zs[r] += e1;
+      zst[r] += e2;
+      zt[r] += e3;
+      cross[r] += x;
+    }
+  }
+  float b_ce[R], b_q[R], b_p[R];
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) {
+    const float lse_st = ms[r] * invT + log_pos(zst[r]);
+    const float lse_t = mt[r] + log_pos(zt[r]);
+    const float izt = 1.0f / zt[r];
+    ce[r] = valid[r] * (ms[r] + log_pos(zs[r]));  // minus s[y] below
+    kl[r] = valid[r] * (cross[r] * izt - lse_t + lse_st);
+    b_ce[r] = valid[r] * a_ce / zs[r];
+    b_q[r] = valid[r] * a_kl / zst[r];
+    b_p[r] = valid[r] * a_kl * izt;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r)
+      G[c * R + r] = madd(b_ce[r], E1[c * R + r], madd(b_q[r], E2[c * R + r], -b_p[r] * E3[c * R + r]));
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    ce[r] -= valid[r] * S[y[r] * R + r];
+    G[y[r] * R + r] -= valid[r] * a_ce;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) g[r * g_stride + c] = G[c * R + r];
+  }
+}
+
+static const KernelTable kTable = {
+    DSD2_ISA_NAME, sgd_f32, count_cols_f32, count_cols_u16, relu_rows_f32, relu_rows_u16, kd_row, kd_block,
+};
