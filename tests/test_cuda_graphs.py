@@ -186,6 +186,9 @@ def test_second_epoch_after_evaluation_reuses_the_graph_in_train_mode(env):
         predict(gmodel, gdata, batch_size=256, mean=gmean, std=gstd)
     if isinstance(graphs, EmulatedGraphs):
         assert len(graphs.captured) == 1
+        # the same ops on the same inputs, and one SGD formula for the float and the tensor learning rate
+        for name, a in model.state_dict().items():
+            assert torch.equal(a, gmodel.state_dict()[name]), name
     for (name, a), b in zip(model.state_dict().items(), gmodel.state_dict().values()):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5, msg=name)
 

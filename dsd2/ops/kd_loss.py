@@ -58,6 +58,10 @@ def kd_loss_forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.
     return _forward_reference(student, teacher, target, alpha, temperature, ignore_index)
 
 
+def _cpp_runs(student: torch.Tensor, backend: str | None) -> bool:
+    return (backend or pick_backend(student)) == "cpp" and cpp_extension() is not None
+
+
 def pick_backend(x: torch.Tensor) -> str:
     if x.device.type == "cuda" and triton_available():
         return "triton"
@@ -70,6 +74,7 @@ class KDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, target, alpha, temperature, ignore_index, backend):
         loss, ce, kl, grad = kd_loss_forward(student, teacher, target, alpha, temperature, ignore_index, backend)
+        ctx.cpp = _cpp_runs(student, backend)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
@@ -77,9 +82,10 @@ class KDLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         (grad,) = ctx.saved_tensors
-        # loss.backward() on the CPU passes exactly 1: the saved gradient is the answer, with no pass over B x C.
-        # (A CUDA tensor is never read back here: that would be a host sync inside a captured graph.)
-        if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+        # loss.backward() passes exactly 1: on the C++ path the saved gradient is the answer as it is, and autograd
+        # hands it to .grad without a copy (a new B x C product costs a fresh allocation and its page faults).
+        # Reading grad_loss is free there; the CUDA paths never read it (no host sync inside a CUDA graph).
+        if ctx.cpp and not grad_loss.requires_grad and float(grad_loss) == 1.0:
             return grad, None, None, None, None, None, None
         return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
 
