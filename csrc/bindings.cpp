@@ -8,6 +8,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("count_positive_", &dsd2::count_positive_, "Add ReLU on-state counts into an int64 tensor");
   m.def("relu_count", &dsd2::relu_count, "ReLU forward that counts on-states in the same pass");
   m.def("kd_loss_forward", &dsd2::kd_loss_forward, "KD loss forward with its gradient, one pass per row");
+  m.def("kd_loss_backward", &dsd2::kd_loss_backward, "KD loss backward: the saved gradient scaled (as is for 1)");
   m.def("cpu_isa", &dsd2::cpu_isa, "The instruction-set level of the kernels in use");
   m.def("cpu_isa_levels", &dsd2::cpu_isa_levels, "Levels this CPU runs, lowest first");
   m.def("set_cpu_isa", &dsd2::set_cpu_isa, "Run the kernels of this level (ValueError if the CPU lacks it)");

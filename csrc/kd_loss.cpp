@@ -191,4 +191,15 @@ std::vector<at::Tensor> kd_loss_forward(const at::Tensor& student, const at::Ten
           same ? grad : grad.to(student.scalar_type())};
 }
 
+// Backward: the saved gradient times the incoming one. loss.backward() passes exactly 1, and then the saved
+// gradient is returned as it is, so autograd hands it to .grad with no B x C product and no copy. Reading the
+// incoming value is a read of CPU memory (this op only ever sees CPU tensors), not a device sync.
+at::Tensor kd_loss_backward(const at::Tensor& grad, const at::Tensor& grad_loss) {
+  TORCH_CHECK(grad.device().is_cpu() && grad_loss.device().is_cpu() && grad_loss.numel() == 1,
+              "kd_loss_backward: CPU tensors and a one-element incoming gradient only");
+  const double scale = *grad_loss.to(at::kDouble).contiguous().data_ptr<double>();
+  if (scale == 1.0) return grad;
+  return grad * grad_loss.to(grad.scalar_type());
+}
+
 }  // namespace dsd2

@@ -20,4 +20,6 @@ std::vector<at::Tensor> kd_loss_forward(const at::Tensor& student, const at::Ten
                                         const at::Tensor& target, double alpha, double temperature,
                                         int64_t ignore_index);
 
+at::Tensor kd_loss_backward(const at::Tensor& grad, const at::Tensor& grad_loss);
+
 }  // namespace dsd2

@@ -127,7 +127,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--precision", choices=PRECISIONS)
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="auto (default): bf16 autocast for conv nets where the CPU or GPU computes bf16 natively "
+                   "(AVX-512 BF16, AMX, Ampere and later), else fp32")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the training step, evaluation and the counting pass as CUDA graphs "
                    "(default: on with CUDA in a single process)")
@@ -282,6 +284,11 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"cpu threads {torch.get_num_threads()}, capability {torch.backends.cpu.get_cpu_capability()}")
     for name, state in backends().items():
         print(f"backend {name}: {state}")
+    from dsd2.training.precision import native_bf16
+
+    device = torch.device("cuda" if cuda else "cpu")
+    print(f"bf16: {'native' if native_bf16(device) else 'emulated (slow)'} on this {device.type}; "
+          f"--precision auto trains conv nets in {'bf16' if native_bf16(device) else 'fp32'}")
     graphs = "in use for the training step, evaluation and the counting pass (single process; " \
         "--no-cuda-graphs turns them off)" if cuda else \
         "not in use (no CUDA device)"

@@ -18,7 +18,7 @@ LR_SCHEDULES = ("multistep", "cosine", "constant")
 CRITERIA = ("magnitude", "random", "gradient")
 PERTURBATIONS = ("none", "rewind", "reinit")
 RETRAIN_SCHEDULES = ("restart", "finetune", "lr-rewind")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 ENTROPY_MODES = ("pass", "online", "off")
 GRANULARITIES = ("element", "channel")
 EARLY_STOP_RULES = ("none", "entropy", "val")
@@ -119,7 +119,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
     device: str = "cpu"
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 for conv nets where the device computes it natively, else fp32
     channels_last: bool = True  # conv nets only
     cuda_graphs: bool | None = None  # None: on when training on a CUDA device (single process)
 

@@ -46,6 +46,7 @@ from dsd2.training import (
     train_epoch,
 )
 from dsd2.training.distributed import context as dist_context
+from dsd2.training.precision import precision_note, resolve_precision
 
 LevelMeasure = Callable[["Engine", int], dict[str, Any]]
 
@@ -149,6 +150,7 @@ class Engine:
         self.log = log if self.ctx.is_main else (lambda message: None)
         self.objective = objective
         self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device, cfg.model.name in CONV_MODELS)
         self.run_hash = run_hash or cfg.run_hash()
         self.level_measures: list[LevelMeasure] = []
         self.splits = splits
@@ -192,7 +194,7 @@ class Engine:
 
     def eval_kwargs(self) -> dict[str, Any]:
         return dict(batch_size=max(self.cfg.optim.batch_size, 512), mean=self.splits.mean,
-                    std=self.splits.std, precision=self.cfg.precision, channels_last=self._channels_last())
+                    std=self.splits.std, precision=self.precision, channels_last=self._channels_last())
 
     def prepare(self, force_counting: bool = False) -> None:
         """Everything that can fail on bad input, before anything is written."""
@@ -248,7 +250,7 @@ class Engine:
         self.teacher, self.teacher_info = load_teacher(k.teacher, s.input_shape, s.num_classes, self.device)
         if self._channels_last():
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
-        teacher_precision = "bf16" if self.device.type == "cuda" else self.cfg.precision
+        teacher_precision = "bf16" if self.device.type == "cuda" else self.precision
         cached = None
         if not self.cfg.data.augment:
             # no augmentation: the teacher sees the same inputs every epoch, so compute its logits once
@@ -290,7 +292,7 @@ class Engine:
 
         def make_step(warmup, first_lr):
             return GraphedTrainStep(self.model, optimizer, self.objective, s.train, batch, s.mean, s.std,
-                                    augment=self.cfg.data.augment, precision=self.cfg.precision,
+                                    augment=self.cfg.data.augment, precision=self.precision,
                                     channels_last=self._channels_last(), warmup_indices=warmup, lr=first_lr,
                                     graphs=self._graph_maker(), relus=self.relus)
 
@@ -553,6 +555,10 @@ class Engine:
 
     def run_loop(self) -> dict[str, Any]:
         self.prepare()
+        line, warning = precision_note(self.cfg.precision, self.device, self.cfg.model.name in CONV_MODELS)
+        self.log(line)
+        if warning:
+            self.log(f"warning: {warning}")
         if self.device.type == "cuda" or self.graphs is not None:
             self.log("graphs: " + ("training step, evaluation and counting pass captured" if self.use_graphs() else
                                    "off (turned off, data parallel, or fewer than 4 batches per epoch)"))
@@ -615,7 +621,7 @@ class Engine:
                     stats = train_epoch(
                         self.train_model, optimizer, s.train, batch_size=self.cfg.optim.batch_size,
                         generator=epoch_generator(self.cfg.seed, level, epoch), augment=self.cfg.data.augment,
-                        mean=s.mean, std=s.std, objective=self.objective, precision=self.cfg.precision,
+                        mean=s.mean, std=s.std, objective=self.objective, precision=self.precision,
                         channels_last=self._channels_last(), dist_ctx=self.ctx,
                     )
                 train_time = time.perf_counter() - t0
