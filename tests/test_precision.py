@@ -35,7 +35,8 @@ def test_emulated_bf16_warns_in_one_line(monkeypatch):
     assert (line, warning) == ("precision: fp32 (auto: no native bf16 on this cpu)", None)
     with_flags(monkeypatch, "avx512_bf16")
     assert P.precision_note("bf16", CPU, conv_net=True) == ("precision: bf16", None)
-    assert P.precision_note("auto", CPU, conv_net=True)[0] == "precision: bf16 (auto: native bf16 on this device, conv net)"
+    line = P.precision_note("auto", CPU, conv_net=True)[0]
+    assert line == "precision: bf16 (auto: native bf16 on this device, conv net)"
 
 
 def test_engine_logs_the_precision_and_the_warning(tmp_path, tiny_config, monkeypatch):
