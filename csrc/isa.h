@@ -28,7 +28,8 @@ struct KernelTable {
   // rows [b0, b1) of a [*, width] activation: y = relu(x), acc[j] += on(x[b, j])
   void (*relu_rows_f32)(const float* x, float* y, int32_t* acc, int64_t b0, int64_t b1, int64_t width,
                         bool inclusive);
-  void (*relu_rows_u16)(const uint16_t* x, uint16_t* y, int32_t* acc, int64_t b0, int64_t b1, int64_t width,
+  // 16-bit data counts into 16-bit counters: at most 65535 rows per call
+  void (*relu_rows_u16)(const uint16_t* x, uint16_t* y, uint16_t* acc, int64_t b0, int64_t b1, int64_t width,
                         bool inclusive, uint16_t inf_bits);
   // KD loss of one row of C classes (large C): s student logits, tt teacher logits already divided by T.
   // g receives the gradient of the batch-mean loss; scratch holds 3 * C floats.

@@ -168,15 +168,15 @@ static void count_cols_u16(const uint16_t* x, uint16_t* y, int64_t* out, int64_t
 
 // Row streaming for the fused ReLU: whole samples front to back, like a plain ReLU, counting into full-width
 // int32 counters that the caller owns per thread.
-template <typename T, typename On, typename Relu>
-DSD2_INLINE void relu_rows(const T* __restrict__ x, T* __restrict__ y, int32_t* __restrict__ acc, int64_t b0,
+template <typename T, typename A, typename On, typename Relu>
+DSD2_INLINE void relu_rows(const T* __restrict__ x, T* __restrict__ y, A* __restrict__ acc, int64_t b0,
                            int64_t b1, int64_t width, On on, Relu relu) {
   for (int64_t b = b0; b < b1; ++b) {
     const T* __restrict__ row = x + b * width;
     T* __restrict__ orow = y + b * width;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
-      acc[j] += on(row[j]);
+      acc[j] = static_cast<A>(acc[j] + on(row[j]));
       orow[j] = relu(row[j]);
     }
   }
@@ -190,14 +190,16 @@ static void relu_rows_f32(const float* x, float* y, int32_t* acc, int64_t b0, in
     relu_rows(x, y, acc, b0, b1, width, on_f32, relu_f32);
 }
 
-static void relu_rows_u16(const uint16_t* x, uint16_t* y, int32_t* acc, int64_t b0, int64_t b1, int64_t width,
+// 16-bit counters for 16-bit data: the counters' traffic stays that of the data (the caller runs at most 65535
+// rows per call and widens them after).
+static void relu_rows_u16(const uint16_t* x, uint16_t* y, uint16_t* acc, int64_t b0, int64_t b1, int64_t width,
                           bool inclusive, uint16_t inf) {
   const U16Ops o{inf};
   auto relu = [o](uint16_t v) { return o.relu(v); };
   if (inclusive)
-    relu_rows(x, y, acc, b0, b1, width, [o](uint16_t v) { return o.on_incl(v); }, relu);
+    relu_rows(x, y, acc, b0, b1, width, [o](uint16_t v) { return static_cast<uint16_t>(o.on_incl(v)); }, relu);
   else
-    relu_rows(x, y, acc, b0, b1, width, [o](uint16_t v) { return o.on(v); }, relu);
+    relu_rows(x, y, acc, b0, b1, width, [o](uint16_t v) { return static_cast<uint16_t>(o.on(v)); }, relu);
 }
 
 // ---- KD loss: (1 - a) CE(s, y) + a T^2 KL(softmax(t/T) || softmax(s/T)), gradient written in the forward -----

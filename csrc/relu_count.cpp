@@ -104,15 +104,21 @@ at::Tensor relu_count(const at::Tensor& x_in, at::Tensor counts, bool inclusive)
     const KernelTable& k = active_kernels();
     std::mutex merge;
     at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<int32_t> acc(per_sample, 0);
       if (dt == at::kFloat) {
+        std::vector<int32_t> acc(per_sample, 0);
         k.relu_rows_f32(x.data_ptr<float>(), y.data_ptr<float>(), acc.data(), b0, b1, per_sample, inclusive);
-      } else {
-        k.relu_rows_u16(reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<uint16_t*>(y.data_ptr()),
-                        acc.data(), b0, b1, per_sample, inclusive, inf_bits(dt));
+        std::lock_guard<std::mutex> lock(merge);
+        for (int64_t j = 0; j < per_sample; ++j) out[j] += acc[j];
+        return;
       }
-      std::lock_guard<std::mutex> lock(merge);
-      for (int64_t j = 0; j < per_sample; ++j) out[j] += acc[j];
+      std::vector<uint16_t> acc(per_sample);
+      for (int64_t c0 = b0; c0 < b1; c0 += 65535) {  // 16-bit counters: at most 65535 rows between merges
+        std::fill(acc.begin(), acc.end(), 0);
+        k.relu_rows_u16(reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<uint16_t*>(y.data_ptr()),
+                        acc.data(), c0, std::min(b1, c0 + 65535), per_sample, inclusive, inf_bits(dt));
+        std::lock_guard<std::mutex> lock(merge);
+        for (int64_t j = 0; j < per_sample; ++j) out[j] += acc[j];
+      }
     });
     return y;
   }

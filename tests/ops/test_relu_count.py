@@ -123,7 +123,7 @@ def test_fuzz_cpp_exact(shape, per_channel, inclusive, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("inclusive", [False, True])
-@pytest.mark.parametrize("shape", [(6, 16, 8, 8), (9, 1030), (3, 16, 8, 8)])
+@pytest.mark.parametrize("shape", [(6, 16, 8, 8), (9, 1030), (3, 16, 8, 8), (5, 8200), (7, 3, 64, 64)])
 def test_cpp_relu_count_row_and_column_paths(dtype, inclusive, shape):
     """Large samples with a batch of several per thread stream row by row; the rest walk column tiles."""
     x = activation(shape, dtype)
@@ -132,3 +132,17 @@ def test_cpp_relu_count_row_and_column_paths(dtype, inclusive, shape):
     y = relu_count(x, counts, inclusive=inclusive, backend="cpp")
     assert torch.equal(y, torch.relu(x))
     assert torch.equal(counts, expected(x, False, inclusive))
+
+
+def test_streamed_16_bit_counts_pass_65535_rows():
+    """The row-streaming path counts 16-bit data in 16-bit counters, widened every 65535 rows: a batch past that
+    with every element on must still count exactly."""
+    x = torch.ones(65_600, 8192, dtype=torch.bfloat16)
+    counts = torch.zeros(8192, dtype=torch.long)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread takes every row
+    try:
+        relu_count(x, counts, backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    assert bool((counts == 65_600).all())
