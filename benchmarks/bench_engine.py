@@ -4,13 +4,19 @@ Baseline, as in typical IMP reference code: a torchvision-style dataset with per
 transforms behind a DataLoader, masks installed with `torch.nn.utils.prune` (weight recomputed as
 weight_orig * weight_mask in every forward), a plain eager fp32 step. Ours: the whole dataset as a
 uint8 tensor, batches as index slices, batched augmentation, dense weights kept sparse by the
-masked optimizer step. The headline rows compare fp32 with fp32; a bf16 + channels_last row for the conv net
-is added only where this CPU computes bf16 natively (AVX-512 BF16 or AMX), the only place `--precision auto`
-would pick it; elsewhere autocast emulates bf16 and is many times slower.
+masked optimizer step, channels_last for conv nets (the engine's default). The headline rows compare
+fp32 with fp32; a bf16 row for the conv net is added only where this CPU computes bf16 natively
+(AVX-512 BF16 or AMX), the only place `--precision auto` would pick it; elsewhere autocast emulates
+bf16 and is many times slower.
 
 Both run the same model, the same data and the same masks (80 % sparsity) in one process. Our C++ kernels run
-at the best CPU level unless DSD2_CPU_ISA names a lower one; ATEN_CPU_CAPABILITY does the same for ATen, so
-`DSD2_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2` measures on an AVX-512 machine what an AVX2 machine would get.
+at the best CPU level unless DSD2_CPU_ISA names a lower one; ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA do the
+same for ATen and oneDNN, so
+
+    DSD2_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_engine.py
+
+measures on an AVX-512 machine what an AVX2 machine gets (no bf16 row then: an AVX2 CPU has no native bf16).
+Each level writes its own block of RESULTS.md.
 
     python benchmarks/bench_engine.py            # full: writes the table into benchmarks/RESULTS.md
     python benchmarks/bench_engine.py --quick    # fewer repeats, prints only
@@ -19,6 +25,7 @@ at the best CPU level unless DSD2_CPU_ISA names a lower one; ATEN_CPU_CAPABILITY
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -114,7 +121,7 @@ def case(name: str, model_cfg: ModelConfig, images: np.ndarray, labels: np.ndarr
     with torch.no_grad():
         for n, w in prunable_weights(model).items():
             w.mul_(masks[n])
-    if conv and bf16:
+    if conv:  # the engine's default for conv nets (--channels-last), in fp32 and bf16 alike
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, masks, optim)
     data = DeviceDataset(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
@@ -123,18 +130,18 @@ def case(name: str, model_cfg: ModelConfig, images: np.ndarray, labels: np.ndarr
     counter = iter(range(10**9))
     t_ours = time_it(lambda: train_epoch(
         model, opt, data, batch_size=optim.batch_size, generator=epoch_generator(0, 0, next(counter)),
-        augment=augment, mean=m, std=s, precision="bf16" if bf16 else "fp32", channels_last=conv and bf16,
+        augment=augment, mean=m, std=s, precision="bf16" if bf16 else "fp32", channels_last=conv,
     ), repeats)
     n = len(labels)
     return {"case": name, "images": n, "baseline_s": t_base, "ours_s": t_ours, "speedup": t_base / t_ours,
             "baseline_img_s": n / t_base, "ours_img_s": n / t_ours,
-            "ours_mode": ("bf16 + channels_last" if bf16 and conv else "fp32")}
+            "ours_mode": ("bf16" if bf16 else "fp32") + (" + channels_last" if conv else "")}
 
 
 def machine() -> str:
     return (f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, ATen capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, dsd2 kernels at {cpu_isa()}, bf16 "
-            f"{'native' if native_bf16(torch.device('cpu')) else 'emulated'}")
+            f"{torch.backends.cpu.get_cpu_capability()}, dsd2 kernels at {cpu_isa()}, the CPU's "
+            f"bf16 {'native' if native_bf16(torch.device('cpu')) else 'emulated'}")
 
 
 def main() -> None:
@@ -161,7 +168,8 @@ def main() -> None:
            ModelConfig(name="vgg", depth=5, width=5), cifar_x, cifar_y, 10,
            OptimConfig(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=128))
     rows.append(case(*vgg, augment=True, bf16=False, repeats=max(1, repeats - 2)))
-    if native_bf16(torch.device("cpu")):
+    lowered = os.environ.get("DSD2_CPU_ISA", "avx512") not in ("", "avx512")
+    if native_bf16(torch.device("cpu")) and not lowered:
         rows.append(case(*vgg, augment=True, bf16=True, repeats=max(1, repeats - 2)))
 
     table = ["| case | images/epoch | baseline epoch (s, fp32) | ours epoch (s) | ours mode | speed-up |",
@@ -173,9 +181,12 @@ def main() -> None:
     print(machine())
     print(text)
     if not args.quick:
-        write_block("bench_engine", "Engine: epoch time",
-                    f"Machine: {machine()}.\nCommand: `python benchmarks/bench_engine.py` (median of {repeats} epochs "
-                    f"for the MLP, {max(1, repeats - 2)} for VGG, after one warm-up).\n\n{text}")
+        env = " ".join(f"{k}={os.environ[k]}" for k in ("DSD2_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+                       if os.environ.get(k))
+        write_block(f"bench_engine-{cpu_isa()}", f"Engine: epoch time, dsd2 kernels at {cpu_isa()}",
+                    f"Machine: {machine()}.\nCommand: `{env + ' ' if env else ''}python benchmarks/bench_engine.py` "
+                    f"(median of {repeats} epochs for the MLP, {max(1, repeats - 2)} for VGG, after one warm-up).\n\n"
+                    f"{text}")
 
 
 if __name__ == "__main__":
