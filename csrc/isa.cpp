@@ -15,7 +15,7 @@ const KernelTable* table_for(const std::string& level) {
 }
 
 bool cpu_runs(const std::string& level) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (level == "avx2") return avx2;

@@ -5,7 +5,7 @@
 #include "isa.h"
 
 namespace dsd2 {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // GCC: per-function target pragmas
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
 namespace isa_avx512 {
