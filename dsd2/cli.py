@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from dsd2.engine import resolve_device
+    from dsd2.selftest import environment, run_selftest, table, write_json
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise ConfigError(f"device '{args.device}' is not one of cpu, cuda, cuda:N, auto")
+    if args.json is not None and args.json.is_dir():
+        raise ConfigError(f"--json {args.json} is a folder; name a file")
+    device = resolve_device(args.device)
+    env = environment(device)
+    print(f"dsd2 selftest on {env.get('gpu', env['cpu'])} ({device}); torch {env['torch']}; CPU levels "
+          f"{', '.join(env['cpu_isa_levels'])}; {env['threads']} threads")
+    checks = run_selftest(device, quick=args.quick)
+    print(table(checks))
+    if args.json is not None:
+        write_json(args.json, device, checks)
+        print(f"written to {args.json}")
+    return 1 if any(c.result == "FAIL" for c in checks) else 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (the value and what is allowed) and exit code 2, like every other bad input."""
 
@@ -338,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     ent.set_defaults(func=cmd_entropy)
     info = sub.add_parser("info", help="versions, device and op backends")
     info.set_defaults(func=cmd_info)
+    selftest = sub.add_parser("selftest", help="check every op, CUDA graphs and a short run on this machine")
+    selftest.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    selftest.add_argument("--quick", action="store_true", help="fewer shapes and shorter timings (about a minute)")
+    selftest.add_argument("--json", type=Path, help="also write the results (and this machine's details) here")
+    selftest.set_defaults(func=cmd_selftest)
     return parser
 
 

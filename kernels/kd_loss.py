@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launch
+
 # Rows up to this many classes live in registers as a [BLOCK_ROWS, next_pow2(C)] tile (one read of the logits);
 # wider rows stream over C in chunks with an online softmax and are read twice (statistics, then gradient).
 _TILE_MAX_C = 4096
@@ -143,6 +145,28 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
+def plan_kd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, n: torch.Tensor, grad: torch.Tensor,
+            ce_rows: torch.Tensor, kl_rows: torch.Tensor, alpha: float, temperature: float,
+            ignore_index: int) -> Launch:
+    """The launch for [B, C] logits: the register tile up to C = 4096, the chunked online softmax beyond."""
+    B, C = student.shape
+    student = _rows_contiguous(student)
+    teacher = _rows_contiguous(teacher)
+    target = target.contiguous()
+    args = (student, teacher, target, n, grad, ce_rows, kl_rows)
+    w_ce, w_kl, inv_t = 1.0 - float(alpha), float(alpha) * float(temperature), 1.0 / float(temperature)
+    block_c = triton.next_power_of_2(C)
+    if block_c <= _TILE_MAX_C:
+        block_rows = min(max(_TILE_ELEMS // block_c, 1), triton.next_power_of_2(B))
+        return Launch(_kd_tile_kernel, (triton.cdiv(B, block_rows),),
+                      (*args, B, C, student.stride(0), teacher.stride(0), ignore_index, w_ce, w_kl, inv_t),
+                      dict(BLOCK_ROWS=block_rows, BLOCK_C=block_c),
+                      dict(num_warps=min(16, max(4, block_rows * block_c // 256))))
+    return Launch(_kd_chunked_kernel, (B,),
+                  (*args, C, student.stride(0), teacher.stride(0), ignore_index, w_ce, w_kl, inv_t),
+                  dict(NEG_BIG=_NEG_BIG, BLOCK_C=_CHUNK_C), dict(num_warps=8))
+
+
 def kd_loss_forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, alpha: float,
                     temperature: float, ignore_index: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -166,21 +190,7 @@ def kd_loss_forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.
     kl_rows = torch.empty(B, dtype=torch.float32, device=dev)
     n = (target != ignore_index).sum()
     if B > 0 and C > 0:
-        student = _rows_contiguous(student)
-        teacher = _rows_contiguous(teacher)
-        target = target.contiguous()
-        args = (student, teacher, target, n, grad, ce_rows, kl_rows)
-        w_ce, w_kl, inv_t = 1.0 - float(alpha), float(alpha) * float(temperature), 1.0 / float(temperature)
-        block_c = triton.next_power_of_2(C)
-        if block_c <= _TILE_MAX_C:
-            block_rows = min(max(_TILE_ELEMS // block_c, 1), triton.next_power_of_2(B))
-            _kd_tile_kernel[(triton.cdiv(B, block_rows),)](
-                *args, B, C, student.stride(0), teacher.stride(0), ignore_index, w_ce, w_kl, inv_t,
-                BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=min(16, max(4, block_rows * block_c // 256)))
-        else:
-            _kd_chunked_kernel[(B,)](
-                *args, C, student.stride(0), teacher.stride(0), ignore_index, w_ce, w_kl, inv_t,
-                NEG_BIG=_NEG_BIG, BLOCK_C=_CHUNK_C, num_warps=8)
+        plan_kd(student, teacher, target, n, grad, ce_rows, kl_rows, alpha, temperature, ignore_index)()
     else:
         ce_rows.zero_()
         kl_rows.zero_()

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launch
+
 # The kernel reaches every tensor through raw addresses read from int64 tables, so one launch serves any number of
 # tensors of mixed dtypes. This also runs under TRITON_INTERPRET=1 with CPU tensors (the interpreter dereferences
 # host addresses directly); CUDA tensors under the interpreter would not work, as it only copies direct arguments.
@@ -172,12 +174,17 @@ def masked_sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or lr.device != device:
             raise ValueError("a tensor lr must hold one value on the parameters' device")
-        lr_ptr, lr_val, lr_from_ptr = lr, 0.0, True
-    else:
-        lr_ptr, lr_val, lr_from_ptr = tensors, float(lr), False
-    _masked_sgd_kernel[(blocks.shape[0],)](
-        tensors, blocks, numel_t, lr_ptr, lr_val, float(momentum), float(weight_decay),
-        N_COLS=_N_COLS, LR_FROM_PTR=lr_from_ptr, HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov),
-        BLOCK=_BLOCK, num_warps=8,
-        # no contraction into fused multiply-adds: the same rounding as the C++ and multi-tensor paths
-        enable_fp_fusion=False)
+    plan_sgd(tensors, blocks, numel_t, lr, momentum, weight_decay, nesterov)()
+
+
+def plan_sgd(tensors: torch.Tensor, blocks: torch.Tensor, numel_t: torch.Tensor, lr: float | torch.Tensor,
+             momentum: float, weight_decay: float, nesterov: bool) -> Launch:
+    """The launch over the pointer tables; a tensor lr is read by the kernel (CUDA-graph replays follow it)."""
+    lr_from_ptr = isinstance(lr, torch.Tensor)
+    lr_ptr, lr_val = (lr, 0.0) if lr_from_ptr else (tensors, float(lr))
+    return Launch(_masked_sgd_kernel, (blocks.shape[0],),
+                  (tensors, blocks, numel_t, lr_ptr, lr_val, float(momentum), float(weight_decay)),
+                  dict(N_COLS=_N_COLS, LR_FROM_PTR=lr_from_ptr, HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov),
+                       BLOCK=_BLOCK),
+                  # no contraction into fused multiply-adds: the same rounding as the C++ and multi-tensor paths
+                  dict(num_warps=8, enable_fp_fusion=False))

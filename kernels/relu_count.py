@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launch
+
 # Elements per [rows, columns] tile; the row count of the tile adapts so narrow layers still fill it.
 _TILE_ELEMS = 2048
 _MAX_BLOCK_COLS = 1024
@@ -103,33 +105,35 @@ def _split(n_col_programs: int, rows: int, block_rows: int) -> tuple[int, int]:
     return per, triton.cdiv(rows, per)
 
 
-def _warps(tile: int) -> int:
-    # ~8 elements per thread keeps the int32 accumulator tile in registers without spilling
-    return max(1, min(8, tile // 256))
+def _warps(tile: int, element_size: int) -> int:
+    # ~8 elements per thread keeps the int32 accumulator tile in registers without spilling; for 16-bit data
+    # with the ReLU written out, ptxas spills at 8 warps on sm_90 (dsd2.kernels.aot found 4 bytes): 4 per thread
+    return max(1, min(16 if element_size == 2 else 8, tile // (128 if element_size == 2 else 256)))
 
 
-def _launch_cols(x, y, counts, R, N, C, HW, write_out, inclusive, nhwc):
+def _cols_launch(x, y, counts, R, N, C, HW, write_out, inclusive, nhwc) -> Launch:
     block_n = min(triton.next_power_of_2(N), _MAX_BLOCK_COLS)
     block_r = min(max(_TILE_ELEMS // block_n, 1), triton.next_power_of_2(R))
     n_col = triton.cdiv(N, block_n)
     per, splits = _split(n_col, R, block_r)
-    _count_cols_kernel[(n_col, splits)](
-        x, y, counts, R, N, per, C, HW, BLOCK_R=block_r, BLOCK_N=block_n, WRITE_OUT=write_out,
-        INCLUSIVE=inclusive, NHWC=nhwc, ATOMIC=splits > 1, num_warps=_warps(block_r * block_n))
+    return Launch(_count_cols_kernel, (n_col, splits), (x, y, counts, R, N, per, C, HW),
+                  dict(BLOCK_R=block_r, BLOCK_N=block_n, WRITE_OUT=write_out, INCLUSIVE=inclusive, NHWC=nhwc,
+                       ATOMIC=splits > 1), dict(num_warps=_warps(block_r * block_n, x.element_size())))
 
 
-def _launch_channels(x, y, counts, B, C, S, write_out, inclusive):
+def _channels_launch(x, y, counts, B, C, S, write_out, inclusive) -> Launch:
     block_s = min(triton.next_power_of_2(S), _MAX_BLOCK_COLS)
     block_c = min(max(_TILE_ELEMS // block_s, 1), triton.next_power_of_2(C))
     n_c = triton.cdiv(C, block_c)
     per, splits = _split(n_c, B * triton.cdiv(S, block_s), 1)
-    _count_channels_kernel[(n_c, splits)](
-        x, y, counts, B, C, S, per, BLOCK_C=block_c, BLOCK_S=block_s, WRITE_OUT=write_out,
-        INCLUSIVE=inclusive, ATOMIC=splits > 1, num_warps=_warps(block_c * block_s))
+    return Launch(_count_channels_kernel, (n_c, splits), (x, y, counts, B, C, S, per),
+                  dict(BLOCK_C=block_c, BLOCK_S=block_s, WRITE_OUT=write_out, INCLUSIVE=inclusive,
+                       ATOMIC=splits > 1), dict(num_warps=_warps(block_c * block_s, x.element_size())))
 
 
-def _run(x: torch.Tensor, counts: torch.Tensor, inclusive: bool, per_channel: bool,
-         write_out: bool) -> torch.Tensor | None:
+def plan_counting(x: torch.Tensor, counts: torch.Tensor, inclusive: bool, per_channel: bool,
+                  write_out: bool) -> tuple[Launch | None, torch.Tensor | None]:
+    """(the launch, or None for an empty x; the ReLU output when write_out) after checking the arguments."""
     if counts.dtype != torch.int64 or not counts.is_contiguous():
         raise ValueError("counts must be a contiguous int64 tensor")
     if x.dim() == 0:
@@ -139,6 +143,7 @@ def _run(x: torch.Tensor, counts: torch.Tensor, inclusive: bool, per_channel: bo
         x = x.contiguous()
     # empty_like keeps channels_last, so the output is written in the input's own layout without a permute
     y = torch.empty_like(x) if write_out else None
+    out = y if write_out else x
     B = x.shape[0]
     if per_channel:
         if x.dim() < 2:
@@ -148,23 +153,28 @@ def _run(x: torch.Tensor, counts: torch.Tensor, inclusive: bool, per_channel: bo
         if counts.numel() != C:
             raise ValueError(f"counts has {counts.numel()} entries, x has {C} channels")
         if x.numel() == 0:
-            return y
+            return None, y
         if nhwc:
             # NHWC memory is a dense [B * H * W, C] matrix: channel = memory position % C
-            _launch_cols(x, y if write_out else x, counts, B * S, C, C, 1, write_out, inclusive, False)
-        elif S == 1:
-            _launch_cols(x, y if write_out else x, counts, B, C, C, 1, write_out, inclusive, False)
-        else:
-            _launch_channels(x, y if write_out else x, counts, B, C, S, write_out, inclusive)
-    else:
-        N = math.prod(x.shape[1:])
-        if counts.numel() != N:
-            raise ValueError(f"counts has {counts.numel()} entries, x[0] has {N}")
-        if x.numel() == 0:
-            return y
-        C = x.shape[1] if nhwc else 1
-        HW = N // C
-        _launch_cols(x, y if write_out else x, counts, B, N, C, HW, write_out, inclusive, nhwc)
+            return _cols_launch(x, out, counts, B * S, C, C, 1, write_out, inclusive, False), y
+        if S == 1:
+            return _cols_launch(x, out, counts, B, C, C, 1, write_out, inclusive, False), y
+        return _channels_launch(x, out, counts, B, C, S, write_out, inclusive), y
+    N = math.prod(x.shape[1:])
+    if counts.numel() != N:
+        raise ValueError(f"counts has {counts.numel()} entries, x[0] has {N}")
+    if x.numel() == 0:
+        return None, y
+    C = x.shape[1] if nhwc else 1
+    HW = N // C
+    return _cols_launch(x, out, counts, B, N, C, HW, write_out, inclusive, nhwc), y
+
+
+def _run(x: torch.Tensor, counts: torch.Tensor, inclusive: bool, per_channel: bool,
+         write_out: bool) -> torch.Tensor | None:
+    launch, y = plan_counting(x, counts, inclusive, per_channel, write_out)
+    if launch is not None:
+        launch()
     return y
 
 

@@ -10,10 +10,28 @@ back to the host, so it can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from dsd2.ops._backend import cpp_extension, triton_available
+
+FP32_EPS = 2.0**-24  # unit roundoff of fp32, the precision of every backend's math
+# storing the gradient in the input dtype: one ulp (the Triton interpreter truncates where hardware rounds)
+STORE_EPS = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float64: 0.0}
+
+
+def kd_tolerances(dtype: torch.dtype, classes: int) -> tuple[float, float]:
+    """(loss, gradient) tolerances of every backend against the float64 reference, the same at every CPU level:
+    the loss relative to max(|loss|, 1), the gradient relative to its largest entry.
+
+    The math is fp32 (exp and log polynomials within ~4 units of roundoff); a row's sums run over its C classes,
+    in 16 fixed lanes folded into double every 256 classes on the CPU, so the error grows like sqrt(min(C, 256))
+    and no further. The loss takes a further factor for the cancellation in KL = sum p (t - s)/T - lse(t/T) +
+    lse(s/T); the gradient is also rounded to the input dtype."""
+    growth = math.sqrt(min(classes, 256))
+    return FP32_EPS * 16 * (4 + growth), FP32_EPS * (8 + growth) + STORE_EPS[dtype]
 
 
 def kd_loss_reference(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.8,

@@ -10,23 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsd2.ops import kd_loss, kd_loss_reference
-
-FP32_EPS = 2.0**-24  # unit roundoff of fp32, the precision of every backend's math
-# storing the gradient in the input dtype: one ulp, because the Triton interpreter truncates where hardware rounds
-STORE_EPS = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-
-
-def tolerances(dtype, c):
-    """(loss, grad) tolerances against the float64 reference, the same on every CPU level. The math is fp32
-    (exp and log polynomials within ~4 units of roundoff); a row's sums run over its C classes, in 16 fixed lanes
-    folded into double every 256 classes, so the error grows like sqrt(min(C, 256)) and no further. The loss
-    takes a further factor for the cancellation in KL = sum p (t - s)/T - lse(t/T) + lse(s/T); the gradient is
-    compared relative to its largest entry and also rounded to the input dtype."""
-    growth = math.sqrt(min(c, 256))
-    loss = FP32_EPS * 16 * (4 + growth)
-    grad = FP32_EPS * (8 + growth) + STORE_EPS[dtype]
-    return loss, grad
-
+from dsd2.ops.kd_loss import kd_tolerances as tolerances
 
 SIZES = [(1, 2), (3, 10), (17, 100), (5, 1000), (2, 4097)]
 TRITON_SIZES = [(1, 2), (3, 10), (9, 100), (2, 1000)]

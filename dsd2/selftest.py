@@ -1,0 +1,409 @@
+"""`dsd2-engine selftest`: the first command on a new machine, and what to attach to a bug report.
+
+Each fused op runs on the device for several shapes and dtypes and is compared with its plain-PyTorch reference
+(on the CPU: at every instruction-set level this CPU runs); CUDA graphs (training step, evaluation, counting)
+are compared with eager steps; a two-level digits run is made twice and its metrics compared (CUDA: graphs on
+against off; CPU: every level against `default`); each op and the training step are timed against eager code
+on the same device. The result is one table (check, result, time, speed-up), optionally JSON; any mismatch makes
+the exit code non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dsd2.ops import MaskedSGD, count_positive_, count_positive_reference, kd_loss, kd_loss_reference, relu_count
+from dsd2.ops._backend import cpu_isa_levels, cpu_model, use_cpu_isa
+from dsd2.ops.kd_loss import kd_tolerances
+from dsd2.ops.masked_sgd import masked_sgd_reference
+
+# the documented tolerance between a graphed and an eager run (or two CPU levels with distillation)
+RUN_RTOL = 1e-4
+
+
+@dataclass
+class Check:
+    name: str
+    result: str  # "pass", "FAIL" or "skipped"
+    detail: str = ""
+    time_s: float | None = None
+    speedup: float | None = None
+
+
+def _verdict(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
+def _timed(fn: Callable[[], None], seconds: float) -> float:
+    from torch.utils import benchmark
+
+    fn()
+    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=seconds).median
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+# ---- ops against their references -------------------------------------------------------------------------
+
+def kd_checks(device: torch.device, sizes: list[tuple[int, int]], dtypes, tag: str) -> list[Check]:
+    out = []
+    for (b, c), dtype in ((s, d) for s in sizes for d in dtypes):
+        g = torch.Generator().manual_seed(b * 1000 + c)
+        s, t = (torch.randn(b, c, generator=g) * 3).to(dtype), (torch.randn(b, c, generator=g) * 3).to(dtype)
+        y = torch.randint(0, c, (b,), generator=g)
+        a = s.clone().to(device).requires_grad_()
+        loss = kd_loss(a, t.to(device), y.to(device))
+        loss.backward()
+        r = s.double().requires_grad_()
+        ref = kd_loss_reference(r, t.double(), y)[0]
+        ref.backward()
+        ltol, gtol = kd_tolerances(dtype, c)
+        lerr = abs(float(loss.detach()) - float(ref.detach())) / max(abs(float(ref.detach())), 1.0)
+        gerr = float((a.grad.double().cpu() - r.grad).abs().max() / r.grad.abs().max().clamp_min(1e-12))
+        ok = lerr <= ltol and gerr <= gtol and a.grad.dtype == dtype
+        out.append(Check(f"kd_loss {str(dtype)[6:]} B={b} C={c}{tag}", _verdict(ok),
+                         f"loss err {lerr:.1e} (tol {ltol:.1e}), grad err {gerr:.1e} (tol {gtol:.1e})"))
+    return out
+
+
+def counting_checks(device: torch.device, shapes, dtypes, tag: str) -> list[Check]:
+    out = []
+    for shape, dtype in ((s, d) for s in shapes for d in dtypes):
+        g = torch.Generator().manual_seed(len(shape) * 7 + shape[-1])
+        x = torch.randn(shape, generator=g)
+        x[x.abs() < 0.3] = 0.0  # exact zeros tell > 0 from >= 0
+        x = x.to(dtype)
+        for per_channel, inclusive in ((False, False), (True, False), (False, True)):
+            n = shape[1] if per_channel else x[0].numel()
+            want = count_positive_reference(x, torch.zeros(n, dtype=torch.long), inclusive, per_channel)
+            got = torch.zeros(n, dtype=torch.long, device=device)
+            count_positive_(x.to(device), got, inclusive=inclusive, per_channel=per_channel)
+            fused = torch.zeros(n, dtype=torch.long, device=device)
+            y = relu_count(x.to(device), fused, inclusive=inclusive, per_channel=per_channel)
+            ok = torch.equal(got.cpu(), want) and torch.equal(fused.cpu(), want) and torch.equal(y.cpu(), x.relu())
+            mode = ("channel" if per_channel else "element") + (", >= 0" if inclusive else "")
+            out.append(Check(f"count + relu_count {str(dtype)[6:]} {tuple(shape)} {mode}{tag}", _verdict(ok),
+                             "exact" if ok else "counts or ReLU output differ from the reference"))
+    return out
+
+
+def sgd_checks(device: torch.device, tag: str) -> list[Check]:
+    out = []
+    for momentum, nesterov in ((0.9, False), (0.9, True), (0.0, False)):
+        g = torch.Generator().manual_seed(5)
+        shapes = ((33, 17), (8, 3, 3, 3), (7,))
+        params = [torch.randn(s, generator=g) for s in shapes]
+        masks = [torch.rand(s, generator=g) < 0.4 for s in shapes[:-1]] + [None]
+        for p, m in zip(params, masks):
+            if m is not None:
+                p.mul_(m)
+        ours = [p.to(device).requires_grad_() for p in params]
+        ref = [p.clone() for p in params]
+        bufs = [torch.zeros_like(p) for p in params]
+        opt = MaskedSGD(ours, {p: m.to(device) for p, m in zip(ours, masks) if m is not None}, lr=0.05,
+                        momentum=momentum, weight_decay=1e-4, nesterov=nesterov)
+        for step in range(10):
+            grads = [torch.randn(p.shape, generator=g) for p in params]
+            for p, gr in zip(ours, grads):
+                p.grad = gr.to(device)
+            opt.step()
+            masked_sgd_reference(ref, grads, bufs if momentum else [None] * len(ref), masks, lr=0.05,
+                                 momentum=momentum, weight_decay=1e-4, nesterov=nesterov, first=step == 0)
+        got = [p.detach().cpu() for p in ours]
+        if device.type == "cpu":  # one formula, no fused multiply-adds: identical bits
+            ok, detail = all(torch.equal(a, b) for a, b in zip(got, ref)), "bit for bit"
+        else:
+            err = max(float((a - b).abs().max()) for a, b in zip(got, ref))
+            ok, detail = err <= 1e-6, f"max error {err:.1e} (tol 1e-6)"
+        pruned_zero = all(bool((a[~m] == 0).all()) for a, m in zip(got, masks) if m is not None)
+        name = f"masked SGD momentum={momentum}{' nesterov' if nesterov else ''}{tag}"
+        out.append(Check(name, _verdict(ok and pruned_zero), detail + ("" if pruned_zero else "; pruned weight moved")))
+    return out
+
+
+def op_checks(device: torch.device, quick: bool) -> list[Check]:
+    kd_sizes = [(37, 10), (129, 100), (5, 4097)] if quick else [(37, 10), (1031, 100), (17, 1000), (3, 32768)]
+    shapes = [(5, 3, 7, 7), (9, 1030)] if quick else [(5, 3, 7, 7), (9, 1030), (6, 16, 32, 32), (3, 8200)]
+    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16)
+    out = []
+    for level in cpu_isa_levels() if device.type == "cpu" else [""]:
+        tag = f" [{level}]" if level else ""
+        with use_cpu_isa(level) if level else contextlib.nullcontext():
+            out += kd_checks(device, kd_sizes, dtypes, tag)
+            out += counting_checks(device, shapes, dtypes, tag)
+            out += sgd_checks(device, tag)
+    return out
+
+
+# ---- CUDA graphs ------------------------------------------------------------------------------------------
+
+def _small_vgg(device: torch.device, seed: int = 0):
+    from dsd2.config import ModelConfig, OptimConfig
+    from dsd2.data import DeviceDataset
+    from dsd2.models import build_model
+    from dsd2.pruning import full_masks, global_prune, magnitude_scores, prunable_weights
+    from dsd2.training import build_optimizer
+
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(name="vgg", depth=2, width=3), (3, 32, 32), 10).to(device)
+    masks = global_prune(magnitude_scores(model), full_masks(model), 0.5)
+    with torch.no_grad():
+        for k, w in prunable_weights(model).items():
+            w.mul_(masks[k])
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (64 * 6 + 5, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
+    labels = torch.randint(0, 10, (images.shape[0],), generator=g).to(device)
+    opt = build_optimizer(model, masks, OptimConfig(optimizer="sgd", lr=0.01, batch_size=64))
+    stats = torch.full((3,), 120.0, device=device), torch.full((3,), 70.0, device=device)
+    return model, opt, DeviceDataset(images, labels), *stats
+
+
+def graph_checks(device: torch.device) -> list[Check]:
+    names = ("graphed training step = eager steps", "captured evaluation = eager predict",
+             "captured counting pass = eager counts")
+    if device.type != "cuda":
+        return [Check(n, "skipped", "CUDA graphs need a CUDA device") for n in names]
+    from dsd2.ops import swap_in_counting_relus
+    from dsd2.training import cross_entropy, predict
+    from dsd2.training.graphs import GraphedPredictor, GraphedTrainStep, graphed_epoch
+
+    out = []
+    model, opt, data, mean, std = _small_vgg(device)
+    gmodel, gopt, _, _, _ = _small_vgg(device)
+    perm = torch.randperm(data.labels.numel(), generator=torch.Generator().manual_seed(3)).to(device)
+    model.train()
+    for start in range(0, perm.numel(), 64):
+        idx = perm[start:start + 64]
+        x = (data.images[idx].float() - mean[:, None, None]) / std[:, None, None]
+        F.cross_entropy(model(x), data.labels[idx]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def make(warm, lr):
+        return GraphedTrainStep(gmodel, gopt, cross_entropy, data, 64, mean, std, augment=False, precision="fp32",
+                                channels_last=False, warmup_indices=warm, lr=lr)
+
+    t0 = time.perf_counter()
+    graphed_epoch(None, make, perm, 64, 0.01)
+    torch.cuda.synchronize()
+    err = max(float(((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-3)).max())
+              for a, b in zip(gmodel.state_dict().values(), model.state_dict().values()))
+    out.append(Check(names[0], _verdict(err <= RUN_RTOL), f"max relative difference {err:.1e} (tol {RUN_RTOL})",
+                     time.perf_counter() - t0))
+    eager_logits = predict(model, data, batch_size=64, mean=mean, std=std)
+    predictor = GraphedPredictor(model, 64, mean, std)
+    graphed = predictor.predict(data)
+    err = float((graphed - eager_logits).abs().max() / eager_logits.abs().max())
+    out.append(Check(names[1], _verdict(err <= RUN_RTOL), f"max relative difference {err:.1e} (tol {RUN_RTOL})"))
+    relus = swap_in_counting_relus(model)
+    for r in relus.values():
+        r.counting = True
+    predict(model, data, batch_size=64, mean=mean, std=std)
+    eager_counts = {n: r.counts.clone() for n, r in relus.items()}
+    for r in relus.values():
+        r.reset()
+    GraphedPredictor(model, 64, mean, std, relus=relus).predict(data)
+    ok = all(torch.equal(relus[n].counts, c) for n, c in eager_counts.items())
+    out.append(Check(names[2], _verdict(ok), "exact" if ok else "counts differ"))
+    return out
+
+
+# ---- a two-level digits run ---------------------------------------------------------------------------------
+
+def _digits_run(root: Path, **overrides) -> list[dict]:
+    from dsd2.config import build_config
+    from dsd2.engine import Engine
+    from dsd2.runs import RunDir, read_jsonl
+
+    cfg = build_config(None, None, {"optim": {"optimizer": "sgd", "lr": 0.05, "epochs": 2, "dense_epochs": 2},
+                                    "prune": {"levels": 2}, **overrides})
+    Engine(cfg, RunDir(root), progress=False, log=lambda s: None).run_loop()
+    volatile = {"wall_time_s", "train_time_s", "images_per_s", "achieved_flop_per_s"}
+    return [{k: v for k, v in r.items() if k not in volatile} for r in read_jsonl(root / "metrics.jsonl")]
+
+
+def _max_rel_diff(a: list[dict], b: list[dict]) -> float:
+    worst = 0.0
+    for ra, rb in zip(a, b, strict=True):
+        for key, va in ra.items():
+            vb = rb[key]
+            if isinstance(va, float) and isinstance(vb, float) and math.isfinite(va):
+                worst = max(worst, abs(va - vb) / max(abs(vb), 1e-6))
+            elif va != vb and not isinstance(va, float):
+                return math.inf
+    return worst
+
+
+def run_checks(device: torch.device) -> list[Check]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if device.type == "cuda":
+            t0 = time.perf_counter()
+            on = _digits_run(tmp / "graphs", device=str(device), cuda_graphs=True)
+            off = _digits_run(tmp / "eager", device=str(device), cuda_graphs=False)
+            diff = _max_rel_diff(on, off)
+            return [Check("two-level digits run: graphs on = off", _verdict(diff <= RUN_RTOL),
+                          f"largest relative metric difference {diff:.1e} (tol {RUN_RTOL})",
+                          time.perf_counter() - t0)]
+        out, base = [], None
+        for level in cpu_isa_levels():
+            t0 = time.perf_counter()
+            with use_cpu_isa(level):
+                rows = _digits_run(tmp / level)
+            if base is None:
+                base = rows
+                out.append(Check("two-level digits run [default]", "pass", "reference for the other levels",
+                                 time.perf_counter() - t0))
+                continue
+            same = rows == base  # SGD is bit-identical across levels and counts are exact
+            out.append(Check(f"two-level digits run [{level}] = [default]", _verdict(same),
+                             "identical metrics" if same else "metrics differ from the default level",
+                             time.perf_counter() - t0))
+        return out
+
+
+# ---- timings ------------------------------------------------------------------------------------------------
+
+def _kd_eager(s, t, y, alpha=0.8, tau=10.0):
+    ce = F.cross_entropy(s, y)
+    kl = F.kl_div(F.log_softmax(s / tau, 1), F.softmax(t / tau, 1), reduction="batchmean")
+    return (1 - alpha) * ce + alpha * tau * tau * kl
+
+
+def timing_checks(device: torch.device, quick: bool) -> list[Check]:
+    seconds = 0.1 if quick else 0.5
+    sync = _sync(device)
+    out = []
+
+    def compare(name: str, ours: Callable[[], None], eager: Callable[[], None], what: str) -> None:
+        def timed(fn):
+            def run():
+                fn()
+                sync()
+            return _timed(run, seconds)
+
+        t_ours, t_eager = timed(ours), timed(eager)
+        out.append(Check(name, "pass", f"against {what}: {t_eager * 1e6:.0f} µs", t_ours, t_eager / t_ours))
+
+    g = torch.Generator().manual_seed(0)
+    b = 1024 if quick else 8192
+    s = torch.randn(b, 100, generator=g).to(device).requires_grad_()
+    t = torch.randn(b, 100, generator=g).to(device)
+    y = torch.randint(0, 100, (b,), generator=g).to(device)
+
+    def kd_step(fn):
+        def step():
+            s.grad = None
+            fn(s, t, y).backward()
+        return step
+
+    compare(f"time: kd_loss fwd+bwd B={b} C=100", kd_step(kd_loss), kd_step(_kd_eager), "eager PyTorch")
+    x = torch.randn(32 if quick else 128, 64, 32, 32, generator=g).to(device)
+    counts = torch.zeros(x[0].numel(), dtype=torch.long, device=device)
+    freq = torch.zeros(x.shape[1:], device=device)
+    compare(f"time: count states {tuple(x.shape)}", lambda: count_positive_(x, counts),
+            lambda: freq.add_((x > 0).float().mean(0)), "the usual forward hook")
+    compare(f"time: relu_count {tuple(x.shape)}", lambda: relu_count(x, counts), lambda: torch.relu(x),
+            "a plain ReLU (which counts nothing)")
+    model, opt, data, mean, std = _small_vgg(device)
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    sgd = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    masked = [(p, opt.masks[id(p)]) for p in params if id(p) in getattr(opt, "masks", {})]
+
+    def sgd_remask():
+        sgd.step()
+        with torch.no_grad():
+            torch._foreach_mul_([p for p, _ in masked], [m for _, m in masked])
+
+    compare("time: masked SGD step (VGG-like δ=2 γ=3)", opt.step, sgd_remask, "torch.optim.SGD + re-mask")
+    out.append(train_step_timing(device, seconds))
+    return out
+
+
+def train_step_timing(device: torch.device, seconds: float) -> Check:
+    from dsd2.training import cross_entropy
+
+    model, opt, data, mean, std = _small_vgg(device)
+    idx = torch.arange(64, device=device)
+
+    def eager():
+        x = (data.images[idx].float() - mean[:, None, None]) / std[:, None, None]
+        F.cross_entropy(model(x), data.labels[idx]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    if device.type != "cuda":
+        t = _timed(eager, seconds)
+        return Check("time: training step (VGG-like δ=2 γ=3, batch 64)", "pass", "eager (no CUDA graphs here)", t)
+    from dsd2.training.graphs import GraphedTrainStep
+
+    t_eager = _timed(lambda: (eager(), torch.cuda.synchronize()), seconds)
+    gmodel, gopt, _, _, _ = _small_vgg(device)
+    step = GraphedTrainStep(gmodel, gopt, cross_entropy, data, 64, mean, std, augment=False, precision="fp32",
+                            channels_last=False, warmup_indices=[idx] * 3, lr=0.01)
+    t_graph = _timed(lambda: (step.replay(idx, 0.01), torch.cuda.synchronize()), seconds)
+    return Check("time: training step (VGG-like δ=2 γ=3, batch 64)", "pass",
+                 f"graph replay against eager: {t_eager * 1e6:.0f} µs", t_graph, t_eager / t_graph)
+
+
+# ---- the command ------------------------------------------------------------------------------------------
+
+def environment(device: torch.device) -> dict:
+    env = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+           "cpu": cpu_model(), "cpu_isa_levels": cpu_isa_levels(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return env
+
+
+def run_selftest(device: torch.device, quick: bool = False) -> list[Check]:
+    checks = []
+    parts = {"ops against their references": lambda: op_checks(device, quick),
+             "CUDA graphs against eager": lambda: graph_checks(device),
+             "two-level digits run": lambda: run_checks(device),
+             "timings": lambda: timing_checks(device, quick)}
+    for name, part in parts.items():
+        t0 = time.perf_counter()
+        try:
+            got = part()
+        except Exception as exc:  # a crash is a failed check, reported with the rest
+            got = [Check(name, "FAIL", f"{type(exc).__name__}: {exc}")]
+        for c in got:
+            if c.time_s is None and c.result != "skipped" and not c.name.startswith("time:"):
+                c.time_s = (time.perf_counter() - t0) / max(len(got), 1)
+        checks += got
+    return checks
+
+
+def table(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = [f"{'check':<{width}}  result   time       speed-up  detail"]
+    for c in checks:
+        t = "" if c.time_s is None else (f"{c.time_s * 1e3:.2f} ms" if c.time_s < 1 else f"{c.time_s:.2f} s")
+        sp = "" if c.speedup is None else f"{c.speedup:.2f}x"
+        lines.append(f"{c.name:<{width}}  {c.result:<7}  {t:<9}  {sp:<8}  {c.detail}")
+    failed = sum(c.result == "FAIL" for c in checks)
+    lines.append(f"{sum(c.result == 'pass' for c in checks)} passed, {failed} failed, "
+                 f"{sum(c.result == 'skipped' for c in checks)} skipped")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, device: torch.device, checks: list[Check]) -> None:
+    path.write_text(json.dumps({"environment": environment(device), "checks": [asdict(c) for c in checks]},
+                               indent=1))

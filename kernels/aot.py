@@ -1,0 +1,173 @@
+"""Ahead-of-time compilation of every Triton kernel variant the launchers plan, for sm_80 and sm_90, on any machine.
+
+    python -m dsd2.kernels.aot [--json FILE]
+
+The variants come from the launchers' own planners (`plan_kd`, `plan_counting`, `plan_sgd`) called on meta
+tensors: fp32, bf16 and fp16 inputs, the tile and chunk configurations picked for C in {10, 100, 1000, 32000}
+at a small and a large batch, every counting mode (per element or channel, NCHW or NHWC, counting alone or with
+the ReLU, > 0 or >= 0, with or without atomics) and every masked-SGD mode. Each is compiled to a cubin with
+Triton's compiler (no GPU needed) and its resources are read with the cuobjdump that ships with Triton:
+registers, stack, local memory (spills) and shared memory per kernel. Run without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .kd_loss import plan_kd
+from .launch import Launch
+from .masked_sgd import plan_sgd
+from .relu_count import plan_counting
+
+TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KD_CLASSES = (10, 100, 1000, 32000)
+KD_BATCHES = (8, 8192)
+# tile kernels: every live array in registers; a spill there is a performance bug
+TILE_KERNELS = ("_kd_tile_kernel", "_kd_chunked_kernel", "_count_cols_kernel", "_count_channels_kernel")
+META = torch.device("meta")
+
+
+def kd_launches() -> list[Launch]:
+    out = []
+    for dtype, c, b in itertools.product(DTYPES, KD_CLASSES, KD_BATCHES):
+        s = torch.empty(b, c, dtype=dtype, device=META)
+        y = torch.empty(b, dtype=torch.int64, device=META)
+        n = torch.empty((), dtype=torch.int64, device=META)
+        rows = torch.empty(b, dtype=torch.float32, device=META)
+        out.append(plan_kd(s, torch.empty_like(s), y, n, torch.empty_like(s), rows, torch.empty_like(rows), 0.8,
+                           10.0, -100))
+    return out
+
+
+# shapes that reach every counting variant: (shape, channels_last, per_channel)
+COUNT_SHAPES = [
+    ((65536, 10), False, False),           # few columns, many rows: row splits with atomics
+    ((4, 1 << 20), False, False),          # many columns: one program per column tile, no atomics
+    ((64, 32, 16, 16), True, False),       # NHWC per element, split rows
+    ((2, 64, 128, 128), True, False),      # NHWC per element, no split
+    ((256, 8, 16, 16), False, True),       # per channel over positions, split
+    ((1, 2048, 32, 32), False, True),      # per channel, many channels, no split
+    ((64, 32, 16, 16), True, True),        # NHWC per channel: the column kernel
+]
+
+
+def counting_launches() -> list[Launch]:
+    out = []
+    for dtype, (shape, nhwc, per_channel), write_out, inclusive in itertools.product(
+            DTYPES, COUNT_SHAPES, (False, True), (False, True)):
+        x = torch.empty(shape, dtype=dtype, device=META)
+        if nhwc:
+            x = x.contiguous(memory_format=torch.channels_last)
+        n = shape[1] if per_channel else x[0].numel()
+        launch, _ = plan_counting(x, torch.empty(n, dtype=torch.int64, device=META), inclusive, per_channel,
+                                  write_out)
+        out.append(launch)
+    covered = {(la.name, *sorted((k, v) for k, v in la.constexprs.items() if isinstance(v, bool))) for la in out}
+    flags = {"_count_cols_kernel": ("ATOMIC", "INCLUSIVE", "NHWC", "WRITE_OUT"),
+             "_count_channels_kernel": ("ATOMIC", "INCLUSIVE", "WRITE_OUT")}
+    for kernel, names in flags.items():
+        for values in itertools.product((False, True), repeat=len(names)):
+            if (kernel, *zip(names, values)) not in covered:
+                raise AssertionError(f"no counting shape reaches {kernel} with {dict(zip(names, values))}")
+    return out
+
+
+def sgd_launches() -> list[Launch]:
+    tables = torch.empty(3, 8, dtype=torch.int64, device=META)
+    blocks = torch.empty(5, 2, dtype=torch.int32, device=META)
+    numels = torch.empty(3, dtype=torch.int64, device=META)
+    out = []
+    for lr, (momentum, nesterov) in itertools.product(
+            (0.1, torch.empty((), dtype=torch.float32, device=META)), ((0.0, False), (0.9, False), (0.9, True))):
+        out.append(plan_sgd(tables, blocks, numels, lr, momentum, 1e-4, nesterov))
+    return out
+
+
+def variants() -> list[Launch]:
+    """Every distinct (kernel, signature, constexprs, options) that the launchers can produce."""
+    seen, out = set(), []
+    for launch in kd_launches() + counting_launches() + sgd_launches():
+        key = (launch.name, json.dumps(launch.signature(), sort_keys=True),
+               json.dumps(launch.constexprs, sort_keys=True, default=str), json.dumps(launch.options, sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            out.append(launch)
+    return out
+
+
+def cuobjdump() -> str:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    found = str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+    if not found:
+        raise FileNotFoundError("cuobjdump not found (it ships with Triton's NVIDIA backend)")
+    return found
+
+
+def resources(cubin: bytes, tool: str) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], check=True, capture_output=True,
+                              text=True).stdout
+    line = next(line for line in text.splitlines() if "REG:" in line)
+    return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+
+
+def compile_all(targets: dict[str, GPUTarget] = TARGETS) -> list[dict]:
+    tool = cuobjdump()
+    records = []
+    for launch in variants():
+        signature = launch.signature()
+        for arch, target in targets.items():
+            t0 = time.perf_counter()
+            src = ASTSource(fn=launch.kernel, signature=signature, constexprs=launch.constexprs)
+            kernel = triton.compile(src, target=target, options=dict(launch.options))
+            cubin = kernel.asm["cubin"]
+            records.append({
+                "kernel": launch.name, "arch": arch, "grid_example": list(launch.grid),
+                "signature": {k: v for k, v in signature.items() if v != "constexpr"},
+                "constexprs": {k: (v if isinstance(v, (bool, int, float)) else str(v))
+                               for k, v in launch.constexprs.items()},
+                "options": launch.options, "cubin_bytes": len(cubin), **resources(cubin, tool),
+                "compile_s": round(time.perf_counter() - t0, 3),
+            })
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write every variant's record here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("dsd2.kernels.aot: unset TRITON_INTERPRET (the interpreter has no compiler)", file=sys.stderr)
+        return 2
+    records = compile_all()
+    spills = [r for r in records if r["kernel"] in TILE_KERNELS and (r["local"] or r["stack"])]
+    for r in records:
+        print(f"{r['arch']}  {r['kernel']:<24} regs {r['reg']:>3}  stack {r['stack']:>4}  local {r['local']:>4}  "
+              f"shared {r['shared']:>6}  {json.dumps(r['constexprs'], sort_keys=True)}  "
+              f"{','.join(sorted(set(v for v in r['signature'].values() if v.startswith('*'))))}")
+    print(f"{len(records)} cubins, {len(spills)} tile kernels with spills")
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1))
+    return 1 if spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
