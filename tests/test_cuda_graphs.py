@@ -139,7 +139,10 @@ def kd_teacher(device):
 def test_graph_replays_equal_eager_steps(env, model_name, optimizer, objective):
     device, graphs = env
     if optimizer == "adam" and device.type != "cuda":
-        pytest.skip("capturable Adam keeps its step counter on a CUDA device; CPU Adam reads it on the host")
+        # Cannot be emulated: torch.optim.Adam(capturable=True), the engine's Adam on CUDA, refuses CPU tensors,
+        # and CPU Adam reads its step counter with .item() inside every step, a host read that a capture (and
+        # the emulator) refuses. The captured Adam path runs on a real GPU only.
+        pytest.skip("capturable Adam needs a CUDA device; CPU Adam reads its step counter on the host")
     eager, graphed = setup(model_name, optimizer, device), setup(model_name, optimizer, device)
     perm = torch.randperm(eager[2].labels.numel(), generator=torch.Generator().manual_seed(2)).to(device)
     make_objective = (lambda: cross_entropy) if objective == "ce" else (
@@ -159,6 +162,27 @@ def test_graph_replays_equal_eager_steps(env, model_name, optimizer, objective):
     for (name, a), b in zip(prunable_weights(model).items(), prunable_weights(gmodel).values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         assert bool((b[~gmasks[name]] == 0).all())
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_captured_augmentation_draws_new_crops_and_flips_at_every_replay(env, augment):
+    """Crop and flip run inside the captured step on the device's generator: two replays of the same batch at a
+    learning rate of 0 (weights unchanged, BatchNorm on batch statistics) see different crops, so their losses
+    differ; without augmentation they are equal, which shows the test sees nothing else."""
+    device, graphs = env
+    model, opt, data, mean, std, _ = setup("vgg", "sgd", device)
+    idx = torch.arange(64, device=device)
+    step = GraphedTrainStep(model, opt, cross_entropy, data, 64, mean, std, augment=augment, precision="fp32",
+                            channels_last=False, warmup_indices=[idx] * 3, lr=0.0, graphs=graphs)
+    losses = []
+    for _ in range(3):
+        step.loss_sum.zero_()
+        step.replay(idx, 0.0)
+        losses.append(float(step.loss_sum))
+    if augment:
+        assert len(set(losses)) == 3, losses
+    else:
+        assert len(set(losses)) == 1, losses
 
 
 def test_second_epoch_after_evaluation_reuses_the_graph_in_train_mode(env):
