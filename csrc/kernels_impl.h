@@ -233,32 +233,24 @@ static void kd_row(const float* __restrict__ s, const float* __restrict__ tt, fl
   for (int64_t c0 = 0; c0 < C; c0 += kFold) {
     const int64_t stop = C - c0 < kFold ? C : c0 + kFold;
     float p1[kLanes] = {}, p2[kLanes] = {}, p3[kLanes] = {}, px[kLanes] = {};
-    int64_t c = c0;
-    for (; c + kLanes <= stop; c += kLanes) {
-#pragma omp simd
-      for (int l = 0; l < kLanes; ++l) {
-        float e1, e2, e3, x;
-        kd_terms(s[c + l], tt[c + l], ms, mt, invT, e1, e2, e3, x);
-        es[c + l] = e1;
-        est[c + l] = e2;
-        et[c + l] = e3;
-        p1[l] += e1;
-        p2[l] += e2;
-        p3[l] += e3;
-        px[l] += x;
-      }
-    }
-    for (int l = 0; c + l < stop; ++l) {  // the last < kLanes classes, each in its own lane as above
+    // class i in lane l: its exponentials stored for the gradient pass, added to the lane's partial sums
+    auto lane = [&](int64_t i, int l) __attribute__((always_inline)) {
       float e1, e2, e3, x;
-      kd_terms(s[c + l], tt[c + l], ms, mt, invT, e1, e2, e3, x);
-      es[c + l] = e1;
-      est[c + l] = e2;
-      et[c + l] = e3;
+      kd_terms(s[i], tt[i], ms, mt, invT, e1, e2, e3, x);
+      es[i] = e1;
+      est[i] = e2;
+      et[i] = e3;
       p1[l] += e1;
       p2[l] += e2;
       p3[l] += e3;
       px[l] += x;
+    };
+    int64_t c = c0;
+    for (; c + kLanes <= stop; c += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) lane(c + l, l);
     }
+    for (int l = 0; c + l < stop; ++l) lane(c + l, l);  // the last < kLanes classes, each in its own lane
     for (int l = 0; l < kLanes; ++l) {
       z1[l] += p1[l];
       z2[l] += p2[l];

@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     selftest = sub.add_parser("selftest", help="check every op, CUDA graphs and a short run on this machine")
     selftest.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    selftest.add_argument("--quick", action="store_true", help="fewer shapes and shorter timings (about a minute)")
+    selftest.add_argument("--quick", action="store_true", help="fewer shapes and shorter timings")
     selftest.add_argument("--json", type=Path, help="also write the results (and this machine's details) here")
     selftest.set_defaults(func=cmd_selftest)
     return parser
