@@ -55,3 +55,16 @@ def test_bad_device_is_one_line(device, tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"dsd2-engine: error: device '{device}' is not one of cpu, cuda, cuda:N, auto"]
+
+
+def test_graph_checks_pass_through_the_cpu_graph_emulator(monkeypatch):
+    """The selftest's CUDA-graph checks, run here on the emulator (the fused ops' plain-PyTorch paths, which the
+    emulator can record), so their code is exercised before any GPU runs it."""
+    import importlib
+
+    from graph_emulator import EmulatedGraphs
+
+    for name in ("kd_loss", "masked_sgd", "relu_count"):
+        monkeypatch.setattr(importlib.import_module(f"dsd2.ops.{name}"), "cpp_extension", lambda: None)
+    checks = selftest.graph_checks(torch.device("cpu"), graphs=EmulatedGraphs())
+    assert [c.result for c in checks] == ["pass"] * 3, [(c.name, c.detail) for c in checks]
