@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from dsd2.config import ModelConfig, OptimConfig
+from dsd2.config import ModelConfig, OptimConfig, native_bf16
 from dsd2.data import DeviceDataset
 from dsd2.data.batching import epoch_generator
 from dsd2.models import build_model
@@ -46,7 +46,6 @@ from dsd2.ops._backend import cpu_isa, cpu_model
 from dsd2.pruning import full_masks as make_full_masks
 from dsd2.pruning import global_prune, magnitude_scores, prunable_weights
 from dsd2.training import build_optimizer, train_epoch
-from dsd2.training.precision import native_bf16
 
 
 class ArrayDataset(Dataset):
@@ -141,7 +140,7 @@ def case(name: str, model_cfg: ModelConfig, images: np.ndarray, labels: np.ndarr
 def machine() -> str:
     return (f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, ATen capability "
             f"{torch.backends.cpu.get_cpu_capability()}, dsd2 kernels at {cpu_isa()}, the CPU's "
-            f"bf16 {'native' if native_bf16(torch.device('cpu')) else 'emulated'}")
+            f"bf16 {'native' if native_bf16('cpu') else 'emulated'}")
 
 
 def main() -> None:
@@ -169,7 +168,7 @@ def main() -> None:
            OptimConfig(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=128))
     rows.append(case(*vgg, augment=True, bf16=False, repeats=max(1, repeats - 2)))
     lowered = os.environ.get("DSD2_CPU_ISA", "avx512") not in ("", "avx512")
-    if native_bf16(torch.device("cpu")) and not lowered:
+    if native_bf16("cpu") and not lowered:
         rows.append(case(*vgg, augment=True, bf16=True, repeats=max(1, repeats - 2)))
 
     table = ["| case | images/epoch | baseline epoch (s, fp32) | ours epoch (s) | ours mode | speed-up |",

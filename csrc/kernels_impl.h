@@ -327,26 +327,31 @@ static void kd_block(const float* __restrict__ s, int64_t s_stride, const float*
       cross[r] += x;
     }
   }
+  // an ignored row (valid 0) is chosen away, not multiplied by 0: its logits may be inf or NaN
   float b_ce[R], b_q[R], b_p[R];
 #pragma omp simd
   for (int64_t r = 0; r < R; ++r) {
     const float lse_st = ms[r] * invT + log_pos(zst[r]);
     const float lse_t = mt[r] + log_pos(zt[r]);
     const float izt = 1.0f / zt[r];
-    ce[r] = valid[r] * (ms[r] + log_pos(zs[r]));  // minus s[y] below
-    kl[r] = valid[r] * (cross[r] * izt - lse_t + lse_st);
-    b_ce[r] = valid[r] * a_ce / zs[r];
-    b_q[r] = valid[r] * a_kl / zst[r];
-    b_p[r] = valid[r] * a_kl * izt;
+    const bool live = valid[r] != 0.0f;
+    ce[r] = live ? ms[r] + log_pos(zs[r]) : 0.0f;  // minus s[y] below
+    kl[r] = live ? cross[r] * izt - lse_t + lse_st : 0.0f;
+    b_ce[r] = live ? a_ce / zs[r] : 0.0f;
+    b_q[r] = live ? a_kl / zst[r] : 0.0f;
+    b_p[r] = live ? a_kl * izt : 0.0f;
   }
   for (int64_t c = 0; c < C; ++c) {
 #pragma omp simd
-    for (int64_t r = 0; r < R; ++r)
-      G[c * R + r] = madd(b_ce[r], E1[c * R + r], madd(b_q[r], E2[c * R + r], -b_p[r] * E3[c * R + r]));
+    for (int64_t r = 0; r < R; ++r) {
+      const float g = madd(b_ce[r], E1[c * R + r], madd(b_q[r], E2[c * R + r], -b_p[r] * E3[c * R + r]));
+      G[c * R + r] = valid[r] != 0.0f ? g : 0.0f;
+    }
   }
   for (int64_t r = 0; r < R; ++r) {
-    ce[r] -= valid[r] * S[y[r] * R + r];
-    G[y[r] * R + r] -= valid[r] * a_ce;
+    if (valid[r] == 0.0f) continue;
+    ce[r] -= S[y[r] * R + r];
+    G[y[r] * R + r] -= a_ce;
   }
   for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd

@@ -285,10 +285,10 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"cpu threads {torch.get_num_threads()}, capability {torch.backends.cpu.get_cpu_capability()}")
     for name, state in backends().items():
         print(f"backend {name}: {state}")
-    from dsd2.training.precision import native_bf16
+    from dsd2.config import native_bf16
 
-    device = torch.device("cuda" if cuda else "cpu")
-    print(f"bf16: {'native' if native_bf16(device) else 'emulated (slow)'} on this {device.type}; "
+    device = "cuda" if cuda else "cpu"
+    print(f"bf16: {'native' if native_bf16(device) else 'emulated (slow)'} on this {device}; "
           f"--precision auto trains conv nets in {'bf16' if native_bf16(device) else 'fp32'}")
     graphs = "in use for the training step, evaluation and the counting pass (single process; " \
         "--no-cuda-graphs turns them off)" if cuda else \
@@ -297,14 +297,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def torch_cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def cmd_selftest(args: argparse.Namespace) -> int:
     from dsd2.engine import resolve_device
     from dsd2.selftest import environment, run_selftest, table, write_json
 
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise ConfigError(f"device '{args.device}' is not one of cpu, cuda, cuda:N, auto")
-    if args.json is not None and args.json.is_dir():
-        raise ConfigError(f"--json {args.json} is a folder; name a file")
+    if args.json is not None and (args.json.is_dir() or not args.json.resolve().parent.is_dir()):
+        raise ConfigError(f"--json {args.json} must name a file in an existing folder")
+    if args.device.startswith("cuda:") and torch_cuda_count() <= int(args.device[5:]):
+        raise ConfigError(f"device '{args.device}' does not exist: this machine has {torch_cuda_count()} CUDA devices")
     device = resolve_device(args.device)
     env = environment(device)
     print(f"dsd2 selftest on {env.get('gpu', env['cpu'])} ({device}); torch {env['torch']}; CPU levels "

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import platform
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 DATASETS = ("digits", "cifar10", "cifar100")
 MODELS = ("mlp", "lenet300", "vgg", "resnet18")
+CONV_MODELS = ("vgg", "resnet18")
 NOISE_TYPES = ("symmetric", "asymmetric", "pairflip")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("multistep", "cosine", "constant")
@@ -266,7 +269,48 @@ def build_config(preset: str | None = None, yaml_path: str | None = None,
         raw = merge(raw, loaded)
     if overrides:
         raw = merge(raw, overrides)
-    return from_dict(raw)
+    cfg = from_dict(raw)
+    if cfg.precision == "auto":
+        # made concrete here, so the stored config and the run hash name the precision the run trains in: the
+        # same command on a machine where auto means otherwise names another run instead of resuming this one
+        cfg = dataclasses.replace(cfg, precision=auto_precision(cfg.device, cfg.model.name in CONV_MODELS))
+    return cfg
+
+
+# ---- what `--precision auto` means on this machine ---------------------------------------------------------
+
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86-64 (/proc/cpuinfo flags), aarch64 (Features)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` ("cpu", "cuda", "cuda:N", "auto") computes bf16 matrix products and convolutions natively:
+    CPUs with AVX-512 BF16, AMX or the aarch64 BF16 extension, GPUs of compute capability 8.0 and later."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if platform.system() == "Darwin":
+        return False
+    return any(flag in cpu_flags() for flag in NATIVE_BF16_CPU_FLAGS)
+
+
+def auto_precision(device: str, conv_net: bool) -> str:
+    """bf16 for a conv net on a device with native bf16, else fp32 (MLPs lose to autocast's casts either way)."""
+    return "bf16" if conv_net and native_bf16(device) else "fp32"
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -341,7 +385,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"teacher level '{level}' is not known; allowed: best, dense or a level number")
     if level.isdigit() and int(level) > cfg.num_levels():
         raise ConfigError(f"teacher level {level} is beyond the teacher's {cfg.num_levels()} pruning levels")
-    if k.students and k.student_model in ("vgg", "resnet18") and d.dataset == "digits":
+    if k.students and k.student_model in CONV_MODELS and d.dataset == "digits":
         raise ConfigError(f"student model '{k.student_model}' needs 32x32 images; dataset 'digits' is 8x8: use mlp")
-    if m.name in ("vgg", "resnet18") and d.dataset == "digits":
+    if m.name in CONV_MODELS and d.dataset == "digits":
         raise ConfigError(f"model '{m.name}' needs 32x32 images; dataset 'digits' is 8x8: use mlp")

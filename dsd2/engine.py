@@ -555,7 +555,7 @@ class Engine:
 
     def run_loop(self) -> dict[str, Any]:
         self.prepare()
-        line, warning = precision_note(self.cfg.precision, self.device, self.cfg.model.name in CONV_MODELS)
+        line, warning = precision_note(self.precision, self.device)
         self.log(line)
         if warning:
             self.log(f"warning: {warning}")

@@ -5,9 +5,11 @@
 The variants come from the launchers' own planners (`plan_kd`, `plan_counting`, `plan_sgd`) called on meta
 tensors: fp32, bf16 and fp16 inputs, the tile and chunk configurations picked for C in {10, 100, 1000, 32000}
 at a small and a large batch, every counting mode (per element or channel, NCHW or NHWC, counting alone or with
-the ReLU, > 0 or >= 0, with or without atomics) and every masked-SGD mode. Each is compiled to a cubin with
-Triton's compiler (no GPU needed) and its resources are read with the cuobjdump that ships with Triton:
-registers, stack, local memory (spills) and shared memory per kernel. Run without TRITON_INTERPRET.
+the ReLU, > 0 or >= 0, with or without atomics) and every masked-SGD mode. Each goes through Triton's own JIT
+binder and argument packing, so it gets exactly the specialisation a launch would (integer arguments equal to 1
+become constants, 16-byte alignment and divisibility hints), and is compiled to a cubin (no GPU needed); its
+resources are read with the cuobjdump that ships with Triton: registers, stack, local memory (spills) and shared
+memory per kernel. Run without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from .kd_loss import plan_kd
 from .launch import Launch
@@ -99,12 +102,25 @@ def sgd_launches() -> list[Launch]:
     return out
 
 
+def jit_source(launch: Launch, target: GPUTarget) -> tuple[ASTSource, dict, list]:
+    """(the source, compile options, specialisation) that `kernel[grid](*args, ...)` would compile for `target`:
+    Triton's own binder and argument packing, as in `JITFunction.run`, without a device."""
+    backend = make_backend(target)
+    kernel = launch.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {**launch.constexprs, **launch.options}
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(kernel, signature, constexprs, attrs), options.__dict__, specialization
+
+
 def variants() -> list[Launch]:
-    """Every distinct (kernel, signature, constexprs, options) that the launchers can produce."""
+    """Every distinct specialisation (kernel, argument types and hints, constexprs, options) of the planned
+    launches."""
     seen, out = set(), []
     for launch in kd_launches() + counting_launches() + sgd_launches():
-        key = (launch.name, json.dumps(launch.signature(), sort_keys=True),
-               json.dumps(launch.constexprs, sort_keys=True, default=str), json.dumps(launch.options, sort_keys=True))
+        _, _, specialization = jit_source(launch, TARGETS["sm_90"])
+        key = (launch.name, str(specialization), json.dumps(launch.options, sort_keys=True))
         if key not in seen:
             seen.add(key)
             out.append(launch)
@@ -133,17 +149,17 @@ def compile_all(targets: dict[str, GPUTarget] = TARGETS) -> list[dict]:
     tool = cuobjdump()
     records = []
     for launch in variants():
-        signature = launch.signature()
         for arch, target in targets.items():
             t0 = time.perf_counter()
-            src = ASTSource(fn=launch.kernel, signature=signature, constexprs=launch.constexprs)
-            kernel = triton.compile(src, target=target, options=dict(launch.options))
-            cubin = kernel.asm["cubin"]
+            src, options, specialization = jit_source(launch, target)
+            cubin = triton.compile(src, target=target, options=options).asm["cubin"]
+            names = [p.name for p in launch.kernel.params]
             records.append({
                 "kernel": launch.name, "arch": arch, "grid_example": list(launch.grid),
-                "signature": {k: v for k, v in signature.items() if v != "constexpr"},
-                "constexprs": {k: (v if isinstance(v, (bool, int, float)) else str(v))
-                               for k, v in launch.constexprs.items()},
+                "signature": {n: kind for n, (kind, _) in zip(names, specialization) if kind != "constexpr"},
+                "constexprs": {n: (v if isinstance(v, (bool, int, float)) else str(v))
+                               for n, (kind, v) in zip(names, specialization) if kind == "constexpr"},
+                "hints": {n: hint for n, (kind, hint) in zip(names, specialization) if kind != "constexpr" and hint},
                 "options": launch.options, "cubin_bytes": len(cubin), **resources(cubin, tool),
                 "compile_s": round(time.perf_counter() - t0, 3),
             })

@@ -105,10 +105,9 @@ def _split(n_col_programs: int, rows: int, block_rows: int) -> tuple[int, int]:
     return per, triton.cdiv(rows, per)
 
 
-def _warps(tile: int, element_size: int) -> int:
-    # ~8 elements per thread keeps the int32 accumulator tile in registers without spilling; for 16-bit data
-    # with the ReLU written out, ptxas spills at 8 warps on sm_90 (dsd2.kernels.aot found 4 bytes): 4 per thread
-    return max(1, min(16 if element_size == 2 else 8, tile // (128 if element_size == 2 else 256)))
+def _warps(tile: int) -> int:
+    # ~8 elements per thread keeps the int32 accumulator tile in registers without spilling
+    return max(1, min(8, tile // 256))
 
 
 def _cols_launch(x, y, counts, R, N, C, HW, write_out, inclusive, nhwc) -> Launch:
@@ -118,7 +117,7 @@ def _cols_launch(x, y, counts, R, N, C, HW, write_out, inclusive, nhwc) -> Launc
     per, splits = _split(n_col, R, block_r)
     return Launch(_count_cols_kernel, (n_col, splits), (x, y, counts, R, N, per, C, HW),
                   dict(BLOCK_R=block_r, BLOCK_N=block_n, WRITE_OUT=write_out, INCLUSIVE=inclusive, NHWC=nhwc,
-                       ATOMIC=splits > 1), dict(num_warps=_warps(block_r * block_n, x.element_size())))
+                       ATOMIC=splits > 1), dict(num_warps=_warps(block_r * block_n)))
 
 
 def _channels_launch(x, y, counts, B, C, S, write_out, inclusive) -> Launch:
@@ -128,7 +127,7 @@ def _channels_launch(x, y, counts, B, C, S, write_out, inclusive) -> Launch:
     per, splits = _split(n_c, B * triton.cdiv(S, block_s), 1)
     return Launch(_count_channels_kernel, (n_c, splits), (x, y, counts, B, C, S, per),
                   dict(BLOCK_C=block_c, BLOCK_S=block_s, WRITE_OUT=write_out, INCLUSIVE=inclusive,
-                       ATOMIC=splits > 1), dict(num_warps=_warps(block_c * block_s, x.element_size())))
+                       ATOMIC=splits > 1), dict(num_warps=_warps(block_c * block_s)))
 
 
 def plan_counting(x: torch.Tensor, counts: torch.Tensor, inclusive: bool, per_channel: bool,

@@ -5,6 +5,7 @@ the result still passes every numeric test, only slower. So this reads the machi
 every level must hold packed instructions on that level's registers (xmm for the x86-64 baseline, ymm for AVX2,
 zmm for AVX-512), the KD kernels packed fused multiply-adds where the level has FMA, and no kernel may touch a
 register wider than its level allows (a `default` kernel with a ymm in it would crash a CPU without AVX).
+The extension is built with GCC (torch's cpp_extension default), which builds all three x86-64 levels.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from dsd2.ops._backend import cpp_extension
 KERNELS = ("sgd_f32", "count_cols_f32", "count_cols_u16", "relu_rows_f32", "relu_rows_u16", "kd_row", "kd_block")
 LEVELS = {"default": "xmm", "avx2": "ymm", "avx512": "zmm"}
 WIDER = {"default": ("ymm", "zmm"), "avx2": ("zmm",), "avx512": ()}
-# packed SIMD: float ops ending in ps/pd, integer ops starting with p (SSE) or vp (VEX/EVEX)
-PACKED = re.compile(r"^\s*[0-9a-f]+:\s+(v?p[a-z0-9]+|v?[a-z0-9]+p[sd])\s")
+# packed arithmetic and compares (moves, logic and shuffles excluded: scalar code uses those on vector registers
+# too): float ops ending in ps/pd, integer ops starting with p (SSE) or vp (VEX/EVEX)
+PACKED = re.compile(r"^\s*[0-9a-f]+:\s+(v?p(add|sub|mul|min|max|cmp|abs|sll|srl|sra)\w*|"
+                    r"v?(add|sub|mul|div|max|min|cmp|fn?madd|fn?msub)\w*p[sd])\s")
+# the on-state test of the counting kernels: packed compares (unsigned 16-bit ones are min/max + equality)
+PACKED_COMPARE = re.compile(r"^\s*[0-9a-f]+:\s+(v?cmp\w*p[sd]|v?pcmp\w+|v?pminu\w|v?pmaxu\w)\s")
 # float arithmetic, packed (ps) or scalar (ss)
 ARITH = r"^\s*[0-9a-f]+:\s+v?(add|sub|mul|div|max|min|fn?madd\w*|fn?msub\w*)"
 PACKED_ARITH, SCALAR_ARITH = re.compile(ARITH + r"ps\s"), re.compile(ARITH + r"ss\s")
@@ -66,6 +71,10 @@ def test_kernel_is_vectorised_at_its_level(code, level, kernel):
     reg = LEVELS[level]
     packed = [line for line in body if PACKED.match(line) and f"%{reg}" in line]
     assert len(packed) >= 8, f"{level}::{kernel} has {len(packed)} packed instructions on {reg}: its loops are scalar"
+    if kernel not in FLOAT_KERNELS:
+        # only the hot loops compare (the zero-fills and merges around them do not)
+        compares = [line for line in body if PACKED_COMPARE.match(line) and f"%{reg}" in line]
+        assert len(compares) >= 2, f"{level}::{kernel}: the on-state test is not a packed compare on {reg}"
     if kernel in FLOAT_KERNELS:
         # the tails, per-row logs and pairwise folds are scalar float arithmetic; the loops over classes and
         # elements are packed, and more so. Measured: packed / scalar >= 0.74 when they vectorise, <= 0.24 on

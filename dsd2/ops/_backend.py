@@ -48,7 +48,8 @@ def cpu_isa() -> str | None:
 
 
 def set_cpu_isa(level: str) -> None:
-    """Run the C++ kernels at `level` (default, avx2, avx512); ValueError naming the allowed ones otherwise."""
+    """Run the C++ kernels at `level` (default, avx2, avx512) from now on, in every thread of the process;
+    ValueError naming the allowed ones otherwise."""
     ext = cpp_extension()
     if ext is None:
         raise ValueError(f"CPU ISA level '{level}' cannot be chosen: dsd2._C is not built")
@@ -57,7 +58,8 @@ def set_cpu_isa(level: str) -> None:
 
 @contextlib.contextmanager
 def use_cpu_isa(level: str) -> Iterator[None]:
-    """Run the C++ kernels at `level` inside the block (tests and benchmarks of the lower levels)."""
+    """Run the C++ kernels at `level` inside the block (tests and benchmarks of the lower levels). The level is
+    one setting for the whole process, not per thread: do not switch it while other threads run ops."""
     before = cpu_isa()
     set_cpu_isa(level)
     try:

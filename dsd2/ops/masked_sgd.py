@@ -150,7 +150,7 @@ class MaskedSGD(torch.optim.Optimizer):
             if backend == "cpp":
                 cpp_extension().masked_sgd_step_(params, grads, bufs, masks, kwargs["lr"], momentum,
                                                  group["weight_decay"], group["nesterov"], first)
-            elif backend == "foreach" and momentum:
+            elif backend == "foreach":
                 _foreach_step(params, grads, bufs, masks, **kwargs)
             else:
                 masked_sgd_reference(params, grads, bufs, masks, **kwargs)

@@ -159,3 +159,24 @@ def test_fuzz_cpp_against_reference(b, c, alpha, tau, scale, seed):
     ref.backward()
     torch.testing.assert_close(loss, ref.detach(), rtol=rtol, atol=rtol)
     torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("c", [10, 300])
+def test_ignored_rows_with_non_finite_logits_do_not_poison_the_loss(c):
+    """An ignored row contributes nothing, whatever it holds: the loss and the other rows' gradient equal those of
+    the batch without it, and its own gradient is 0 (both the row-block path, C <= 128, and the row path)."""
+    s, t, y = inputs(5, c, torch.float32)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        s2, y2 = s.clone(), y.clone()
+        s2[2] = bad
+        y2[2] = -100
+        a = s2.clone().requires_grad_()
+        loss = kd_loss(a, t, y2, backend="cpp")
+        loss.backward()
+        keep = torch.tensor([0, 1, 3, 4])
+        b = s[keep].clone().requires_grad_()
+        ref = kd_loss(b, t[keep], y[keep], backend="cpp")
+        ref.backward()
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(a.grad[keep], b.grad)
+        assert bool((a.grad[2] == 0).all())
