@@ -152,7 +152,8 @@ def compile_all(targets: dict[str, GPUTarget] = TARGETS) -> list[dict]:
         for arch, target in targets.items():
             t0 = time.perf_counter()
             src, options, specialization = jit_source(launch, target)
-            cubin = triton.compile(src, target=target, options=options).asm["cubin"]
+            compiled = triton.compile(src, target=target, options=options)
+            cubin, ptx = compiled.asm["cubin"], compiled.asm["ptx"]
             names = [p.name for p in launch.kernel.params]
             records.append({
                 "kernel": launch.name, "arch": arch, "grid_example": list(launch.grid),
@@ -161,6 +162,8 @@ def compile_all(targets: dict[str, GPUTarget] = TARGETS) -> list[dict]:
                                for n, (kind, v) in zip(names, specialization) if kind == "constexpr"},
                 "hints": {n: hint for n, (kind, hint) in zip(names, specialization) if kind != "constexpr" and hint},
                 "options": launch.options, "cubin_bytes": len(cubin), **resources(cubin, tool),
+                # atomics with acquire/release ordering: each one waits on memory order it does not need
+                "ordered_atomics": len(re.findall(r"\batom\.[a-z.]*(acq_rel|acquire|release)", ptx)),
                 "compile_s": round(time.perf_counter() - t0, 3),
             })
     return records
