@@ -17,7 +17,6 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torch.nn.utils.prune as tprune
 from torch import nn
 
@@ -26,6 +25,7 @@ from dsd2.models import build_model
 from dsd2.ops import MaskedSGD, count_positive_, kd_loss, relu_count
 from dsd2.ops._backend import cpu_isa_levels, use_cpu_isa
 from dsd2.pruning import full_masks, global_prune, magnitude_scores, prunable_weights
+from dsd2.selftest import kd_eager
 
 torch.set_flush_denormal(True)
 
@@ -63,12 +63,6 @@ def test_copy_bandwidth(benchmark):
 
 
 # ---- KD loss forward + backward ----------------------------------------------------------------------
-
-def kd_eager(s, t, y, alpha=0.8, tau=10.0):
-    ce = F.cross_entropy(s, y)
-    kl = F.kl_div(F.log_softmax(s / tau, 1), F.softmax(t / tau, 1), reduction="batchmean")
-    return (1 - alpha) * ce + alpha * tau * tau * kl
-
 
 @pytest.mark.parametrize("variant", [*OURS, "eager", "compile", "exp floor"])
 @pytest.mark.parametrize("c", [10, 100, 1000])

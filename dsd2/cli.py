@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from dsd2.config import (
     RETRAIN_SCHEDULES,
     ConfigError,
     build_config,
+    check_device,
     from_dict,
 )
 
@@ -297,22 +297,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def torch_cuda_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def cmd_selftest(args: argparse.Namespace) -> int:
     from dsd2.engine import resolve_device
     from dsd2.selftest import environment, run_selftest, table, write_json
 
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
-        raise ConfigError(f"device '{args.device}' is not one of cpu, cuda, cuda:N, auto")
+    check_device(args.device)
     if args.json is not None and (args.json.is_dir() or not args.json.resolve().parent.is_dir()):
         raise ConfigError(f"--json {args.json} must name a file in an existing folder")
-    if args.device.startswith("cuda:") and torch_cuda_count() <= int(args.device[5:]):
-        raise ConfigError(f"device '{args.device}' does not exist: this machine has {torch_cuda_count()} CUDA devices")
     device = resolve_device(args.device)
     env = environment(device)
     print(f"dsd2 selftest on {env.get('gpu', env['cpu'])} ({device}); torch {env['torch']}; CPU levels "

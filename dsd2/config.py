@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,11 @@ def auto_precision(device: str, conv_net: bool) -> str:
     return "bf16" if conv_net and native_bf16(device) else "fp32"
 
 
+def check_device(name: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"device '{name}' is not known; allowed: cpu, cuda, cuda:N, auto")
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} '{value}' is not known; allowed: {', '.join(allowed)}")
@@ -370,8 +376,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"VGG-like depth {m.depth} / width {m.width} outside 1..8 / 1..10")
     if m.name == "mlp" and (not m.hidden or any(int(h) < 1 for h in m.hidden)):
         raise ConfigError(f"MLP hidden widths {m.hidden!r} must be one or more positive numbers")
-    if not (cfg.device == "cpu" or cfg.device == "auto" or cfg.device.startswith("cuda")):
-        raise ConfigError(f"device '{cfg.device}' is not known; allowed: cpu, cuda, cuda:N, auto")
+    check_device(cfg.device)
     k = cfg.distill
     for student in k.students:
         _choice("student", student, STUDENT_KINDS)

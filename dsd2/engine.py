@@ -56,6 +56,9 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' was asked for but CUDA is not available here; use --device cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                          "devices")
     ctx = dist_context()
     if ctx.enabled and name.startswith("cuda"):
         return torch.device("cuda", ctx.local_rank)  # one GPU per process under torchrun

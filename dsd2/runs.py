@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 FORMAT = "dsd2-checkpoint-v1"
+# metrics fields that measure time, not results: they differ between identical runs
+VOLATILE_METRICS = frozenset({"wall_time_s", "train_time_s", "images_per_s", "achieved_flop_per_s"})
 
 
 class RunError(ValueError):

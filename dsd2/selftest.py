@@ -224,16 +224,16 @@ def graph_checks(device: torch.device, graphs=None) -> list[Check]:
 
 # ---- a two-level digits run ---------------------------------------------------------------------------------
 
-def _digits_run(root: Path, **overrides) -> list[dict]:
+def digits_run(root: Path, **overrides) -> list[dict]:
+    """A two-level digits run with SGD into `root`; its metrics rows without the timing fields."""
     from dsd2.config import build_config
     from dsd2.engine import Engine
-    from dsd2.runs import RunDir, read_jsonl
+    from dsd2.runs import VOLATILE_METRICS, RunDir, read_jsonl
 
     cfg = build_config(None, None, {"optim": {"optimizer": "sgd", "lr": 0.05, "epochs": 2, "dense_epochs": 2},
                                     "prune": {"levels": 2}, **overrides})
     Engine(cfg, RunDir(root), progress=False, log=lambda s: None).run_loop()
-    volatile = {"wall_time_s", "train_time_s", "images_per_s", "achieved_flop_per_s"}
-    return [{k: v for k, v in r.items() if k not in volatile} for r in read_jsonl(root / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k not in VOLATILE_METRICS} for r in read_jsonl(root / "metrics.jsonl")]
 
 
 def _max_rel_diff(a, b) -> float:
@@ -260,8 +260,8 @@ def run_checks(device: torch.device) -> list[Check]:
         tmp = Path(tmp)
         if device.type == "cuda":
             t0 = time.perf_counter()
-            on = _digits_run(tmp / "graphs", device=str(device), cuda_graphs=True)
-            off = _digits_run(tmp / "eager", device=str(device), cuda_graphs=False)
+            on = digits_run(tmp / "graphs", device=str(device), cuda_graphs=True)
+            off = digits_run(tmp / "eager", device=str(device), cuda_graphs=False)
             diff = _max_rel_diff(on, off)  # (entropy lists are rounded to 6 digits: within the tolerance)
             return [Check("two-level digits run: graphs on = off", _verdict(diff <= RUN_RTOL),
                           f"largest relative metric difference {diff:.1e} (tol {RUN_RTOL})",
@@ -270,7 +270,7 @@ def run_checks(device: torch.device) -> list[Check]:
         for level in cpu_isa_levels():
             t0 = time.perf_counter()
             with use_cpu_isa(level):
-                rows = _digits_run(tmp / level)
+                rows = digits_run(tmp / level)
             if base is None:
                 base = rows
                 out.append(Check("two-level digits run [default]", "pass", "reference for the other levels",
@@ -285,7 +285,8 @@ def run_checks(device: torch.device) -> list[Check]:
 
 # ---- timings ------------------------------------------------------------------------------------------------
 
-def _kd_eager(s, t, y, alpha=0.8, tau=10.0):
+def kd_eager(s, t, y, alpha=0.8, tau=10.0):
+    """The KD loss as pruning code usually writes it: the baseline our fused op is timed against."""
     ce = F.cross_entropy(s, y)
     kl = F.kl_div(F.log_softmax(s / tau, 1), F.softmax(t / tau, 1), reduction="batchmean")
     return (1 - alpha) * ce + alpha * tau * tau * kl
@@ -318,7 +319,7 @@ def timing_checks(device: torch.device, quick: bool) -> list[Check]:
             fn(s, t, y).backward()
         return step
 
-    compare(f"time: kd_loss fwd+bwd B={b} C=100", kd_step(kd_loss), kd_step(_kd_eager), "eager PyTorch")
+    compare(f"time: kd_loss fwd+bwd B={b} C=100", kd_step(kd_loss), kd_step(kd_eager), "eager PyTorch")
     x = torch.randn(32 if quick else 128, 64, 32, 32, generator=g).to(device)
     counts = torch.zeros(x[0].numel(), dtype=torch.long, device=device)
     freq = torch.zeros(x.shape[1:], device=device)

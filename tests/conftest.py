@@ -57,6 +57,9 @@ def fake_cifar(tmp_path):
 def _threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+    # the engine flushes denormals for the whole process; a later test (hypothesis's float strategies) must not
+    # inherit that
+    torch.set_flush_denormal(False)
 
 
 def engine_env() -> dict[str, str]:

@@ -88,20 +88,15 @@ def test_every_level_gives_the_default_levels_answer(b, c):
         assert float((grad - grad0).abs().max()) <= 16 * 2.0**-24 * float(grad0.abs().max()), level
 
 
-def test_the_pruning_loop_gives_the_same_metrics_at_every_level(tmp_path, tiny_config):
+def test_the_pruning_loop_gives_the_same_metrics_at_every_level(tmp_path):
     """A whole run with SGD and entropy counting: the SGD kernel is bit-identical across levels and counting is
     exact, so every metric of every level must be equal, not only close."""
-    from dsd2.engine import Engine
-    from dsd2.runs import RunDir, read_jsonl
+    from dsd2.selftest import digits_run
 
-    volatile = {"wall_time_s", "train_time_s", "images_per_s", "achieved_flop_per_s"}
     rows = {}
     for level in cpu_isa_levels():
-        cfg = tiny_config(optim__optimizer="sgd", optim__lr=0.05, analysis__entropy="pass")
         with use_cpu_isa(level):
-            Engine(cfg, RunDir(tmp_path / level), progress=False, log=lambda s: None).run_loop()
-        rows[level] = [{k: v for k, v in r.items() if k not in volatile}
-                       for r in read_jsonl(tmp_path / level / "metrics.jsonl")]
+            rows[level] = digits_run(tmp_path / level, analysis={"entropy": "pass"})
     assert any("entropy" in key for key in rows["default"][0])
     for level, got in rows.items():
         assert got == rows["default"], level

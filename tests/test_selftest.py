@@ -54,7 +54,7 @@ def test_bad_device_is_one_line(device, tmp_path):
                           env=engine_env(), timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"dsd2-engine: error: device '{device}' is not one of cpu, cuda, cuda:N, auto"]
+        f"dsd2-engine: error: device '{device}' is not known; allowed: cpu, cuda, cuda:N, auto"]
 
 
 def test_graph_checks_pass_through_the_cpu_graph_emulator(monkeypatch):

@@ -76,9 +76,6 @@ def kd_loss_forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.
     return _forward_reference(student, teacher, target, alpha, temperature, ignore_index)
 
 
-def _cpp_runs(student: torch.Tensor, backend: str | None) -> bool:
-    return (backend or pick_backend(student)) == "cpp" and cpp_extension() is not None
-
 
 def pick_backend(x: torch.Tensor) -> str:
     if x.device.type == "cuda" and triton_available():
@@ -91,8 +88,9 @@ def pick_backend(x: torch.Tensor) -> str:
 class KDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, target, alpha, temperature, ignore_index, backend):
+        backend = backend or pick_backend(student)
         loss, ce, kl, grad = kd_loss_forward(student, teacher, target, alpha, temperature, ignore_index, backend)
-        ctx.cpp = _cpp_runs(student, backend)
+        ctx.cpp = backend == "cpp" and cpp_extension() is not None
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
