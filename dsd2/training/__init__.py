@@ -7,7 +7,6 @@ and are read once per epoch, so the loop never waits on the device inside an epo
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 
 import torch
@@ -19,6 +18,7 @@ from dsd2.data import DeviceDataset
 from dsd2.data.batching import eval_batches, normalize, train_batches
 from dsd2.ops import MaskedSGD
 from dsd2.pruning import Masks, prunable_weights
+from dsd2.training.schedule import epochs_for, level_lr, schedule_lr  # noqa: F401
 
 # objective(logits, labels, inputs, sample indices) -> scalar loss
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -112,17 +112,6 @@ def build_optimizer(model: nn.Module, masks: Masks, cfg: OptimConfig) -> torch.o
     # capturable keeps Adam's step counters on the GPU: no host read per step, and CUDA-graph safe
     cuda = next(model.parameters()).device.type == "cuda"
     return MaskedAdam(model.parameters(), by_param, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=cuda)
-
-
-def schedule_lr(cfg: OptimConfig, epoch: int, epochs: int, base_lr: float | None = None) -> float:
-    """Learning rate of `epoch` (0-based) in a schedule of `epochs`: a pure function, so resume is exact."""
-    base = cfg.lr if base_lr is None else base_lr
-    if cfg.lr_schedule == "constant":
-        return base
-    if cfg.lr_schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-    passed = sum(1 for m in cfg.milestones if epoch >= round(m * epochs))
-    return base * cfg.gamma ** passed
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
