@@ -24,7 +24,7 @@ extra_compile = ["-O3", "-ffp-contract=off", "-fno-trapping-math", *openmp]
 setup(
     packages=[
         "dsd2", "dsd2.data", "dsd2.models", "dsd2.pruning", "dsd2.ops", "dsd2.training",
-        "dsd2.analysis", "dsd2.report", "dsd2.kernels",
+        "dsd2.analysis", "dsd2.report", "dsd2.run", "dsd2.kernels",
     ],
     package_dir={"dsd2.kernels": "kernels"},
     ext_modules=[

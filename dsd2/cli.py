@@ -150,7 +150,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dsd2.engine import run_experiment
+    from dsd2.run import run_experiment
     from dsd2.runs import RunDir
 
     if args.resume:
@@ -198,7 +198,7 @@ def finish(run, summary: dict) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from dsd2.engine import Engine, parse_teacher_spec, resolve_teacher_level
+    from dsd2.run import LevelLoop, parse_teacher_spec, resolve_teacher_level
     from dsd2.runs import RunDir
 
     overrides = overrides_from_args(args)
@@ -215,7 +215,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if summary is not None and summary.get("run_hash") == cfg.run_hash():
         print(f"run already complete: {run.root}")
     else:
-        summary = Engine(cfg, run, progress=not args.quiet and sys.stderr.isatty()).run_loop()
+        summary = LevelLoop(cfg, run, progress=not args.quiet and sys.stderr.isatty()).run()
     print(f"teacher: {teacher_run.root} level {chosen}")
     return finish(run, summary)
 
@@ -249,7 +249,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_entropy(args: argparse.Namespace) -> int:
-    from dsd2.engine import entropy_of_run
+    from dsd2.run import entropy_of_run
     from dsd2.runs import RunDir
 
     run = RunDir(args.run)
@@ -298,7 +298,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from dsd2.engine import resolve_device
+    from dsd2.run import resolve_device
     from dsd2.selftest import environment, run_selftest, table, write_json
 
     check_device(args.device)

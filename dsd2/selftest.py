@@ -179,7 +179,7 @@ def graph_checks(device: torch.device, graphs=None) -> list[Check]:
         return [Check(n, "skipped", "CUDA graphs need a CUDA device") for n in names]
     sync = _sync(device)
     from dsd2.ops import swap_in_counting_relus
-    from dsd2.training import cross_entropy, predict
+    from dsd2.training import InputFormat, TrainFeed, cross_entropy, predict
     from dsd2.training.graphs import GraphedPredictor, GraphedTrainStep, graphed_epoch
 
     out = []
@@ -195,8 +195,8 @@ def graph_checks(device: torch.device, graphs=None) -> list[Check]:
         opt.zero_grad(set_to_none=True)
 
     def make(warm, lr):
-        return GraphedTrainStep(gmodel, gopt, cross_entropy, data, 64, mean, std, augment=False, precision="fp32",
-                                channels_last=False, warmup_indices=warm, lr=lr, graphs=graphs)
+        return GraphedTrainStep(gmodel, gopt, cross_entropy, TrainFeed(data, 64, InputFormat(mean, std)),
+                                warmup_indices=warm, lr=lr, graphs=graphs)
 
     t0 = time.perf_counter()
     graphed_epoch(None, make, perm, 64, 0.01)
@@ -205,18 +205,18 @@ def graph_checks(device: torch.device, graphs=None) -> list[Check]:
               for a, b in zip(gmodel.state_dict().values(), model.state_dict().values()))
     out.append(Check(names[0], _verdict(err <= RUN_RTOL), f"max relative difference {err:.1e} (tol {RUN_RTOL})",
                      time.perf_counter() - t0))
-    eager_logits = predict(model, data, batch_size=64, mean=mean, std=std)
-    graphed = GraphedPredictor(model, 64, mean, std, graphs=graphs).predict(data)
+    eager_logits = predict(model, data, 64, InputFormat(mean, std))
+    graphed = GraphedPredictor(model, 64, InputFormat(mean, std), graphs=graphs).predict(data)
     err = float((graphed - eager_logits).abs().max() / eager_logits.abs().max())
     out.append(Check(names[1], _verdict(err <= RUN_RTOL), f"max relative difference {err:.1e} (tol {RUN_RTOL})"))
     relus = swap_in_counting_relus(model)
     for r in relus.values():
         r.counting = True
-    predict(model, data, batch_size=64, mean=mean, std=std)
+    predict(model, data, 64, InputFormat(mean, std))
     eager_counts = {n: r.counts.clone() for n, r in relus.items()}
     for r in relus.values():
         r.reset_counts()
-    GraphedPredictor(model, 64, mean, std, relus=relus, graphs=graphs).predict(data)
+    GraphedPredictor(model, 64, InputFormat(mean, std), relus=relus, graphs=graphs).predict(data)
     ok = all(torch.equal(relus[n].counts, c) for n, c in eager_counts.items())
     out.append(Check(names[2], _verdict(ok), "exact" if ok else "counts differ"))
     return out
@@ -227,12 +227,12 @@ def graph_checks(device: torch.device, graphs=None) -> list[Check]:
 def digits_run(root: Path, **overrides) -> list[dict]:
     """A two-level digits run with SGD into `root`; its metrics rows without the timing fields."""
     from dsd2.config import build_config
-    from dsd2.engine import Engine
+    from dsd2.run import LevelLoop
     from dsd2.runs import VOLATILE_METRICS, RunDir, read_jsonl
 
     cfg = build_config(None, None, {"optim": {"optimizer": "sgd", "lr": 0.05, "epochs": 2, "dense_epochs": 2},
                                     "prune": {"levels": 2}, **overrides})
-    Engine(cfg, RunDir(root), progress=False, log=lambda s: None).run_loop()
+    LevelLoop(cfg, RunDir(root), progress=False, log=lambda s: None).run()
     return [{k: v for k, v in r.items() if k not in VOLATILE_METRICS} for r in read_jsonl(root / "metrics.jsonl")]
 
 
@@ -345,7 +345,7 @@ def timing_checks(device: torch.device, quick: bool) -> list[Check]:
 
 
 def train_step_timing(device: torch.device, seconds: float) -> Check:
-    from dsd2.training import cross_entropy
+    from dsd2.training import InputFormat, TrainFeed, cross_entropy
 
     model, opt, data, mean, std = _small_vgg(device)
     idx = torch.arange(64, device=device)
@@ -363,8 +363,8 @@ def train_step_timing(device: torch.device, seconds: float) -> Check:
 
     t_eager = _timed(lambda: (eager(), torch.cuda.synchronize()), seconds)
     gmodel, gopt, _, _, _ = _small_vgg(device)
-    step = GraphedTrainStep(gmodel, gopt, cross_entropy, data, 64, mean, std, augment=False, precision="fp32",
-                            channels_last=False, warmup_indices=[idx] * 3, lr=0.01)
+    step = GraphedTrainStep(gmodel, gopt, cross_entropy, TrainFeed(data, 64, InputFormat(mean, std)),
+                            warmup_indices=[idx] * 3, lr=0.01)
     t_graph = _timed(lambda: (step.replay(idx, 0.01), torch.cuda.synchronize()), seconds)
     return Check("time: training step (VGG-like δ=2 γ=3, batch 64)", "pass",
                  f"graph replay against eager: {t_eager * 1e6:.0f} µs", t_graph, t_eager / t_graph)

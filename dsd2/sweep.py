@@ -87,7 +87,7 @@ def is_finished(path: Path, cfg: Config) -> bool:
 
 def run_one(config: dict[str, Any], path: str) -> dict[str, Any]:
     """Run (or resume) one configuration; the entry point of every launcher, picklable for submitit."""
-    from dsd2.engine import run_experiment
+    from dsd2.run import run_experiment
 
     cfg = from_dict(config)
     return run_experiment(cfg, RunDir(path), progress=False, log=lambda message: None)

@@ -45,7 +45,7 @@ def tiny_config():
 
 @pytest.fixture
 def fake_cifar(tmp_path):
-    from dsd2.data import write_fake_cifar
+    from fake_data import write_fake_cifar
 
     root = tmp_path / "cifar"
     write_fake_cifar(root, "cifar10", train_per_file=12, test_size=16)

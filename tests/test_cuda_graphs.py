@@ -15,7 +15,7 @@ from dsd2.data.batching import normalize
 from dsd2.models import build_model
 from dsd2.ops import swap_in_counting_relus
 from dsd2.pruning import full_masks, global_prune, magnitude_scores, prunable_weights
-from dsd2.training import DistillationObjective, build_optimizer, cross_entropy, predict
+from dsd2.training import DistillationObjective, InputFormat, TrainFeed, build_optimizer, cross_entropy, predict
 from dsd2.training.graphs import CudaGraphs, GraphedPredictor, GraphedTrainStep, graphed_epoch
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -152,8 +152,8 @@ def test_graph_replays_equal_eager_steps(env, model_name, optimizer, objective):
     gmodel, gopt, gdata, gmean, gstd, gmasks = graphed
 
     def make(warm, lr):
-        return GraphedTrainStep(gmodel, gopt, make_objective(), gdata, 64, gmean, gstd, augment=False,
-                                precision="fp32", channels_last=False, warmup_indices=warm, lr=lr, graphs=graphs)
+        return GraphedTrainStep(gmodel, gopt, make_objective(), TrainFeed(gdata, 64, InputFormat(gmean, gstd)),
+                                warmup_indices=warm, lr=lr, graphs=graphs)
 
     step, gloss, _ = graphed_epoch(None, make, perm, 64, 0.01)
     if isinstance(graphs, EmulatedGraphs):
@@ -172,8 +172,8 @@ def test_captured_augmentation_draws_new_crops_and_flips_at_every_replay(env, au
     device, graphs = env
     model, opt, data, mean, std, _ = setup("vgg", "sgd", device)
     idx = torch.arange(64, device=device)
-    step = GraphedTrainStep(model, opt, cross_entropy, data, 64, mean, std, augment=augment, precision="fp32",
-                            channels_last=False, warmup_indices=[idx] * 3, lr=0.0, graphs=graphs)
+    step = GraphedTrainStep(model, opt, cross_entropy, TrainFeed(data, 64, InputFormat(mean, std), augment),
+                            warmup_indices=[idx] * 3, lr=0.0, graphs=graphs)
     losses = []
     for _ in range(3):
         step.loss_sum.zero_()
@@ -197,17 +197,17 @@ def test_second_epoch_after_evaluation_reuses_the_graph_in_train_mode(env):
         for group in opt.param_groups:
             group["lr"] = lr
         eager_epoch(model, opt, data, mean, std, perm)
-        predict(model, data, batch_size=256, mean=mean, std=std)
+        predict(model, data, 256, InputFormat(mean, std))
     gmodel, gopt, gdata, gmean, gstd, _ = graphed
 
     def make(warm, lr):
-        return GraphedTrainStep(gmodel, gopt, cross_entropy, gdata, 64, gmean, gstd, augment=False,
-                                precision="fp32", channels_last=False, warmup_indices=warm, lr=lr, graphs=graphs)
+        return GraphedTrainStep(gmodel, gopt, cross_entropy, TrainFeed(gdata, 64, InputFormat(gmean, gstd)),
+                                warmup_indices=warm, lr=lr, graphs=graphs)
 
     step = None
     for perm, lr in zip(perms, (0.01, 0.002)):
         step, _, _ = graphed_epoch(step, make, perm, 64, lr)
-        predict(gmodel, gdata, batch_size=256, mean=gmean, std=gstd)
+        predict(gmodel, gdata, 256, InputFormat(gmean, gstd))
     if isinstance(graphs, EmulatedGraphs):
         assert len(graphs.captured) == 1
         # the same ops on the same inputs, and one SGD formula for the float and the tensor learning rate
@@ -230,8 +230,8 @@ def test_counting_train_step_counts_like_eager_steps(env):
     gmodel, gopt, gdata, gmean, gstd, _ = graphed
 
     def make(warm, lr):
-        return GraphedTrainStep(gmodel, gopt, cross_entropy, gdata, 64, gmean, gstd, augment=False,
-                                precision="fp32", channels_last=False, warmup_indices=warm, lr=lr, graphs=graphs,
+        return GraphedTrainStep(gmodel, gopt, cross_entropy, TrainFeed(gdata, 64, InputFormat(gmean, gstd)),
+                                warmup_indices=warm, lr=lr, graphs=graphs,
                                 relus=grelus)
 
     graphed_epoch(None, make, perm, 64, 0.01)
@@ -252,7 +252,7 @@ def eager_counts(model, relus, data, mean, std, batch):
     for r in relus.values():
         r.reset_counts()
         r.counting = True
-    logits = predict(model, data, batch_size=batch, mean=mean, std=std)
+    logits = predict(model, data, batch, InputFormat(mean, std))
     out = {n: (r.counts.clone(), r.observations) for n, r in relus.items()}
     for r in relus.values():
         r.counting = False
@@ -265,9 +265,9 @@ def test_graphed_predict_and_counting_pass_equal_eager(env, granularity):
     device, graphs = env
     model, data, mean, std, masks, relus = eval_setup(device, granularity)
     batch = 100  # 517 samples: 5 replays and an eager tail of 17
-    want = predict(model, data, batch_size=batch, mean=mean, std=std)
+    want = predict(model, data, batch, InputFormat(mean, std))
     want_logits, want_counts = eager_counts(model, relus, data, mean, std, batch)
-    predictor = GraphedPredictor(model, batch, mean, std, relus=relus, graphs=graphs)
+    predictor = GraphedPredictor(model, batch, InputFormat(mean, std), relus=relus, graphs=graphs)
     for _ in range(2):  # the second pass replays the graphs captured by the first
         torch.testing.assert_close(predictor.predict(data), want, rtol=1e-5, atol=1e-5)
         for r in relus.values():
@@ -292,8 +292,8 @@ def test_counting_pass_adds_to_counts_already_held_and_to_restored_counters(env)
     _, want_all = eager_counts(model, relus, data, mean, std, 64)
     for r in relus.values():
         r.counting = True
-    predict(model, part, batch_size=64, mean=mean, std=std)  # eager counting first: the counters hold the part
-    predictor = GraphedPredictor(model, 64, mean, std, relus=relus, graphs=graphs)
+    predict(model, part, 64, InputFormat(mean, std))  # eager counting first: the counters hold the part
+    predictor = GraphedPredictor(model, 64, InputFormat(mean, std), relus=relus, graphs=graphs)
     predictor.predict(data)
     for name, r in relus.items():
         assert torch.equal(r.counts, want_part[name][0] + want_all[name][0])
@@ -310,16 +310,16 @@ def test_counting_pass_adds_to_counts_already_held_and_to_restored_counters(env)
 def test_graphed_predict_follows_in_place_changes_and_recaptures_moved_weights(env):
     device, graphs = env
     model, data, mean, std, masks, relus = eval_setup(device)
-    predictor = GraphedPredictor(model, 128, mean, std, relus=relus, graphs=graphs)
+    predictor = GraphedPredictor(model, 128, InputFormat(mean, std), relus=relus, graphs=graphs)
     predictor.predict(data)
     more = global_prune(magnitude_scores(model), masks, 0.5)
     with torch.no_grad():  # a prune, in place
         for k, w in prunable_weights(model).items():
             w.mul_(more[k])
-    torch.testing.assert_close(predictor.predict(data), predict(model, data, batch_size=128, mean=mean, std=std))
+    torch.testing.assert_close(predictor.predict(data), predict(model, data, 128, InputFormat(mean, std)))
     head = model.classifier if hasattr(model, "classifier") else list(model.modules())[-1]
     head.weight = torch.nn.Parameter(head.weight.detach() * 2)  # a new tensor, at a new address
-    torch.testing.assert_close(predictor.predict(data), predict(model, data, batch_size=128, mean=mean, std=std))
+    torch.testing.assert_close(predictor.predict(data), predict(model, data, 128, InputFormat(mean, std)))
     if isinstance(graphs, EmulatedGraphs):
         assert len(graphs.captured) == 2
 
@@ -330,11 +330,11 @@ VOLATILE = {"wall_time_s", "train_time_s", "images_per_s", "achieved_flop_per_s"
 
 
 def run_rows(path, cfg, graphs):
-    from dsd2.engine import Engine
+    from dsd2.run import LevelLoop
     from dsd2.runs import RunDir, read_jsonl
 
-    engine = Engine(cfg, RunDir(path), progress=False, log=lambda s: None, graphs=graphs)
-    engine.run_loop()
+    engine = LevelLoop(cfg, RunDir(path), progress=False, log=lambda s: None, graphs=graphs)
+    engine.run()
     drop = lambda rows: [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]  # noqa: E731
     return engine, drop(read_jsonl(path / "metrics.jsonl")), read_jsonl(path / "epochs.jsonl")
 
@@ -357,7 +357,7 @@ def test_engine_run_with_graphs_equals_eager_run(tmp_path, tiny_config, referenc
     _, eager, _ = run_rows(tmp_path / "eager", cfg, None)
     graphs = EmulatedGraphs()
     engine, graphed, epochs = run_rows(tmp_path / "graphs", cfg, graphs)
-    assert engine.use_graphs() and engine.predictor().replays > 0
+    assert engine.executor.mode == "graphed" and engine.executor.predictor.replays > 0
     # one train graph per level (a new optimizer) and one more for each online-counting epoch; evaluation
     # graphs (kept across levels): one, and one for the counting pass unless the states were counted online
     train_graphs, eval_graphs = (4, 2) if entropy == "pass" else (8, 1)
@@ -369,7 +369,7 @@ def test_engine_run_with_graphs_equals_eager_run(tmp_path, tiny_config, referenc
 
 
 def test_distilled_run_with_graphs_equals_eager_run(tmp_path, tiny_config, reference_ops):
-    from dsd2.engine import student_config
+    from dsd2.run import student_config
 
     teacher = tmp_path / "teacher"
     run_rows(teacher, tiny_config(distill__students=()), None)

@@ -11,8 +11,8 @@ import torch
 from conftest import ENGINE, engine_env
 
 from dsd2.cli import main
-from dsd2.engine import Engine, load_teacher, run_experiment, student_config
 from dsd2.ops import kd_loss
+from dsd2.run import LevelLoop, load_teacher, run_experiment, student_config
 from dsd2.runs import RunDir, load_checkpoint, read_jsonl
 from dsd2.training import DistillationObjective
 
@@ -25,13 +25,13 @@ def stable(rows, drop=()):
 
 
 def quiet(cfg, path):
-    return Engine(cfg, RunDir(path), progress=False, log=lambda s: None)
+    return LevelLoop(cfg, RunDir(path), progress=False, log=lambda s: None)
 
 
 @pytest.fixture
 def teacher_run(tmp_path, tiny_config):
     path = tmp_path / "teacher"
-    quiet(tiny_config(distill__students=()), path).run_loop()
+    quiet(tiny_config(distill__students=()), path).run()
     return path
 
 
@@ -39,8 +39,8 @@ def test_alpha_zero_reproduces_the_vanilla_student_exactly(tmp_path, tiny_config
     cfg = tiny_config()
     vanilla = student_config(cfg, "vanilla", teacher_run, "h", 2)
     kd0 = student_config(replace(cfg, distill=replace(cfg.distill, alpha=0.0)), "kd-sparse", teacher_run, "h", 2)
-    quiet(vanilla, tmp_path / "vanilla").run_loop()
-    quiet(kd0, tmp_path / "kd0").run_loop()
+    quiet(vanilla, tmp_path / "vanilla").run()
+    quiet(kd0, tmp_path / "kd0").run()
     a = stable(read_jsonl(tmp_path / "vanilla" / "metrics.jsonl"), drop={"teacher_flops", "kd_ce", "kd_kl"})
     b = stable(read_jsonl(tmp_path / "kd0" / "metrics.jsonl"), drop={"teacher_flops", "kd_ce", "kd_kl"})
     assert a == b
@@ -92,11 +92,11 @@ def test_teacher_weights_are_checked(tmp_path, tiny_config, teacher_run):
     cfg = student_config(tiny_config(), "kd-sparse", teacher_run, "h", 1)
     engine = quiet(cfg, tmp_path / "s")
     engine.prepare()
-    engine.check_teacher_unchanged()
+    engine.teacher.check_unchanged()
     with torch.no_grad():
-        next(engine.teacher.parameters()).add_(1e-3)
+        next(engine.teacher.module.parameters()).add_(1e-3)
     with pytest.raises(RuntimeError, match="teacher's weights changed"):
-        engine.check_teacher_unchanged()
+        engine.teacher.check_unchanged()
 
 
 def test_bad_teacher_is_one_line_and_exit_2(tmp_path, capsys, teacher_run, fake_cifar):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import ENGINE, engine_env
 
-from dsd2.engine import Engine
 from dsd2.pruning import prunable_weights
+from dsd2.run import LevelLoop
 from dsd2.runs import RunDir, read_jsonl
 
 VOLATILE = {"wall_time_s", "train_time_s", "images_per_s", "achieved_flop_per_s"}
@@ -22,8 +22,8 @@ def stable(rows):
 
 def test_loop_writes_levels_and_keeps_pruned_weights_zero(tmp_path, tiny_config):
     cfg = tiny_config()
-    engine = Engine(cfg, RunDir(tmp_path / "run"), progress=False, log=lambda s: None)
-    summary = engine.run_loop()
+    engine = LevelLoop(cfg, RunDir(tmp_path / "run"), progress=False, log=lambda s: None)
+    summary = engine.run()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["level"] for r in rows] == [0, 1, 2, 3]
     for r, expect in zip(rows, [0.0, 0.2, 0.36, 0.488]):
@@ -39,8 +39,8 @@ def test_loop_writes_levels_and_keeps_pruned_weights_zero(tmp_path, tiny_config)
 
 
 def test_same_seed_same_metrics(tmp_path, tiny_config):
-    a = Engine(tiny_config(), RunDir(tmp_path / "a"), progress=False, log=lambda s: None).run_loop()
-    b = Engine(tiny_config(), RunDir(tmp_path / "b"), progress=False, log=lambda s: None).run_loop()
+    a = LevelLoop(tiny_config(), RunDir(tmp_path / "a"), progress=False, log=lambda s: None).run()
+    b = LevelLoop(tiny_config(), RunDir(tmp_path / "b"), progress=False, log=lambda s: None).run()
     assert stable(read_jsonl(tmp_path / "a" / "metrics.jsonl")) == stable(read_jsonl(tmp_path / "b" / "metrics.jsonl"))
     assert a["best_test_acc"] == b["best_test_acc"]
 
@@ -53,16 +53,16 @@ def test_same_seed_same_metrics(tmp_path, tiny_config):
 ])
 def test_loop_variants_run_and_prune(tmp_path, tiny_config, extra):
     cfg = tiny_config(**extra)
-    Engine(cfg, RunDir(tmp_path / "run"), progress=False, log=lambda s: None).run_loop()
+    LevelLoop(cfg, RunDir(tmp_path / "run"), progress=False, log=lambda s: None).run()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert abs(rows[-1]["sparsity"] - 0.488) < 1e-3
 
 
 def test_resume_in_process_after_partial_level(tmp_path, tiny_config):
     full = tmp_path / "full"
-    Engine(tiny_config(), RunDir(full), progress=False, log=lambda s: None).run_loop()
+    LevelLoop(tiny_config(), RunDir(full), progress=False, log=lambda s: None).run()
     part = tmp_path / "part"
-    engine = Engine(tiny_config(), RunDir(part), progress=False, log=lambda s: None)
+    engine = LevelLoop(tiny_config(), RunDir(part), progress=False, log=lambda s: None)
     calls = {"n": 0}
     original = engine.save_state
 
@@ -74,8 +74,8 @@ def test_resume_in_process_after_partial_level(tmp_path, tiny_config):
 
     engine.save_state = crash_after
     with pytest.raises(KeyboardInterrupt):
-        engine.run_loop()
-    Engine(tiny_config(), RunDir(part), progress=False, log=lambda s: None).run_loop()
+        engine.run()
+    LevelLoop(tiny_config(), RunDir(part), progress=False, log=lambda s: None).run()
     assert stable(read_jsonl(part / "metrics.jsonl")) == stable(read_jsonl(full / "metrics.jsonl"))
     assert stable(read_jsonl(part / "epochs.jsonl")) == stable(read_jsonl(full / "epochs.jsonl"))
 
@@ -117,7 +117,7 @@ def test_cifar_run_from_fake_folder(tmp_path, fake_cifar, tiny_config):
                       data__augment=True, model__name="vgg", model__depth=2, model__width=2,
                       optim__optimizer="sgd", optim__lr=0.01, optim__lr_schedule="multistep",
                       optim__batch_size=16, prune__levels=1, precision="bf16")
-    Engine(cfg, RunDir(tmp_path / "run"), progress=False, log=lambda s: None).run_loop()
+    LevelLoop(cfg, RunDir(tmp_path / "run"), progress=False, log=lambda s: None).run()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 2 and abs(rows[1]["sparsity"] - 0.2) < 1e-3
     assert torch.isfinite(torch.tensor(rows[1]["train_loss"]))

@@ -4,19 +4,19 @@ import json
 
 import pytest
 
-from dsd2 import engine as engine_module
 from dsd2.analysis.early_stop import StopDecision
 from dsd2.cli import main
-from dsd2.engine import Engine, entropy_of_run
+from dsd2.run import LevelLoop, entropy_of_run
+from dsd2.run import loop as loop_module
 from dsd2.runs import RunDir, read_jsonl
 
 
 def quiet_engine(cfg, path):
-    return Engine(cfg, RunDir(path), progress=False, log=lambda s: None)
+    return LevelLoop(cfg, RunDir(path), progress=False, log=lambda s: None)
 
 
 def test_entropy_distances_and_flops_per_level(tmp_path, tiny_config):
-    quiet_engine(tiny_config(), tmp_path / "run").run_loop()
+    quiet_engine(tiny_config(), tmp_path / "run").run()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     for r in rows:
         assert 0.0 <= r["entropy_mean"] <= 1.0 and len(r["entropy_layers"]) == 2
@@ -33,7 +33,7 @@ def test_entropy_distances_and_flops_per_level(tmp_path, tiny_config):
 
 
 def test_online_entropy_counts_during_the_last_epoch(tmp_path, tiny_config):
-    quiet_engine(tiny_config(analysis__entropy="online"), tmp_path / "run").run_loop()
+    quiet_engine(tiny_config(analysis__entropy="online"), tmp_path / "run").run()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert all(0.0 < r["entropy_mean"] <= 1.0 for r in rows)
 
@@ -41,8 +41,8 @@ def test_online_entropy_counts_during_the_last_epoch(tmp_path, tiny_config):
 def test_entropy_command_on_a_run_made_without_the_measure(tmp_path, tiny_config):
     with_measure = tmp_path / "with"
     without = tmp_path / "without"
-    quiet_engine(tiny_config(), with_measure).run_loop()
-    quiet_engine(tiny_config(analysis__entropy="off"), without).run_loop()
+    quiet_engine(tiny_config(), with_measure).run()
+    quiet_engine(tiny_config(analysis__entropy="off"), without).run()
     assert "entropy_mean" not in read_jsonl(without / "metrics.jsonl")[0]
     rows = entropy_of_run(RunDir(without), log=lambda s: None)
     recorded = read_jsonl(with_measure / "metrics.jsonl")
@@ -58,9 +58,9 @@ def test_engine_really_stops_and_a_rerun_does_not_continue(tmp_path, tiny_config
         level = len(vals) - 1
         return StopDecision(level >= 2, level, 1, 1, "scripted")
 
-    monkeypatch.setattr(engine_module, "decide", stop_at_two)
+    monkeypatch.setattr(loop_module, "decide", stop_at_two)
     cfg = tiny_config(analysis__early_stop="entropy", prune__levels=6)
-    summary = quiet_engine(cfg, tmp_path / "run").run_loop()
+    summary = quiet_engine(cfg, tmp_path / "run").run()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 3
     es = summary["early_stop"]
@@ -68,13 +68,13 @@ def test_engine_really_stops_and_a_rerun_does_not_continue(tmp_path, tiny_config
     assert es["train_pflops_saved_dense"] == pytest.approx(4 * 2 * 1000 * 3 * 84_480 / 1e15)
     assert es["returned_level"] == max(rows, key=lambda r: (r["val_acc"], r["sparsity"]))["level"]
     (tmp_path / "run" / "summary.json").unlink()  # killed after stopping, before the summary
-    quiet_engine(cfg, tmp_path / "run").run_loop()
+    quiet_engine(cfg, tmp_path / "run").run()
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 3
 
 
 def test_validation_rule_stop_is_consistent(tmp_path, tiny_config):
     cfg = tiny_config(analysis__early_stop="val", analysis__patience=1, prune__levels=8)
-    summary = quiet_engine(cfg, tmp_path / "run").run_loop()
+    summary = quiet_engine(cfg, tmp_path / "run").run()
     vals = [r["val_acc"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     es = summary["early_stop"]
     if es["stopped"]:
@@ -90,7 +90,7 @@ def test_entropy_rule_without_the_measure_is_refused(capsys):
 
 def test_online_counts_survive_a_kill_before_the_level_is_measured(tmp_path, tiny_config):
     cfg = tiny_config(analysis__entropy="online")
-    quiet_engine(cfg, tmp_path / "ref").run_loop()
+    quiet_engine(cfg, tmp_path / "ref").run()
     engine = quiet_engine(cfg, tmp_path / "killed")
     original = engine.save_state
 
@@ -101,8 +101,8 @@ def test_online_counts_survive_a_kill_before_the_level_is_measured(tmp_path, tin
 
     engine.save_state = crash_at_level_checkpoint
     with pytest.raises(KeyboardInterrupt):
-        engine.run_loop()
-    quiet_engine(cfg, tmp_path / "killed").run_loop()
+        engine.run()
+    quiet_engine(cfg, tmp_path / "killed").run()
     ref = read_jsonl(tmp_path / "ref" / "metrics.jsonl")
     got = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
     assert [r["entropy_mean"] for r in got] == [r["entropy_mean"] for r in ref]

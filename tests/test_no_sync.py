@@ -5,10 +5,9 @@ import torch
 
 from dsd2.config import DataConfig, ModelConfig, OptimConfig
 from dsd2.data import DeviceDataset, build_splits
-from dsd2.data.batching import epoch_generator
 from dsd2.models import build_model
 from dsd2.pruning import full_masks, global_prune, magnitude_scores
-from dsd2.training import DistillationObjective, build_optimizer, cross_entropy, train_epoch
+from dsd2.training import DistillationObjective, InputFormat, TrainFeed, build_optimizer, cross_entropy, train_epoch
 
 SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
 
@@ -37,8 +36,8 @@ def epoch_syncs(count_syncs, n_samples, objective_factory, optimizer="sgd"):
     opt = build_optimizer(model, masks, OptimConfig(optimizer=optimizer, lr=0.01))
     objective = objective_factory(model, data, splits)
     start = len(count_syncs["ids"])
-    train_epoch(model, opt, data, batch_size=16, generator=epoch_generator(0, 0, 0), augment=False,
-                mean=splits.mean, std=splits.std, objective=objective)
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    train_epoch(model, opt, TrainFeed(data, 16, InputFormat(splits.mean, splits.std)), objective, perm)
     # torch's CPU Adam reads its step counter, a host-side scalar, once per step: not a device sync
     # (on CUDA the engine builds Adam with capturable=True, whose counters stay on the device)
     host_counters = {id(state["step"]) for state in opt.state.values() if torch.is_tensor(state.get("step"))}
@@ -79,9 +78,10 @@ def predict_syncs(count_syncs, n_samples, graphed):
 
         from dsd2.training.graphs import GraphedPredictor
 
-        GraphedPredictor(model, 16, splits.mean, splits.std, relus=relus, graphs=EmulatedGraphs()).predict(data)
+        GraphedPredictor(model, 16, InputFormat(splits.mean, splits.std), relus=relus,
+                         graphs=EmulatedGraphs()).predict(data)
     else:
-        predict(model, data, batch_size=16, mean=splits.mean, std=splits.std)
+        predict(model, data, 16, InputFormat(splits.mean, splits.std))
     return len(count_syncs["ids"]) - start
 
 

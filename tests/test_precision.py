@@ -51,12 +51,12 @@ def test_emulated_bf16_warns_in_one_line(monkeypatch):
 
 
 def test_engine_logs_the_precision_and_the_warning(tmp_path, tiny_config, monkeypatch):
-    from dsd2.engine import Engine
+    from dsd2.run import LevelLoop
     from dsd2.runs import RunDir
 
     with_flags(monkeypatch, "avx2", "fma")
     cfg = tiny_config(precision="bf16", prune__levels=0, optim__dense_epochs=1)
     lines = []
-    Engine(cfg, RunDir(tmp_path / "run"), progress=False, log=lines.append).run_loop()
+    LevelLoop(cfg, RunDir(tmp_path / "run"), progress=False, log=lines.append).run()
     assert "precision: bf16 (bf16 emulated on this cpu)" in lines
     assert [line for line in lines if line.startswith("warning: ")] == [f"warning: {P.EMULATED_BF16_WARNING}"]

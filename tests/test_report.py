@@ -49,14 +49,14 @@ def test_report_of_engine_runs_plots_and_tabulates_the_metrics(tmp_path, tiny_co
     import json
     import statistics
 
-    from dsd2.engine import Engine
+    from dsd2.run import LevelLoop
     from dsd2.runs import RunDir, read_jsonl
 
     paths = []
     for seed, hidden in [(0, (256, 256)), (1, (256, 256)), (0, (64, 64))]:
         run = tmp_path / f"r{seed}-{hidden[0]}"
-        Engine(tiny_config(seed=seed, model__hidden=hidden), RunDir(run), progress=False,
-               log=lambda s: None).run_loop()
+        LevelLoop(tiny_config(seed=seed, model__hidden=hidden), RunDir(run), progress=False,
+               log=lambda s: None).run()
         paths.append(run)
     out = tmp_path / "report"
     written = write_report(paths, out)

@@ -11,7 +11,7 @@ import pytest
 from conftest import engine_env
 
 from dsd2.config import ConfigError, build_config
-from dsd2.engine import Engine
+from dsd2.run import LevelLoop
 from dsd2.runs import RunDir, read_jsonl
 from dsd2.sweep import expand, parse_grid, run_dir_for, run_sweep
 from dsd2.training import distributed
@@ -83,7 +83,7 @@ def test_killing_one_worker_then_resuming(tmp_path):
 def test_only_rank_zero_writes(tmp_path, tiny_config, monkeypatch):
     cfg = tiny_config()
     path = tmp_path / "run"
-    engine = Engine(cfg, RunDir(path), progress=False, log=lambda s: None)
+    engine = LevelLoop(cfg, RunDir(path), progress=False, log=lambda s: None)
     saves = {"n": 0}
     original = engine.save_state
 
@@ -95,10 +95,10 @@ def test_only_rank_zero_writes(tmp_path, tiny_config, monkeypatch):
 
     engine.save_state = crash
     with pytest.raises(KeyboardInterrupt):
-        engine.run_loop()
+        engine.run()
     before = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
     monkeypatch.setattr(distributed, "_CONTEXT", distributed.DistContext(rank=1, world=1))
-    summary = Engine(cfg, RunDir(path), progress=False, log=lambda s: None).run_loop()
+    summary = LevelLoop(cfg, RunDir(path), progress=False, log=lambda s: None).run()
     assert summary["levels"] == 4  # it trained the remaining levels...
     after = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
     assert after == before  # ...and wrote nothing

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
+from dsd2 import rng
 from dsd2.config import DataConfig
 from dsd2.data.noise import apply_noise
-from dsd2.data.sources import DataError, RawDataset, load_raw, write_fake_cifar
+from dsd2.data.sources import DataError, RawDataset, load_raw
 
-__all__ = ["DataError", "DeviceDataset", "Splits", "build_splits", "load_raw", "write_fake_cifar"]
+__all__ = ["DataError", "DeviceDataset", "Splits", "build_splits", "load_raw"]
 
 
 @dataclass
@@ -48,10 +49,10 @@ def build_splits(cfg: DataConfig, seed: int, device: torch.device,
     """Noise over the whole training pool, then a seeded validation hold-out (noisy unless clean_val)."""
     raw = raw if raw is not None else load_raw(cfg.dataset, cfg.data_root, cfg.download)
     pool_labels = raw.train_labels
-    noisy, idx = apply_noise(pool_labels, cfg.noise, cfg.noise_type, raw.num_classes, seed)
+    noisy, idx = apply_noise(pool_labels, cfg.noise, cfg.noise_type, raw.num_classes, rng.stream_seed("noise", seed))
     n = pool_labels.numel()
     n_val = round(cfg.val_fraction * n)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    perm = torch.randperm(n, generator=rng.generator("split", seed))
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
     val_labels = pool_labels[val_idx] if cfg.clean_val else noisy[val_idx]
     corrupted = torch.zeros(n, dtype=torch.bool)

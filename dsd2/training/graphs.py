@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from dsd2.data import DeviceDataset
-from dsd2.data.batching import normalize
+from dsd2.data.batching import crop_flip
+from dsd2.training.inputs import InputFormat, TrainFeed, forward_loss, predict
 
 
 class CudaGraphs:
@@ -111,42 +112,24 @@ def _optimizer_tables() -> list:
     return list(masked_sgd._TABLE_CACHE.values())
 
 
-def device_crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Random crop + flip with the device's own generator (graph-safe: philox offsets advance per replay)."""
-    b, _, h, w = x.shape
-    dev = x.device
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b,), device=dev)
-    ox = torch.randint(0, 2 * pad + 1, (b,), device=dev)
-    flip = torch.rand(b, device=dev) < 0.5
-    rows = oy[:, None] + torch.arange(h, device=dev)[None]
-    cols = ox[:, None] + torch.arange(w, device=dev)[None]
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch = torch.arange(b, device=dev)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
 class GraphedTrainStep:
     """One captured training step for batches of `batch_size` samples of `data`.
 
     `graphs` makes the graph (default: `CudaGraphs`, which needs `data` and the model on a CUDA device).
     `relus`: the model's `CountingReLU`s; those counting when the step is captured count in every replay
-    (online entropy). Python-side counters (the ReLUs' `observations`, the objective's `samples`) are
-    advanced here, once per replay. `capture_s` is how long the warm-up and capture took."""
+    (online entropy). Their Python-side `observations` are advanced here, once per replay (the objective's
+    sums are device tensors). `capture_s` is how long the warm-up and capture took."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, objective, data: DeviceDataset,
-                 batch_size: int, mean: torch.Tensor, std: torch.Tensor, *, augment: bool, precision: str,
-                 channels_last: bool, warmup_indices: list[torch.Tensor], lr: float, graphs=None,
-                 relus: dict | None = None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, objective, feed: TrainFeed, *,
+                 warmup_indices: list[torch.Tensor], lr: float, graphs=None, relus: dict | None = None):
+        data, batch_size = feed.data, feed.batch_size
         if graphs is None:
             if data.images.device.type != "cuda":
                 raise ValueError("CUDA graphs need the dataset and the model on a CUDA device")
             graphs = CudaGraphs(data.images.device)
         started = time.perf_counter()
         self.model, self.optimizer, self.objective = model, optimizer, objective
-        self.data, self.mean, self.std = data, mean, std
-        self.augment, self.precision, self.channels_last = augment, precision, channels_last
-        self.device_type = data.images.device.type
+        self.feed = feed
         dev = data.images.device
         self.idx = torch.zeros(batch_size, dtype=torch.long, device=dev)
         self.loss_sum = torch.zeros((), device=dev)
@@ -168,10 +151,7 @@ class GraphedTrainStep:
         optimizer.zero_grad(set_to_none=False)
         self.relus = _counting(relus)
         self.counters = {n: r.counts for n, r in self.relus.items()}  # allocated by the warm-up steps
-        host = [(r, "observations") for r in self.relus.values()]
-        if hasattr(objective, "samples"):
-            host.append((objective, "samples"))
-        self.host = _HostCounters(host)
+        self.host = _HostCounters([(r, "observations") for r in self.relus.values()])
         with graphs.capture(self.graph):
             self._step(self.idx)
         self.host.captured()
@@ -180,17 +160,11 @@ class GraphedTrainStep:
 
     def _step(self, idx: torch.Tensor) -> None:
         self.model.train()  # evaluation between epochs leaves the model in eval mode (a Python-only switch)
-        x = self.data.images[idx]
-        if self.augment:
-            x = device_crop_flip(x)
-        labels = self.data.labels[idx]
-        x = normalize(x, self.mean, self.std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        enabled = self.precision == "bf16"
-        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False):
-            logits = self.model(x)
-            loss = self.objective(logits, labels, x, idx)
+        x = self.feed.data.images[idx]
+        if self.feed.augment:
+            x = crop_flip(x)  # the device's default generator: its philox offset advances per replay
+        labels = self.feed.data.labels[idx]
+        logits, loss = forward_loss(self.model, self.objective, x, labels, idx, self.feed.fmt)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
@@ -263,14 +237,13 @@ class GraphedPredictor:
 
     WARMUP_FORWARDS = 2
 
-    def __init__(self, model: nn.Module, batch_size: int, mean: torch.Tensor, std: torch.Tensor, *,
-                 precision: str = "fp32", channels_last: bool = False, relus: dict | None = None, graphs=None):
+    def __init__(self, model: nn.Module, batch_size: int, fmt: InputFormat, *, relus: dict | None = None,
+                 graphs=None):
         if graphs is None:
-            if mean.device.type != "cuda":
+            if fmt.mean.device.type != "cuda":
                 raise ValueError("CUDA graphs need the model and its inputs on a CUDA device")
-            graphs = CudaGraphs(mean.device)
-        self.model, self.batch_size, self.mean, self.std = model, batch_size, mean, std
-        self.precision, self.channels_last = precision, channels_last
+            graphs = CudaGraphs(fmt.mean.device)
+        self.model, self.batch_size, self.fmt = model, batch_size, fmt
         self.relus = dict(relus or {})
         self.graphs = graphs
         self.captures: dict[frozenset, _Capture] = {}
@@ -278,11 +251,8 @@ class GraphedPredictor:
         self.replays = 0
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images, self.mean, self.std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        enabled = self.precision == "bf16"
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False):
+        x = self.fmt.prepare(images)
+        with self.fmt.autocast(images.device):
             return self.model(x).float()
 
     def _addresses(self) -> tuple[int, ...]:
@@ -328,10 +298,7 @@ class GraphedPredictor:
         n, b = len(data), self.batch_size
         full = n - n % b
         if full == 0:
-            from dsd2.training import predict
-
-            return predict(self.model, data, batch_size=b, mean=self.mean, std=self.std,
-                           precision=self.precision, channels_last=self.channels_last)
+            return predict(self.model, data, b, self.fmt)
         capture = self._ready(data.images[:b])
         out = torch.empty((n, *capture.logits.shape[1:]), dtype=capture.logits.dtype, device=data.images.device)
         for start in range(0, full, b):

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from dsd2 import rng
 from dsd2.config import DataConfig
 from dsd2.data import DataError, build_splits, load_raw
-from dsd2.data.batching import epoch_generator, random_crop_flip, train_batches
+from dsd2.data.batching import crop_flip, train_batches
 
 
 def test_digits_split_sizes_and_recorded_noise():
@@ -40,16 +41,20 @@ def test_missing_cifar_names_path_and_fix(tmp_path):
     assert "nowhere" in msg and "--download" in msg and "\n" not in msg
 
 
+def shuffled(n, epoch):
+    return torch.randperm(n, generator=rng.generator("shuffle", 0, 0, epoch))
+
+
 def test_batches_cover_the_epoch_once():
     s = build_splits(DataConfig(), seed=0, device=torch.device("cpu"))
-    seen = torch.cat([idx for _, _, idx in train_batches(s.train, 64, epoch_generator(0, 0, 0), False)])
+    seen = torch.cat([idx for _, _, idx in train_batches(s.train, 64, shuffled(len(s.train), 0), None)])
     assert torch.equal(seen.sort().values, torch.arange(len(s.train)))
 
 
 def test_crop_flip_is_a_shifted_window_of_the_padded_image():
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6) + 1
     g = torch.Generator().manual_seed(0)
-    out = random_crop_flip(x, g, pad=2)
+    out = crop_flip(x, g, pad=2)
     assert out.shape == x.shape
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for b in range(2):
@@ -66,18 +71,23 @@ def test_sharded_batches_split_every_global_batch_between_ranks():
     from dsd2.training.distributed import DistContext
 
     s = build_splits(DataConfig(), seed=0, device=torch.device("cpu"))
-    whole = [idx for _, _, idx in train_batches(s.train, 64, epoch_generator(0, 0, 1), False)]
-    parts = [[idx for _, _, idx in train_batches(s.train, 64, epoch_generator(0, 0, 1), False,
-                                                 shard=DistContext(rank, 2).shard, world=2)] for rank in (0, 1)]
+    # augmentation on: every rank draws the crops of the whole global batch, then keeps its share
+    def batches(**shard):
+        perm, augment = shuffled(len(s.train), 1), torch.Generator().manual_seed(3)
+        return [(x, idx) for x, _, idx in train_batches(s.train, 64, perm, augment, **shard)]
+
+    whole = batches()
+    parts = [batches(shard=DistContext(rank, 2).shard, world=2) for rank in (0, 1)]
     assert len(parts[0]) == len(parts[1]) == len(whole)
-    for w, a, b in zip(whole, *parts):
-        assert torch.equal(torch.cat([a, b]), w)
+    for (wx, wi), (ax, ai), (bx, bi) in zip(whole, *parts):
+        assert torch.equal(torch.cat([ai, bi]), wi)
+        assert torch.equal(torch.cat([ax, bx]), wx)
 
 
 def test_cifar_reader_refuses_pickled_code(tmp_path):
     import pickle
 
-    from dsd2.data import write_fake_cifar
+    from fake_data import write_fake_cifar
 
     root = tmp_path / "cifar"
     folder = write_fake_cifar(root, "cifar10", train_per_file=4, test_size=4)

@@ -1,0 +1,130 @@
+"""The DSD² experiment (teacher curve, teacher level, students), and entropy measured on a finished run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from dsd2.config import Config, DistillConfig, ModelConfig, from_dict, validate
+from dsd2.pruning import count_sparsity
+from dsd2.run import measure
+from dsd2.run.loop import LevelLoop
+from dsd2.run.state import saved_levels
+from dsd2.run.summary import student_entry
+from dsd2.run.teacher import resolve_teacher_level
+from dsd2.runs import RunDir, RunError, write_json, write_jsonl
+from dsd2.training.distributed import context as dist_context
+
+
+def student_config(cfg: Config, kind: str, teacher_dir: Path, teacher_hash: str, level: int) -> Config:
+    """The config of one student run of the DSD² experiment."""
+    k = cfg.distill
+    model = ModelConfig(name=k.student_model, hidden=tuple(k.student_hidden), depth=k.student_depth,
+                        width=k.student_width)
+    teacher_level = 0 if kind == "kd-dense" else level
+    teacher = None if kind == "vanilla" else f"{teacher_dir}:{teacher_level}"
+    teacher_id = None if teacher is None else f"{teacher_hash}:{teacher_level}"
+    out = replace(cfg, model=model, distill=replace(k, students=(), teacher=teacher, teacher_id=teacher_id))
+    validate(out)
+    return out
+
+
+def teacher_config(cfg: Config) -> Config:
+    """The teacher's own run: independent of student-only settings, so a sweep over alpha reuses it."""
+    return replace(cfg, distill=DistillConfig(students=(), teacher=None, teacher_id=None))
+
+
+def finished_summary(run: RunDir, run_hash: str) -> dict[str, Any] | None:
+    summary = run.summary()
+    return summary if summary is not None and summary.get("run_hash") == run_hash else None
+
+
+def run_once(cfg: Config, run: RunDir, log: Callable[[str], None], **kwargs) -> dict[str, Any]:
+    """The run's summary: read when it has finished with this config, else from running (or resuming) it."""
+    return finished_summary(run, cfg.run_hash()) or LevelLoop(cfg, run, log=log, **kwargs).run()
+
+
+def claim_experiment(cfg: Config, root: RunDir) -> None:
+    ctx = dist_context()
+    resumed = root.claim(cfg.to_dict(), cfg.run_hash(), write=False)  # every rank checks, rank 0 writes
+    ctx.barrier()
+    if ctx.is_main and not resumed:
+        root.claim(cfg.to_dict(), cfg.run_hash())
+    ctx.barrier()
+
+
+def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The DSD² experiment in one directory: the teacher's IMP curve (teacher/), the selection of the teacher
+    level, then each student pruned by the same loop (students/<kind>/): vanilla, distilled from the dense
+    teacher, distilled from the selected sparse teacher. Every part is a resumable run of its own."""
+    if not cfg.distill.students:
+        return LevelLoop(cfg, root, progress=progress, log=log).run()
+    tcfg, teacher_run = teacher_config(cfg), RunDir(root.root / "teacher")
+    teacher_loop = LevelLoop(tcfg, teacher_run, progress=progress, log=log)
+    teacher_loop.prepare()  # bad input fails here, before the experiment directory is claimed
+    # and so does the student's (model size, level count), before the teacher trains
+    probe = student_config(cfg, "vanilla", teacher_run.root, "", 0)
+    LevelLoop(probe, RunDir(root.root / "students" / "vanilla"), progress=False, log=log,
+              splits=teacher_loop.splits).prepare()
+    claim_experiment(cfg, root)
+    done = finished_summary(teacher_run, tcfg.run_hash())
+    if done is None:
+        log("== teacher: the vanilla IMP curve")
+        done = teacher_loop.run()
+    level = resolve_teacher_level(teacher_run, str(cfg.distill.teacher_level))
+    log(f"== teacher level {level} selected ({cfg.distill.teacher_level})")
+    students: dict[str, Any] = {}
+    for kind in cfg.distill.students:
+        scfg = student_config(cfg, kind, teacher_run.root.resolve(), done["run_hash"], level)
+        srun = RunDir(root.root / "students" / kind)
+        if finished_summary(srun, scfg.run_hash()) is None:
+            log(f"== student {kind}")
+        summary = run_once(scfg, srun, log, progress=progress)
+        students[kind] = student_entry(summary, srun.levels(), str(srun.root))
+    summary = {"run_hash": cfg.run_hash(), "finished": True, "experiment": "dsd2",
+               "teacher": {"run": str(teacher_run.root), "selected_level": level,
+                           "rule": str(cfg.distill.teacher_level), "best_test_acc": done["best_test_acc"],
+                           "dense_test_acc": done["dense_test_acc"], "train_pflops_dense": done["train_pflops_dense"]},
+               "students": students,
+               # keys shared with a single run's summary, so `train` prints one line either way
+               **{k: done[k] for k in ("best_level", "best_sparsity", "best_val_acc", "best_test_acc",
+                                        "dense_test_acc")}}
+    if dist_context().is_main:
+        write_json(root.summary_path, summary)
+    dist_context().barrier()
+    return summary
+
+
+def entropy_of_run(run_dir: RunDir, *, data_root: str | None = None, granularity: str | None = None,
+                   inclusive: bool | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Entropy of ReLU states of every saved level of an existing run (also runs made without the measure).
+
+    Writes `entropy.jsonl` into the run directory and returns its rows.
+    """
+    stored = run_dir.stored_config()
+    if stored is None:
+        raise RunError(f"'{run_dir.root}' holds no dsd2 run (no config.yaml)")
+    cfg = from_dict(stored["config"])
+    cfg.data.data_root = data_root or cfg.data.data_root
+    cfg.analysis.granularity = granularity or cfg.analysis.granularity
+    cfg.analysis.inclusive = cfg.analysis.inclusive if inclusive is None else inclusive
+    levels = saved_levels(run_dir)
+    if not levels:
+        raise RunError(f"'{run_dir.root}' has no level checkpoints yet")
+    loop = LevelLoop(cfg, run_dir, progress=False, log=log, run_hash=stored["run_hash"])
+    loop.prepare(force_counting=True)
+    rows = []
+    for path in levels.values():
+        restored = loop.checkpointer.load(path)
+        loop.executor.count(loop.splits.train)
+        zeros, total = count_sparsity(loop.model)
+        row = {"level": restored.level, "sparsity": zeros / total, "granularity": cfg.analysis.granularity,
+               "inclusive": cfg.analysis.inclusive, **measure.entropy_metrics(loop.relus)}
+        rows.append(row)
+        log(f"level {row['level']:2d}  sparsity {row['sparsity']:.4f}  entropy {row['entropy_mean']:.4f} bits "
+            f"(neuron-weighted {row['entropy_weighted']:.4f})")
+    write_jsonl(run_dir.root / "entropy.jsonl", rows)
+    return rows

@@ -1,0 +1,390 @@
+"""The level loop: dense -> [prune -> perturb -> retrain -> measure] x L, resumable at every epoch.
+
+`LevelLoop.run` reads on one screen: resume, then per level prune → train epochs → measure → save → stop?
+State lives here and in the run directory; the science (noise, masks, scores, schedules, measures) lives in
+small pure functions elsewhere. A killed run restarts from `checkpoints/last.safetensors` and, since every
+random stream is derived from (seed, level, epoch), reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dsd2 import rng
+from dsd2.analysis.early_stop import StopDecision, decide
+from dsd2.analysis.flops import measure_forward_flops, training_flops
+from dsd2.config import CONV_MODELS, Config, ConfigError
+from dsd2.data import Splits, build_splits
+from dsd2.data.batching import train_batches
+from dsd2.models import build_model
+from dsd2.ops import swap_in_counting_relus
+from dsd2.pruning import CRITERIA, count_sparsity, full_masks, global_prune, perturb, prunable_weights, remaining_after
+from dsd2.run import measure
+from dsd2.run.state import Checkpointer, restore_optimizer
+from dsd2.run.summary import best_level, early_stop_summary, run_summary
+from dsd2.run.teacher import Teacher
+from dsd2.runs import RunDir, read_jsonl, save_checkpoint, write_json, write_jsonl
+from dsd2.training import (
+    DistillationObjective,
+    InputFormat,
+    Objective,
+    TrainFeed,
+    as_objective,
+    build_optimizer,
+    cross_entropy,
+    epochs_for,
+    forward_loss,
+    level_lr,
+    make_executor,
+    predict,
+)
+from dsd2.training.distributed import context as dist_context
+from dsd2.training.precision import precision_note, resolve_precision
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device `name` (cpu, cuda, cuda:N, auto) names, made current; one GPU per process under torchrun."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' was asked for but CUDA is not available here; use --device cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                          "devices")
+    ctx = dist_context()
+    if ctx.enabled and name.startswith("cuda"):
+        return torch.device("cuda", ctx.local_rank)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        # Triton launches, graph captures and replays use the current device's streams: make it this one
+        torch.cuda.set_device(device)
+    return device
+
+
+def check_levels(total: int, fraction: float, levels: int) -> None:
+    """Refuse a level count whose schedule would prune nothing at some level, or everything."""
+    prev = total
+    for i, kept in enumerate(remaining_after(total, fraction, levels), 1):
+        if kept == prev or kept == 0:
+            raise ConfigError(f"{levels} levels cannot be reached with prune fraction {fraction}: level {i} would "
+                              f"leave {kept} of {total} weights; use at most {i - 1} levels")
+        prev = kept
+
+
+@dataclass
+class Position:
+    """Where the loop stands: the level and epoch to run next, the level's optimizer (None: start the level),
+    and the rows written so far."""
+
+    level: int = 0
+    epoch: int = 0
+    optimizer: torch.optim.Optimizer | None = None
+    epoch_rows: list[dict[str, Any]] = field(default_factory=list)
+    metric_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+class LevelLoop:
+    """One run of the pruning loop into `run_dir`. `objective`: the training loss (distillation replaces it
+    when the config names a teacher); `splits`: data already built (else from the config); `graphs`: a graph
+    maker for the captured step (default: CUDA graphs on a CUDA device)."""
+
+    def __init__(self, cfg: Config, run_dir: RunDir, *, progress: bool = True, log: Callable[[str], None] = print,
+                 objective: Objective | Callable = cross_entropy, splits: Splits | None = None,
+                 run_hash: str | None = None, graphs=None):
+        self.cfg, self.run_dir, self.graphs = cfg, run_dir, graphs
+        self.ctx = dist_context()
+        self.progress = progress and self.ctx.is_main
+        self.log = log if self.ctx.is_main else (lambda message: None)
+        self.objective = as_objective(objective)
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device, cfg.model.name in CONV_MODELS)
+        self.run_hash = run_hash or cfg.run_hash()
+        self.splits = splits
+        self.num_levels = cfg.num_levels()
+        self.model = self.executor = self.flops = self.checkpointer = self.teacher = None
+        self.relus: dict = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        self.level_start: dict[str, torch.Tensor] = {}
+        self.init_weights: dict[str, torch.Tensor] = {}
+        self.stop: StopDecision | None = None
+
+    # ---- set-up: everything that can fail on bad input, before anything is written ----------------------
+
+    def prepare(self, force_counting: bool = False) -> None:
+        if self.model is not None:
+            return
+        torch.set_flush_denormal(True)  # denormal weights after pruning slow CPU retraining ~20x
+        cfg = self.cfg
+        if cfg.cuda_graphs and self.device.type != "cuda" and self.graphs is None:
+            raise ConfigError(f"cuda_graphs is on but the device is {self.device.type}; CUDA graphs need a CUDA "
+                              "device (--device cuda), or leave --cuda-graphs off")
+        if self.splits is None:
+            self.splits = build_splits(cfg.data, cfg.seed, self.device)
+        self._check_shards()
+        self.model = self._build_model(force_counting)
+        self.masks = full_masks(self.model)
+        self.flops = measure_forward_flops(self.model, self.splits.input_shape)
+        check_levels(sum(m.numel() for m in self.masks.values()), cfg.prune.prune_fraction, self.num_levels)
+        s = self.splits
+        channels_last = cfg.channels_last and cfg.model.name in CONV_MODELS
+        fmt = InputFormat(s.mean, s.std, self.precision, channels_last)
+        self.feed = TrainFeed(s.train, cfg.optim.batch_size, fmt, cfg.data.augment)
+        if cfg.distill.teacher:
+            self._setup_teacher()
+        self.executor = make_executor(self.model, self.feed, self.objective, self.relus, cfg.seed, s.num_classes,
+                                      dist_ctx=self.ctx, graphs=self.graphs, cuda_graphs=cfg.cuda_graphs)
+        self.checkpointer = Checkpointer(self.run_hash, self.model, self.relus, self.device)
+
+    def _check_shards(self) -> None:
+        if not self.ctx.enabled:
+            return
+        for name in ("train", "val", "test"):
+            n = len(getattr(self.splits, name))
+            if 0 < n < self.ctx.world:
+                raise ConfigError(f"the {name} split has {n} samples, fewer than the {self.ctx.world} processes "
+                                  "that would share it; use fewer processes")
+
+    def _build_model(self, force_counting: bool) -> torch.nn.Module:
+        cfg = self.cfg
+        # the global generator too: code that draws from it (user objectives, dropout) is seeded by the run
+        torch.manual_seed(rng.stream_seed("init", cfg.seed))
+        model = build_model(cfg.model, self.splits.input_shape, self.splits.num_classes).to(self.device)
+        if cfg.channels_last and cfg.model.name in CONV_MODELS:
+            model = model.to(memory_format=torch.channels_last)
+        a = cfg.analysis
+        if a.entropy != "off" or force_counting:
+            # drop-in swap: ReLUs hold no state, so state dicts and checkpoints are unchanged
+            self.relus = swap_in_counting_relus(model, granularity=a.granularity, inclusive=a.inclusive)
+        return model
+
+    def _setup_teacher(self) -> None:
+        k, s = self.cfg.distill, self.splits
+        cached = not self.cfg.data.augment  # the teacher sees the same inputs every epoch: its logits once
+        self.teacher = Teacher.load(k.teacher, s.input_shape, s.num_classes, self.device, cached)
+        module = self.teacher.module
+        if self.feed.fmt.channels_last:
+            module = self.teacher.module = module.to(memory_format=torch.channels_last)
+        precision = "bf16" if self.device.type == "cuda" else self.precision
+        fmt = InputFormat(s.mean, s.std, precision, self.feed.fmt.channels_last)
+        logits = predict(module, s.train, max(self.feed.batch_size, 512), fmt) if cached else None
+        self.objective = DistillationObjective(module, k.alpha, k.temperature, logits, precision)
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        self.prepare()
+        self._announce()
+        pos = self.resume()
+        while pos.level <= self.num_levels and not (self.stop and self.stop.stop):
+            started = time.perf_counter()
+            if pos.optimizer is None:
+                pos.optimizer = self.start_level(pos.level)
+            self.train_level(pos)
+            row = self.measure(pos.level, pos.epoch_rows, time.perf_counter() - started)
+            pos.metric_rows.append(row)
+            self.finish_level(pos, row)
+            self.stop = self.decide_stop(pos.metric_rows)
+            if self.stop and self.stop.stop:
+                self.log(f"early stop after level {self.stop.level}: {self.stop.reason}")
+            pos.level, pos.epoch, pos.optimizer = pos.level + 1, 0, None
+        return self.write_summary(pos.metric_rows)
+
+    def _announce(self) -> None:
+        line, warning = precision_note(self.precision, self.device)
+        self.log(line)
+        if warning:
+            self.log(f"warning: {warning}")
+        if self.device.type == "cuda" or self.graphs is not None:
+            self.log("graphs: " + ("training step, evaluation and counting pass captured"
+                                   if self.executor.mode == "graphed" else
+                                   "off (turned off, data parallel, or fewer than 4 batches per epoch)"))
+
+    def claim(self) -> bool:
+        """Claim the run directory (every rank checks it, read-only, before rank 0 writes, so a refusal stops
+        them all); write the noise record and the initial weights. Returns whether the run is resumed."""
+        run, s = self.run_dir, self.splits
+        resumed = run.claim(self.cfg.to_dict(), self.run_hash, write=False)
+        self.ctx.barrier()
+        if self.ctx.is_main and not resumed:
+            run.claim(self.cfg.to_dict(), self.run_hash)
+        if self.ctx.is_main and (not resumed or not run.noise_path.exists()):
+            save_checkpoint(run.noise_path, {"indices": s.noise_indices, "original_labels": s.noise_original},
+                            {"run_hash": self.run_hash, "noise": self.cfg.data.noise,
+                             "noise_type": self.cfg.data.noise_type})
+        if not run.init_path.exists():
+            self.save_state(run.init_path, None, 0, 0, False)
+        self.ctx.barrier()  # the other ranks read what rank 0 has just written
+        self.init_weights = self.checkpointer.weights(run.init_path, prunable_only=True)
+        return resumed
+
+    def resume(self) -> Position:
+        """Claim the directory and continue from `checkpoints/last.safetensors` when there is one."""
+        self.claim()
+        run = self.run_dir
+        if not run.last_path.exists():
+            return Position()
+        r = self.checkpointer.load(run.last_path)
+        self.masks, self.level_start = r.masks, r.level_start
+        pos = Position(r.level, r.epoch)
+        pos.epoch_rows = [row for row in read_jsonl(run.epochs_path)
+                          if (row["level"], row["epoch"]) < (r.level, r.epoch)]
+        pos.metric_rows = [row for row in run.levels() if row["level"] < r.level or
+                           (r.level_done and row["level"] == r.level)]
+        if r.level_done:
+            pos.level, pos.epoch = r.level + 1, 0
+        else:
+            pos.optimizer = build_optimizer(self.model, self.masks, self.cfg.optim)
+            restore_optimizer(pos.optimizer, r.optimizer_tensors, r.optimizer_scalars, self.device)
+        self.log(f"resuming {run.root} at level {r.level}, epoch {r.epoch}" + (" (level complete)" if r.level_done
+                                                                                else ""))
+        self.stop = self.decide_stop(pos.metric_rows)  # the run may have stopped early already
+        return pos
+
+    def start_level(self, level: int) -> torch.optim.Optimizer:
+        """Prune (after the dense level), perturb, and give the level a fresh optimizer."""
+        if level > 0:
+            self.prune(level)
+        self.level_start = {n: w.detach().clone() for n, w in prunable_weights(self.model).items()}
+        return build_optimizer(self.model, self.masks, self.cfg.optim)
+
+    def prune(self, level: int) -> None:
+        """Prune the final weights of the previous level, then perturb them."""
+        p = self.cfg.prune
+        kwargs: dict[str, Any] = {"generator": rng.generator("prune", self.cfg.seed, level)}
+        if p.criterion == "gradient":
+            kwargs["loss_batches"] = self._gradient_batches(level)
+        scores = CRITERIA[p.criterion](self.model, **kwargs)
+        self.masks = global_prune(scores, self.masks, p.prune_fraction)
+        rewind = None
+        if p.perturb == "rewind":
+            saved = self.run_dir.ckpt_dir / "rewind.safetensors"
+            rewind = self.checkpointer.weights(saved if saved.exists() else self.run_dir.init_path)
+        perturb(self.model, p.perturb, self.masks, rewind, reinit_seed=rng.stream_seed("reinit", self.cfg.seed, level))
+
+    def _gradient_batches(self, level: int):
+        feed = self.feed
+        perm = torch.randperm(len(feed.data), generator=rng.generator("gradient", self.cfg.seed, level))
+        batches = train_batches(feed.data, feed.batch_size, perm.to(self.device), None)
+        self.model.train()
+        for i, (images, labels, idx) in enumerate(batches):
+            if i >= self.cfg.prune.gradient_batches:
+                break
+            yield lambda images=images, labels=labels, idx=idx: forward_loss(self.model, self.objective, images,
+                                                                              labels, idx, feed.fmt)[1]
+
+    def train_level(self, pos: Position) -> None:
+        """The level's remaining epochs, each checkpointed (`last`) as soon as it ends."""
+        cfg, s, level = self.cfg, self.splits, pos.level
+        epochs = epochs_for(cfg, level)
+        bar = self._bar(level, epochs, pos.epoch)
+        while pos.epoch < epochs:
+            lr = level_lr(cfg, level, pos.epoch)
+            online = cfg.analysis.entropy == "online" and pos.epoch == epochs - 1
+            t0 = time.perf_counter()
+            stats = self.executor.train_epoch(pos.optimizer, level, pos.epoch, lr, counting=online)
+            train_time = time.perf_counter() - t0
+            val = measure.split_metrics(self.executor.predict(s.val), s.val.labels)
+            test = measure.split_metrics(self.executor.predict(s.test), s.test.labels)
+            pos.epoch_rows.append({"level": level, "epoch": pos.epoch, "lr": lr, **stats,
+                                   "val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
+                                   "test_loss": test["loss"], "train_time_s": train_time,
+                                   "images_per_s": len(s.train) / max(train_time, 1e-9)})
+            pos.epoch += 1
+            if cfg.prune.perturb == "rewind" and level == 0 and pos.epoch == cfg.prune.rewind_iteration:
+                self.save_state(self.run_dir.ckpt_dir / "rewind.safetensors", None, 0, pos.epoch, False)
+            if self.ctx.is_main:
+                write_jsonl(self.run_dir.epochs_path, pos.epoch_rows)
+            self.save_state(self.run_dir.last_path, pos.optimizer, level, pos.epoch, False)
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats['train_loss']:.3f}", train=f"{stats['train_acc']:.3f}",
+                                val=f"{val['acc']:.3f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+
+    def save_state(self, path, optimizer, level: int, epoch: int, level_done: bool) -> None:
+        if self.ctx.is_main:
+            self.checkpointer.save(path, self.masks, optimizer, self.level_start, level, epoch, level_done)
+
+    # ---- measure, save, stop -------------------------------------------------------------------------------
+
+    def measure(self, level: int, epoch_rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+        """The level's row of metrics.jsonl. The training split's pass doubles as the counting pass, unless the
+        last epoch counted online."""
+        s, ex = self.splits, self.executor
+        counted_online = any(r.counts is not None for r in self.relus.values())
+        counting = self.relus and (self.cfg.analysis.entropy == "pass" or not counted_online)
+        logits = ex.count(s.train) if counting else ex.predict(s.train)
+        zeros, total = count_sparsity(self.model)
+        val = measure.split_metrics(ex.predict(s.val), s.val.labels)
+        test = measure.split_metrics(ex.predict(s.test), s.test.labels)
+        level_rows = [r for r in epoch_rows if r["level"] == level]
+        epochs = epochs_for(self.cfg, level)
+        weights = prunable_weights(self.model)
+        row = {"level": level, "sparsity": zeros / total, "remaining_weights": total - zeros,
+               **measure.train_metrics(logits, s),
+               "val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"], "test_loss": test["loss"],
+               "epochs": epochs, "wall_time_s": wall,
+               **measure.entropy_metrics(self.relus),
+               **measure.learning_distances(weights, self.masks, self.level_start, self.init_weights),
+               **measure.flop_metrics(self.flops, weights, epochs * len(s.train),
+                                      sum(r["train_time_s"] for r in level_rows))}
+        if self.teacher is not None:
+            self.teacher.check_unchanged()
+            row["teacher_flops"] = self.teacher.flops_of_level(level, epochs, len(s.train))
+            if level_rows and "kd_ce" in level_rows[-1]:
+                row["kd_ce"], row["kd_kl"] = level_rows[-1]["kd_ce"], level_rows[-1]["kd_kl"]
+        for r in self.relus.values():
+            r.reset_counts()
+        return row
+
+    def finish_level(self, pos: Position, row: dict[str, Any]) -> None:
+        """Save the level's checkpoint and its row, then mark the level done in `last`."""
+        self.save_state(self.run_dir.level_path(pos.level), pos.optimizer, pos.level, pos.epoch, True)
+        if self.ctx.is_main:
+            write_jsonl(self.run_dir.metrics_path, pos.metric_rows)
+        self.save_state(self.run_dir.last_path, None, pos.level, pos.epoch, True)
+        entropy = f"  H {row['entropy_mean']:.3f}" if "entropy_mean" in row else ""
+        self.log(f"level {pos.level:2d}/{self.num_levels}  sparsity {row['sparsity']:.4f}  "
+                 f"train {row['train_acc']:.3f}  val {row['val_acc']:.3f}  test {row['test_acc']:.3f}"
+                 f"{entropy}  ({row['wall_time_s']:.1f}s)")
+
+    def decide_stop(self, rows: list[dict[str, Any]]) -> StopDecision | None:
+        """The early-stop rule's decision on the levels so far (None when no rule is set or no level ran)."""
+        a = self.cfg.analysis
+        if a.early_stop == "none" or not rows:
+            return None
+        entropies = [r.get("entropy_mean", float("nan")) for r in rows]
+        return decide(a.early_stop, [r["val_acc"] for r in rows], entropies, patience=a.patience,
+                      tolerance=a.entropy_tolerance)
+
+    def write_summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        best = best_level(rows)
+        for r in rows:
+            r["best"] = r["level"] == best["level"]  # w_best, marked in metrics.jsonl
+        summary = run_summary(rows, self.run_hash, list(self.relus))
+        if self.teacher is not None:
+            summary["teacher"] = self.teacher.info
+            summary["teacher_pflops"] = sum(r.get("teacher_flops", 0.0) for r in rows) / 1e15
+        a = self.cfg.analysis
+        if a.early_stop != "none":
+            level_cost = training_flops(self.cfg.optim.epochs * len(self.splits.train), self.flops.dense("fvcore"))
+            summary["early_stop"] = early_stop_summary(rows, self.stop, a.early_stop, a.patience,
+                                                       self.num_levels + 1, level_cost)
+        if self.ctx.is_main:
+            write_jsonl(self.run_dir.metrics_path, rows)
+            write_json(self.run_dir.summary_path, summary)
+        self.ctx.barrier()
+        return summary
+
+    def _bar(self, level: int, epochs: int, done: int):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=epochs, initial=done, desc=f"level {level:2d}", unit="ep", leave=False)

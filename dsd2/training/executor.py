@@ -1,0 +1,216 @@
+"""How epochs run: eagerly, as CUDA-graph replays, or data parallel. Chosen once per run (`make_executor`).
+
+Every executor has one interface: `train_epoch` (one epoch of masked training, with the ReLUs counting when
+asked), `predict` (logits of a whole split), `count` (the counting pass: logits of a split with the ReLUs
+counting) and `reduce` (sum what data-parallel ranks counted). The level loop never asks which one it has.
+Metrics accumulate in device tensors and are read once per epoch, so no executor waits on the device inside
+an epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsd2 import rng
+from dsd2.data import DeviceDataset
+from dsd2.data.batching import train_batches
+from dsd2.training.distributed import DistContext
+from dsd2.training.inputs import TrainFeed, forward_loss, predict
+from dsd2.training.objectives import Objective
+
+EVAL_BATCH = 512  # evaluation batches are at least this large: no gradients, so memory allows it
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, feed: TrainFeed, objective: Objective,
+                perm: torch.Tensor, augment: torch.Generator | None = None,
+                dist_ctx: DistContext | None = None) -> dict[str, float]:
+    """One epoch in the order `perm`. Under data parallelism (`dist_ctx` enabled) `model` is the DDP wrapper
+    and each rank trains on its share of every global batch; the epoch's loss and accuracy are summed over
+    ranks. Gradients are zeroed in place, so their addresses (and the optimizer's pointer tables) stay put."""
+    model.train()
+    data, batch_size = feed.data, feed.batch_size
+    device = data.images.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    sharded = dist_ctx is not None and dist_ctx.enabled
+    world = dist_ctx.world if sharded else 1
+    batches = train_batches(data, batch_size, perm, augment, shard=dist_ctx.shard if sharded else None, world=world)
+    n = len(data)
+    # DDP averages the ranks' mean losses; shards of one batch may differ by a sample, so each rank's loss is
+    # weighted by its share to give exactly the global batch mean
+    global_sizes = iter([g for g in (min(batch_size, n - s) for s in range(0, n, batch_size)) if g >= world])
+    for images, labels, idx in batches:
+        logits, loss = forward_loss(model, objective, images, labels, idx, feed.fmt)
+        optimizer.zero_grad(set_to_none=False)
+        (loss * (labels.numel() * world / next(global_sizes)) if sharded else loss).backward()
+        optimizer.step()
+        loss_sum += loss.detach() * labels.numel()
+        correct += (logits.detach().argmax(1) == labels).sum()
+    if sharded:
+        dist_ctx.all_reduce_sum(loss_sum)
+        dist_ctx.all_reduce_sum(correct)
+    return {"train_loss": float(loss_sum) / n, "train_acc": float(correct) / n}
+
+
+def set_counting(relus: dict, on: bool, reset: bool = False) -> None:
+    for r in relus.values():
+        if reset:
+            r.reset_counts()
+        r.counting = on
+
+
+class EagerExecutor:
+    """Plain PyTorch epochs in one process."""
+
+    mode = "eager"
+
+    def __init__(self, model: nn.Module, feed: TrainFeed, objective: Objective, relus: dict, seed: int,
+                 num_classes: int, dist_ctx: DistContext | None = None):
+        self.model, self.feed, self.objective, self.relus, self.seed = model, feed, objective, relus, seed
+        self.num_classes = num_classes
+        self.ctx = dist_ctx or DistContext()
+        self.eval_batch = max(feed.batch_size, EVAL_BATCH)
+
+    def epoch_order(self, level: int, epoch: int) -> torch.Tensor:
+        n = len(self.feed.data)
+        perm = torch.randperm(n, generator=rng.generator("shuffle", self.seed, level, epoch))
+        return perm.to(self.feed.data.images.device)
+
+    def augment_generator(self, level: int, epoch: int) -> torch.Generator | None:
+        if not self.feed.augment:
+            return None
+        return rng.generator("augment", self.seed, level, epoch, device=self.feed.data.images.device)
+
+    def train_epoch(self, optimizer: torch.optim.Optimizer, level: int, epoch: int, lr: float,
+                    counting: bool = False) -> dict[str, Any]:
+        """One epoch at learning rate `lr`; with `counting`, the ReLUs count their states in it (online
+        entropy). Returns the loss, accuracy and the objective's logged parts."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        self.objective.reset()
+        set_counting(self.relus, counting, reset=counting)
+        stats = self._epoch(optimizer, level, epoch, lr, counting)
+        set_counting(self.relus, False)
+        self.reduce(counts=counting)
+        return {**stats, **self.objective.parts()}
+
+    def _epoch(self, optimizer, level: int, epoch: int, lr: float, counting: bool) -> dict[str, Any]:
+        return train_epoch(self.model, optimizer, self.feed, self.objective, self.epoch_order(level, epoch),
+                           self.augment_generator(level, epoch))
+
+    def predict(self, data: DeviceDataset) -> torch.Tensor:
+        return predict(self.model, data, self.eval_batch, self.feed.fmt)
+
+    def count(self, data: DeviceDataset) -> torch.Tensor:
+        """The counting pass: the split's logits, with every ReLU counting its states from zero."""
+        set_counting(self.relus, True, reset=True)
+        logits = self.predict(data)
+        set_counting(self.relus, False)
+        self.reduce(counts=True, objective=False)
+        return logits
+
+    def reduce(self, counts: bool = False, objective: bool = True) -> None:
+        """Sum what the ranks counted and accumulated (nothing to do in one process)."""
+
+
+class GraphedExecutor(EagerExecutor):
+    """Epochs, evaluation and the counting pass as CUDA-graph replays (`graphs` makes the graphs; the test
+    suite passes an emulator). A level's first epoch captures the step, since its optimizer is new; the online
+    counting epoch has a graph of its own, captured with the ReLUs counting."""
+
+    mode = "graphed"
+
+    def __init__(self, *args, graphs=None, **kwargs):
+        from dsd2.training.graphs import CudaGraphs, GraphedPredictor
+
+        super().__init__(*args, **kwargs)
+        self.graphs = graphs if graphs is not None else CudaGraphs(self.feed.data.images.device)
+        self.steps: dict[bool, Any] = {}
+        self.step_optimizer: torch.optim.Optimizer | None = None
+        self.predictor = GraphedPredictor(self.model, self.eval_batch, self.feed.fmt, relus=self.relus,
+                                          graphs=self.graphs)
+
+    def _epoch(self, optimizer, level: int, epoch: int, lr: float, counting: bool) -> dict[str, Any]:
+        from dsd2.training.graphs import GraphedTrainStep, graphed_epoch
+
+        if self.step_optimizer is not optimizer:
+            self.steps, self.step_optimizer = {}, optimizer
+
+        def make_step(warmup, first_lr):
+            return GraphedTrainStep(self.model, optimizer, self.objective, self.feed, warmup_indices=warmup,
+                                    lr=first_lr, graphs=self.graphs, relus=self.relus)
+
+        captured = self.steps.get(counting)
+        step, loss_sum, correct = graphed_epoch(captured, make_step, self.epoch_order(level, epoch),
+                                                self.feed.batch_size, lr)
+        self.steps[counting] = step
+        n = len(self.feed.data)
+        stats: dict[str, Any] = {"train_loss": float(loss_sum) / n, "train_acc": float(correct) / n}
+        if captured is None:
+            stats["graph_capture_s"] = step.capture_s
+        return stats
+
+    def predict(self, data: DeviceDataset) -> torch.Tensor:
+        return self.predictor.predict(data)
+
+
+class DataParallelExecutor(EagerExecutor):
+    """One process per device under torchrun: each rank trains on its share of every global batch through
+    DistributedDataParallel, predicts its shard of a split, and the ranks sum their counts."""
+
+    mode = "data-parallel"
+
+    def __init__(self, *args, **kwargs):
+        from torch.nn.parallel import DistributedDataParallel
+
+        super().__init__(*args, **kwargs)
+        device = self.feed.data.images.device
+        self.train_model = DistributedDataParallel(self.model,
+                                                   device_ids=[device.index] if device.type == "cuda" else None)
+
+    def _epoch(self, optimizer, level: int, epoch: int, lr: float, counting: bool) -> dict[str, Any]:
+        return train_epoch(self.train_model, optimizer, self.feed, self.objective, self.epoch_order(level, epoch),
+                           self.augment_generator(level, epoch), dist_ctx=self.ctx)
+
+    def predict(self, data: DeviceDataset) -> torch.Tensor:
+        part = self.ctx.shard(len(data))
+        local = predict(self.model, DeviceDataset(data.images[part], data.labels[part]), self.eval_batch,
+                        self.feed.fmt)
+        if local.numel() == 0:  # fewer samples than ranks: this rank's shard is empty
+            local = torch.zeros(0, self.num_classes, device=data.images.device)
+        return self.ctx.gather_rows(local, len(data))
+
+    def reduce(self, counts: bool = False, objective: bool = True) -> None:
+        device = self.feed.data.images.device
+        if counts:
+            for r in self.relus.values():
+                if r.counts is None:
+                    r.counts = torch.zeros(0, dtype=torch.int64, device=device)
+                obs = torch.tensor([r.observations], dtype=torch.int64, device=device)
+                self.ctx.all_reduce_sum(r.counts)
+                self.ctx.all_reduce_sum(obs)
+                r.observations = int(obs)
+        if objective:
+            for t in self.objective.accumulators():
+                self.ctx.all_reduce_sum(t)
+
+
+def make_executor(model: nn.Module, feed: TrainFeed, objective: Objective, relus: dict, seed: int,
+                  num_classes: int, *, dist_ctx: DistContext, graphs=None,
+                  cuda_graphs: bool | None = None) -> EagerExecutor:
+    """The executor of a run: data parallel under torchrun; graphed where graphs can be made (a CUDA device, or
+    a graph maker passed in), are not turned off, and an epoch has more full batches than warm-up steps;
+    eager otherwise."""
+    from dsd2.training.graphs import WARMUP_STEPS
+
+    args = (model, feed, objective, relus, seed, num_classes)
+    if dist_ctx.enabled:
+        return DataParallelExecutor(*args, dist_ctx=dist_ctx)
+    capturable = feed.data.images.device.type == "cuda" or graphs is not None
+    enough = len(feed.data) // feed.batch_size > WARMUP_STEPS
+    if cuda_graphs is not False and capturable and enough:
+        return GraphedExecutor(*args, dist_ctx=dist_ctx, graphs=graphs)
+    return EagerExecutor(*args, dist_ctx=dist_ctx)
