@@ -45,19 +45,6 @@ def test_same_seed_same_metrics(tmp_path, tiny_config):
     assert a["best_test_acc"] == b["best_test_acc"]
 
 
-@pytest.mark.parametrize("extra", [
-    {"prune__perturb": "rewind"}, {"prune__perturb": "reinit"}, {"prune__criterion": "random"},
-    {"prune__criterion": "gradient"}, {"prune__retrain": "finetune"}, {"prune__retrain": "lr-rewind"},
-    {"optim__optimizer": "sgd", "optim__lr": 0.05, "optim__lr_schedule": "multistep"},
-    {"prune__perturb": "rewind", "prune__rewind_iteration": 1},
-])
-def test_loop_variants_run_and_prune(tmp_path, tiny_config, extra):
-    cfg = tiny_config(**extra)
-    LevelLoop(cfg, RunDir(tmp_path / "run"), progress=False, log=lambda s: None).run()
-    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert abs(rows[-1]["sparsity"] - 0.488) < 1e-3
-
-
 def test_resume_in_process_after_partial_level(tmp_path, tiny_config):
     full = tmp_path / "full"
     LevelLoop(tiny_config(), RunDir(full), progress=False, log=lambda s: None).run()

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from dsd2.analysis.early_stop import StopDecision
 from dsd2.cli import main
@@ -72,15 +73,35 @@ def test_engine_really_stops_and_a_rerun_does_not_continue(tmp_path, tiny_config
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 3
 
 
-def test_validation_rule_stop_is_consistent(tmp_path, tiny_config):
-    cfg = tiny_config(analysis__early_stop="val", analysis__patience=1, prune__levels=8)
-    summary = quiet_engine(cfg, tmp_path / "run").run()
-    vals = [r["val_acc"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
-    es = summary["early_stop"]
-    if es["stopped"]:
-        assert vals[-1] <= max(vals[:-1]) and len(vals) < 9
-    else:
-        assert len(vals) == 9
+# clean labels, so the dense model reaches ~90 % validation accuracy; every level re-draws the weights and barely
+# trains them (finetune lr 1e-4 for 2 short epochs): a pruned level is at chance, far below the dense one
+COLLAPSING = ["train", "--dense-epochs", "4", "--epochs", "2", "--levels", "3", "--hidden", "32,32", "--lr", "0.01",
+              "--noise", "0", "--clean-val", "--perturb", "reinit", "--retrain", "finetune", "--entropy", "off",
+              "--early-stop", "val", "--students", "none", "--quiet"]
+
+
+def test_validation_rule_stops_at_the_first_level_without_improvement(tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    assert main([*COLLAPSING, "--patience", "1", "--out", str(out)]) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["level"] for r in rows] == [0, 1]  # the loop really stopped: levels 2 and 3 never ran
+    assert rows[0]["val_acc"] > 0.7 and rows[1]["val_acc"] < 0.4
+    es = json.loads((out / "summary.json").read_text())["early_stop"]
+    assert es["stopped"] and es["stop_level"] == 1 and es["levels_run"] == 2 and es["levels_planned"] == 4
+    assert es["returned_level"] == 0
+
+
+def test_validation_rule_does_not_stop_before_its_patience_runs_out(tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    assert main([*COLLAPSING, "--patience", "4", "--out", str(out)]) == 0  # 3 levels cannot exhaust patience 4
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["level"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["val_acc"] < rows[0]["val_acc"] - 0.3 for r in rows[1:])  # no level improved on the dense one
+    es = json.loads((out / "summary.json").read_text())["early_stop"]
+    assert not es["stopped"] and es["stop_level"] == 3 and es["levels_run"] == es["levels_planned"] == 4
+    assert es["returned_level"] == 0 and es["train_pflops_saved_dense"] == 0
 
 
 def test_entropy_rule_without_the_measure_is_refused(capsys):

@@ -106,7 +106,7 @@ class LevelLoop:
         self.run_hash = run_hash or cfg.run_hash()
         self.splits = splits
         self.num_levels = cfg.num_levels()
-        self.model = self.executor = self.flops = self.checkpointer = self.teacher = None
+        self.model = self.feed = self.executor = self.flops = self.checkpointer = self.teacher = None
         self.relus: dict = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.level_start: dict[str, torch.Tensor] = {}

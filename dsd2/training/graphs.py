@@ -65,8 +65,8 @@ class CudaGraphs:
 
 
 class _HostCounters:
-    """Python-side counters that captured code advances: a `CountingReLU`'s `observations`, a distillation
-    objective's `samples`. A replay runs no Python, so they are advanced here by what one captured step added;
+    """Python-side counters that captured code advances: a `CountingReLU`'s `observations` (an objective's
+    sums are device tensors, which the graph advances itself). A replay runs no Python, so they are advanced here by what one captured step added;
     the capture itself, which computes nothing, leaves them as they were."""
 
     def __init__(self, items: list[tuple[object, str]]):
