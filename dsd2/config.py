@@ -422,7 +422,7 @@ def auto_precision(device: str, conv_net: bool) -> str:
 
 def check_device(name: str) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
-        raise ConfigError(f"device '{name}' is not known; allowed: {DEVICE_HELP}")
+        raise ConfigError(f"device '{name}' is not known; allowed: cpu, cuda, cuda:N, auto")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
