@@ -5,69 +5,85 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsd2.config import (
-    CRITERIA,
-    DATASETS,
-    EARLY_STOP_RULES,
-    ENTROPY_MODES,
+    DEVICE_HELP,
     GRANULARITIES,
-    LR_SCHEDULES,
-    MODELS,
-    NOISE_TYPES,
-    OPTIMIZERS,
-    PERTURBATIONS,
-    PRECISIONS,
+    LAUNCHERS,
     PRESETS,
-    RETRAIN_SCHEDULES,
+    Config,
     ConfigError,
+    ConfigOption,
     build_config,
     check_device,
+    config_options,
     from_dict,
 )
 
+if TYPE_CHECKING:
+    from dsd2.runs import RunDir
+
 EXIT_USER_ERROR = 2
 
-# flag dest -> (section, key) in the config; None section means top level
+# --help groups of the config flags, by config section (None: the top-level fields)
+GROUP_TITLES: dict[str | None, str] = {
+    "data": "data", "model": "model", "optim": "optimisation", "prune": "pruning",
+    "analysis": "entropy and early stop", "distill": "distillation (DSD²)", None: "run",
+}
+_SCALARS: dict[str, type | None] = {"int": int, "float": float, "str": None}  # str: argparse keeps the text
+_LIST_NOUNS = {"int": "whole numbers", "float": "numbers", "str": "names"}
+
+
+# flag dest -> (section, key) in the config; None section means top level. Generated from the config fields.
 FLAG_MAP: dict[str, tuple[str | None, str]] = {
-    "dataset": ("data", "dataset"), "data_root": ("data", "data_root"), "download": ("data", "download"),
-    "noise": ("data", "noise"), "noise_type": ("data", "noise_type"), "val_fraction": ("data", "val_fraction"),
-    "clean_val": ("data", "clean_val"), "augment": ("data", "augment"),
-    "model": ("model", "name"), "hidden": ("model", "hidden"), "depth": ("model", "depth"),
-    "width": ("model", "width"),
-    "optimizer": ("optim", "optimizer"), "lr": ("optim", "lr"), "momentum": ("optim", "momentum"),
-    "weight_decay": ("optim", "weight_decay"), "batch_size": ("optim", "batch_size"),
-    "epochs": ("optim", "epochs"), "dense_epochs": ("optim", "dense_epochs"),
-    "lr_schedule": ("optim", "lr_schedule"),
-    "levels": ("prune", "levels"), "target_sparsity": ("prune", "target_sparsity"),
-    "prune_fraction": ("prune", "prune_fraction"), "criterion": ("prune", "criterion"),
-    "perturb": ("prune", "perturb"), "rewind_iteration": ("prune", "rewind_iteration"),
-    "retrain": ("prune", "retrain"),
-    "seed": (None, "seed"), "device": (None, "device"), "precision": (None, "precision"),
-    "cuda_graphs": (None, "cuda_graphs"),
-    "entropy": ("analysis", "entropy"), "entropy_granularity": ("analysis", "granularity"),
-    "entropy_inclusive": ("analysis", "inclusive"), "early_stop": ("analysis", "early_stop"),
-    "patience": ("analysis", "patience"), "entropy_tolerance": ("analysis", "entropy_tolerance"),
-    "students": ("distill", "students"), "teacher_level": ("distill", "teacher_level"),
-    "alpha": ("distill", "alpha"), "temperature": ("distill", "temperature"),
-    "student_model": ("distill", "student_model"), "student_hidden": ("distill", "student_hidden"),
-    "student_depth": ("distill", "student_depth"), "student_width": ("distill", "student_width"),
+    opt.dest: (opt.section, opt.name) for opt in config_options() if opt.dest is not None
 }
 
 
-def _students(text: str) -> tuple[str, ...]:
-    if text.strip().lower() in ("", "none"):
-        return ()
-    return tuple(v.strip() for v in text.split(","))
+def list_parser(opt: ConfigOption) -> Callable[[str], tuple[Any, ...]]:
+    """Comma-separated items of a tuple field (`--hidden 256,256`); a list of names may be `none` (empty)."""
+    item = _SCALARS[opt.kind] or str
+
+    def parse(text: str) -> tuple[Any, ...]:
+        if opt.kind == "str" and text.strip().lower() in ("", "none"):
+            return ()
+        try:
+            return tuple(item(v.strip()) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not a comma-separated list of {_LIST_NOUNS[opt.kind]}"
+            ) from None
+
+    return parse
 
 
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of widths") from None
+def flag_arguments(opt: ConfigOption) -> dict[str, Any]:
+    """`add_argument` keywords of a config field's flag. Every default is None (not given): the preset and
+    the config file decide the value unless the flag is on the command line."""
+    kwargs: dict[str, Any] = {"dest": opt.dest, "default": None, "help": opt.help.replace("%", "%%"),
+                              "metavar": opt.metavar}
+    if opt.kind == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction  # --flag / --no-flag
+    elif opt.is_list:
+        kwargs["type"] = list_parser(opt)
+    else:
+        kwargs["type"] = _SCALARS[opt.kind]
+        kwargs["choices"] = opt.choices
+    return kwargs
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field that has one, in argument groups by section."""
+    groups: dict[str | None, Any] = {}
+    for opt in config_options():
+        if opt.flag is None:
+            continue
+        if opt.section not in groups:
+            groups[opt.section] = p.add_argument_group(GROUP_TITLES.get(opt.section, str(opt.section)))
+        groups[opt.section].add_argument(f"--{opt.flag}", **flag_arguments(opt))
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -76,64 +92,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (default: runs/<name>-<config hash>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its stored config")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS)
-    g.add_argument("--data-root", help="folder holding CIFAR in torchvision's layout")
-    g.add_argument("--download", action="store_true", default=None, help="fetch CIFAR into --data-root")
-    g.add_argument("--noise", type=float, help="fraction of training labels corrupted, in [0, 1)")
-    g.add_argument("--noise-type", choices=NOISE_TYPES)
-    g.add_argument("--val-fraction", type=float)
-    g.add_argument("--clean-val", action="store_true", default=None, help="keep validation labels clean")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", choices=MODELS)
-    g.add_argument("--hidden", type=_widths, help="MLP widths, e.g. 256,256")
-    g.add_argument("--depth", type=int, help="VGG-like blocks (delta)")
-    g.add_argument("--width", type=int, help="VGG-like log2 of first-block filters (gamma)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=OPTIMIZERS)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--epochs", type=int, help="epochs per pruning level")
-    g.add_argument("--dense-epochs", type=int, help="epochs of the dense level 0")
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES)
-    g = p.add_argument_group("pruning")
-    g.add_argument("--levels", type=int, help="pruning levels after the dense one")
-    g.add_argument("--target-sparsity", type=float, help="stop at this sparsity (overrides --levels)")
-    g.add_argument("--prune-fraction", type=float, help="fraction of remaining weights removed per level")
-    g.add_argument("--criterion", choices=CRITERIA)
-    g.add_argument("--perturb", choices=PERTURBATIONS)
-    g.add_argument("--rewind-iteration", type=int, help="rewind to the weights after this many dense epochs")
-    g.add_argument("--retrain", choices=RETRAIN_SCHEDULES)
-    g = p.add_argument_group("entropy and early stop")
-    g.add_argument("--entropy", choices=ENTROPY_MODES,
-                   help="ReLU-state entropy: a counting pass after each level, online in the last epoch, or off")
-    g.add_argument("--entropy-granularity", choices=GRANULARITIES)
-    g.add_argument("--entropy-inclusive", action="store_true", default=None, help="on-state is x >= 0")
-    g.add_argument("--early-stop", choices=EARLY_STOP_RULES)
-    g.add_argument("--patience", type=int, help="levels without validation improvement before stopping")
-    g.add_argument("--entropy-tolerance", type=float, help="relative entropy fall that counts as decreasing")
-    g = p.add_argument_group("distillation (DSD²)")
-    g.add_argument("--students", type=_students,
-                   help="student curves after the teacher's: any of vanilla,kd-dense,kd-sparse, or none")
-    g.add_argument("--teacher-level", help="teacher for kd-sparse: best (validation), dense, or a level number")
-    g.add_argument("--alpha", type=float, help="weight of the KD term (default 0.8)")
-    g.add_argument("--temperature", type=float, help="KD temperature tau (default 10)")
-    g.add_argument("--student-model", choices=MODELS)
-    g.add_argument("--student-hidden", type=_widths)
-    g.add_argument("--student-depth", type=int)
-    g.add_argument("--student-width", type=int)
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--precision", choices=PRECISIONS,
-                   help="auto (default): bf16 autocast for conv nets where the CPU or GPU computes bf16 natively "
-                   "(AVX-512 BF16, AMX, Ampere and later), else fp32")
-    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the training step, evaluation and the counting pass as CUDA graphs "
-                   "(default: on with CUDA in a single process)")
+    add_config_flags(p)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,15 +124,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = build_config(args.preset, args.config, overrides_from_args(args))
         name = args.preset or (f"{cfg.data.dataset}-{cfg.model.name}")
         run = RunDir(args.out or Path("runs") / f"{name}-{cfg.run_hash()}")
-    summary = run.summary()
-    if summary is not None and summary.get("run_hash") == cfg.run_hash():
-        print(f"run already complete: {run.root}")
-    else:
-        summary = run_experiment(cfg, run, progress=not args.quiet and sys.stderr.isatty())
+    summary = run_unless_finished(run, cfg, lambda progress: run_experiment(cfg, run, progress=progress),
+                                  args.quiet)
     return finish(run, summary)
 
 
-def finish(run, summary: dict) -> int:
+def run_unless_finished(run: RunDir, cfg: Config, start: Callable[[bool], dict[str, Any]],
+                        quiet: bool) -> dict[str, Any]:
+    """The summary of `run` if it already finished this config, else that of `start(progress)`."""
+    summary = run.finished(cfg.run_hash())
+    if summary is not None:
+        print(f"run already complete: {run.root}")
+        return summary
+    return start(not quiet and sys.stderr.isatty())
+
+
+def finish(run: RunDir, summary: dict[str, Any]) -> int:
     from dsd2.report import write_experiment_report, write_report
     from dsd2.training.distributed import context
 
@@ -211,11 +177,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     cfg.distill.teacher_id = f"{stored['run_hash']}:{chosen}"
     name = f"distill-{cfg.data.dataset}-{cfg.model.name}"
     run = RunDir(args.out or Path("runs") / f"{name}-{cfg.run_hash()}")
-    summary = run.summary()
-    if summary is not None and summary.get("run_hash") == cfg.run_hash():
-        print(f"run already complete: {run.root}")
-    else:
-        summary = LevelLoop(cfg, run, progress=not args.quiet and sys.stderr.isatty()).run()
+    summary = run_unless_finished(run, cfg, lambda progress: LevelLoop(cfg, run, progress=progress).run(),
+                                  args.quiet)
     print(f"teacher: {teacher_run.root} level {chosen}")
     return finish(run, summary)
 
@@ -337,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="a grid of runs named by their config hash (finished runs skipped)")
     sweep.add_argument("config_file", nargs="?", metavar="CONFIG", help="base YAML config")
     sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2",
-                       help="one axis: noise, seed, depth/delta, width/gamma, lr, ... or a dotted config path")
-    sweep.add_argument("--launcher", default="local", choices=["local", "slurm", "submitit-local"])
+                       help="one axis: a flag's name (noise, seed, depth, lr, ...), delta/gamma for the "
+                       "VGG-like depth/width, or a dotted config path")
+    sweep.add_argument("--launcher", default="local", choices=LAUNCHERS)
     sweep.add_argument("--slurm-partition")
     sweep.add_argument("--slurm-gpus", type=int, help="GPUs per job")
     sweep.add_argument("--slurm-cpus", type=int, help="CPUs per job")
@@ -359,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, device and op backends")
     info.set_defaults(func=cmd_info)
     selftest = sub.add_parser("selftest", help="check every op, CUDA graphs and a short run on this machine")
-    selftest.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    selftest.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default)")
     selftest.add_argument("--quick", action="store_true", help="fewer shapes and shorter timings")
     selftest.add_argument("--json", type=Path, help="also write the results (and this machine's details) here")
     selftest.set_defaults(func=cmd_selftest)
@@ -372,9 +336,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        from dsd2.ops._backend import cpp_extension
+        from dsd2.ops import cpu_isa
 
-        cpp_extension()  # applies DSD2_CPU_ISA, refused in one line if this CPU lacks the level
+        cpu_isa()  # loads the C++ kernels at the DSD2_CPU_ISA level: refused in one line if this CPU lacks it
     except ValueError as exc:
         print(f"dsd2-engine: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

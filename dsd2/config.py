@@ -1,4 +1,8 @@
-"""Typed run configuration: presets, YAML loading, flag overrides, validation and the run hash."""
+"""Typed run configuration: presets, YAML loading, flag overrides, validation and the run hash.
+
+Every field carries its command-line description in its `metadata` (see `option`), so the CLI's flags are
+generated from these dataclasses: adding a config field is one edit, here.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+# ---- the choice lists: defined here once; the CLI, models, pruning, analysis and ops import them -------------
+
 DATASETS = ("digits", "cifar10", "cifar100")
 MODELS = ("mlp", "lenet300", "vgg", "resnet18")
 CONV_MODELS = ("vgg", "resnet18")
@@ -26,71 +32,110 @@ PRECISIONS = ("auto", "fp32", "bf16")
 ENTROPY_MODES = ("pass", "online", "off")
 GRANULARITIES = ("element", "channel")
 EARLY_STOP_RULES = ("none", "entropy", "val")
+STUDENT_KINDS = ("vanilla", "kd-dense", "kd-sparse")
+LAUNCHERS = ("local", "slurm", "submitit-local")  # how `sweep` runs its grid
+DEVICE_HELP = "cpu, cuda, cuda:N or auto"
 
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; its message is one sentence naming the value."""
 
 
+# ---- a field and its flag -----------------------------------------------------------------------------------
+
+OPTION_KEYS = ("help", "flag", "choices", "metavar", "label")
+
+
+def option(default: Any, help: str, *, flag: str | None = "", choices: tuple[str, ...] | None = None,
+           metavar: str | None = None, label: str | None = None) -> Any:
+    """A config field described for the command line; the description is the field's `metadata`:
+
+    help     what the flag means (every field has one)
+    flag     the flag's name without the dashes, where it is not the field's name with '-' for '_';
+             None: no flag, the program sets the field
+    choices  the allowed values (of each item, for a tuple field); `validate` checks them too
+    metavar  the value's placeholder in --help
+    label    the field's name in error sentences, where it is not the field's name with ' ' for '_'
+    """
+    meta: dict[str, Any] = {"help": help}
+    if flag != "":
+        meta["flag"] = flag
+    for key, value in (("choices", choices), ("metavar", metavar), ("label", label)):
+        if value is not None:
+            meta[key] = value
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "digits"
-    data_root: str | None = None
-    download: bool = False
-    noise: float = 0.5
-    noise_type: str = "symmetric"
-    val_fraction: float = 0.1
-    clean_val: bool = False
-    augment: bool = False
+    dataset: str = option("digits", "the embedded handwritten digits, or CIFAR read from --data-root",
+                          choices=DATASETS)
+    data_root: str | None = option(None, "folder holding CIFAR in torchvision's layout", metavar="DIR")
+    download: bool = option(False, "fetch CIFAR into --data-root")
+    noise: float = option(0.5, "fraction of training labels corrupted, in [0, 1)")
+    noise_type: str = option("symmetric", "a corrupted label is any other class (symmetric), the CIFAR-10 class "
+                             "map's (asymmetric) or the next class (pairflip)", choices=NOISE_TYPES)
+    val_fraction: float = option(0.1, "fraction of the training set held out for validation (it selects w_best)")
+    clean_val: bool = option(False, "keep validation labels clean")
+    augment: bool = option(False, "random crop (pad 4) and horizontal flip of the training images")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
-    hidden: tuple[int, ...] = (256, 256)  # MLP widths
-    depth: int = 5  # VGG-like delta: number of blocks
-    width: int = 5  # VGG-like gamma: first block has 2**gamma filters
+    name: str = option("mlp", "the network (the teacher, in the DSD² experiment)", flag="model", label="model",
+                       choices=MODELS)
+    hidden: tuple[int, ...] = option((256, 256), "MLP widths, e.g. 256,256", metavar="W1,W2")
+    depth: int = option(5, "VGG-like blocks (delta)")
+    width: int = option(5, "VGG-like log2 of first-block filters (gamma)")
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    nesterov: bool = False
-    batch_size: int = 64
-    epochs: int = 40  # per pruning level
-    dense_epochs: int | None = 120  # level 0; None means `epochs`
-    lr_schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the level's epochs (multistep)
-    gamma: float = 0.1
+    optimizer: str = option("adam", "SGD (with --momentum) or Adam; pruned weights stay 0 either way",
+                            choices=OPTIMIZERS)
+    lr: float = option(1e-3, "peak learning rate: the schedule starts from it")
+    momentum: float = option(0.9, "SGD momentum, in [0, 1)")
+    weight_decay: float = option(0.0, "L2 weight decay")
+    nesterov: bool = option(False, "Nesterov momentum (SGD)")
+    batch_size: int = option(64, "training batch size")
+    epochs: int = option(40, "epochs per pruning level")
+    dense_epochs: int | None = option(120, "epochs of the dense level 0 (unset: --epochs)")
+    lr_schedule: str = option("cosine", "learning-rate schedule of a level: steps at --milestones, cosine or "
+                              "constant", choices=LR_SCHEDULES)
+    milestones: tuple[float, ...] = option((0.5, 0.75), "fractions of a level's epochs where multistep multiplies "
+                                           "the learning rate by --lr-decay, e.g. 0.5,0.75", metavar="F1,F2")
+    gamma: float = option(0.1, "factor multistep multiplies the learning rate by at each milestone",
+                          flag="lr-decay", label="lr decay factor")
 
 
 @dataclass
 class PruneConfig:
-    levels: int = 28
-    target_sparsity: float | None = None
-    prune_fraction: float = 0.2
-    criterion: str = "magnitude"
-    gradient_batches: int = 4
-    perturb: str = "none"
-    rewind_iteration: int = 0
-    retrain: str = "restart"
-    finetune_lr_scale: float = 0.01
+    levels: int = option(28, "pruning levels after the dense one")
+    target_sparsity: float | None = option(None, "stop at this sparsity (overrides --levels)")
+    prune_fraction: float = option(0.2, "fraction of remaining weights removed per level")
+    criterion: str = option("magnitude", "global score of every Conv/Linear weight: |w|, random, or |w·dL/dw| "
+                            "over a few batches", choices=CRITERIA, label="pruning criterion")
+    gradient_batches: int = option(4, "batches whose gradients score the weights (--criterion gradient)")
+    perturb: str = option("none", "after each prune: keep the trained weights, rewind to the initial ones, or "
+                          "re-draw them", choices=PERTURBATIONS, label="perturbation")
+    rewind_iteration: int = option(0, "rewind to the weights after this many dense epochs")
+    retrain: str = option("restart", "each level restarts the schedule, fine-tunes at a reduced learning rate, "
+                          "or replays the dense schedule's last epochs", choices=RETRAIN_SCHEDULES,
+                          label="retrain schedule")
+    finetune_lr_scale: float = option(0.01, "learning rate of --retrain finetune, as a fraction of --lr")
 
 
 @dataclass
 class AnalysisConfig:
-    entropy: str = "pass"  # counting pass over the training split after each level; "online": last epoch
-    granularity: str = "element"  # per output element (eq. 1) or per channel
-    inclusive: bool = False  # on-state is x > 0, or x >= 0 when inclusive
-    early_stop: str = "none"
-    patience: int = 3
-    entropy_tolerance: float = 0.05  # relative fall below the running maximum that counts as decreasing
-
-
-STUDENT_KINDS = ("vanilla", "kd-dense", "kd-sparse")
+    entropy: str = option("pass", "ReLU-state entropy: a counting pass over the training split after each level, "
+                          "online in the last epoch, or off", choices=ENTROPY_MODES, label="entropy mode")
+    granularity: str = option("element", "entropy per output element (eq. 1) or per channel",
+                              flag="entropy-granularity", choices=GRANULARITIES, label="entropy granularity")
+    inclusive: bool = option(False, "on-state is x >= 0 (else x > 0)", flag="entropy-inclusive")
+    early_stop: str = option("none", "stop the pruning loop: never, once the entropy falls, or once validation "
+                             "stops improving", choices=EARLY_STOP_RULES, label="early-stop rule")
+    patience: int = option(3, "levels without validation improvement before stopping")
+    entropy_tolerance: float = option(0.05, "relative fall below the running maximum that counts as decreasing")
 
 
 @dataclass
@@ -101,16 +146,19 @@ class DistillConfig:
     and `teacher_id` is that teacher's run hash and level, which names the student run.
     """
 
-    students: tuple[str, ...] = ("vanilla", "kd-dense", "kd-sparse")
-    teacher_level: str | int = "best"  # best | dense | a level number
-    alpha: float = 0.8
-    temperature: float = 10.0
-    student_model: str = "mlp"
-    student_hidden: tuple[int, ...] = (128, 128)
-    student_depth: int = 5
-    student_width: int = 5
-    teacher: str | None = None
-    teacher_id: str | None = None
+    students: tuple[str, ...] = option(STUDENT_KINDS, "student curves after the teacher's: any of "
+                                       f"{','.join(STUDENT_KINDS)}, or none", choices=STUDENT_KINDS,
+                                       label="student")
+    teacher_level: str | int = option("best", "teacher for kd-sparse: best (validation), dense, or a level number")
+    alpha: float = option(0.8, "weight of the KD term (default 0.8)")
+    temperature: float = option(10.0, "KD temperature tau (default 10)")
+    student_model: str = option("mlp", "the students' network", choices=MODELS)
+    student_hidden: tuple[int, ...] = option((128, 128), "the students' MLP widths", metavar="W1,W2")
+    student_depth: int = option(5, "the students' VGG-like blocks (delta)")
+    student_width: int = option(5, "the students' VGG-like log2 of first-block filters (gamma)")
+    teacher: str | None = option(None, "a student run's KD teacher, RUN_DIR:LEVEL (set by `distill` and the "
+                                 "experiment)", flag=None)
+    teacher_id: str | None = option(None, "the teacher's run hash and level, which names a student run", flag=None)
 
 
 @dataclass
@@ -121,11 +169,13 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    seed: int = 0
-    device: str = "cpu"
-    precision: str = "auto"  # bf16 for conv nets where the device computes it natively, else fp32
-    channels_last: bool = True  # conv nets only
-    cuda_graphs: bool | None = None  # None: on when training on a CUDA device (single process)
+    seed: int = option(0, "seed of every random stream (initialisation, noise, shuffling, augmentation)")
+    device: str = option("cpu", DEVICE_HELP)
+    precision: str = option("auto", "auto (default): bf16 autocast for conv nets where the CPU or GPU computes "
+                            "bf16 natively (AVX-512 BF16, AMX, Ampere and later), else fp32", choices=PRECISIONS)
+    channels_last: bool = option(True, "conv nets in the channels_last memory format")
+    cuda_graphs: bool | None = option(None, "capture the training step, evaluation and the counting pass as CUDA "
+                                      "graphs (default: on with CUDA in a single process)")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -192,36 +242,92 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "prune": PruneConfig,
+                             "analysis": AnalysisConfig, "distill": DistillConfig}
+
+
+@dataclass(frozen=True)
+class ConfigOption:
+    """One config field as the command line and the validation see it, read from its declaration."""
+
+    section: str | None  # None: a top-level field of Config
+    name: str
+    kind: str  # "int", "float", "bool" or "str": the type of the value, or of each item of a tuple
+    is_list: bool  # a tuple field, given on the command line as comma-separated items
+    optional: bool  # None is allowed
+    help: str
+    flag: str | None  # without the dashes; None: no flag
+    choices: tuple[str, ...] | None
+    metavar: str | None
+    label: str
+
+    @property
+    def path(self) -> str:
+        return self.name if self.section is None else f"{self.section}.{self.name}"
+
+    @property
+    def dest(self) -> str | None:
+        """The flag's name with '_' for '-': its argparse attribute and its short name in sweep grids."""
+        return None if self.flag is None else self.flag.replace("-", "_")
+
+    def value(self, cfg: Config) -> Any:
+        return getattr(cfg if self.section is None else getattr(cfg, self.section), self.name)
+
+
+def _describe(section: str | None, f: dataclasses.Field) -> ConfigOption:
+    # annotations are text here (from __future__ import annotations): "int | None", "tuple[int, ...]"
+    types = [part.strip() for part in str(f.type).split("|")]
+    main = next(t for t in types if t != "None")
+    is_list = main.startswith("tuple[")
+    meta = f.metadata
+    if not meta.get("help"):
+        raise TypeError(f"config field '{f.name}' has no help text; declare it with option()")
+    return ConfigOption(
+        section=section, name=f.name, kind=main[len("tuple["):].split(",")[0] if is_list else main,
+        is_list=is_list, optional="None" in types, help=meta["help"],
+        flag=meta.get("flag", f.name.replace("_", "-")), choices=meta.get("choices"),
+        metavar=meta.get("metavar"), label=meta.get("label", f.name.replace("_", " ")),
+    )
+
+
+@functools.cache
+def config_options() -> tuple[ConfigOption, ...]:
+    """Every leaf field of Config, section by section, then the top-level ones, in declaration order."""
+    out = [_describe(name, f) for name, cls in SECTIONS.items() for f in fields(cls)]
+    out += [_describe(None, f) for f in fields(Config) if f.name not in SECTIONS]
+    return tuple(out)
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config from nested plain data, rejecting unknown keys with a clear message."""
-    sections = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "prune": PruneConfig,
-                "analysis": AnalysisConfig, "distill": DistillConfig}
-    top_fields = {f.name for f in fields(Config)}
+    top_fields = {f.name: f for f in fields(Config)}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in top_fields:
             raise ConfigError(f"unknown config key '{key}'; allowed: {', '.join(sorted(top_fields))}")
-        if key in sections:
-            if not isinstance(value, dict):
-                raise ConfigError(f"config section '{key}' must be a mapping, got {value!r}")
-            cls = sections[key]
-            allowed = {f.name: f for f in fields(cls)}
-            sub = {}
-            for k, v in value.items():
-                if k not in allowed:
-                    raise ConfigError(
-                        f"unknown config key '{key}.{k}'; allowed: {', '.join(sorted(allowed))}"
-                    )
-                v = tuple(v) if isinstance(v, list) else v
-                _check_type(f"{key}.{k}", v, allowed[k].type)
-                sub[k] = v
-            kwargs[key] = cls(**sub)
+        if key in SECTIONS:
+            kwargs[key] = _section_from_dict(key, value)
         else:
-            _check_type(key, value, next(f.type for f in fields(Config) if f.name == key))
+            _check_type(key, value, top_fields[key].type)
             kwargs[key] = value
     cfg = Config(**kwargs)
     validate(cfg)
     return cfg
+
+
+def _section_from_dict(section: str, value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"config section '{section}' must be a mapping, got {value!r}")
+    cls = SECTIONS[section]
+    allowed = {f.name: f for f in fields(cls)}
+    sub = {}
+    for k, v in value.items():
+        if k not in allowed:
+            raise ConfigError(f"unknown config key '{section}.{k}'; allowed: {', '.join(sorted(allowed))}")
+        v = tuple(v) if isinstance(v, list) else v
+        _check_type(f"{section}.{k}", v, allowed[k].type)
+        sub[k] = v
+    return cls(**sub)
 
 
 _TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,), "None": (type(None),),
@@ -325,72 +431,95 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def validate(cfg: Config) -> None:
-    d, m, o, p = cfg.data, cfg.model, cfg.optim, cfg.prune
-    _choice("dataset", d.dataset, DATASETS)
-    _choice("model", m.name, MODELS)
-    _choice("noise type", d.noise_type, NOISE_TYPES)
-    _choice("optimizer", o.optimizer, OPTIMIZERS)
-    _choice("lr schedule", o.lr_schedule, LR_SCHEDULES)
-    _choice("pruning criterion", p.criterion, CRITERIA)
-    _choice("perturbation", p.perturb, PERTURBATIONS)
-    _choice("retrain schedule", p.retrain, RETRAIN_SCHEDULES)
-    _choice("precision", cfg.precision, PRECISIONS)
-    a = cfg.analysis
-    _choice("entropy mode", a.entropy, ENTROPY_MODES)
-    _choice("entropy granularity", a.granularity, GRANULARITIES)
-    _choice("early-stop rule", a.early_stop, EARLY_STOP_RULES)
-    if a.early_stop == "entropy" and a.entropy == "off":
-        raise ConfigError("early stop 'entropy' needs the entropy measure: use --entropy pass or online")
-    if not isinstance(a.patience, int) or a.patience < 1:
-        raise ConfigError(f"patience {a.patience!r} must be a whole number >= 1")
-    if not 0.0 < a.entropy_tolerance < 1.0:
-        raise ConfigError(f"entropy tolerance {a.entropy_tolerance!r} is outside (0, 1)")
+    """Every rule a config must follow, each broken one a ConfigError of one sentence."""
+    for opt in config_options():
+        if opt.choices is not None:
+            value = opt.value(cfg)
+            for item in value if opt.is_list else (value,):
+                _choice(opt.label, item, opt.choices)
+    _validate_data(cfg.data)
+    _validate_model(cfg.model, cfg.data)
+    _validate_optim(cfg.optim)
+    _validate_prune(cfg.prune, cfg.optim)
+    _validate_analysis(cfg.analysis)
+    check_device(cfg.device)
+    _validate_distill(cfg)
+
+
+def _validate_data(d: DataConfig) -> None:
     if not isinstance(d.noise, (int, float)) or not 0.0 <= d.noise < 1.0:
         raise ConfigError(f"noise {d.noise!r} is outside [0, 1)")
     if d.noise_type == "asymmetric" and d.dataset == "cifar100":
         raise ConfigError("noise type 'asymmetric' is the CIFAR-10 class map; use symmetric or pairflip")
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"val fraction {d.val_fraction!r} is outside (0, 1): the validation split selects w_best")
-    if not 0.0 < p.prune_fraction < 1.0:
-        raise ConfigError(f"prune fraction {p.prune_fraction!r} is outside (0, 1)")
-    if p.target_sparsity is not None and not 0.0 < p.target_sparsity < 1.0:
-        raise ConfigError(f"target sparsity {p.target_sparsity!r} is outside (0, 1)")
-    if not isinstance(p.levels, int) or p.levels < 0:
-        raise ConfigError(f"levels {p.levels!r} must be a whole number >= 0")
-    if not isinstance(o.epochs, int) or o.epochs < 1:
-        raise ConfigError(f"epochs {o.epochs!r} must be a whole number >= 1")
-    if o.dense_epochs is not None and (not isinstance(o.dense_epochs, int) or o.dense_epochs < 1):
-        raise ConfigError(f"dense epochs {o.dense_epochs!r} must be a whole number >= 1")
-    if not isinstance(o.batch_size, int) or o.batch_size < 1:
-        raise ConfigError(f"batch size {o.batch_size!r} must be a whole number >= 1")
-    if not (o.lr > 0 and math.isfinite(o.lr)):
-        raise ConfigError(f"learning rate {o.lr!r} must be a finite number > 0")
-    for name, value in (("momentum", o.momentum), ("weight decay", o.weight_decay), ("lr decay factor", o.gamma),
-                        ("finetune lr scale", p.finetune_lr_scale)):
-        if not (0.0 <= value < float("inf")) or (name == "momentum" and value >= 1.0):
-            raise ConfigError(f"{name} {value!r} is outside its range ({'[0, 1)' if name == 'momentum' else '>= 0'})")
-    dense = o.dense_epochs or o.epochs
-    if not 0 <= p.rewind_iteration <= dense:
-        raise ConfigError(f"rewind iteration {p.rewind_iteration!r} must be between 0 and the {dense} dense epochs")
+
+
+def _validate_model(m: ModelConfig, d: DataConfig) -> None:
     if m.name == "vgg" and not (1 <= m.depth <= 8 and 1 <= m.width <= 10):
         raise ConfigError(f"VGG-like depth {m.depth} / width {m.width} outside 1..8 / 1..10")
     if m.name == "mlp" and (not m.hidden or any(int(h) < 1 for h in m.hidden)):
         raise ConfigError(f"MLP hidden widths {m.hidden!r} must be one or more positive numbers")
-    check_device(cfg.device)
+    if m.name in CONV_MODELS and d.dataset == "digits":
+        raise ConfigError(f"model '{m.name}' needs 32x32 images; dataset 'digits' is 8x8: use mlp")
+
+
+def _whole(name: str, value: Any, least: int) -> None:
+    if not isinstance(value, int) or value < least:
+        raise ConfigError(f"{name} {value!r} must be a whole number >= {least}")
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    _whole("epochs", o.epochs, 1)
+    if o.dense_epochs is not None:
+        _whole("dense epochs", o.dense_epochs, 1)
+    _whole("batch size", o.batch_size, 1)
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise ConfigError(f"learning rate {o.lr!r} must be a finite number > 0")
+    if not 0.0 <= o.momentum < 1.0:
+        raise ConfigError(f"momentum {o.momentum!r} is outside its range ([0, 1))")
+    for name, value in (("weight decay", o.weight_decay), ("lr decay factor", o.gamma)):
+        if not 0.0 <= value < float("inf"):
+            raise ConfigError(f"{name} {value!r} is outside its range (>= 0)")
+    if o.nesterov and o.optimizer == "sgd" and o.momentum <= 0:
+        raise ConfigError("nesterov momentum needs momentum > 0; set --momentum or drop --nesterov")
+
+
+def _validate_prune(p: PruneConfig, o: OptimConfig) -> None:
+    if not 0.0 < p.prune_fraction < 1.0:
+        raise ConfigError(f"prune fraction {p.prune_fraction!r} is outside (0, 1)")
+    if p.target_sparsity is not None and not 0.0 < p.target_sparsity < 1.0:
+        raise ConfigError(f"target sparsity {p.target_sparsity!r} is outside (0, 1)")
+    _whole("levels", p.levels, 0)
+    _whole("gradient batches", p.gradient_batches, 1)
+    if not 0.0 <= p.finetune_lr_scale < float("inf"):
+        raise ConfigError(f"finetune lr scale {p.finetune_lr_scale!r} is outside its range (>= 0)")
+    dense = o.dense_epochs or o.epochs
+    if not 0 <= p.rewind_iteration <= dense:
+        raise ConfigError(f"rewind iteration {p.rewind_iteration!r} must be between 0 and the {dense} dense epochs")
+    if p.retrain == "lr-rewind" and o.epochs > dense:
+        raise ConfigError(f"retrain 'lr-rewind' replays the last {o.epochs} epochs of the dense schedule, which has "
+                          f"{dense}; use --epochs at most {dense} or more --dense-epochs")
+
+
+def _validate_analysis(a: AnalysisConfig) -> None:
+    if a.early_stop == "entropy" and a.entropy == "off":
+        raise ConfigError("early stop 'entropy' needs the entropy measure: use --entropy pass or online")
+    _whole("patience", a.patience, 1)
+    if not 0.0 < a.entropy_tolerance < 1.0:
+        raise ConfigError(f"entropy tolerance {a.entropy_tolerance!r} is outside (0, 1)")
+
+
+def _validate_distill(cfg: Config) -> None:
     k = cfg.distill
-    for student in k.students:
-        _choice("student", student, STUDENT_KINDS)
     if not 0.0 <= k.alpha <= 1.0:
         raise ConfigError(f"alpha {k.alpha!r} is outside [0, 1]")
     if k.temperature <= 0:
         raise ConfigError(f"temperature {k.temperature!r} must be > 0")
-    _choice("student model", k.student_model, MODELS)
     level = str(k.teacher_level)
-    if level not in ("best", "dense") and not (level.isdigit()):
+    if level not in ("best", "dense") and not level.isdigit():
         raise ConfigError(f"teacher level '{level}' is not known; allowed: best, dense or a level number")
     if level.isdigit() and int(level) > cfg.num_levels():
         raise ConfigError(f"teacher level {level} is beyond the teacher's {cfg.num_levels()} pruning levels")
-    if k.students and k.student_model in CONV_MODELS and d.dataset == "digits":
+    if k.students and k.student_model in CONV_MODELS and cfg.data.dataset == "digits":
         raise ConfigError(f"student model '{k.student_model}' needs 32x32 images; dataset 'digits' is 8x8: use mlp")
-    if m.name in CONV_MODELS and d.dataset == "digits":
-        raise ConfigError(f"model '{m.name}' needs 32x32 images; dataset 'digits' is 8x8: use mlp")

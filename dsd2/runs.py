@@ -174,3 +174,11 @@ class RunDir:
         if not isinstance(data, dict):
             raise RunError(f"'{self.summary_path}' is not a dsd2 summary")
         return data
+
+    def finished(self, run_hash: str) -> dict[str, Any] | None:
+        """The summary when this directory holds a finished run of `run_hash`, else None: the one answer to
+        "is this run done?" (the CLI, sweeps and the experiment's parts skip such a run)."""
+        summary = self.summary()
+        if summary is None or not summary.get("finished") or summary.get("run_hash") != run_hash:
+            return None
+        return summary

@@ -18,17 +18,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dsd2.config import Config, ConfigError, build_config, from_dict, merge
+from dsd2.config import LAUNCHERS, Config, ConfigError, build_config, config_options, from_dict, merge
 from dsd2.runs import RunDir, RunError, atomic_write_text, write_json
 
-# short grid names for the paper's axes; any dotted config path also works (e.g. optim.lr)
+# short grid names: every flag's (noise, noise_type, lr, ...) and the paper's delta and gamma for the VGG-like
+# network's depth and width; any dotted config path also works (e.g. optim.lr)
 ALIASES = {
-    "noise": "data.noise", "noise_type": "data.noise_type", "seed": "seed", "depth": "model.depth",
-    "delta": "model.depth", "width": "model.width", "gamma": "model.width", "model": "model.name",
-    "dataset": "data.dataset", "levels": "prune.levels", "epochs": "optim.epochs", "lr": "optim.lr",
-    "alpha": "distill.alpha", "temperature": "distill.temperature", "perturb": "prune.perturb",
+    **{opt.dest: opt.path for opt in config_options() if opt.dest is not None},
+    "delta": "model.depth", "gamma": "model.width",
 }
-LAUNCHERS = ("local", "slurm", "submitit-local")
 
 
 def _parse_value(text: str) -> Any:
@@ -47,7 +45,8 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
             raise ConfigError(f"grid '{item}' is not KEY=V1,V2,...")
-        path = ALIASES.get(key.strip(), key.strip())
+        key = key.strip()
+        path = ALIASES.get(key.replace("-", "_"), key)
         grid[path] = [_parse_value(v.strip()) for v in values.split(",")]
     return grid
 
@@ -80,11 +79,6 @@ def run_dir_for(root: Path, cfg: Config) -> Path:
     return root / cfg.run_hash()
 
 
-def is_finished(path: Path, cfg: Config) -> bool:
-    summary = RunDir(path).summary()
-    return bool(summary and summary.get("finished") and summary.get("run_hash") == cfg.run_hash())
-
-
 def run_one(config: dict[str, Any], path: str) -> dict[str, Any]:
     """Run (or resume) one configuration; the entry point of every launcher, picklable for submitit."""
     from dsd2.run import run_experiment
@@ -107,7 +101,8 @@ def launch(configs: list[Config], root: Path, launcher: str, log=print,
     """Run what is not finished; one failed run does not stop the others. Returns the failures."""
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher '{launcher}' is not known; allowed: {', '.join(LAUNCHERS)}")
-    todo = [(c, run_dir_for(root, c)) for c in configs if not is_finished(run_dir_for(root, c), c)]
+    placed = [(c, run_dir_for(root, c)) for c in configs]
+    todo = [(c, path) for c, path in placed if RunDir(path).finished(c.run_hash()) is None]
     log(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} finished, {len(todo)} to run")
     failures: list[str] = []
     if not todo:
@@ -173,8 +168,8 @@ def summarize(configs: list[Config], root: Path) -> dict[str, Any]:
     groups: dict[str, dict[str, Any]] = {}
     for cfg in configs:
         path = run_dir_for(root, cfg)
-        summary = RunDir(path).summary()
-        if not summary:
+        summary = RunDir(path).finished(cfg.run_hash())
+        if summary is None:
             continue
         d = cfg.to_dict()
         d.pop("seed")

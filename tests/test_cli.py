@@ -16,7 +16,10 @@ def snapshot(folder):
 
 
 def run_main(args, capsys):
-    code = main(args)
+    try:
+        code = main(args)
+    except SystemExit as exc:  # a usage error, found by argparse
+        code = exc.code
     err = capsys.readouterr().err
     return code, err
 
@@ -28,6 +31,12 @@ def run_main(args, capsys):
     (["--dataset", "cifar10"], "needs --data-root"),
     (["--prune-fraction", "0"], "prune fraction"),
     (["--cuda-graphs", "--device", "cpu"], "CUDA graphs need a CUDA device"),
+    (["--criterion", "bogus"], "argument --criterion: invalid choice: 'bogus' (choose from"),
+    (["--entropy-granularity", "pixel"], "invalid choice: 'pixel'"),
+    (["--hidden", "64,x"], "argument --hidden: '64,x' is not a comma-separated list of whole numbers"),
+    (["--milestones", "a"], "'a' is not a comma-separated list of numbers"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["--students", "vanilla,bogus"], "student 'bogus' is not known; allowed: vanilla, kd-dense, kd-sparse"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, words):
     out = tmp_path / "run"
@@ -130,3 +139,143 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     target.write_text("keep me")
     code, err = run_main(["train", *TINY, "--out", str(target)], capsys)
     assert code == 2 and "is a file, not a folder" in err and target.read_text() == "keep me"
+
+
+# ---- flags generated from the config fields ---------------------------------------------------------------------
+
+
+def train_parser():
+    import argparse
+
+    from dsd2.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def flag_actions():
+    return {s: a for a in train_parser()._actions for s in a.option_strings}
+
+
+def test_every_config_field_has_a_flag_with_help():
+    from dsd2.cli import FLAG_MAP
+    from dsd2.config import config_options
+
+    actions = flag_actions()
+    internal = {o.path for o in config_options() if o.flag is None}
+    assert internal == {"distill.teacher", "distill.teacher_id"}  # set by `distill` and the experiment
+    for opt in config_options():
+        if opt.flag is None:
+            continue
+        action = actions[f"--{opt.flag}"]
+        assert action.help and action.help.strip(), opt.path
+        assert FLAG_MAP[opt.dest] == (opt.section, opt.name)
+        if opt.kind == "bool":
+            assert f"--no-{opt.flag}" in actions, opt.path
+        if opt.choices is not None and not opt.is_list:
+            assert tuple(action.choices) == opt.choices
+
+
+def test_readme_flag_table_names_real_flags():
+    import re
+
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| flag | meaning |"):]
+    table = table[:table.index("\n\n")]
+    named = {flag for row in table.splitlines()[2:] for flag in re.findall(r"--[a-z][a-z-]*", row.split(" | ")[0])}
+    assert len(named) > 40
+    assert named <= set(flag_actions())
+
+
+def sample_value(opt):
+    """A value of the field's type that differs from its default, and how it is written as a flag."""
+    if opt.kind == "bool":
+        return True, [f"--{opt.flag}"]
+    if opt.choices is not None:
+        value = opt.choices[-1]
+        return ((value,), [f"--{opt.flag}", value]) if opt.is_list else (value, [f"--{opt.flag}", value])
+    sample = {"int": 7, "float": 0.25, "str": "text"}[opt.kind]
+    if opt.is_list:
+        return (sample, sample), [f"--{opt.flag}", f"{sample},{sample}"]
+    return sample, [f"--{opt.flag}", str(sample)]
+
+
+def test_every_flag_lands_in_its_config_field():
+    from dsd2.cli import build_parser, overrides_from_args
+    from dsd2.config import config_options
+
+    parser = build_parser()
+    for opt in config_options():
+        if opt.flag is None:
+            continue
+        value, argv = sample_value(opt)
+        overrides = overrides_from_args(parser.parse_args(["train", *argv]))
+        placed = overrides if opt.section is None else overrides[opt.section]
+        assert placed == {opt.name: value}, opt.path
+    assert overrides_from_args(parser.parse_args(["train"])) == {}
+
+
+@pytest.mark.parametrize("argv, path, value", [
+    (["--epochs", "7"], "optim.epochs", 7),  # int
+    (["--noise", "0.25"], "data.noise", 0.25),  # float
+    (["--lr-decay", "0.5"], "optim.gamma", 0.5),  # flag named otherwise than its field
+    (["--augment"], "data.augment", True),  # bool pair
+    (["--no-augment"], "data.augment", False),
+    (["--no-channels-last"], "channels_last", False),
+    (["--cuda-graphs"], "cuda_graphs", True),
+    (["--no-cuda-graphs"], "cuda_graphs", False),
+    (["--download"], "data.download", True),
+    (["--hidden", "64,32"], "model.hidden", (64, 32)),  # tuple list
+    (["--student-hidden", "16"], "distill.student_hidden", (16,)),
+    (["--milestones", "0.3,0.6"], "optim.milestones", (0.3, 0.6)),
+    (["--students", "vanilla,kd-dense"], "distill.students", ("vanilla", "kd-dense")),
+    (["--students", "none"], "distill.students", ()),
+    (["--dense-epochs", "9"], "optim.dense_epochs", 9),  # optional
+    (["--target-sparsity", "0.9"], "prune.target_sparsity", 0.9),
+    (["--model", "lenet300"], "model.name", "lenet300"),  # choice
+    (["--entropy-granularity", "channel"], "analysis.granularity", "channel"),
+    (["--teacher-level", "dense"], "distill.teacher_level", "dense"),  # str
+    (["--seed", "3"], "seed", 3),  # top level
+])
+def test_flag_round_trips_into_the_config(argv, path, value):
+    from dsd2.cli import build_parser, overrides_from_args
+    from dsd2.config import build_config
+
+    args = build_parser().parse_args(["train", *argv])
+    node = build_config(args.preset, args.config, overrides_from_args(args))
+    for part in path.split("."):
+        node = getattr(node, part)
+    assert node == value
+
+
+def test_preset_then_file_then_flags(tmp_path):
+    from dsd2.cli import build_parser, overrides_from_args
+    from dsd2.config import build_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  epochs: 7\n  lr: 0.01\ndata:\n  augment: false\n")
+    parser = build_parser()
+
+    def config(*argv):
+        args = parser.parse_args(["train", "--preset", "cifar10-vgg", "--config", str(f), *argv])
+        return build_config(args.preset, args.config, overrides_from_args(args))
+
+    cfg = config("--lr", "0.5")
+    assert (cfg.optim.optimizer, cfg.optim.epochs, cfg.optim.lr) == ("sgd", 7, 0.5)  # preset, file, flag
+    assert cfg.data.augment is False  # the file's false is not overridden by an absent flag
+    assert config("--augment").data.augment is True
+
+
+def test_sweep_grid_takes_the_flag_names():
+    from dsd2.sweep import ALIASES, parse_grid
+
+    old = {"noise": "data.noise", "noise_type": "data.noise_type", "seed": "seed", "depth": "model.depth",
+           "delta": "model.depth", "width": "model.width", "gamma": "model.width", "model": "model.name",
+           "dataset": "data.dataset", "levels": "prune.levels", "epochs": "optim.epochs", "lr": "optim.lr",
+           "alpha": "distill.alpha", "temperature": "distill.temperature", "perturb": "prune.perturb"}
+    assert old.items() <= ALIASES.items()
+    grid = parse_grid(["noise-type=pairflip", "lr_decay=0.5", "entropy-granularity=channel", "optim.momentum=0"])
+    assert grid == {"data.noise_type": ["pairflip"], "optim.gamma": [0.5], "analysis.granularity": ["channel"],
+                    "optim.momentum": [0]}

@@ -88,3 +88,69 @@ def test_wrong_types_and_ranges_are_one_sentence(override, words):
     with pytest.raises(ConfigError) as info:
         build_config(None, None, override)
     assert words in str(info.value)
+
+
+# ---- the fields' own descriptions: help, flag, choices --------------------------------------------------------
+
+
+def test_every_field_is_declared_with_help_and_known_metadata_keys():
+    from dataclasses import fields
+
+    from dsd2.config import OPTION_KEYS, SECTIONS, config_options
+
+    leaves = [f for cls in SECTIONS.values() for f in fields(cls)]
+    leaves += [f for f in fields(Config) if f.name not in SECTIONS]
+    assert len(config_options()) == len(leaves)
+    for f in leaves:
+        assert f.metadata.get("help", "").strip(), f"config field {f.name} has no help"
+        assert set(f.metadata) <= set(OPTION_KEYS), f.name
+
+
+def test_choice_defaults_are_allowed_choices():
+    from dsd2.config import config_options
+
+    cfg = Config()
+    for opt in config_options():
+        if opt.choices is not None:
+            value = opt.value(cfg)
+            assert set(value if opt.is_list else [value]) <= set(opt.choices), opt.path
+
+
+def _bad_choice_cases():
+    from dsd2.config import config_options
+
+    for opt in config_options():
+        if opt.choices is not None:
+            value = ("bogus",) if opt.is_list else "bogus"
+            override = {opt.name: value} if opt.section is None else {opt.section: {opt.name: value}}
+            yield pytest.param(override, f"{opt.label} 'bogus' is not known; allowed: {', '.join(opt.choices)}",
+                               id=opt.path)
+
+
+@pytest.mark.parametrize("override, sentence", list(_bad_choice_cases()))
+def test_every_choice_field_is_validated_in_one_sentence(override, sentence):
+    with pytest.raises(ConfigError) as info:
+        build_config(None, None, override)
+    assert str(info.value) == sentence
+
+
+def test_field_descriptions():
+    from dsd2.config import CRITERIA, config_options
+
+    opts = {o.path: o for o in config_options()}
+    assert (opts["model.hidden"].kind, opts["model.hidden"].is_list) == ("int", True)
+    assert (opts["optim.milestones"].kind, opts["optim.milestones"].is_list) == ("float", True)
+    assert (opts["optim.dense_epochs"].kind, opts["optim.dense_epochs"].optional) == ("int", True)
+    assert (opts["cuda_graphs"].kind, opts["cuda_graphs"].optional) == ("bool", True)
+    assert opts["distill.teacher_level"].kind == "str"
+    assert opts["model.name"].flag == "model" and opts["analysis.granularity"].flag == "entropy-granularity"
+    assert opts["prune.criterion"].choices == CRITERIA and opts["prune.criterion"].label == "pruning criterion"
+    assert opts["distill.teacher"].flag is None and opts["distill.teacher_id"].flag is None
+    assert opts["optim.batch_size"].flag == "batch-size" and opts["optim.batch_size"].label == "batch size"
+
+
+def test_new_ranges_are_one_sentence():
+    with pytest.raises(ConfigError, match="gradient batches 0 must be a whole number >= 1"):
+        build_config(overrides={"prune": {"gradient_batches": 0}})
+    with pytest.raises(ConfigError, match="nesterov momentum needs momentum > 0"):
+        build_config(overrides={"optim": {"optimizer": "sgd", "momentum": 0.0, "nesterov": True}})

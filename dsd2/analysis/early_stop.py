@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RULES = ("none", "entropy", "val")
+from dsd2.config import EARLY_STOP_RULES
 
 
 @dataclass
@@ -42,8 +42,8 @@ def _argmax(values: list[float], start: int = 0) -> int:
 def decide(rule: str, val_accs: list[float], entropies: list[float] | None = None, *, patience: int = 3,
            tolerance: float = 0.05) -> StopDecision:
     """Decision after the last level of `val_accs` (one value per completed level, level 0 first)."""
-    if rule not in RULES:
-        raise ValueError(f"early-stop rule '{rule}' is not known; allowed: {', '.join(RULES)}")
+    if rule not in EARLY_STOP_RULES:
+        raise ValueError(f"early-stop rule '{rule}' is not known; allowed: {', '.join(EARLY_STOP_RULES)}")
     level = len(val_accs) - 1
     best = _argmax(val_accs)
     if rule == "none":

@@ -159,8 +159,6 @@ REGISTRY: dict[str, ModelBuilder] = {
     "resnet18": lambda c, shape, k: ResNet18(shape[0], k),
 }
 
-CONV_MODELS = ("vgg", "resnet18")
-
 
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1

@@ -65,9 +65,9 @@ class CudaGraphs:
 
 
 class _HostCounters:
-    """Python-side counters that captured code advances: a `CountingReLU`'s `observations` (an objective's
-    sums are device tensors, which the graph advances itself). A replay runs no Python, so they are advanced here by what one captured step added;
-    the capture itself, which computes nothing, leaves them as they were."""
+    """Python-side counters that captured code advances: a `CountingReLU`'s `observations` (an objective's sums
+    are device tensors, which the graph advances itself). A replay runs no Python, so they are advanced here by
+    what one captured step added; the capture itself, which computes nothing, leaves them as they were."""
 
     def __init__(self, items: list[tuple[object, str]]):
         self.items = items
@@ -113,7 +113,7 @@ def _optimizer_tables() -> list:
 
 
 class GraphedTrainStep:
-    """One captured training step for batches of `batch_size` samples of `data`.
+    """One captured training step for the full batches of `feed`.
 
     `graphs` makes the graph (default: `CudaGraphs`, which needs `data` and the model on a CUDA device).
     `relus`: the model's `CountingReLU`s; those counting when the step is captured count in every replay
