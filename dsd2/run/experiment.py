@@ -36,14 +36,9 @@ def teacher_config(cfg: Config) -> Config:
     return replace(cfg, distill=DistillConfig(students=(), teacher=None, teacher_id=None))
 
 
-def finished_summary(run: RunDir, run_hash: str) -> dict[str, Any] | None:
-    summary = run.summary()
-    return summary if summary is not None and summary.get("run_hash") == run_hash else None
-
-
 def run_once(cfg: Config, run: RunDir, log: Callable[[str], None], **kwargs) -> dict[str, Any]:
     """The run's summary: read when it has finished with this config, else from running (or resuming) it."""
-    return finished_summary(run, cfg.run_hash()) or LevelLoop(cfg, run, log=log, **kwargs).run()
+    return run.finished(cfg.run_hash()) or LevelLoop(cfg, run, log=log, **kwargs).run()
 
 
 def claim_experiment(cfg: Config, root: RunDir) -> None:
@@ -70,7 +65,7 @@ def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
     LevelLoop(probe, RunDir(root.root / "students" / "vanilla"), progress=False, log=log,
               splits=teacher_loop.splits).prepare()
     claim_experiment(cfg, root)
-    done = finished_summary(teacher_run, tcfg.run_hash())
+    done = teacher_run.finished(tcfg.run_hash())
     if done is None:
         log("== teacher: the vanilla IMP curve")
         done = teacher_loop.run()
@@ -80,7 +75,7 @@ def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
     for kind in cfg.distill.students:
         scfg = student_config(cfg, kind, teacher_run.root.resolve(), done["run_hash"], level)
         srun = RunDir(root.root / "students" / kind)
-        if finished_summary(srun, scfg.run_hash()) is None:
+        if srun.finished(scfg.run_hash()) is None:
             log(f"== student {kind}")
         summary = run_once(scfg, srun, log, progress=progress)
         students[kind] = student_entry(summary, srun.levels(), str(srun.root))
