@@ -11,8 +11,7 @@ import pytest
 import torch
 from conftest import ENGINE, engine_env
 
-from dsd2.ops import kd_loss
-from dsd2.ops import cpu_isa, cpu_isa_levels, set_cpu_isa, use_cpu_isa
+from dsd2.ops import cpu_isa, cpu_isa_levels, kd_loss, set_cpu_isa, use_cpu_isa
 
 LEVELS = ("default", "avx2", "avx512")
 
