@@ -7,7 +7,7 @@ already installed (a build-isolated torch would be a second multi-GB download).
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -22,10 +22,8 @@ openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
 extra_compile = ["-O3", "-ffp-contract=off", "-fno-trapping-math", *openmp]
 
 setup(
-    packages=[
-        "dsd2", "dsd2.data", "dsd2.models", "dsd2.pruning", "dsd2.ops", "dsd2.training",
-        "dsd2.analysis", "dsd2.report", "dsd2.run", "dsd2.kernels",
-    ],
+    # every package under dsd2/ (a new one needs no edit here), and the Triton kernels from kernels/
+    packages=sorted({*find_packages(include=["dsd2", "dsd2.*"]), "dsd2.kernels"}),
     package_dir={"dsd2.kernels": "kernels"},
     ext_modules=[
         CppExtension(

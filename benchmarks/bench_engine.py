@@ -42,7 +42,7 @@ from dsd2.config import ModelConfig, OptimConfig, native_bf16
 from dsd2.data import DeviceDataset
 from dsd2.data.batching import epoch_generator
 from dsd2.models import build_model
-from dsd2.ops._backend import cpu_isa, cpu_model
+from dsd2.ops import cpu_isa, cpu_model
 from dsd2.pruning import full_masks as make_full_masks
 from dsd2.pruning import global_prune, magnitude_scores, prunable_weights
 from dsd2.training import build_optimizer, train_epoch

@@ -1,4 +1,4 @@
-"""Turn a pytest-benchmark JSON of bench_ops.py into the ops table of benchmarks/RESULTS.md.
+"""Turn a pytest-benchmark JSON of benchmarks/ops/ into the ops table of benchmarks/RESULTS.md.
 
     python benchmarks/results_table.py benchmarks/ops.json [--no-write]
 """
@@ -70,14 +70,14 @@ def main() -> None:
     parser.add_argument("json")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    from dsd2.ops._backend import cpu_isa_levels
+    from dsd2.ops import cpu_isa_levels
 
     table = build(json.loads(Path(args.json).read_text()), "our kernels run at: " + ", ".join(cpu_isa_levels()))
     print(table)
     if args.no_write:
         return
     write_block("bench_ops", "Fused ops",
-                "Command: `pytest benchmarks/bench_ops.py --benchmark-enable --benchmark-json=ops.json && "
+                "Command: `pytest benchmarks/ops --benchmark-enable --benchmark-json=ops.json && "
                 f"python benchmarks/results_table.py ops.json` (medians).\n\n{table}")
 
 

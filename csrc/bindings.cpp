@@ -1,6 +1,6 @@
 // Python bindings of dsd2._C: the fused CPU ops and the choice of instruction-set level.
+#include "common.h"
 #include "isa.h"
-#include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dsd2 CPU kernels";

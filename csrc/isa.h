@@ -4,7 +4,7 @@
 // includes kernels_impl.h under `#pragma GCC target(...)` inside a namespace of its own, so no inline function is
 // shared between levels and nothing compiled for AVX-512 can leak into code that runs on an AVX2 machine. Those
 // units include no torch header; the ops (masked_sgd.cpp, relu_count.cpp, kd_loss.cpp) call them through the
-// table below.
+// table below. The ops' own declarations, for bindings.cpp, are in common.h.
 #pragma once
 
 #include <cstdint>
@@ -32,9 +32,12 @@ struct KernelTable {
   void (*relu_rows_u16)(const uint16_t* x, uint16_t* y, uint16_t* acc, int64_t b0, int64_t b1, int64_t width,
                         bool inclusive, uint16_t inf_bits);
   // KD loss of one row of C classes (large C): s student logits, tt teacher logits already divided by T.
-  // g receives the gradient of the batch-mean loss; scratch holds 3 * C floats.
+  // g receives the gradient of the batch-mean loss; scratch holds 3 * C values. kd_row_f64 is the same kernel
+  // (one template) in double with the standard library's exp and log, for float64 inputs.
   void (*kd_row)(const float* s, const float* tt, float* g, float* scratch, int64_t C, int64_t y, float invT,
                  float a_ce, float a_kl, float* ce, float* kl);
+  void (*kd_row_f64)(const double* s, const double* tt, double* g, double* scratch, int64_t C, int64_t y,
+                     double invT, double a_ce, double a_kl, double* ce, double* kl);
   // KD loss of up to kKDBlockRows rows of C <= kKDSmallC classes, rows as SIMD lanes. valid[r] is 1 or 0 (an
   // ignored or padding row); y[r] in [0, C). Rows are read at s + r * s_stride and t + r * t_stride (teacher
   // NOT divided by T) and the gradient written at g + r * g_stride. scratch holds 6 * C * kKDBlockRows floats.
@@ -43,6 +46,9 @@ struct KernelTable {
                    float a_kl, float* scratch, float* ce, float* kl);
 };
 
+// counting: columns per task (relu_count.cpp) and per counter block of the kernels: 32 KiB of int32 counters, so
+// fp32 rows stream in 32 KiB runs
+constexpr int64_t kCountCols = 8192;
 constexpr int64_t kKDBlockRows = 16;
 constexpr int64_t kKDSmallC = 128;  // up to here rows-as-lanes beats vectorising within a row
 

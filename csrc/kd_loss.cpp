@@ -1,22 +1,49 @@
 // KD loss on the CPU: (1 - a) CE(s, y) + a T^2 KL(softmax(t/T) || softmax(s/T)), batch-mean over the rows whose
-// target is not ignore_index, with the gradient in the student logits written in the same pass. fp32 rows run
-// the level-specific kernels in place; fp16/bf16 rows are widened to fp32 first; float64 runs in double here.
+// target is not ignore_index, with the gradient in the student logits written in the same pass. fp32 and float64
+// rows run the level's row kernel (one template in kernels_impl.h, in float or in double) in place, fp32 rows of up
+// to kKDSmallC classes its block kernel; fp16/bf16 rows are widened to fp32 first.
+#include "common.h"
 #include "isa.h"
-#include "ops.h"
 
 #include <ATen/Parallel.h>
 
-#include <cmath>
+#include <type_traits>
 
 namespace dsd2 {
 namespace {
 
+// The type the kernels compute in: double for float64 inputs, fp32 for the others.
+template <typename scalar_t>
+using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
 struct KDArgs {
-  int64_t rows, C, ignore_index;
-  float alpha, T, inv_n;
+  int64_t rows, C, ignore_index, n;  // n: the rows whose target is not ignore_index
+  double alpha, T;
 };
 
-// Small C: blocks of kKDBlockRows rows, rows as SIMD lanes.
+// The batch-mean weights in the math type: 1 / T, a_ce = (1 - a) / n and a_kl = a T / n.
+template <typename F>
+struct KDWeights {
+  F invT, a_ce, a_kl;
+  explicit KDWeights(const KDArgs& a) {
+    const F alpha = static_cast<F>(a.alpha), T = static_cast<F>(a.T);
+    const F inv_n = F(1) / static_cast<F>(a.n > 0 ? a.n : 1);
+    invT = F(1) / T;
+    a_ce = (F(1) - alpha) * inv_n;
+    a_kl = alpha * T * inv_n;
+  }
+};
+
+template <typename F>
+auto row_kernel(const KernelTable& k) {
+  if constexpr (std::is_same_v<F, double>) {
+    return k.kd_row_f64;
+  } else {
+    return k.kd_row;
+  }
+}
+
+// Small C: blocks of kKDBlockRows rows, rows as SIMD lanes (fp32 math).
 template <typename scalar_t>
 void kd_blocks(const scalar_t* s_all, int64_t s_stride, const scalar_t* t_all, int64_t t_stride, const int64_t* y_all,
                scalar_t* g_all, float* ce_rows, float* kl_rows, const KDArgs& a) {
@@ -24,7 +51,7 @@ void kd_blocks(const scalar_t* s_all, int64_t s_stride, const scalar_t* t_all, i
   constexpr bool is_float = std::is_same_v<scalar_t, float>;
   const KernelTable& k = active_kernels();
   const int64_t C = a.C;
-  const float invT = 1.0f / a.T, a_ce = (1.0f - a.alpha) * a.inv_n, a_kl = a.alpha * a.T * a.inv_n;
+  const KDWeights<float> w(a);
   const int64_t blocks = (a.rows + R - 1) / R;
   at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(static_cast<size_t>(C) * R * (is_float ? 6 : 9));
@@ -40,7 +67,7 @@ void kd_blocks(const scalar_t* s_all, int64_t s_stride, const scalar_t* t_all, i
       }
       if constexpr (is_float) {
         k.kd_block(s_all + r0 * s_stride, s_stride, t_all + r0 * t_stride, t_stride, g_all + r0 * C, C, n_r, y,
-                   valid, C, invT, a_ce, a_kl, scratch.data(), ce, kl);
+                   valid, C, w.invT, w.a_ce, w.a_kl, scratch.data(), ce, kl);
       } else {
         float *s = wide, *t = wide + C * R, *g = wide + 2 * C * R;
         for (int64_t r = 0; r < n_r; ++r) {
@@ -49,7 +76,7 @@ void kd_blocks(const scalar_t* s_all, int64_t s_stride, const scalar_t* t_all, i
             t[r * C + c] = static_cast<float>(t_all[(r0 + r) * t_stride + c]);
           }
         }
-        k.kd_block(s, C, t, C, g, C, n_r, y, valid, C, invT, a_ce, a_kl, scratch.data(), ce, kl);
+        k.kd_block(s, C, t, C, g, C, n_r, y, valid, C, w.invT, w.a_ce, w.a_kl, scratch.data(), ce, kl);
         for (int64_t i = 0; i < n_r * C; ++i) g_all[r0 * C + i] = static_cast<scalar_t>(g[i]);
       }
       for (int64_t r = 0; r < n_r; ++r) {
@@ -60,77 +87,66 @@ void kd_blocks(const scalar_t* s_all, int64_t s_stride, const scalar_t* t_all, i
   });
 }
 
-// Large C: one row at a time, vectorised within the row.
+// Large C, and every C in float64: one row at a time, vectorised within the row.
 template <typename scalar_t>
 void kd_rows(const scalar_t* s_all, int64_t s_stride, const scalar_t* t_all, int64_t t_stride, const int64_t* y,
-             scalar_t* g_all, float* ce_rows, float* kl_rows, const KDArgs& a) {
-  constexpr bool is_float = std::is_same_v<scalar_t, float>;
-  const KernelTable& k = active_kernels();
+             scalar_t* g_all, math_t<scalar_t>* ce_rows, math_t<scalar_t>* kl_rows, const KDArgs& a) {
+  using F = math_t<scalar_t>;
+  constexpr bool in_place = std::is_same_v<scalar_t, F>;  // fp32 and float64 rows are read and written as they are
+  const auto kernel = row_kernel<F>(active_kernels());
   const int64_t C = a.C;
-  const float invT = 1.0f / a.T, a_ce = (1.0f - a.alpha) * a.inv_n, a_kl = a.alpha * a.T * a.inv_n;
+  const KDWeights<F> w(a);
   at::parallel_for(0, a.rows, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(static_cast<size_t>(C) * (is_float ? 4 : 6));
-    float *tt = scratch.data() + 3 * C, *sf = tt + C, *gf = sf + C;
+    std::vector<F> scratch(static_cast<size_t>(C) * (in_place ? 4 : 6));
+    F *tt = scratch.data() + 3 * C, *sf = tt + C, *gf = sf + C;
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* g = g_all + i * C;
       if (y[i] == a.ignore_index) {
         std::fill(g, g + C, static_cast<scalar_t>(0.0f));
-        ce_rows[i] = kl_rows[i] = 0.0f;
+        ce_rows[i] = kl_rows[i] = F(0);
         continue;
       }
       const scalar_t* srow = s_all + i * s_stride;
       const scalar_t* trow = t_all + i * t_stride;
-      for (int64_t c = 0; c < C; ++c) tt[c] = static_cast<float>(trow[c]) * invT;
-      if constexpr (is_float) {
-        k.kd_row(srow, tt, g, scratch.data(), C, y[i], invT, a_ce, a_kl, &ce_rows[i], &kl_rows[i]);
+      for (int64_t c = 0; c < C; ++c) tt[c] = static_cast<F>(trow[c]) * w.invT;
+      if constexpr (in_place) {
+        kernel(srow, tt, g, scratch.data(), C, y[i], w.invT, w.a_ce, w.a_kl, &ce_rows[i], &kl_rows[i]);
       } else {
-        for (int64_t c = 0; c < C; ++c) sf[c] = static_cast<float>(srow[c]);
-        k.kd_row(sf, tt, gf, scratch.data(), C, y[i], invT, a_ce, a_kl, &ce_rows[i], &kl_rows[i]);
+        for (int64_t c = 0; c < C; ++c) sf[c] = static_cast<F>(srow[c]);
+        kernel(sf, tt, gf, scratch.data(), C, y[i], w.invT, w.a_ce, w.a_kl, &ce_rows[i], &kl_rows[i]);
         for (int64_t c = 0; c < C; ++c) g[c] = static_cast<scalar_t>(gf[c]);
       }
     }
   });
 }
 
-// float64 inputs: the same math in double with the standard library (gradcheck and reference-grade use).
-void kd_rows_double(const double* s_all, int64_t s_stride, const double* t_all, int64_t t_stride, const int64_t* y,
-                    double* g_all, double* ce_rows, double* kl_rows, int64_t rows, int64_t C, double alpha, double T,
-                    int64_t ignore_index, double inv_n) {
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      double* g = g_all + i * C;
-      if (y[i] == ignore_index) {
-        std::fill(g, g + C, 0.0);
-        ce_rows[i] = kl_rows[i] = 0.0;
-        continue;
-      }
-      const double* s = s_all + i * s_stride;
-      const double* t = t_all + i * t_stride;
-      double ms = -INFINITY, mt = -INFINITY;
-      for (int64_t c = 0; c < C; ++c) {
-        ms = std::max(ms, s[c]);
-        mt = std::max(mt, t[c] / T);
-      }
-      double zs = 0, zst = 0, zt = 0, cross = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        zs += std::exp(s[c] - ms);
-        zst += std::exp((s[c] - ms) / T);
-        if (t[c] > -INFINITY) {
-          const double e = std::exp(t[c] / T - mt);
-          zt += e;
-          cross += e * (t[c] - s[c]) / T;
-        }
-      }
-      const double lse_t = mt + std::log(zt), lse_st = ms / T + std::log(zst);
-      ce_rows[i] = ms + std::log(zs) - s[y[i]];
-      kl_rows[i] = cross / zt - lse_t + lse_st;
-      for (int64_t c = 0; c < C; ++c) {
-        const double pt = t[c] > -INFINITY ? std::exp(t[c] / T - mt) / zt : 0.0;
-        g[c] = inv_n * ((1 - alpha) * std::exp(s[c] - ms) / zs + alpha * T * (std::exp((s[c] - ms) / T) / zst - pt));
-      }
-      g[y[i]] -= inv_n * (1 - alpha);
-    }
-  });
+// Every row's CE and KL terms (widened to double into ce_rows, kl_rows) and gradient (into grad).
+template <typename scalar_t>
+void kd_all_rows(const at::Tensor& s, const at::Tensor& t, const int64_t* y, at::Tensor& grad,
+                 std::vector<double>& ce_rows, std::vector<double>& kl_rows, const KDArgs& a) {
+  using F = math_t<scalar_t>;
+  std::vector<F> ce(a.rows), kl(a.rows);
+  const scalar_t *sp = s.data_ptr<scalar_t>(), *tp = t.data_ptr<scalar_t>();
+  scalar_t* gp = grad.data_ptr<scalar_t>();
+  if constexpr (std::is_same_v<F, float>) {
+    auto run = a.C <= kKDSmallC ? kd_blocks<scalar_t> : kd_rows<scalar_t>;
+    run(sp, s.stride(0), tp, t.stride(0), y, gp, ce.data(), kl.data(), a);
+  } else {
+    kd_rows<scalar_t>(sp, s.stride(0), tp, t.stride(0), y, gp, ce.data(), kl.data(), a);
+  }
+  std::copy(ce.begin(), ce.end(), ce_rows.begin());
+  std::copy(kl.begin(), kl.end(), kl_rows.begin());
+}
+
+// The rows whose target is not ignore_index; a target outside [0, C) is refused.
+int64_t kept_rows(const int64_t* y, int64_t rows, int64_t C, int64_t ignore_index) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (y[i] == ignore_index) continue;
+    TORCH_CHECK(y[i] >= 0 && y[i] < C, "kd_loss_forward: target ", y[i], " outside [0, ", C, ")");
+    ++n;
+  }
+  return n;
 }
 
 }  // namespace
@@ -154,36 +170,18 @@ std::vector<at::Tensor> kd_loss_forward(const at::Tensor& student, const at::Ten
   if (t.stride(1) != 1) t = t.contiguous();
   auto y = target.to(at::kLong).contiguous();
   const int64_t* yp = y.data_ptr<int64_t>();
-  int64_t n = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    if (yp[i] == ignore_index) continue;
-    TORCH_CHECK(yp[i] >= 0 && yp[i] < C, "kd_loss_forward: target ", yp[i], " outside [0, ", C, ")");
-    ++n;
-  }
+  const KDArgs args{rows, C, ignore_index, kept_rows(yp, rows, C, ignore_index), alpha, temperature};
   auto grad = at::empty({rows, C}, s.options());
   std::vector<double> ce_rows(rows), kl_rows(rows);
-  if (s.scalar_type() == at::kDouble) {
-    kd_rows_double(s.data_ptr<double>(), s.stride(0), t.data_ptr<double>(), t.stride(0), yp, grad.data_ptr<double>(),
-                   ce_rows.data(), kl_rows.data(), rows, C, alpha, temperature, ignore_index,
-                   1.0 / static_cast<double>(n > 0 ? n : 1));
-  } else {
-    std::vector<float> ce_f(rows), kl_f(rows);
-    const KDArgs args{rows, C, ignore_index, static_cast<float>(alpha), static_cast<float>(temperature),
-                      1.0f / static_cast<float>(n > 0 ? n : 1)};
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_loss_forward", [&] {
-      auto run = C <= kKDSmallC ? kd_blocks<scalar_t> : kd_rows<scalar_t>;
-      run(s.data_ptr<scalar_t>(), s.stride(0), t.data_ptr<scalar_t>(), t.stride(0), yp, grad.data_ptr<scalar_t>(),
-          ce_f.data(), kl_f.data(), args);
-    });
-    std::copy(ce_f.begin(), ce_f.end(), ce_rows.begin());
-    std::copy(kl_f.begin(), kl_f.end(), kl_rows.begin());
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_loss_forward", [&] {
+    kd_all_rows<scalar_t>(s, t, yp, grad, ce_rows, kl_rows, args);
+  });
   double ce_sum = 0.0, kl_sum = 0.0;
   for (int64_t i = 0; i < rows; ++i) {
     ce_sum += ce_rows[i];
     kl_sum += kl_rows[i];
   }
-  const double inv_nd = 1.0 / static_cast<double>(n > 0 ? n : 1);
+  const double inv_nd = 1.0 / static_cast<double>(args.n > 0 ? args.n : 1);
   const double ce = ce_sum * inv_nd, kl = kl_sum * inv_nd;
   const double loss = (1.0 - alpha) * ce + alpha * temperature * temperature * kl;
   auto opts = s.options().dtype(s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);

@@ -107,14 +107,12 @@ static void sgd_f32(float* p, const float* g, float* buf, const uint8_t* mask, i
 // int64 add per column. fp16/bf16 are compared on their bit patterns (x > 0  <=>  0 < bits <= +inf), which
 // vectorises where a conversion to float would not.
 
-constexpr int64_t kCols = 8192;  // 32 KiB of int32 counters: rows stream in 32 KiB (fp32) runs
-
 template <typename T, typename On, typename Relu>
 DSD2_INLINE void count_block(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ out, int64_t batch,
                              int64_t stride, int64_t begin, int64_t end, On on, Relu relu) {
-  int32_t acc[kCols];
-  for (int64_t j0 = begin; j0 < end; j0 += kCols) {
-    const int64_t w = end - j0 < kCols ? end - j0 : kCols;
+  int32_t acc[kCountCols];
+  for (int64_t j0 = begin; j0 < end; j0 += kCountCols) {
+    const int64_t w = end - j0 < kCountCols ? end - j0 : kCountCols;
     for (int64_t j = 0; j < w; ++j) acc[j] = 0;
     for (int64_t b = 0; b < batch; ++b) {
       const T* __restrict__ row = x + b * stride + j0;
@@ -203,39 +201,38 @@ static void relu_rows_u16(const uint16_t* x, uint16_t* y, uint16_t* acc, int64_t
 }
 
 // ---- KD loss: (1 - a) CE(s, y) + a T^2 KL(softmax(t/T) || softmax(s/T)), gradient written in the forward -----
-// A teacher logit of -inf is probability 0 and contributes 0 (0 * log 0 = 0), chosen by selects.
+// A teacher logit of -inf is probability 0 and contributes 0 (0 * log 0 = 0), chosen by selects. The row kernel is
+// one template: F = float (the polynomials above; fp16/bf16 rows are widened to it) and F = double (the standard
+// library's exp and log, and no fused multiply-add at any level: reference-grade float64 and gradcheck).
+
+DSD2_INLINE double exp_nonpos(double x) { return std::exp(x); }
+DSD2_INLINE double madd(double a, double b, double c) { return a * b + c; }
 
 // The three exponentials of one class and its KL cross term; stores the exponentials for the gradient pass.
-DSD2_INLINE void kd_terms(float s, float tt, float ms, float mt, float invT, float& e1, float& e2, float& e3,
-                          float& x) {
-  const float d = s - ms;
+template <typename F>
+DSD2_INLINE void kd_terms(F s, F tt, F ms, F mt, F invT, F& e1, F& e2, F& e3, F& x) {
+  const F d = s - ms;
   e1 = exp_nonpos(d);
   e2 = exp_nonpos(d * invT);
-  const bool live = tt > -__builtin_inff();
-  const float e = exp_nonpos(tt - mt);
-  e3 = live ? e : 0.0f;
-  x = e3 * (live ? tt - s * invT : 0.0f);
+  const bool live = tt > -static_cast<F>(__builtin_inff());
+  const F e = exp_nonpos(tt - mt);
+  e3 = live ? e : F(0);
+  x = e3 * (live ? tt - s * invT : F(0));
 }
 
-static void kd_row(const float* __restrict__ s, const float* __restrict__ tt, float* __restrict__ g,
-                   float* __restrict__ scratch, int64_t C, int64_t y, float invT, float a_ce, float a_kl, float* ce,
-                   float* kl) {
-  float* __restrict__ es = scratch;
-  float* __restrict__ est = scratch + C;
-  float* __restrict__ et = scratch + 2 * C;
-  float ms = -__builtin_inff(), mt = -__builtin_inff();
-#pragma omp simd reduction(max : ms, mt)
-  for (int64_t c = 0; c < C; ++c) {
-    ms = s[c] > ms ? s[c] : ms;
-    mt = tt[c] > mt ? tt[c] : mt;
-  }
+// A row's sums of its three exponentials and of its KL cross term, {zs, zst, zt, cross}: kLanes fixed lanes (class
+// c in lane c % kLanes) of F partials folded into double every kFold classes, then pairwise. The exponentials are
+// stored in es, est, et for the gradient pass.
+template <typename F>
+DSD2_INLINE void kd_row_sums(const F* __restrict__ s, const F* __restrict__ tt, F* __restrict__ es,
+                             F* __restrict__ est, F* __restrict__ et, int64_t C, F ms, F mt, F invT, double* sums) {
   double z1[kLanes] = {}, z2[kLanes] = {}, z3[kLanes] = {}, zx[kLanes] = {};
   for (int64_t c0 = 0; c0 < C; c0 += kFold) {
     const int64_t stop = C - c0 < kFold ? C : c0 + kFold;
-    float p1[kLanes] = {}, p2[kLanes] = {}, p3[kLanes] = {}, px[kLanes] = {};
+    F p1[kLanes] = {}, p2[kLanes] = {}, p3[kLanes] = {}, px[kLanes] = {};
     // class i in lane l: its exponentials stored for the gradient pass, added to the lane's partial sums
     auto lane = [&](int64_t i, int l) __attribute__((always_inline)) {
-      float e1, e2, e3, x;
+      F e1, e2, e3, x;
       kd_terms(s[i], tt[i], ms, mt, invT, e1, e2, e3, x);
       es[i] = e1;
       est[i] = e2;
@@ -266,17 +263,89 @@ static void kd_row(const float* __restrict__ s, const float* __restrict__ tt, fl
       zx[l] += zx[l + w];
     }
   }
-  const double zs = z1[0], zst = z2[0], zt = z3[0], cross = zx[0];
-  const float b_ce = static_cast<float>(a_ce / zs), b_q = static_cast<float>(a_kl / zst);
-  const float b_p = static_cast<float>(a_kl / zt);
+  sums[0] = z1[0];
+  sums[1] = z2[0];
+  sums[2] = z3[0];
+  sums[3] = zx[0];
+}
+
+// KD loss of one row of C classes: s student logits, tt teacher logits already divided by T. g receives the
+// gradient of the batch-mean loss (a_ce = (1 - a) / n, a_kl = a T / n); scratch holds 3 * C values.
+template <typename F>
+DSD2_INLINE void kd_row_impl(const F* __restrict__ s, const F* __restrict__ tt, F* __restrict__ g,
+                             F* __restrict__ scratch, int64_t C, int64_t y, F invT, F a_ce, F a_kl, F* ce, F* kl) {
+  F* __restrict__ es = scratch;
+  F* __restrict__ est = scratch + C;
+  F* __restrict__ et = scratch + 2 * C;
+  F ms = -static_cast<F>(__builtin_inff()), mt = -static_cast<F>(__builtin_inff());
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t c = 0; c < C; ++c) {
+    ms = s[c] > ms ? s[c] : ms;
+    mt = tt[c] > mt ? tt[c] : mt;
+  }
+  double sums[4];
+  kd_row_sums(s, tt, es, est, et, C, ms, mt, invT, sums);
+  const double zs = sums[0], zst = sums[1], zt = sums[2], cross = sums[3];
+  const F b_ce = static_cast<F>(a_ce / zs), b_q = static_cast<F>(a_kl / zst);
+  const F b_p = static_cast<F>(a_kl / zt);
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) g[c] = madd(b_ce, es[c], madd(b_q, est[c], -b_p * et[c]));
   g[y] -= a_ce;
   // KL = sum p (t/T - s/T) - lse(t/T) + lse(s/T), using sum p = 1
   const double lse_s = ms + std::log(zs), lse_st = static_cast<double>(ms) * invT + std::log(zst);
   const double lse_t = mt + std::log(zt);
-  *ce = static_cast<float>(lse_s - s[y]);
-  *kl = static_cast<float>(cross / zt - lse_t + lse_st);
+  *ce = static_cast<F>(lse_s - s[y]);
+  *kl = static_cast<F>(cross / zt - lse_t + lse_st);
+}
+
+static void kd_row(const float* s, const float* tt, float* g, float* scratch, int64_t C, int64_t y, float invT,
+                   float a_ce, float a_kl, float* ce, float* kl) {
+  kd_row_impl<float>(s, tt, g, scratch, C, y, invT, a_ce, a_kl, ce, kl);
+}
+
+static void kd_row_f64(const double* s, const double* tt, double* g, double* scratch, int64_t C, int64_t y,
+                       double invT, double a_ce, double a_kl, double* ce, double* kl) {
+  kd_row_impl<double>(s, tt, g, scratch, C, y, invT, a_ce, a_kl, ce, kl);
+}
+
+// kd_block's first pass: rows transposed in, S[c * R + r] = s[r][c] and Tt[c * R + r] = t[r][c] / T (padding rows,
+// r >= rows, repeat row 0 and are weighted 0 later), and each row's maxes.
+DSD2_INLINE void kd_block_load(const float* __restrict__ s, int64_t s_stride, const float* __restrict__ t,
+                               int64_t t_stride, int64_t rows, int64_t C, float invT, float* __restrict__ S,
+                               float* __restrict__ Tt, float* __restrict__ ms, float* __restrict__ mt) {
+  constexpr int64_t R = kKDBlockRows;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t rr = r < rows ? r : 0;
+    for (int64_t c = 0; c < C; ++c) {
+      S[c * R + r] = s[rr * s_stride + c];
+      Tt[c * R + r] = t[rr * t_stride + c] * invT;
+    }
+  }
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) ms[r] = mt[r] = -__builtin_inff();
+  for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) {
+      ms[r] = S[c * R + r] > ms[r] ? S[c * R + r] : ms[r];
+      mt[r] = Tt[c * R + r] > mt[r] ? Tt[c * R + r] : mt[r];
+    }
+  }
+}
+
+// kd_block's last pass: the target class's terms of valid rows, then the gradient transposed out.
+DSD2_INLINE void kd_block_store(const float* __restrict__ S, float* __restrict__ G, float* __restrict__ g,
+                                int64_t g_stride, int64_t rows, int64_t C, const int64_t* __restrict__ y,
+                                const float* __restrict__ valid, float a_ce, float* __restrict__ ce) {
+  constexpr int64_t R = kKDBlockRows;
+  for (int64_t r = 0; r < R; ++r) {
+    if (valid[r] == 0.0f) continue;
+    ce[r] -= S[y[r] * R + r];
+    G[y[r] * R + r] -= a_ce;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) g[r * g_stride + c] = G[c * R + r];
+  }
 }
 
 // Small C (10 or 100 classes): the rows of a block are the SIMD lanes and classes the outer loop, so a 10-class
@@ -292,27 +361,10 @@ static void kd_block(const float* __restrict__ s, int64_t s_stride, const float*
   float* __restrict__ E1 = G + C * R;
   float* __restrict__ E2 = E1 + C * R;
   float* __restrict__ E3 = E2 + C * R;
-  // transpose in; padding rows (r >= rows) repeat row 0 and are weighted 0 by valid[r]
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t rr = r < rows ? r : 0;
-    for (int64_t c = 0; c < C; ++c) {
-      S[c * R + r] = s[rr * s_stride + c];
-      Tt[c * R + r] = t[rr * t_stride + c] * invT;
-    }
-  }
   float ms[R], mt[R], zs[R], zst[R], zt[R], cross[R];
+  kd_block_load(s, s_stride, t, t_stride, rows, C, invT, S, Tt, ms, mt);
 #pragma omp simd
-  for (int64_t r = 0; r < R; ++r) {
-    ms[r] = mt[r] = -__builtin_inff();
-    zs[r] = zst[r] = zt[r] = cross[r] = 0.0f;
-  }
-  for (int64_t c = 0; c < C; ++c) {
-#pragma omp simd
-    for (int64_t r = 0; r < R; ++r) {
-      ms[r] = S[c * R + r] > ms[r] ? S[c * R + r] : ms[r];
-      mt[r] = Tt[c * R + r] > mt[r] ? Tt[c * R + r] : mt[r];
-    }
-  }
+  for (int64_t r = 0; r < R; ++r) zs[r] = zst[r] = zt[r] = cross[r] = 0.0f;
   for (int64_t c = 0; c < C; ++c) {
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r) {
@@ -335,7 +387,7 @@ static void kd_block(const float* __restrict__ s, int64_t s_stride, const float*
     const float lse_t = mt[r] + log_pos(zt[r]);
     const float izt = 1.0f / zt[r];
     const bool live = valid[r] != 0.0f;
-    ce[r] = live ? ms[r] + log_pos(zs[r]) : 0.0f;  // minus s[y] below
+    ce[r] = live ? ms[r] + log_pos(zs[r]) : 0.0f;  // minus s[y] in kd_block_store
     kl[r] = live ? cross[r] * izt - lse_t + lse_st : 0.0f;
     b_ce[r] = live ? a_ce / zs[r] : 0.0f;
     b_q[r] = live ? a_kl / zst[r] : 0.0f;
@@ -348,17 +400,10 @@ static void kd_block(const float* __restrict__ s, int64_t s_stride, const float*
       G[c * R + r] = valid[r] != 0.0f ? g : 0.0f;
     }
   }
-  for (int64_t r = 0; r < R; ++r) {
-    if (valid[r] == 0.0f) continue;
-    ce[r] -= S[y[r] * R + r];
-    G[y[r] * R + r] -= a_ce;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) g[r * g_stride + c] = G[c * R + r];
-  }
+  kd_block_store(S, G, g, g_stride, rows, C, y, valid, a_ce, ce);
 }
 
 static const KernelTable kTable = {
-    DSD2_ISA_NAME, sgd_f32, count_cols_f32, count_cols_u16, relu_rows_f32, relu_rows_u16, kd_row, kd_block,
+    DSD2_ISA_NAME, sgd_f32, count_cols_f32, count_cols_u16, relu_rows_f32, relu_rows_u16, kd_row, kd_row_f64,
+    kd_block,
 };

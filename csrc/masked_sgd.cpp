@@ -1,7 +1,7 @@
 // Masked SGD step on the CPU: one pass per tensor masks the gradient, adds weight decay, updates momentum, steps
 // and re-masks. fp32 runs the level-specific kernel; other dtypes run the same formula here, in fp32.
+#include "common.h"
 #include "isa.h"
-#include "ops.h"
 
 #include <ATen/Parallel.h>
 

@@ -1,7 +1,7 @@
 // ReLU-state counting on the CPU: counts[j] += #{b : x[b, j] > 0} (or >= 0 when inclusive), alone or fused into
 // the ReLU forward. fp32 and 16-bit floats run the level-specific kernels; float64 runs a plain loop here.
+#include "common.h"
 #include "isa.h"
-#include "ops.h"
 
 #include <ATen/Parallel.h>
 
@@ -10,8 +10,6 @@
 
 namespace dsd2 {
 namespace {
-
-constexpr int64_t kCols = 8192;  // columns per task: the kernels' int32 counters for them fit in 32 KiB
 
 uint16_t inf_bits(at::ScalarType dt) { return dt == at::kBFloat16 ? 0x7F80 : 0x7C00; }
 
@@ -66,7 +64,7 @@ void count_positive_(const at::Tensor& x_in, at::Tensor counts, bool inclusive, 
   const auto dt = x.scalar_type();
   const char* base = static_cast<const char*>(x.data_ptr());
   if (spatial == 1) {
-    at::parallel_for(0, per_sample, kCols, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, per_sample, kCountCols, [&](int64_t begin, int64_t end) {
       count_columns(dt, base, nullptr, out + begin, batch, per_sample, begin, end, inclusive);
     });
     return;
@@ -99,7 +97,7 @@ at::Tensor relu_count(const at::Tensor& x_in, at::Tensor counts, bool inclusive)
   int64_t* out = counts.data_ptr<int64_t>();
   const auto dt = x.scalar_type();
   const bool streamable = dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf;
-  if (streamable && batch >= 2 * at::get_num_threads() && per_sample >= kCols) {
+  if (streamable && batch >= 2 * at::get_num_threads() && per_sample >= kCountCols) {
     // whole samples per thread, like a plain ReLU, with full-width int32 counters merged once at the end
     const KernelTable& k = active_kernels();
     std::mutex merge;
@@ -122,7 +120,7 @@ at::Tensor relu_count(const at::Tensor& x_in, at::Tensor counts, bool inclusive)
     });
     return y;
   }
-  at::parallel_for(0, per_sample, kCols, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, per_sample, kCountCols, [&](int64_t begin, int64_t end) {
     count_columns(dt, x.data_ptr(), y.data_ptr(), out + begin, batch, per_sample, begin, end, inclusive);
   });
   return y;

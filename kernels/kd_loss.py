@@ -65,21 +65,12 @@ def _kd_tile_kernel(s_ptr, t_ptr, y_ptr, n_ptr, grad_ptr, ce_ptr, kl_ptr,
 
 
 @triton.jit
-def _kd_chunked_kernel(s_ptr, t_ptr, y_ptr, n_ptr, grad_ptr, ce_ptr, kl_ptr,
-                       C, s_stride, t_stride, ignore_index, w_ce, w_kl, inv_t,
-                       NEG_BIG: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    y = tl.load(y_ptr + row)
-    valid = y != ignore_index
-    s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride
-    g_row = grad_ptr + row * C
-    cols = tl.arange(0, BLOCK_C)
-
-    # Per-lane running statistics, merged across lanes only once at the end (no per-chunk reductions):
-    # z1 = sum exp(s - m_s), z2 = sum exp((s - m_s) / T), z3 = sum exp((t - m_t) / T) and
+def _kd_lane_stats(s_row, t_row, C, inv_t, NEG_BIG: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Per-lane running statistics of one row, merged across lanes only once at the end (no per-chunk reductions):
+    # maxes m_s, m_t; z1 = sum exp(s - m_s), z2 = sum exp((s - m_s) / T), z3 = sum exp((t - m_t) / T) and
     # a3 = sum exp((t - m_t) / T) * ((t - m_t) - (s - m_s)) / T. a3 is kept relative to the running maxes (not as
     # sum p * (t - s)) so that logits with a large common offset (+-1e4) never cancel as big numbers at the end.
+    cols = tl.arange(0, BLOCK_C)
     m_s = tl.full([BLOCK_C], NEG_BIG, tl.float32)
     m_t = tl.full([BLOCK_C], NEG_BIG, tl.float32)
     z1 = tl.zeros([BLOCK_C], tl.float32)
@@ -107,7 +98,13 @@ def _kd_chunked_kernel(s_ptr, t_ptr, y_ptr, n_ptr, grad_ptr, ce_ptr, kl_ptr,
         z3 = z3 * scale_t + e3
         m_s = m_s_new
         m_t = m_t_new
+    return m_s, m_t, z1, z2, z3, a3
 
+
+@triton.jit
+def _kd_merge_lanes(m_s, m_t, z1, z2, z3, a3, inv_t):
+    # the row's maxes (ms, mt) and its sums, every lane rescaled to them: zs1, zs2, zt from z1, z2, z3 and at from
+    # a3, so that KL = at / zt - log zt + log zs2
     ms = tl.max(m_s, axis=0)
     f_s = m_s - ms
     zs1 = tl.sum(z1 * tl.exp(f_s), axis=0)
@@ -116,6 +113,23 @@ def _kd_chunked_kernel(s_ptr, t_ptr, y_ptr, n_ptr, grad_ptr, ce_ptr, kl_ptr,
     f_t = tl.exp((m_t - mt) * inv_t)
     zt = tl.sum(z3 * f_t, axis=0)
     at = tl.sum((a3 + tl.where(z3 > 0, z3 * ((m_t - mt) - f_s) * inv_t, 0.0)) * f_t, axis=0)
+    return ms, mt, zs1, zs2, zt, at
+
+
+@triton.jit
+def _kd_chunked_kernel(s_ptr, t_ptr, y_ptr, n_ptr, grad_ptr, ce_ptr, kl_ptr,
+                       C, s_stride, t_stride, ignore_index, w_ce, w_kl, inv_t,
+                       NEG_BIG: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(y_ptr + row)
+    valid = y != ignore_index
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    g_row = grad_ptr + row * C
+    cols = tl.arange(0, BLOCK_C)
+
+    m_s, m_t, z1, z2, z3, a3 = _kd_lane_stats(s_row, t_row, C, inv_t, NEG_BIG, BLOCK_C)
+    ms, mt, zs1, zs2, zt, at = _kd_merge_lanes(m_s, m_t, z1, z2, z3, a3, inv_t)
     log_z1 = tl.log(zs1)
     log_z2 = tl.log(zs2)
     log_z3 = tl.log(zt)

@@ -132,6 +132,12 @@ def _tables(device: torch.device, rows: list[tuple[int, ...]], numels: list[int]
     return out
 
 
+def pointer_tables() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every pointer table cached now, each (tensors, blocks, numels). A captured step reads its tables by address
+    and the cache is bounded: a CUDA graph holds this list for as long as it lives, so none is freed under it."""
+    return list(_TABLE_CACHE.values())
+
+
 def masked_sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor | None],
                      masks: list[torch.Tensor | None], lr: float | torch.Tensor, momentum: float, weight_decay: float,
                      nesterov: bool) -> None:

@@ -11,8 +11,7 @@ import pytest
 import torch
 from conftest import ENGINE, engine_env
 
-from dsd2.ops import kd_loss
-from dsd2.ops._backend import cpu_isa, cpu_isa_levels, set_cpu_isa, use_cpu_isa
+from dsd2.ops import cpu_isa, cpu_isa_levels, kd_loss, set_cpu_isa, use_cpu_isa
 
 LEVELS = ("default", "avx2", "avx512")
 
@@ -50,7 +49,7 @@ def run(code: str, cwd, **env) -> subprocess.CompletedProcess:
 
 
 def test_environment_variable_chooses_the_level(tmp_path):
-    out = run("from dsd2.ops._backend import cpu_isa; print(cpu_isa())", tmp_path, DSD2_CPU_ISA="default")
+    out = run("from dsd2.ops import cpu_isa; print(cpu_isa())", tmp_path, DSD2_CPU_ISA="default")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "default"
 

@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from dsd2.ops._backend import cpp_extension
+from dsd2.ops import cpp_extension
 
 KERNELS = ("sgd_f32", "count_cols_f32", "count_cols_u16", "relu_rows_f32", "relu_rows_u16", "kd_row", "kd_block")
 LEVELS = {"default": "xmm", "avx2": "ymm", "avx512": "zmm"}
@@ -93,6 +93,16 @@ def test_kd_kernels_use_packed_fma(code, level, kernel):
     fma = [line for line in code[f"{level}::{kernel}"] if re.search(r"\svfn?m(add|sub)\w*ps\s", line)
            and f"%{reg}" in line]
     assert len(fma) >= 8, f"{level}::{kernel}: the exp/log polynomials are not packed FMAs on {reg}"
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_float64_kd_row_uses_nothing_wider_than_its_level(code, level):
+    """kd_row_f64 calls the standard library's exp and log, so it is not required to be packed; it is compiled
+    per level like the others and must not touch a register its level lacks."""
+    body = code.get(f"{level}::kd_row_f64")
+    assert body, f"dsd2::isa_{level}::kd_row_f64 is missing from the built extension"
+    for wider in WIDER[level]:
+        assert not any(f"%{wider}" in line for line in body), f"{level}::kd_row_f64 uses {wider} registers"
 
 
 def test_sgd_kernels_have_no_fma(code):

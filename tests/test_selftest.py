@@ -12,7 +12,7 @@ from conftest import ENGINE, engine_env
 
 from dsd2 import selftest
 from dsd2.cli import main
-from dsd2.ops._backend import cpu_isa_levels
+from dsd2.ops import cpu_isa_levels
 
 
 def test_quick_selftest_passes_on_the_cpu_at_every_level(tmp_path):

@@ -1,4 +1,5 @@
-"""Backend discovery for the fused ops: the C++ extension (CPU), Triton (CUDA), or the reference."""
+"""Backends of the fused ops: what each op has, the one picker every op asks, and discovery of the C++ extension
+(CPU) and Triton (CUDA)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,53 @@ import functools
 import importlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
+import torch
+
 ISA_ENV = "DSD2_CPU_ISA"
+
+# The backends of each op, in the picker's order of preference: a fused backend is taken on its device when it is
+# usable there; the first portable one (any device) is the fallback, and the ones after it run only when asked for.
+OP_BACKENDS: dict[str, tuple[str, ...]] = {
+    "kd_loss": ("triton", "cpp", "reference"),
+    "relu_count": ("triton", "cpp", "reference"),
+    "masked_sgd": ("triton", "cpp", "foreach", "reference"),
+}
+FUSED_DEVICE = {"triton": "cuda", "cpp": "cpu"}  # the device type each fused backend runs on
+# the input dtypes of the fused kernels that do not take every dtype the op does: (op, backend) -> dtypes
+KERNEL_DTYPES = {("relu_count", "cpp"): (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+def pick(op: str, where: torch.Tensor | torch.device | str, backend: str | None = None, *,
+         extension: Callable[[], ModuleType | None] | None = None, triton: bool | None = None) -> str:
+    """The backend that `op` runs on for the tensor (or device) `where`.
+
+    `backend`, when given, is the caller's choice: returned as it is once checked against the op's backends.
+    Otherwise the op's fused backend for the device (Triton for CUDA, the C++ extension for the CPU, and for a
+    tensor only if that kernel takes its dtype) where it is usable, else the op's portable path: "reference", or
+    "foreach" for masked_sgd. `extension` loads dsd2._C or returns None (default: `cpp_extension`; an op passes
+    the loader it then calls, so the choice and the call agree); `triton` says whether Triton is usable (default:
+    whether it imports). Each is asked only when its backend is in question.
+    """
+    if op not in OP_BACKENDS:
+        raise ValueError(f"op '{op}' is not known; allowed: {', '.join(OP_BACKENDS)}")
+    if backend is not None:
+        if backend not in OP_BACKENDS[op]:
+            raise ValueError(f"backend '{backend}' is not known for {op}; allowed: {', '.join(OP_BACKENDS[op])}")
+        return backend
+    device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
+    dtype = where.dtype if isinstance(where, torch.Tensor) else None
+    usable = {"cpp": lambda: (extension or cpp_extension)() is not None,
+              "triton": lambda: triton_available() if triton is None else triton}
+    for name in OP_BACKENDS[op]:
+        if name not in FUSED_DEVICE:
+            return name
+        takes = dtype is None or dtype in KERNEL_DTYPES.get((op, name), (dtype,))
+        if FUSED_DEVICE[name] == device.type and takes and usable[name]():
+            return name
+    raise AssertionError(f"{op} has no portable backend")  # every row of OP_BACKENDS ends with one
 
 
 @functools.cache
@@ -78,18 +122,20 @@ def triton_available() -> bool:
 
 
 def describe() -> dict[str, str]:
-    import torch
-
+    """What `dsd2-engine info` reports: the extension, the CPU level, Triton, CUDA, and each op's backend for a
+    CPU and for a CUDA tensor."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cpp = cpp_extension()
     levels = ", ".join(cpp.cpu_isa_levels()) if cpp is not None else "none"
+    ops = "; ".join(f"{op} cpu={pick(op, 'cpu')} cuda={pick(op, 'cuda')}" for op in OP_BACKENDS)
     return {
         "cpp_extension": "loaded" if cpp is not None else "missing (reference fallback)",
         "cpu_isa": f"{cpp.cpu_isa()} (this CPU runs: {levels}; choose with {ISA_ENV})" if cpp is not None else "n/a",
         "cpu": cpu_model(),
         "triton": "importable" if triton_available() else "missing",
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
+        "ops": ops,
     }
 
 

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dsd2.ops._backend import cpp_extension, triton_available
+from dsd2.ops._backend import cpp_extension, pick
 
 FP32_EPS = 2.0**-24  # unit roundoff of fp32, the precision of every backend's math
 # storing the gradient in the input dtype: one ulp (the Triton interpreter truncates where hardware rounds)
@@ -36,7 +36,8 @@ def kd_tolerances(dtype: torch.dtype, classes: int) -> tuple[float, float]:
 
 def kd_loss_reference(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.8,
                       temperature: float = 10.0, ignore_index: int = -100) -> tuple[torch.Tensor, ...]:
-    """The oracle in plain PyTorch (differentiable by autograd). Returns (loss, ce, kl)."""
+    """The oracle in plain PyTorch (differentiable by autograd): every backend, the selftest and the benchmarks'
+    eager baseline are measured against it. Returns (loss, ce, kl)."""
     dtype = torch.promote_types(student.dtype, torch.float32)  # fp32 math, float64 stays float64
     s, t = student.to(dtype), teacher.detach().to(dtype)
     valid = target != ignore_index
@@ -45,8 +46,8 @@ def kd_loss_reference(student: torch.Tensor, teacher: torch.Tensor, target: torc
     log_q = F.log_softmax(s / temperature, dim=1)
     p = F.softmax(t / temperature, dim=1)
     log_p = F.log_softmax(t / temperature, dim=1)
-    kl_terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    kl_rows = torch.where(valid, kl_terms.sum(1), torch.zeros_like(ce_rows))
+    kl_terms = torch.where(p > 0, p * (log_p - log_q), 0.0)  # p = 0 (a teacher logit of -inf) adds 0, not NaN
+    kl_rows = torch.where(valid, kl_terms.sum(1), 0.0)  # an ignored row may hold inf or NaN logits
     ce, kl = ce_rows.sum() / n, kl_rows.sum() / n
     loss = (1 - alpha) * ce + alpha * temperature**2 * kl
     return loss, ce, kl
@@ -63,8 +64,8 @@ def _forward_reference(student, teacher, target, alpha, temperature, ignore_inde
 
 def kd_loss_forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, alpha: float,
                     temperature: float, ignore_index: int, backend: str | None = None) -> tuple[torch.Tensor, ...]:
-    """(loss, ce, kl, grad) from the backend chosen by device: CUDA -> Triton, CPU -> C++, else the reference."""
-    backend = backend or pick_backend(student)
+    """(loss, ce, kl, grad) from `backend`, or the one `dsd2.ops.pick` chooses for the student's device."""
+    backend = pick("kd_loss", student, backend, extension=cpp_extension)
     if backend == "triton":
         from dsd2.kernels.kd_loss import kd_loss_forward as triton_forward
 
@@ -76,19 +77,10 @@ def kd_loss_forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.
     return _forward_reference(student, teacher, target, alpha, temperature, ignore_index)
 
 
-
-def pick_backend(x: torch.Tensor) -> str:
-    if x.device.type == "cuda" and triton_available():
-        return "triton"
-    if x.device.type == "cpu":
-        return "cpp" if cpp_extension() is not None else "reference"
-    return "reference"
-
-
 class KDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, target, alpha, temperature, ignore_index, backend):
-        backend = backend or pick_backend(student)
+        backend = pick("kd_loss", student, backend, extension=cpp_extension)
         loss, ce, kl, grad = kd_loss_forward(student, teacher, target, alpha, temperature, ignore_index, backend)
         ctx.cpp = backend == "cpp" and cpp_extension() is not None
         ctx.save_for_backward(grad)

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 
 import torch
 
-from dsd2.ops._backend import cpp_extension, triton_available
+from dsd2.ops._backend import OP_BACKENDS, cpp_extension, pick
 
-BACKENDS = ("auto", "cpp", "triton", "foreach", "reference")
+BACKENDS = ("auto", *OP_BACKENDS["masked_sgd"])
 
 
 def masked_sgd_reference(params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -44,7 +44,9 @@ def masked_sgd_reference(params: list[torch.Tensor], grads: list[torch.Tensor],
             p.mul_(mask)
 
 
-def _foreach_step(params, grads, bufs, masks, *, lr, momentum, weight_decay, nesterov, first) -> None:
+def masked_sgd_foreach(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor | None],
+                       masks: list[torch.Tensor | None], *, lr: float | torch.Tensor, momentum: float,
+                       weight_decay: float, nesterov: bool, first: bool) -> None:
     """Multi-tensor path for devices without a fused kernel: a handful of launches for all tensors. No `alpha=`
     arguments: ATen computes `a + alpha * b` as one fused multiply-add on some CPUs and not on others."""
     d = [g * m if m is not None else g.clone() for g, m in zip(grads, masks)]
@@ -99,15 +101,6 @@ class MaskedSGD(torch.optim.Optimizer):
         # stored in the parameter's own memory layout (e.g. channels_last) so one flat pass pairs them
         self.masks[id(param)] = torch.empty_like(param, dtype=torch.bool).copy_(mask)
 
-    def _pick(self, p: torch.Tensor) -> str:
-        if self.backend != "auto":
-            return self.backend
-        if p.device.type == "cuda" and triton_available():
-            return "triton"
-        if p.device.type == "cpu" and cpp_extension() is not None:
-            return "cpp"
-        return "foreach"
-
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
@@ -128,7 +121,8 @@ class MaskedSGD(torch.optim.Optimizer):
                 bufs.append(state.get("momentum_buffer"))
             grads = [p.grad for p in params]
             masks = [self.masks.get(id(p)) for p in params]
-            backend = self._pick(params[0])
+            backend = pick("masked_sgd", params[0], None if self.backend == "auto" else self.backend,
+                           extension=cpp_extension)
             if backend == "triton":
                 # one launch for every tensor; lr may be a device tensor (changed without CUDA-graph recapture)
                 from dsd2.kernels.masked_sgd import masked_sgd_step_ as triton_step
@@ -142,8 +136,8 @@ class MaskedSGD(torch.optim.Optimizer):
                                      "needs backend auto, foreach or triton")
                 # a learning rate held in a tensor (CUDA-graph replays change it without recapture) is passed to
                 # the multi-tensor path as a tensor: reading it back would be a host sync inside a capture
-                _foreach_step(params, grads, bufs, masks, lr=group["lr"], momentum=momentum,
-                              weight_decay=group["weight_decay"], nesterov=group["nesterov"], first=first)
+                masked_sgd_foreach(params, grads, bufs, masks, lr=group["lr"], momentum=momentum,
+                                   weight_decay=group["weight_decay"], nesterov=group["nesterov"], first=first)
                 continue
             kwargs = dict(lr=float(group["lr"]), momentum=momentum, weight_decay=group["weight_decay"],
                           nesterov=group["nesterov"], first=first)
@@ -151,7 +145,7 @@ class MaskedSGD(torch.optim.Optimizer):
                 cpp_extension().masked_sgd_step_(params, grads, bufs, masks, kwargs["lr"], momentum,
                                                  group["weight_decay"], group["nesterov"], first)
             elif backend == "foreach":
-                _foreach_step(params, grads, bufs, masks, **kwargs)
+                masked_sgd_foreach(params, grads, bufs, masks, **kwargs)
             else:
                 masked_sgd_reference(params, grads, bufs, masks, **kwargs)
         return loss

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsd2.ops._backend import cpp_extension, triton_available
+from dsd2.ops._backend import cpp_extension, pick
 
 GRANULARITIES = ("element", "channel")
 
@@ -29,23 +29,15 @@ def count_positive_reference(x: torch.Tensor, counts: torch.Tensor, inclusive: b
                              per_channel: bool = False) -> torch.Tensor:
     """The oracle: plain PyTorch, exact (integer sums of booleans)."""
     state = (x >= 0) if inclusive else (x > 0)
-    if per_channel and x.dim() > 2:
-        state = state.transpose(0, 1).reshape(x.shape[1], -1)
-        counts += state.sum(1)
-    elif per_channel:
-        counts += state.reshape(x.shape[0], -1).sum(0)
-    else:
+    if per_channel and x.dim() > 2:  # pool each channel's positions
+        counts += state.transpose(0, 1).reshape(x.shape[1], -1).sum(1)
+    else:  # per element, or per channel of a [B, C] input (one position per channel)
         counts += state.reshape(x.shape[0], -1).sum(0)
     return counts
 
 
-def _backend(x: torch.Tensor) -> str:
-    if x.device.type == "cuda" and triton_available():
-        return "triton"
-    if x.device.type == "cpu" and cpp_extension() is not None and x.dtype in (torch.float32, torch.float16,
-                                                                                torch.bfloat16, torch.float64):
-        return "cpp"
-    return "reference"
+def _pick(x: torch.Tensor, backend: str | None) -> str:
+    return pick("relu_count", x, backend, extension=cpp_extension)
 
 
 def _check(x: torch.Tensor, counts: torch.Tensor, per_channel: bool) -> None:
@@ -61,7 +53,7 @@ def count_positive_(x: torch.Tensor, counts: torch.Tensor, *, inclusive: bool = 
                     per_channel: bool = False, backend: str | None = None) -> torch.Tensor:
     """counts += number of samples (dim 0) with x > 0, per element of x[0] (or per channel). In place; exact."""
     _check(x, counts, per_channel)
-    backend = backend or _backend(x)
+    backend = _pick(x, backend)
     if x.dim() == 1:
         x = x.unsqueeze(1)
     if backend == "triton":
@@ -78,7 +70,7 @@ def relu_count(x: torch.Tensor, counts: torch.Tensor, *, inclusive: bool = False
                backend: str | None = None) -> torch.Tensor:
     """relu(x), updating counts in the same read of x."""
     _check(x, counts, per_channel)
-    backend = backend or _backend(x)
+    backend = _pick(x, backend)
     if backend == "triton":
         from dsd2.kernels.relu_count import relu_count as triton_relu_count
 
@@ -126,11 +118,6 @@ class CountingReLU(nn.ReLU):
 
     def reset_counts(self) -> None:
         self.counts, self.observations = None, 0
-
-    def frequencies(self) -> torch.Tensor:
-        if self.counts is None or self.observations == 0:
-            raise RuntimeError("no states counted yet: set counting = True and run some batches")
-        return self.counts.double() / self.observations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.counting:

@@ -3,7 +3,7 @@
 
 import pytest
 
-from dsd2.ops._backend import cpu_isa_levels, use_cpu_isa
+from dsd2.ops import cpu_isa_levels, use_cpu_isa
 
 LEVELS = ("default", "avx2", "avx512")
 

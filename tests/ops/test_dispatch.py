@@ -1,18 +1,180 @@
-"""Backend choice: CPU -> C++, CUDA -> Triton, and the reference (with one warning) when dsd2._C is missing."""
+"""One backend picker for every op (`dsd2.ops.pick`): its choice per device and availability (CPU -> C++, CUDA ->
+Triton, else the op's portable path), that each op runs exactly the backend picked or given, and the reference with
+one warning when dsd2._C is missing."""
 
 import importlib
 import warnings
 
 import pytest
 import torch
+from conftest import triton_device
 
-from dsd2.ops import _backend, kd_loss, kd_loss_reference
-from dsd2.ops.kd_loss import pick_backend
+import dsd2.ops
+from dsd2.ops import (
+    OP_BACKENDS,
+    MaskedSGD,
+    backends,
+    count_positive_,
+    kd_loss,
+    kd_loss_reference,
+    pick,
+    relu_count,
+)
+
+PORTABLE = {"kd_loss": "reference", "relu_count": "reference", "masked_sgd": "foreach"}
+# device, dsd2._C usable, Triton usable -> the fused backend picked (None: the op's portable path)
+CASES = [
+    ("cpu", True, True, "cpp"),
+    ("cpu", True, False, "cpp"),
+    ("cpu", False, True, None),
+    ("cuda", True, True, "triton"),
+    ("cuda", False, True, "triton"),
+    ("cuda", True, False, None),
+    ("meta", True, True, None),
+]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_cpu_tensors_take_the_cpp_extension():
-    assert _backend.cpp_extension() is not None
-    assert pick_backend(torch.zeros(2, 3)) == "cpp"
+def run_kd_loss(device, backend=None):
+    s = torch.randn(4, 10, device=device, requires_grad=True)
+    t, y = torch.randn(4, 10, device=device), torch.randint(0, 10, (4,), device=device)
+    kd_loss(s, t, y, backend=backend).backward()
+
+
+def run_relu_count(device, backend=None):
+    x, counts = torch.randn(4, 6, device=device), torch.zeros(6, dtype=torch.long, device=device)
+    relu_count(x, counts, backend=backend)
+    count_positive_(x, counts, backend=backend)
+
+
+def run_masked_sgd(device, backend=None):
+    p = torch.randn(5, device=device, requires_grad=True)
+    p.grad = torch.randn(5, device=device)
+    MaskedSGD([p], {p: torch.rand(5, device=device) < 0.5}, lr=0.1, backend=backend or "auto").step()
+
+
+RUN = {"kd_loss": run_kd_loss, "relu_count": run_relu_count, "masked_sgd": run_masked_sgd}
+# the entry points of each op's non-C++ backends: (module, function name, backend)
+ENTRY_POINTS = [
+    ("dsd2.kernels.kd_loss", "kd_loss_forward", "triton"),
+    ("dsd2.kernels.relu_count", "count_positive_", "triton"),
+    ("dsd2.kernels.relu_count", "relu_count", "triton"),
+    ("dsd2.kernels.masked_sgd", "masked_sgd_step_", "triton"),
+    ("dsd2.ops.kd_loss", "kd_loss_reference", "reference"),
+    ("dsd2.ops.relu_count", "count_positive_reference", "reference"),
+    ("dsd2.ops.masked_sgd", "masked_sgd_reference", "reference"),
+    ("dsd2.ops.masked_sgd", "masked_sgd_foreach", "foreach"),
+]
+
+
+class RecordingExtension:
+    """dsd2._C, noting every call of one of its functions as the "cpp" backend."""
+
+    def __init__(self, ext, calls: list[str]):
+        self.ext, self.calls = ext, calls
+
+    def __getattr__(self, name):
+        real = getattr(self.ext, name)
+
+        def call(*args):
+            self.calls.append("cpp")
+            return real(*args)
+
+        return call
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[str]:
+    """The backends the ops run from here on, one entry per call into a backend."""
+    out: list[str] = []
+    for module_name, name, backend in ENTRY_POINTS:
+        module = importlib.import_module(module_name)
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _backend=backend, **kwargs):
+            out.append(_backend)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    ext = dsd2.ops.cpp_extension()
+    for op in OP_BACKENDS:
+        monkeypatch.setattr(importlib.import_module(f"dsd2.ops.{op}"), "cpp_extension",
+                            lambda: RecordingExtension(ext, out))
+    return out
+
+
+def test_every_op_has_a_portable_backend_after_its_fused_ones():
+    assert set(OP_BACKENDS) == set(RUN)
+    for op, names in OP_BACKENDS.items():
+        assert names[:2] == ("triton", "cpp") and names[2] == PORTABLE[op], op
+
+
+@pytest.mark.parametrize("device, cpp, triton, fused", CASES)
+@pytest.mark.parametrize("op", list(OP_BACKENDS))
+def test_picker_chooses_by_device_and_availability(op, device, cpp, triton, fused):
+    want = fused or PORTABLE[op]
+    extension = dsd2.ops.cpp_extension if cpp else (lambda: None)
+    assert pick(op, device, extension=extension, triton=triton) == want
+    assert pick(op, torch.device(device), extension=extension, triton=triton) == want
+
+
+@pytest.mark.parametrize("op", list(OP_BACKENDS))
+def test_picker_takes_the_devices_of_tensors_and_the_dtypes_of_the_kernels(op):
+    assert pick(op, torch.zeros(2, 3)) == "cpp"
+    assert pick(op, torch.empty(2, 3, device="meta")) == PORTABLE[op]
+    integers = pick(op, torch.zeros(2, 3, dtype=torch.int32))  # only the C++ counting kernels refuse a dtype
+    assert integers == ("reference" if op == "relu_count" else "cpp")
+
+
+@pytest.mark.parametrize("op", list(OP_BACKENDS))
+def test_picker_loads_the_extension_only_for_a_cpu_tensor(op):
+    """A CUDA-only user without dsd2._C gets no warning about it: the loader is not called off the CPU."""
+
+    def loader():
+        raise AssertionError("dsd2._C was asked for")
+
+    assert pick(op, "cuda", extension=loader, triton=True) == "triton"
+    assert pick(op, "meta", extension=loader) == PORTABLE[op]
+
+
+@pytest.mark.parametrize("op", list(OP_BACKENDS))
+def test_a_given_backend_is_taken_and_an_unknown_one_refused(op):
+    for backend in OP_BACKENDS[op]:
+        assert pick(op, "cpu", backend) == backend
+    with pytest.raises(ValueError, match=f"backend 'magic' is not known for {op}; allowed: triton, cpp"):
+        pick(op, "cpu", "magic")
+    with pytest.raises(ValueError, match="op 'conv' is not known"):
+        pick("conv", "cpu")
+
+
+@pytest.mark.parametrize("extension", ["built", "missing"])
+@pytest.mark.parametrize("op", list(OP_BACKENDS))
+def test_each_op_runs_the_backend_it_picks_on_the_cpu(op, extension, calls, monkeypatch):
+    if extension == "missing":
+        for name in OP_BACKENDS:
+            monkeypatch.setattr(importlib.import_module(f"dsd2.ops.{name}"), "cpp_extension", lambda: None)
+    RUN[op]("cpu")
+    assert calls and set(calls) == {"cpp" if extension == "built" else PORTABLE[op]}
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("op", list(OP_BACKENDS))
+def test_each_op_runs_the_backend_it_picks_on_cuda(op, calls):
+    RUN[op]("cuda")
+    assert pick(op, "cuda") == "triton" and set(calls) == {"triton"}
+
+
+@pytest.mark.parametrize("op, backend", [(op, b) for op, names in OP_BACKENDS.items() for b in names])
+def test_each_op_runs_the_backend_it_is_given(op, backend, calls):
+    RUN[op](triton_device() if backend == "triton" else "cpu", backend)
+    assert calls and set(calls) == {backend}
+
+
+def test_info_reports_each_ops_backend_for_a_cpu_and_a_cuda_tensor():
+    report = backends()["ops"]
+    for op in OP_BACKENDS:
+        assert f"{op} cpu={pick(op, 'cpu')} cuda={pick(op, 'cuda')}" in report
 
 
 def test_missing_extension_falls_back_to_reference_with_one_warning(monkeypatch):
@@ -23,13 +185,13 @@ def test_missing_extension_falls_back_to_reference_with_one_warning(monkeypatch)
             raise ImportError("simulated: not built")
         return real_import(name, *args, **kwargs)
 
-    _backend.cpp_extension.cache_clear()
+    dsd2.ops.cpp_extension.cache_clear()
     monkeypatch.setattr(importlib, "import_module", no_extension)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             s, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
-            assert pick_backend(s) == "reference"
+            assert [pick(op, s) for op in OP_BACKENDS] == [PORTABLE[op] for op in OP_BACKENDS]
             got = kd_loss(s, t, y)
             kd_loss(s, t, y)
         messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
@@ -37,11 +199,5 @@ def test_missing_extension_falls_back_to_reference_with_one_warning(monkeypatch)
         torch.testing.assert_close(got, kd_loss_reference(s, t, y)[0])
     finally:
         monkeypatch.undo()
-        _backend.cpp_extension.cache_clear()
-    assert _backend.cpp_extension() is not None
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_tensors_take_triton():
-    assert pick_backend(torch.zeros(2, 3, device="cuda")) == "triton"
+        dsd2.ops.cpp_extension.cache_clear()
+    assert dsd2.ops.cpp_extension() is not None
