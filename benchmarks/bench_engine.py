@@ -38,14 +38,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from dsd2 import rng
 from dsd2.config import ModelConfig, OptimConfig, native_bf16
 from dsd2.data import DeviceDataset
-from dsd2.data.batching import epoch_generator
 from dsd2.models import build_model
 from dsd2.ops import cpu_isa, cpu_model
 from dsd2.pruning import full_masks as make_full_masks
 from dsd2.pruning import global_prune, magnitude_scores, prunable_weights
-from dsd2.training import build_optimizer, train_epoch
+from dsd2.training import InputFormat, TrainFeed, build_optimizer, cross_entropy, train_epoch
 
 
 class ArrayDataset(Dataset):
@@ -126,11 +126,16 @@ def case(name: str, model_cfg: ModelConfig, images: np.ndarray, labels: np.ndarr
     data = DeviceDataset(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
     m = torch.from_numpy(mean * 255).float()
     s = torch.from_numpy(std * 255).float()
+    feed = TrainFeed(data, optim.batch_size, InputFormat(m, s, "bf16" if bf16 else "fp32", conv), augment)
     counter = iter(range(10**9))
-    t_ours = time_it(lambda: train_epoch(
-        model, opt, data, batch_size=optim.batch_size, generator=epoch_generator(0, 0, next(counter)),
-        augment=augment, mean=m, std=s, precision="bf16" if bf16 else "fp32", channels_last=conv,
-    ), repeats)
+
+    def epoch():  # the engine's eager epoch: a shuffle and augmentation stream per epoch
+        e = next(counter)
+        perm = torch.randperm(len(data), generator=rng.generator("shuffle", 0, 0, e))
+        augmented = rng.generator("augment", 0, 0, e) if augment else None
+        return train_epoch(model, opt, feed, cross_entropy, perm, augmented)
+
+    t_ours = time_it(epoch, repeats)
     n = len(labels)
     return {"case": name, "images": n, "baseline_s": t_base, "ours_s": t_ours, "speedup": t_base / t_ours,
             "baseline_img_s": n / t_base, "ours_img_s": n / t_ours,

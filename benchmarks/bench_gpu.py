@@ -25,7 +25,7 @@ from dsd2.data.batching import normalize
 from dsd2.models import build_model
 from dsd2.ops import swap_in_counting_relus
 from dsd2.pruning import full_masks, global_prune, magnitude_scores, prunable_weights
-from dsd2.training import autocast, build_optimizer, cross_entropy, predict
+from dsd2.training import InputFormat, TrainFeed, autocast, build_optimizer, cross_entropy, predict
 from dsd2.training.graphs import CudaGraphs, GraphedPredictor, GraphedTrainStep
 
 BATCH, STEPS, EVAL_BATCH, EVAL_PASSES = 128, 50, 512, 5
@@ -61,9 +61,8 @@ def bench(cfg: ModelConfig, graphs, precision: str, channels_last: bool, data: D
     if graphs is not None:
         sync(dev)
         t0 = time.perf_counter()
-        step = GraphedTrainStep(model, opt, cross_entropy, data, batch, mean, std, augment=True,
-                                precision=precision, channels_last=channels_last, warmup_indices=idx[:3], lr=0.01,
-                                graphs=graphs)
+        feed = TrainFeed(data, batch, InputFormat(mean, std, precision, channels_last), augment=True)
+        step = GraphedTrainStep(model, opt, cross_entropy, feed, warmup_indices=idx[:3], lr=0.01, graphs=graphs)
         sync(dev)
         capture = time.perf_counter() - t0
         run = lambda i: step.replay(i, 0.01)
@@ -95,12 +94,11 @@ def bench_eval(cfg: ModelConfig, graphs, counting: bool, precision: str, channel
     relus = swap_in_counting_relus(model)
     mean, std = torch.full((3,), 120.0, device=dev), torch.full((3,), 64.0, device=dev)
     if graphs is not None:
-        predictor = GraphedPredictor(model, batch, mean, std, precision=precision, channels_last=channels_last,
-                                     relus=relus, graphs=graphs)
+        predictor = GraphedPredictor(model, batch, InputFormat(mean, std, precision, channels_last), relus=relus,
+                                     graphs=graphs)
         run = lambda: predictor.predict(data)
     else:
-        run = lambda: predict(model, data, batch_size=batch, mean=mean, std=std, precision=precision,
-                              channels_last=channels_last)
+        run = lambda: predict(model, data, batch, InputFormat(mean, std, precision, channels_last))
     for r in relus.values():
         r.counting = counting
     run()

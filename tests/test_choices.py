@@ -23,10 +23,11 @@ def test_every_early_stop_rule_of_the_config_is_decided():
         assert decide(rule, [0.5, 0.4], [0.8, 0.8], patience=1).level == 1
 
 
-def test_granularities_match():
-    from dsd2.ops.relu_count import GRANULARITIES
+def test_every_granularity_of_the_config_counts():
+    from dsd2.ops import CountingReLU
 
-    assert GRANULARITIES == config.GRANULARITIES
+    for granularity in config.GRANULARITIES:
+        assert CountingReLU(granularity=granularity).granularity == granularity
 
 
 def test_noise_types_match():

@@ -12,7 +12,7 @@ from dsd2.ops._backend import (
     use_cpu_isa,
 )
 from dsd2.ops._backend import describe as backends
-from dsd2.ops.kd_loss import kd_loss, kd_loss_reference
+from dsd2.ops.kd_loss import kd_loss, kd_loss_eager, kd_loss_reference
 from dsd2.ops.masked_sgd import MaskedSGD, masked_sgd_reference
 from dsd2.ops.relu_count import (
     CountingReLU,
@@ -25,7 +25,8 @@ from dsd2.pruning import masks_from_torch_prune, to_torch_prune
 
 __all__ = [
     "OP_BACKENDS", "CountingReLU", "MaskedSGD", "backends", "count_positive_", "count_positive_reference",
-    "cpp_extension", "cpu_isa", "cpu_isa_levels", "cpu_model", "kd_loss", "kd_loss_reference", "masked_sgd_reference",
+    "cpp_extension", "cpu_isa", "cpu_isa_levels", "cpu_model", "kd_loss", "kd_loss_eager", "kd_loss_reference",
+    "masked_sgd_reference",
     "masks_from_torch_prune", "pick", "relu_count", "set_cpu_isa", "swap_in_counting_relus", "to_torch_prune",
     "use_cpu_isa",
 ]

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsd2.config import GRANULARITIES
 from dsd2.ops._backend import cpp_extension, pick
-
-GRANULARITIES = ("element", "channel")
 
 
 def counts_shape(x: torch.Tensor, per_channel: bool) -> int:

@@ -109,7 +109,7 @@ def _optimizer_tables() -> list:
         from dsd2.kernels import masked_sgd
     except ImportError:
         return []
-    return list(masked_sgd._TABLE_CACHE.values())
+    return masked_sgd.pointer_tables()
 
 
 class GraphedTrainStep:

@@ -9,7 +9,7 @@ from conftest import triton_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsd2.ops import kd_loss, kd_loss_reference
+from dsd2.ops import kd_loss, kd_loss_eager, kd_loss_reference
 from dsd2.ops.kd_loss import kd_tolerances as tolerances
 
 SIZES = [(1, 2), (3, 10), (17, 100), (5, 1000), (2, 4097)]
@@ -200,3 +200,15 @@ def test_ignored_rows_with_non_finite_logits_do_not_poison_the_loss(c):
         torch.testing.assert_close(loss, ref)
         torch.testing.assert_close(a.grad[keep], b.grad)
         assert bool((a.grad[2] == 0).all())
+
+
+def test_the_timing_baseline_computes_the_same_loss_as_the_oracle():
+    """`kd_loss_eager` is what benchmarks and the selftest time ours against: it must be the same loss."""
+    s, t, y = inputs(64, 37, torch.float64, seed=3)
+    s.requires_grad_(True)
+    eager = kd_loss_eager(s, t, y, alpha=0.7, temperature=4.0)
+    ref = kd_loss_reference(s, t, y, alpha=0.7, temperature=4.0)[0]
+    torch.testing.assert_close(eager, ref, rtol=1e-12, atol=0)
+    (g_eager,) = torch.autograd.grad(eager, s)
+    (g_ref,) = torch.autograd.grad(kd_loss_reference(s, t, y, alpha=0.7, temperature=4.0)[0], s)
+    torch.testing.assert_close(g_eager, g_ref, rtol=1e-10, atol=1e-14)
