@@ -22,3 +22,26 @@ def test_quick_start_has_exactly_two_commands_install_and_run():
 def test_ci_runs_the_second_command_verbatim():
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert quick_start_commands()[1] in ci
+
+
+def layout_rows() -> dict[str, str]:
+    text = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^\| `([^`]+)` \| (.*) \|$", text, flags=re.M))
+
+
+def test_layout_table_matches_the_tree():
+    """Every place the Layout table names exists, every module and package of dsd2/ has its row, and every
+    file a row names in backticks exists in that place."""
+    rows = layout_rows()
+    for place in rows:
+        assert (REPO / place).exists(), f"the Layout table names {place}, which does not exist"
+    top = {p.relative_to(REPO).as_posix() + ("/" if p.is_dir() else "") for p in (REPO / "dsd2").iterdir()
+           if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py" and p.stem not in
+                                                                 ("__init__", "__main__"))}
+    missing = sorted(t for t in top if t not in rows)
+    assert not missing, f"dsd2 parts without a row in the README's Layout table: {', '.join(missing)}"
+    for place, text in rows.items():
+        if not place.endswith("/"):
+            continue
+        for name in re.findall(r"`([\w./-]+\.(?:py|cpp|h|md))`", text):
+            assert any((REPO / place).rglob(name.split("/")[-1])), f"{place} row names {name}, not in {place}"

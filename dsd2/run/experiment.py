@@ -7,15 +7,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dsd2.config import Config, DistillConfig, ModelConfig, from_dict, validate
+import torch
+
+from dsd2.config import CONV_MODELS, Config, DistillConfig, ModelConfig, from_dict, validate
+from dsd2.data import build_splits
+from dsd2.models import build_model
 from dsd2.pruning import count_sparsity
 from dsd2.run import measure
-from dsd2.run.loop import LevelLoop
-from dsd2.run.state import saved_levels
+from dsd2.run.loop import LevelLoop, build_run_model, check_levels, resolve_device
+from dsd2.run.state import Checkpointer, saved_levels
 from dsd2.run.summary import student_entry
 from dsd2.run.teacher import resolve_teacher_level
 from dsd2.runs import RunDir, RunError, write_json, write_jsonl
+from dsd2.training import InputFormat, TrainFeed, cross_entropy, make_executor
 from dsd2.training.distributed import context as dist_context
+from dsd2.training.precision import resolve_precision
 
 
 def student_config(cfg: Config, kind: str, teacher_dir: Path, teacher_hash: str, level: int) -> Config:
@@ -60,10 +66,10 @@ def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
     tcfg, teacher_run = teacher_config(cfg), RunDir(root.root / "teacher")
     teacher_loop = LevelLoop(tcfg, teacher_run, progress=progress, log=log)
     teacher_loop.prepare()  # bad input fails here, before the experiment directory is claimed
-    # and so does the student's (model size, level count), before the teacher trains
+    # and so does the student's (its config, and the level count on its model), before the teacher trains
     probe = student_config(cfg, "vanilla", teacher_run.root, "", 0)
-    LevelLoop(probe, RunDir(root.root / "students" / "vanilla"), progress=False, log=log,
-              splits=teacher_loop.splits).prepare()
+    with torch.random.fork_rng(devices=[]):
+        check_levels(probe, build_model(probe.model, teacher_loop.splits.input_shape, teacher_loop.splits.num_classes))
     claim_experiment(cfg, root)
     done = teacher_run.finished(tcfg.run_hash())
     if done is None:
@@ -109,15 +115,21 @@ def entropy_of_run(run_dir: RunDir, *, data_root: str | None = None, granularity
     levels = saved_levels(run_dir)
     if not levels:
         raise RunError(f"'{run_dir.root}' has no level checkpoints yet")
-    loop = LevelLoop(cfg, run_dir, progress=False, log=log, run_hash=stored["run_hash"])
-    loop.prepare(force_counting=True)
+    device = resolve_device(cfg.device)
+    splits = build_splits(cfg.data, cfg.seed, device)
+    model, relus = build_run_model(cfg, splits, device, counting=True)
+    checkpointer = Checkpointer(stored["run_hash"], model, relus, device)
+    fmt = InputFormat(splits.mean, splits.std, resolve_precision(cfg.precision, device, cfg.model.name in CONV_MODELS),
+                      cfg.channels_last and cfg.model.name in CONV_MODELS)
+    executor = make_executor(model, TrainFeed(splits.train, cfg.optim.batch_size, fmt), cross_entropy, relus, cfg.seed,
+                             splits.num_classes, dist_ctx=dist_context(), cuda_graphs=cfg.cuda_graphs)
     rows = []
     for path in levels.values():
-        restored = loop.checkpointer.load(path)
-        loop.executor.count(loop.splits.train)
-        zeros, total = count_sparsity(loop.model)
+        restored = checkpointer.load(path)
+        executor.count(splits.train)
+        zeros, total = count_sparsity(model)
         row = {"level": restored.level, "sparsity": zeros / total, "granularity": cfg.analysis.granularity,
-               "inclusive": cfg.analysis.inclusive, **measure.entropy_metrics(loop.relus)}
+               "inclusive": cfg.analysis.inclusive, **measure.entropy_metrics(relus)}
         rows.append(row)
         log(f"level {row['level']:2d}  sparsity {row['sparsity']:.4f}  entropy {row['entropy_mean']:.4f} bits "
             f"(neuron-weighted {row['entropy_weighted']:.4f})")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from dsd2 import rng
 from dsd2.analysis.early_stop import StopDecision, decide
@@ -66,8 +67,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_levels(total: int, fraction: float, levels: int) -> None:
+def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting: bool) -> tuple[nn.Module, dict]:
+    """The run's model on `device` (seeded by the init stream; channels_last for conv nets), and its counting
+    ReLUs, swapped in when `counting` (ReLUs hold no state, so state dicts and checkpoints are unchanged)."""
+    torch.set_flush_denormal(True)  # denormal weights after pruning slow CPU retraining ~20x
+    # the global generator is seeded too: code that draws from it (user objectives, dropout) is seeded by the run
+    torch.manual_seed(rng.stream_seed("init", cfg.seed))
+    model = build_model(cfg.model, splits.input_shape, splits.num_classes).to(device)
+    if cfg.channels_last and cfg.model.name in CONV_MODELS:
+        model = model.to(memory_format=torch.channels_last)
+    a = cfg.analysis
+    relus = swap_in_counting_relus(model, granularity=a.granularity, inclusive=a.inclusive) if counting else {}
+    return model, relus
+
+
+def check_levels(cfg: Config, model: nn.Module) -> None:
     """Refuse a level count whose schedule would prune nothing at some level, or everything."""
+    total = sum(w.numel() for w in prunable_weights(model).values())
+    fraction, levels = cfg.prune.prune_fraction, cfg.num_levels()
     prev = total
     for i, kept in enumerate(remaining_after(total, fraction, levels), 1):
         if kept == prev or kept == 0:
@@ -118,7 +135,6 @@ class LevelLoop:
     def prepare(self, force_counting: bool = False) -> None:
         if self.model is not None:
             return
-        torch.set_flush_denormal(True)  # denormal weights after pruning slow CPU retraining ~20x
         cfg = self.cfg
         if cfg.cuda_graphs and self.device.type != "cuda" and self.graphs is None:
             raise ConfigError(f"cuda_graphs is on but the device is {self.device.type}; CUDA graphs need a CUDA "
@@ -126,10 +142,11 @@ class LevelLoop:
         if self.splits is None:
             self.splits = build_splits(cfg.data, cfg.seed, self.device)
         self._check_shards()
-        self.model = self._build_model(force_counting)
+        counting = cfg.analysis.entropy != "off" or force_counting
+        self.model, self.relus = build_run_model(cfg, self.splits, self.device, counting)
+        check_levels(cfg, self.model)
         self.masks = full_masks(self.model)
         self.flops = measure_forward_flops(self.model, self.splits.input_shape)
-        check_levels(sum(m.numel() for m in self.masks.values()), cfg.prune.prune_fraction, self.num_levels)
         s = self.splits
         channels_last = cfg.channels_last and cfg.model.name in CONV_MODELS
         fmt = InputFormat(s.mean, s.std, self.precision, channels_last)
@@ -148,19 +165,6 @@ class LevelLoop:
             if 0 < n < self.ctx.world:
                 raise ConfigError(f"the {name} split has {n} samples, fewer than the {self.ctx.world} processes "
                                   "that would share it; use fewer processes")
-
-    def _build_model(self, force_counting: bool) -> torch.nn.Module:
-        cfg = self.cfg
-        # the global generator too: code that draws from it (user objectives, dropout) is seeded by the run
-        torch.manual_seed(rng.stream_seed("init", cfg.seed))
-        model = build_model(cfg.model, self.splits.input_shape, self.splits.num_classes).to(self.device)
-        if cfg.channels_last and cfg.model.name in CONV_MODELS:
-            model = model.to(memory_format=torch.channels_last)
-        a = cfg.analysis
-        if a.entropy != "off" or force_counting:
-            # drop-in swap: ReLUs hold no state, so state dicts and checkpoints are unchanged
-            self.relus = swap_in_counting_relus(model, granularity=a.granularity, inclusive=a.inclusive)
-        return model
 
     def _setup_teacher(self) -> None:
         k, s = self.cfg.distill, self.splits
