@@ -19,6 +19,9 @@ from typing import Any
 
 # ---- the choice lists: defined here once; the CLI, models, pruning, analysis and ops import them -------------
 
+# how the loop draws its random numbers (dsd2/rng.py: named streams seeded by a hash); part of every run hash, so a
+# run directory made with other draws is never resumed or taken as finished
+RANDOM_STREAMS = "named-blake2b-v1"
 DATASETS = ("digits", "cifar10", "cifar100")
 MODELS = ("mlp", "lenet300", "vgg", "resnet18")
 CONV_MODELS = ("vgg", "resnet18")
@@ -184,6 +187,7 @@ class Config:
         """A stable name for the run: every field that changes its results (the data root does not, nor
         where the teacher lives: `teacher_id` names it)."""
         payload = self.to_dict()
+        payload["random_streams"] = RANDOM_STREAMS  # a run made with other draws is another run
         payload["data"].pop("data_root", None)
         payload["data"].pop("download", None)
         payload["distill"].pop("teacher", None)

@@ -3,7 +3,8 @@
 A stream's seed is a hash of (name, seed, level, epoch), so streams never collide: seed 0 at level 7 and
 seed 1 at level 0 draw different numbers, and the shuffle of an epoch is independent of its augmentation.
 Everything derives from the run's seed and position, so a resumed run draws exactly what the uninterrupted
-one drew.
+one drew. One draw is outside them: augmentation inside a captured CUDA graph uses the device's default
+generator (a graph replays its own random offsets), which the `init` stream seeds at the start of a run.
 """
 
 from __future__ import annotations

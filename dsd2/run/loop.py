@@ -8,6 +8,7 @@ random stream is derived from (seed, level, epoch), reproduces the uninterrupted
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,8 +112,7 @@ class LevelLoop:
     maker for the captured step (default: CUDA graphs on a CUDA device)."""
 
     def __init__(self, cfg: Config, run_dir: RunDir, *, progress: bool = True, log: Callable[[str], None] = print,
-                 objective: Objective | Callable = cross_entropy, splits: Splits | None = None,
-                 run_hash: str | None = None, graphs=None):
+                 objective: Objective | Callable = cross_entropy, splits: Splits | None = None, graphs=None):
         self.cfg, self.run_dir, self.graphs = cfg, run_dir, graphs
         self.ctx = dist_context()
         self.progress = progress and self.ctx.is_main
@@ -120,7 +120,7 @@ class LevelLoop:
         self.objective = as_objective(objective)
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device, cfg.model.name in CONV_MODELS)
-        self.run_hash = run_hash or cfg.run_hash()
+        self.run_hash = cfg.run_hash()
         self.splits = splits
         self.num_levels = cfg.num_levels()
         self.model = self.feed = self.executor = self.flops = self.checkpointer = self.teacher = None
@@ -132,7 +132,7 @@ class LevelLoop:
 
     # ---- set-up: everything that can fail on bad input, before anything is written ----------------------
 
-    def prepare(self, force_counting: bool = False) -> None:
+    def prepare(self) -> None:
         if self.model is not None:
             return
         cfg = self.cfg
@@ -142,8 +142,7 @@ class LevelLoop:
         if self.splits is None:
             self.splits = build_splits(cfg.data, cfg.seed, self.device)
         self._check_shards()
-        counting = cfg.analysis.entropy != "off" or force_counting
-        self.model, self.relus = build_run_model(cfg, self.splits, self.device, counting)
+        self.model, self.relus = build_run_model(cfg, self.splits, self.device, cfg.analysis.entropy != "off")
         check_levels(cfg, self.model)
         self.masks = full_masks(self.model)
         self.flops = measure_forward_flops(self.model, self.splits.input_shape)
@@ -243,7 +242,7 @@ class LevelLoop:
             pos.level, pos.epoch = r.level + 1, 0
         else:
             pos.optimizer = build_optimizer(self.model, self.masks, self.cfg.optim)
-            restore_optimizer(pos.optimizer, r.optimizer_tensors, r.optimizer_scalars, self.device)
+            restore_optimizer(pos.optimizer, r.tensors, r.optimizer_scalars, self.device)
         self.log(f"resuming {run.root} at level {r.level}, epoch {r.epoch}" + (" (level complete)" if r.level_done
                                                                                 else ""))
         self.stop = self.decide_stop(pos.metric_rows)  # the run may have stopped early already
@@ -272,6 +271,7 @@ class LevelLoop:
 
     def _gradient_batches(self, level: int):
         feed = self.feed
+        fmt = dataclasses.replace(feed.fmt, precision="fp32")  # scores in fp32 whatever the training precision
         perm = torch.randperm(len(feed.data), generator=rng.generator("gradient", self.cfg.seed, level))
         batches = train_batches(feed.data, feed.batch_size, perm.to(self.device), None)
         self.model.train()
@@ -279,7 +279,7 @@ class LevelLoop:
             if i >= self.cfg.prune.gradient_batches:
                 break
             yield lambda images=images, labels=labels, idx=idx: forward_loss(self.model, self.objective, images,
-                                                                              labels, idx, feed.fmt)[1]
+                                                                              labels, idx, fmt)[1]
 
     def train_level(self, pos: Position) -> None:
         """The level's remaining epochs, each checkpointed (`last`) as soon as it ends."""

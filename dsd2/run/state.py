@@ -70,7 +70,7 @@ class Restored:
     level_done: bool
     masks: Masks
     level_start: dict[str, torch.Tensor]
-    optimizer_tensors: dict[str, torch.Tensor] = field(repr=False)
+    tensors: dict[str, torch.Tensor] = field(repr=False)  # everything the checkpoint holds (optimizer state: optim.*)
     optimizer_scalars: dict[str, Any]
 
 

@@ -77,8 +77,9 @@ def load_teacher(spec: str, input_shape: tuple[int, ...], num_classes: int,
 
 
 def teacher_checksum(teacher: nn.Module) -> torch.Tensor:
-    """Float64 sum and sum of squares of every teacher tensor: any update changes them."""
-    vals = [t.detach().double() for t in teacher.state_dict().values() if t.is_floating_point()]
+    """Float64 sum and sum of squares of every teacher tensor: any update changes them. Summed in one memory
+    layout, so a change of layout (channels_last) is not taken for an update."""
+    vals = [t.detach().double().contiguous() for t in teacher.state_dict().values() if t.is_floating_point()]
     return torch.stack([sum(v.sum() for v in vals), sum((v * v).sum() for v in vals)])
 
 
