@@ -1,3 +1,12 @@
 """dsd2: sparse double descent, distillation from sparse teachers and ReLU-state entropy, made fast."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`dsd2.prune`, the Python API (dsd2/api.py), imported on first use so that `import dsd2` stays light."""
+    if name == "prune":
+        from dsd2.api import prune
+
+        return prune
+    raise AttributeError(f"module 'dsd2' has no attribute '{name}'")

@@ -24,6 +24,7 @@ from typing import Any
 RANDOM_STREAMS = "named-blake2b-v1"
 DATASETS = ("digits", "cifar10", "cifar100")
 MODELS = ("mlp", "lenet300", "vgg", "resnet18")
+CUSTOM = "custom"  # the model or data is given to the Python API (dsd2.prune), named by its fingerprint
 CONV_MODELS = ("vgg", "resnet18")
 NOISE_TYPES = ("symmetric", "asymmetric", "pairflip")
 OPTIMIZERS = ("sgd", "adam")
@@ -72,7 +73,9 @@ def option(default: Any, help: str, *, flag: str | None = "", choices: tuple[str
 @dataclass
 class DataConfig:
     dataset: str = option("digits", "the embedded handwritten digits, or CIFAR read from --data-root",
-                          choices=DATASETS)
+                          choices=(*DATASETS, CUSTOM))
+    fingerprint: str = option("", "fingerprint of data given to the Python API (dsd2.prune): shapes, classes and a "
+                              "hash of the tensors; set by the API", flag=None)
     data_root: str | None = option(None, "folder holding CIFAR in torchvision's layout", metavar="DIR")
     download: bool = option(False, "fetch CIFAR into --data-root")
     noise: float = option(0.5, "fraction of training labels corrupted, in [0, 1)")
@@ -86,10 +89,12 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = option("mlp", "the network (the teacher, in the DSD² experiment)", flag="model", label="model",
-                       choices=MODELS)
+                       choices=(*MODELS, CUSTOM))
     hidden: tuple[int, ...] = option((256, 256), "MLP widths, e.g. 256,256", metavar="W1,W2")
     depth: int = option(5, "VGG-like blocks (delta)")
     width: int = option(5, "VGG-like log2 of first-block filters (gamma)")
+    module: str = option("", "fingerprint of a model given to the Python API (dsd2.prune): its class, parameter "
+                         "names and shapes; set by the API, empty for the built-in models", flag=None)
 
 
 @dataclass
@@ -126,6 +131,10 @@ class PruneConfig:
                           "or replays the dense schedule's last epochs", choices=RETRAIN_SCHEDULES,
                           label="retrain schedule")
     finetune_lr_scale: float = option(0.01, "learning rate of --retrain finetune, as a fraction of --lr")
+    include: tuple[str, ...] = option(("*",), "which Conv/Linear weights are pruned: name patterns (fnmatch), e.g. "
+                                      "'layer*'", flag="prune-include", metavar="P1,P2")
+    exclude: tuple[str, ...] = option((), "Conv/Linear weights kept dense: name patterns, e.g. conv1.weight,fc.weight "
+                                      "(the first conv and the classifier)", flag="prune-exclude", metavar="P1,P2")
 
 
 @dataclass
@@ -441,6 +450,7 @@ def validate(cfg: Config) -> None:
             value = opt.value(cfg)
             for item in value if opt.is_list else (value,):
                 _choice(opt.label, item, opt.choices)
+    _validate_custom(cfg)
     _validate_data(cfg.data)
     _validate_model(cfg.model, cfg.data)
     _validate_optim(cfg.optim)
@@ -448,6 +458,16 @@ def validate(cfg: Config) -> None:
     _validate_analysis(cfg.analysis)
     check_device(cfg.device)
     _validate_distill(cfg)
+
+
+def _validate_custom(cfg: Config) -> None:
+    """'custom' names a model or data given to the Python API, which sets its fingerprint; nothing else can."""
+    for what, name, fingerprint in (("model", cfg.model.name, cfg.model.module),
+                                    ("dataset", cfg.data.dataset, cfg.data.fingerprint)):
+        if (name == CUSTOM) != bool(fingerprint):
+            allowed = ", ".join(MODELS if what == "model" else DATASETS)
+            raise ConfigError(f"{what} 'custom' is one given to the Python API (dsd2.prune), which fingerprints it; "
+                              f"choose one of {allowed}")
 
 
 def _validate_data(d: DataConfig) -> None:

@@ -163,7 +163,7 @@ def test_every_config_field_has_a_flag_with_help():
 
     actions = flag_actions()
     internal = {o.path for o in config_options() if o.flag is None}
-    assert internal == {"distill.teacher", "distill.teacher_id"}  # set by `distill` and the experiment
+    assert internal == {"distill.teacher", "distill.teacher_id", "model.module"}  # set by distill, experiment, API
     for opt in config_options():
         if opt.flag is None:
             continue

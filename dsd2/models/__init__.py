@@ -167,6 +167,20 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def module_fingerprint(module: nn.Module, weights: bool = False) -> str:
+    """A short hash naming a module: its class, and the names, shapes and dtypes of its parameters and buffers
+    (and, with `weights`, their values): two runs of the same architecture from the same initial weights share it."""
+    import hashlib
+
+    h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if weights:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else
+                     t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if cfg.name not in REGISTRY:
         raise ValueError(f"model '{cfg.name}' is not known; allowed: {', '.join(REGISTRY)}")

@@ -13,12 +13,41 @@ PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The weights global pruning acts on: every Conv/Linear weight (not biases, not BatchNorm)."""
+    """The weights global pruning acts on: every Conv/Linear weight (not biases, not BatchNorm), or those that
+    `select_prunable` chose."""
     out = {}
+    chosen = getattr(model, PRUNABLE_ATTRIBUTE, None)
     for mod_name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES):
-            out[f"{mod_name}.weight" if mod_name else "weight"] = module.weight
+            name = f"{mod_name}.weight" if mod_name else "weight"
+            if chosen is None or name in chosen:
+                out[name] = module.weight
     return out
+
+
+PRUNABLE_ATTRIBUTE = "dsd2_prunable"  # the names `select_prunable` chose, kept on the model itself
+
+
+def select_prunable(model: nn.Module, include: tuple[str, ...] = ("*",), exclude: tuple[str, ...] = ()) -> list[str]:
+    """Choose which Conv/Linear weights are pruned, by name patterns (fnmatch), e.g. keep the first conv and the
+    classifier dense with `exclude=("conv1.weight", "fc.weight")`. The choice is kept on the model (every
+    function of this package that takes a model honours it) and returned; a pattern that matches nothing, or a
+    choice of nothing, is refused."""
+    from fnmatch import fnmatch
+
+    if hasattr(model, PRUNABLE_ATTRIBUTE):
+        delattr(model, PRUNABLE_ATTRIBUTE)
+    names = list(prunable_weights(model))
+    for pattern in (*include, *exclude):
+        if not any(fnmatch(n, pattern) for n in names):
+            raise ValueError(f"prunable-weight pattern '{pattern}' matches none of the Conv/Linear weights "
+                             f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+    chosen = [n for n in names if any(fnmatch(n, p) for p in include) and not any(fnmatch(n, p) for p in exclude)]
+    if not chosen:
+        raise ValueError(f"the patterns include {list(include)} exclude {list(exclude)} leave no weight to prune")
+    if len(chosen) < len(names):
+        setattr(model, PRUNABLE_ATTRIBUTE, frozenset(chosen))
+    return chosen
 
 
 def full_masks(model: nn.Module) -> Masks:

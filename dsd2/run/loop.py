@@ -25,7 +25,16 @@ from dsd2.data import Splits, build_splits
 from dsd2.data.batching import train_batches
 from dsd2.models import build_model
 from dsd2.ops import swap_in_counting_relus
-from dsd2.pruning import CRITERIA, count_sparsity, full_masks, global_prune, perturb, prunable_weights, remaining_after
+from dsd2.pruning import (
+    CRITERIA,
+    count_sparsity,
+    full_masks,
+    global_prune,
+    perturb,
+    prunable_weights,
+    remaining_after,
+    select_prunable,
+)
 from dsd2.run import measure
 from dsd2.run.state import Checkpointer, restore_optimizer
 from dsd2.run.summary import best_level, early_stop_summary, run_summary
@@ -68,17 +77,32 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting: bool) -> tuple[nn.Module, dict]:
-    """The run's model on `device` (seeded by the init stream; channels_last for conv nets), and its counting
-    ReLUs, swapped in when `counting` (ReLUs hold no state, so state dicts and checkpoints are unchanged)."""
+def is_conv_net(cfg: Config, model: nn.Module | None = None) -> bool:
+    """Whether the run's model is a conv net (channels_last, and bf16 where native, apply to conv nets)."""
+    if model is not None:
+        return any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return cfg.model.name in CONV_MODELS
+
+
+def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting: bool,
+                    model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """The run's model on `device` (built from the config and seeded by the init stream, or `model`, a module
+    given to the Python API; channels_last for conv nets), with the prunable weights the config's patterns
+    choose, and its counting ReLUs when `counting` (ReLUs hold no state, so checkpoints are unchanged)."""
     torch.set_flush_denormal(True)  # denormal weights after pruning slow CPU retraining ~20x
     # the global generator is seeded too: code that draws from it (user objectives, dropout) is seeded by the run
     torch.manual_seed(rng.stream_seed("init", cfg.seed))
-    model = build_model(cfg.model, splits.input_shape, splits.num_classes).to(device)
-    if cfg.channels_last and cfg.model.name in CONV_MODELS:
+    if model is None:
+        model = build_model(cfg.model, splits.input_shape, splits.num_classes)
+    model = model.to(device)
+    if cfg.channels_last and is_conv_net(cfg, model):
         model = model.to(memory_format=torch.channels_last)
     a = cfg.analysis
     relus = swap_in_counting_relus(model, granularity=a.granularity, inclusive=a.inclusive) if counting else {}
+    try:
+        select_prunable(model, cfg.prune.include, cfg.prune.exclude)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return model, relus
 
 
@@ -108,18 +132,21 @@ class Position:
 
 class LevelLoop:
     """One run of the pruning loop into `run_dir`. `objective`: the training loss (distillation replaces it
-    when the config names a teacher); `splits`: data already built (else from the config); `graphs`: a graph
-    maker for the captured step (default: CUDA graphs on a CUDA device)."""
+    when there is a teacher); `splits`: data already built (else from the config); `model`: the network to prune
+    (else built from the config); `teacher`: a frozen teacher module (else the teacher run the config names, if
+    any); `graphs`: a graph maker for the captured step (default: CUDA graphs on a CUDA device)."""
 
     def __init__(self, cfg: Config, run_dir: RunDir, *, progress: bool = True, log: Callable[[str], None] = print,
-                 objective: Objective | Callable = cross_entropy, splits: Splits | None = None, graphs=None):
+                 objective: Objective | Callable = cross_entropy, splits: Splits | None = None,
+                 model: nn.Module | None = None, teacher: nn.Module | None = None, graphs=None):
         self.cfg, self.run_dir, self.graphs = cfg, run_dir, graphs
+        self.given_model, self.given_teacher = model, teacher
         self.ctx = dist_context()
         self.progress = progress and self.ctx.is_main
         self.log = log if self.ctx.is_main else (lambda message: None)
         self.objective = as_objective(objective)
         self.device = resolve_device(cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device, cfg.model.name in CONV_MODELS)
+        self.precision = resolve_precision(cfg.precision, self.device, is_conv_net(cfg, model))
         self.run_hash = cfg.run_hash()
         self.splits = splits
         self.num_levels = cfg.num_levels()
@@ -142,15 +169,16 @@ class LevelLoop:
         if self.splits is None:
             self.splits = build_splits(cfg.data, cfg.seed, self.device)
         self._check_shards()
-        self.model, self.relus = build_run_model(cfg, self.splits, self.device, cfg.analysis.entropy != "off")
+        self.model, self.relus = build_run_model(cfg, self.splits, self.device, cfg.analysis.entropy != "off",
+                                                 self.given_model)
         check_levels(cfg, self.model)
         self.masks = full_masks(self.model)
         self.flops = measure_forward_flops(self.model, self.splits.input_shape)
         s = self.splits
-        channels_last = cfg.channels_last and cfg.model.name in CONV_MODELS
+        channels_last = cfg.channels_last and is_conv_net(cfg, self.model)
         fmt = InputFormat(s.mean, s.std, self.precision, channels_last)
         self.feed = TrainFeed(s.train, cfg.optim.batch_size, fmt, cfg.data.augment)
-        if cfg.distill.teacher:
+        if cfg.distill.teacher or self.given_teacher is not None:
             self._setup_teacher()
         self.executor = make_executor(self.model, self.feed, self.objective, self.relus, cfg.seed, s.num_classes,
                                       dist_ctx=self.ctx, graphs=self.graphs, cuda_graphs=cfg.cuda_graphs)
@@ -168,7 +196,10 @@ class LevelLoop:
     def _setup_teacher(self) -> None:
         k, s = self.cfg.distill, self.splits
         cached = not self.cfg.data.augment  # the teacher sees the same inputs every epoch: its logits once
-        self.teacher = Teacher.load(k.teacher, s.input_shape, s.num_classes, self.device, cached)
+        if self.given_teacher is not None:
+            self.teacher = Teacher.of_module(self.given_teacher, s.input_shape, self.device, cached)
+        else:
+            self.teacher = Teacher.load(k.teacher, s.input_shape, s.num_classes, self.device, cached)
         module = self.teacher.module
         if self.feed.fmt.channels_last:
             module = self.teacher.module = module.to(memory_format=torch.channels_last)

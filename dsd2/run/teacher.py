@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from dsd2.analysis.flops import densities_of, measure_forward_flops
-from dsd2.models import build_model
-from dsd2.pruning import count_sparsity, prunable_weights
+from dsd2.models import build_model, module_fingerprint
+from dsd2.pruning import count_sparsity, prunable_weights, select_prunable
 from dsd2.run.state import saved_levels
 from dsd2.run.summary import best_level
 from dsd2.runs import RunDir, RunError, load_checkpoint
@@ -57,12 +57,16 @@ def load_teacher(spec: str, input_shape: tuple[int, ...], num_classes: int,
     chosen = resolve_teacher_level(run, level)
     stored = run.stored_config()
     tcfg = from_dict(stored["config"])
+    if tcfg.model.name == "custom":
+        raise RunError(f"teacher run '{run.root}' pruned a module given to the Python API, which a run directory "
+                       "cannot rebuild; pass that module as dsd2.prune(..., teacher=module)")
     classes = NUM_CLASSES[tcfg.data.dataset]
     if classes != num_classes:
         raise RunError(f"teacher run '{run.root}' has {classes} classes ({tcfg.data.dataset}); the student's data "
                        f"has {num_classes}")
     with torch.random.fork_rng(devices=[]):  # building the teacher must not shift the student's random stream
         teacher = build_model(tcfg.model, input_shape, classes)
+    select_prunable(teacher, tcfg.prune.include, tcfg.prune.exclude)
     tensors, _ = load_checkpoint(run.level_path(chosen), stored["run_hash"])
     try:
         teacher.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -97,6 +101,19 @@ class Teacher:
     def load(cls, spec: str, input_shape: tuple[int, ...], num_classes: int, device: torch.device,
              cached: bool) -> Teacher:
         module, info = load_teacher(spec, input_shape, num_classes, device)
+        return cls.of_module(module, input_shape, device, cached, info)
+
+    @classmethod
+    def of_module(cls, module: nn.Module, input_shape: tuple[int, ...], device: torch.device, cached: bool,
+                  info: dict[str, Any] | None = None) -> Teacher:
+        """A teacher from a module (frozen here: eval mode, no gradients)."""
+        module = module.to(device).eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        if info is None:
+            zeros, total = count_sparsity(module)
+            info = {"module": type(module).__name__, "sparsity": zeros / total if total else 0.0,
+                    "fingerprint": module_fingerprint(module, weights=True)}
         weights = {n: w.detach() for n, w in prunable_weights(module).items()}
         flops = measure_forward_flops(module, input_shape).effective(densities_of(weights))
         return cls(module, info, flops, cached, teacher_checksum(module))
