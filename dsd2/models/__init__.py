@@ -93,18 +93,23 @@ class VGGLike(nn.Module):
                 channels = filters
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(7)
+        self.pool = AdaptiveAvgPool2d(7)
         self.classifier = nn.Linear(channels * 49, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """`nn.AdaptiveAvgPool2d` that pools a 1x1 map (32x32 inputs after 5 VGG blocks) by `expand`: the same
+    copies of the value, without the slow generic pooling backward. The shape test lives in this layer, not in
+    the model's forward, so the model stays traceable by torch.fx (ReLU call sites)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] == (1, 1):
-            # Adaptive average pooling of a 1x1 map to 7x7 copies the value; expand does the same without
-            # the slow generic pooling backward (32x32 inputs after 5 blocks end at 1x1).
-            x = x.expand(-1, -1, 7, 7)
-        else:
-            x = self.pool(x)
-        return self.classifier(torch.flatten(x, 1))
+            size = self.output_size if isinstance(self.output_size, tuple) else (self.output_size,) * 2
+            return x.expand(*x.shape[:-2], *(1 if s is None else s for s in size))
+        return super().forward(x)
 
 
 class BasicBlock(nn.Module):

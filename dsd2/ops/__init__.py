@@ -21,10 +21,12 @@ from dsd2.ops.relu_count import (
     relu_count,
     swap_in_counting_relus,
 )
+from dsd2.ops.relu_sites import ReLUSiteError, ReLUSiteModule, count_relu_call_sites
 from dsd2.pruning import masks_from_torch_prune, to_torch_prune
 
 __all__ = [
-    "OP_BACKENDS", "CountingReLU", "MaskedSGD", "backends", "count_positive_", "count_positive_reference",
+    "OP_BACKENDS", "CountingReLU", "MaskedSGD", "ReLUSiteError", "ReLUSiteModule", "backends", "count_positive_",
+    "count_positive_reference", "count_relu_call_sites",
     "cpp_extension", "cpu_isa", "cpu_isa_levels", "cpu_model", "kd_loss", "kd_loss_eager", "kd_loss_reference",
     "masked_sgd_reference",
     "masks_from_torch_prune", "pick", "relu_count", "set_cpu_isa", "swap_in_counting_relus", "to_torch_prune",

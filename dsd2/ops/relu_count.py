@@ -110,6 +110,7 @@ class CountingReLU(nn.ReLU):
         self.counting = False
         self.counts: torch.Tensor | None = None
         self.observations = 0
+        self.call_site: str | None = None  # the layer name, when `count_relu_call_sites` made it
 
     @classmethod
     def from_relu(cls, relu: nn.ReLU, **kwargs) -> CountingReLU:
@@ -125,12 +126,17 @@ class CountingReLU(nn.ReLU):
         if self.counts is None:
             self.counts = torch.zeros(counts_shape(x, per_channel), dtype=torch.int64, device=x.device)
         self.observations += x.shape[0] * (x[0, 0].numel() if per_channel and x.dim() > 2 else 1)
+        if self.inplace:  # keep the in-place semantics: x itself (and every view of it) becomes relu(x)
+            count_positive_(x, self.counts, inclusive=self.inclusive, per_channel=per_channel)
+            return torch.relu_(x)
         if torch.is_grad_enabled() and x.requires_grad:
             return _ReLUCountFunction.apply(x, self.counts, self.inclusive, per_channel)
         return relu_count(x, self.counts, inclusive=self.inclusive, per_channel=per_channel)
 
     def extra_repr(self) -> str:
-        return f"granularity={self.granularity}, inclusive={self.inclusive}"
+        site = f"call_site='{self.call_site}', " if self.call_site else ""
+        inplace = "inplace=True, " if self.inplace else ""
+        return f"{site}{inplace}granularity={self.granularity}, inclusive={self.inclusive}"
 
 
 def swap_in_counting_relus(model: nn.Module, **kwargs) -> dict[str, CountingReLU]:
