@@ -22,7 +22,7 @@ from typing import Any
 # how the loop draws its random numbers (dsd2/rng.py: named streams seeded by a hash); part of every run hash, so a
 # run directory made with other draws is never resumed or taken as finished
 RANDOM_STREAMS = "named-blake2b-v1"
-DATASETS = ("digits", "cifar10", "cifar100")
+DATASETS = ("digits", "cifar10", "cifar100", "folder")
 MODELS = ("mlp", "lenet300", "vgg", "resnet18")
 CUSTOM = "custom"  # the model or data is given to the Python API (dsd2.prune), named by its fingerprint
 CONV_MODELS = ("vgg", "resnet18")
@@ -37,6 +37,8 @@ ENTROPY_MODES = ("pass", "online", "off")
 GRANULARITIES = ("element", "channel")
 EARLY_STOP_RULES = ("none", "entropy", "val")
 STUDENT_KINDS = ("vanilla", "kd-dense", "kd-sparse")
+FOLDER_ONLY = ("test_fraction", "image_size")  # data fields read only by --dataset folder
+MAX_IMAGE_SIZE = 1024
 LAUNCHERS = ("local", "slurm", "submitit-local")  # how `sweep` runs its grid
 DEVICE_HELP = "cpu, cuda, cuda:N or auto"
 
@@ -72,16 +74,21 @@ def option(default: Any, help: str, *, flag: str | None = "", choices: tuple[str
 
 @dataclass
 class DataConfig:
-    dataset: str = option("digits", "the embedded handwritten digits, or CIFAR read from --data-root",
-                          choices=(*DATASETS, CUSTOM))
+    dataset: str = option("digits", "the embedded handwritten digits, CIFAR read from --data-root, or the images of "
+                          "--data-root in torchvision's ImageFolder layout (folder)", choices=(*DATASETS, CUSTOM))
     fingerprint: str = option("", "fingerprint of data given to the Python API (dsd2.prune): shapes, classes and a "
                               "hash of the tensors; set by the API", flag=None)
-    data_root: str | None = option(None, "folder holding CIFAR in torchvision's layout", metavar="DIR")
+    data_root: str | None = option(None, "folder holding CIFAR in torchvision's layout, or (--dataset folder) "
+                                   "train/<class>/ images with optional val/ and test/", metavar="DIR")
     download: bool = option(False, "fetch CIFAR into --data-root")
     noise: float = option(0.5, "fraction of training labels corrupted, in [0, 1)")
     noise_type: str = option("symmetric", "a corrupted label is any other class (symmetric), the CIFAR-10 class "
                              "map's (asymmetric) or the next class (pairflip)", choices=NOISE_TYPES)
     val_fraction: float = option(0.1, "fraction of the training set held out for validation (it selects w_best)")
+    test_fraction: float = option(0.2, "--dataset folder without test/: fraction of the train/ images held out as "
+                                  "the test set")
+    image_size: int = option(32, "--dataset folder: images are made RGB, their shorter side resized to this and "
+                             "center-cropped to a square", metavar="PX")
     clean_val: bool = option(False, "keep validation labels clean")
     augment: bool = option(False, "random crop (pad 4) and horizontal flip of the training images")
 
@@ -193,11 +200,13 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
     def run_hash(self) -> str:
-        """A stable name for the run: every field that changes its results (the data root does not, nor
-        where the teacher lives: `teacher_id` names it)."""
+        """A stable name for the run: every field that changes its results (the data root does not, except for
+        --dataset folder, nor where the teacher lives: `teacher_id` names it)."""
         payload = self.to_dict()
         payload["random_streams"] = RANDOM_STREAMS  # a run made with other draws is another run
-        payload["data"].pop("data_root", None)
+        if self.data.dataset != "folder":  # an image folder is its own dataset: another folder is another run
+            for name in ("data_root", *FOLDER_ONLY):
+                payload["data"].pop(name, None)
         payload["data"].pop("download", None)
         payload["distill"].pop("teacher", None)
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
@@ -325,6 +334,9 @@ def from_dict(raw: dict[str, Any]) -> Config:
             kwargs[key] = value
     cfg = Config(**kwargs)
     validate(cfg)
+    if cfg.data.dataset == "folder":
+        # made absolute here, so the stored config and the run hash name the folder the run reads, from any cwd
+        cfg.data.data_root = str(Path(cfg.data.data_root).expanduser().absolute())
     return cfg
 
 
@@ -477,6 +489,13 @@ def _validate_data(d: DataConfig) -> None:
         raise ConfigError("noise type 'asymmetric' is the CIFAR-10 class map; use symmetric or pairflip")
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"val fraction {d.val_fraction!r} is outside (0, 1): the validation split selects w_best")
+    if d.dataset == "folder" and not d.data_root:
+        raise ConfigError("dataset 'folder' needs --data-root: a folder holding train/<class>/ images "
+                          "(torchvision's ImageFolder layout)")
+    if not 0.0 < d.test_fraction < 1.0:
+        raise ConfigError(f"test fraction {d.test_fraction!r} is outside (0, 1)")
+    if not isinstance(d.image_size, int) or not 1 <= d.image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"image size {d.image_size!r} must be a whole number of pixels in 1..{MAX_IMAGE_SIZE}")
 
 
 def _validate_model(m: ModelConfig, d: DataConfig) -> None:
@@ -486,6 +505,15 @@ def _validate_model(m: ModelConfig, d: DataConfig) -> None:
         raise ConfigError(f"MLP hidden widths {m.hidden!r} must be one or more positive numbers")
     if m.name in CONV_MODELS and d.dataset == "digits":
         raise ConfigError(f"model '{m.name}' needs 32x32 images; dataset 'digits' is 8x8: use mlp")
+    if m.name == "vgg":
+        _check_vgg_fits("model", m.depth, d)
+
+
+def _check_vgg_fits(what: str, depth: int, d: DataConfig) -> None:
+    """VGG-like max-pools `depth` times: a folder's images must be at least 2**depth pixels wide."""
+    if d.dataset == "folder" and d.image_size < 2 ** depth:
+        raise ConfigError(f"{what} 'vgg' with {depth} blocks halves the image {depth} times and needs --image-size "
+                          f"{2 ** depth} or more, not {d.image_size}")
 
 
 def _whole(name: str, value: Any, least: int) -> None:
@@ -547,3 +575,5 @@ def _validate_distill(cfg: Config) -> None:
         raise ConfigError(f"teacher level {level} is beyond the teacher's {cfg.num_levels()} pruning levels")
     if k.students and k.student_model in CONV_MODELS and cfg.data.dataset == "digits":
         raise ConfigError(f"student model '{k.student_model}' needs 32x32 images; dataset 'digits' is 8x8: use mlp")
+    if k.students and k.student_model == "vgg":
+        _check_vgg_fits("student model", k.student_depth, cfg.data)

@@ -9,9 +9,9 @@ import torch
 from dsd2 import rng
 from dsd2.config import DataConfig
 from dsd2.data.noise import apply_noise
-from dsd2.data.sources import DataError, RawDataset, load_raw
+from dsd2.data.sources import DataError, RawDataset, load_raw, num_classes
 
-__all__ = ["DataError", "DeviceDataset", "Splits", "build_splits", "load_raw"]
+__all__ = ["DataError", "DeviceDataset", "Splits", "build_splits", "load_raw", "num_classes"]
 
 
 @dataclass
@@ -46,14 +46,27 @@ class Splits:
 
 def build_splits(cfg: DataConfig, seed: int, device: torch.device,
                  raw: RawDataset | None = None) -> Splits:
-    """Noise over the whole training pool, then a seeded validation hold-out (noisy unless clean_val)."""
-    raw = raw if raw is not None else load_raw(cfg.dataset, cfg.data_root, cfg.download)
+    """Noise over the whole training pool, then the validation split (noisy unless clean_val): a seeded hold-out
+    of `val_fraction`, or the dataset's own (an image folder's val/, the last `raw.fixed_val` pool images)."""
+    if raw is None:
+        raw = load_raw(cfg.dataset, cfg.data_root, cfg.download, image_size=cfg.image_size,
+                       test_fraction=cfg.test_fraction)
     pool_labels = raw.train_labels
+    if cfg.noise > 0 and cfg.noise_type == "asymmetric" and raw.num_classes != 10:
+        raise DataError(f"noise type 'asymmetric' is the CIFAR-10 class map and needs 10 classes; {raw.name} has "
+                        f"{raw.num_classes}: use symmetric or pairflip")
     noisy, idx = apply_noise(pool_labels, cfg.noise, cfg.noise_type, raw.num_classes, rng.stream_seed("noise", seed))
     n = pool_labels.numel()
-    n_val = round(cfg.val_fraction * n)
-    perm = torch.randperm(n, generator=rng.generator("split", seed))
-    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    if raw.fixed_val:
+        val_idx, train_idx = torch.arange(n - raw.fixed_val, n), torch.arange(n - raw.fixed_val)
+    else:
+        n_val = round(cfg.val_fraction * n)
+        if not 0 < n_val < n:
+            left = "no validation images" if n_val == 0 else "no training images"
+            raise DataError(f"{raw.name} has {n} training images and --val-fraction {cfg.val_fraction} leaves {left}; "
+                            "change the fraction or add images")
+        perm = torch.randperm(n, generator=rng.generator("split", seed))
+        val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
     val_labels = pool_labels[val_idx] if cfg.clean_val else noisy[val_idx]
     corrupted = torch.zeros(n, dtype=torch.bool)
     corrupted[idx] = True

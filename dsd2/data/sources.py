@@ -1,4 +1,5 @@
-"""Raw datasets as uint8 image tensors: CIFAR-10/100 from a local torchvision-layout folder, digits."""
+"""Raw datasets as uint8 image tensors: CIFAR-10/100 from a local torchvision-layout folder, digits, image folders
+(dsd2/data/folder.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class RawDataset:
     num_classes: int
     scale: float  # pixel value of full intensity (255 for CIFAR, 16 for digits)
     name: str
+    fixed_val: int = 0  # the last `fixed_val` training images are the validation split (a val/ folder); 0: held out
+    classes: tuple[str, ...] | None = None  # class names by index, where the dataset has them (image folders)
 
 
 CIFAR_LAYOUT = {
@@ -99,9 +102,32 @@ def load_digits_dataset(test_size: int = 597, seed: int = 0) -> RawDataset:
     return RawDataset(images[train], labels[train], images[test], labels[test], 10, 16.0, "digits")
 
 
-def load_raw(name: str, root: str | None = None, download: bool = False) -> RawDataset:
+def load_raw(name: str, root: str | None = None, download: bool = False, *, image_size: int = 32,
+             test_fraction: float = 0.2) -> RawDataset:
+    """A dataset by name; `image_size` and `test_fraction` are read by image folders only."""
     if name == "digits":
         return load_digits_dataset()
     if name in CIFAR_LAYOUT:
         return load_cifar(name, root, download)
-    raise DataError(f"dataset '{name}' is not known; allowed: digits, cifar10, cifar100")
+    if name == "folder":
+        from dsd2.data.folder import load_image_folder
+
+        if root is None:
+            raise DataError("dataset 'folder' needs --data-root: a folder holding train/<class>/ images")
+        return load_image_folder(root, image_size, test_fraction)
+    raise DataError(f"dataset '{name}' is not known; allowed: digits, cifar10, cifar100, folder")
+
+
+def num_classes(name: str, root: str | None = None) -> int:
+    """The number of classes of a dataset, without loading it (an image folder's: its train/ class folders)."""
+    if name == "digits":
+        return 10
+    if name in CIFAR_LAYOUT:
+        return CIFAR_LAYOUT[name][4]
+    if name == "folder":
+        from dsd2.data.folder import folder_classes
+
+        if root is None:
+            raise DataError("dataset 'folder' needs --data-root: a folder holding train/<class>/ images")
+        return len(folder_classes(root))
+    raise DataError(f"dataset '{name}' is not known; allowed: digits, cifar10, cifar100, folder")

@@ -9,13 +9,12 @@ import torch
 from torch import nn
 
 from dsd2.analysis.flops import densities_of, measure_forward_flops
+from dsd2.data import num_classes as dataset_classes
 from dsd2.models import build_model, module_fingerprint
 from dsd2.pruning import count_sparsity, prunable_weights, select_prunable
 from dsd2.run.state import saved_levels
 from dsd2.run.summary import best_level
 from dsd2.runs import RunDir, RunError, load_checkpoint
-
-NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 
 
 def parse_teacher_spec(spec: str) -> tuple[RunDir, str]:
@@ -60,7 +59,7 @@ def load_teacher(spec: str, input_shape: tuple[int, ...], num_classes: int,
     if tcfg.model.name == "custom":
         raise RunError(f"teacher run '{run.root}' pruned a module given to the Python API, which a run directory "
                        "cannot rebuild; pass that module as dsd2.prune(..., teacher=module)")
-    classes = NUM_CLASSES[tcfg.data.dataset]
+    classes = dataset_classes(tcfg.data.dataset, tcfg.data.data_root)  # an image folder's: its class folders
     if classes != num_classes:
         raise RunError(f"teacher run '{run.root}' has {classes} classes ({tcfg.data.dataset}); the student's data "
                        f"has {num_classes}")
