@@ -1,4 +1,8 @@
-"""`dsd2-engine`: train (the pruning loop), entropy, report (figures, tables) and info (versions, backends)."""
+"""`dsd2-engine`: train (the pruning loop), entropy, report (figures, tables) and info (versions, backends).
+
+Every command that takes a run folder also takes the main job's experiment root (`runs/digits-mlp-<hash>`),
+resolved by `dsd2.runs.resolve_runs`: `distill --teacher ROOT` takes its teacher run, `entropy ROOT` measures
+the teacher and every student, `report ROOT` reports the experiment, `train --resume ROOT` continues it."""
 
 from __future__ import annotations
 
@@ -90,7 +94,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (flags override it)")
     p.add_argument("--preset", choices=list(PRESETS), help="start from a preset (default: digits-mlp)")
     p.add_argument("--out", help="run directory (default: runs/<name>-<config hash>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its stored config")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run or experiment in RUN_DIR with its stored "
+                   "config")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(p)
 
@@ -110,14 +115,11 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dsd2.run import run_experiment
-    from dsd2.runs import RunDir
+    from dsd2.runs import RunDir, resolve_run
 
     if args.resume:
-        run = RunDir(args.resume)
-        stored = run.stored_config()
-        if stored is None:
-            raise ConfigError(f"--resume '{args.resume}' holds no dsd2 run (no config.yaml)")
-        cfg = from_dict(stored["config"])
+        run = resolve_run(args.resume, "experiment")  # a run, or an experiment root as a whole
+        cfg = from_dict(run.stored_config()["config"])
         if args.data_root:
             cfg.data.data_root = args.data_root
     else:
@@ -139,6 +141,17 @@ def run_unless_finished(run: RunDir, cfg: Config, start: Callable[[bool], dict[s
     return start(not quiet and sys.stderr.isatty())
 
 
+def cost_note(summary: dict[str, Any]) -> str:
+    """'; training 314 GFLOPs + teacher 779 kFLOPs' from a run's or a student's summary (PFLOPs), or ''."""
+    from dsd2.report.units import format_pflops
+
+    train = summary.get("train_pflops_dense")
+    if train is None:
+        return ""
+    teacher = summary.get("teacher_pflops") or 0.0
+    return f"; training {format_pflops(train)}" + (f" + teacher {format_pflops(teacher)}" if teacher else "")
+
+
 def finish(run: RunDir, summary: dict[str, Any]) -> int:
     from dsd2.report import write_experiment_report, write_report
     from dsd2.training.distributed import context
@@ -149,11 +162,12 @@ def finish(run: RunDir, summary: dict[str, Any]) -> int:
     what = "teacher" if "students" in summary else "best"
     print(f"{what}: best level {summary['best_level']}: sparsity {summary['best_sparsity']:.4f}, "
           f"val {summary['best_val_acc']:.4f}, test {summary['best_test_acc']:.4f} "
-          f"(dense test {summary['dense_test_acc']:.4f})")
+          f"(dense test {summary['dense_test_acc']:.4f})"
+          f"{cost_note(summary['teacher'] if 'students' in summary else summary)}")
     for kind, st in summary.get("students", {}).items():
         dip = f"critical dip {st['dip_points']:.1f} points" if st["critical_dip"] else "no critical dip"
         print(f"student {kind}: best level {st['best_level']}: sparsity {st['best_sparsity']:.4f}, "
-              f"test {st['best_test_acc']:.4f} (dense {st['dense_test_acc']:.4f}); {dip}")
+              f"test {st['best_test_acc']:.4f} (dense {st['dense_test_acc']:.4f}); {dip}{cost_note(st)}")
     if "students" in summary:
         written = write_experiment_report(run.root, run.root / "report")
     else:
@@ -184,13 +198,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Experiment roots (and folders of them) report as experiments, seeds aggregated; anything else reports
+    every run it holds (an experiment's teacher and students among them)."""
     from dsd2.report import write_experiment_report, write_report
+    from dsd2.runs import resolve_runs
 
     out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
-    if all((Path(r) / "teacher").is_dir() for r in args.runs):
-        written = write_experiment_report(list(args.runs), out)
+    tops = [run for path in args.runs for run in resolve_runs(path, "experiment")]
+    if all(run.is_experiment() for run in tops):
+        written = write_experiment_report([run.root for run in tops], out)
     else:
-        written = write_report(args.runs, out, title=args.title or "")
+        runs = [run.root for path in args.runs for run in resolve_runs(path, "levels")]
+        written = write_report(runs, out, title=args.title or "")
     for path in written:
         print(path)
     return 0
@@ -212,12 +231,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_entropy(args: argparse.Namespace) -> int:
+    """Entropy of every run the path holds (an experiment root: the teacher and each student); with several,
+    a run without level checkpoints yet is skipped with a note."""
     from dsd2.run import entropy_of_run
-    from dsd2.runs import RunDir
+    from dsd2.run.state import saved_levels
+    from dsd2.runs import RunError, resolve_runs
 
-    run = RunDir(args.run)
-    entropy_of_run(run, data_root=args.data_root, granularity=args.granularity, inclusive=args.inclusive)
-    print(f"written: {run.root / 'entropy.jsonl'}")
+    runs = resolve_runs(args.run, "levels")
+    written = 0
+    for run in runs:
+        if len(runs) > 1:
+            if not saved_levels(run):
+                print(f"skipped {run.root}: no level checkpoints yet")
+                continue
+            print(f"== {run.root}")
+        entropy_of_run(run, data_root=args.data_root, granularity=args.granularity, inclusive=args.inclusive)
+        print(f"written: {run.root / 'entropy.jsonl'}")
+        written += 1
+    if not written:
+        raise RunError(f"none of the runs in '{args.run}' has level checkpoints yet")
     return 0
 
 
@@ -294,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     distill = sub.add_parser("distill", help="prune a student distilled from an existing run's checkpoint")
     distill.add_argument("--teacher", required=True, metavar="RUN_DIR[:LEVEL]",
-                         help="teacher run and level: best (default), dense or a number")
+                         help="teacher run (an experiment root: its teacher/) and level: best (default), dense or "
+                         "a number")
     _add_train_flags(distill)
     distill.set_defaults(func=cmd_distill)
     sweep = sub.add_parser("sweep", help="a grid of runs named by their config hash (finished runs skipped)")
@@ -310,12 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(sweep)
     sweep.set_defaults(func=cmd_sweep)
     report = sub.add_parser("report", help="figures and tables from run directories (seeds aggregate)")
-    report.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="runs, experiment roots, or folders of them")
     report.add_argument("--out", help="output folder (default: RUN_DIR/report of the first run)")
     report.add_argument("--title")
     report.set_defaults(func=cmd_report)
     ent = sub.add_parser("entropy", help="ReLU-state entropy of every saved level of an existing run")
-    ent.add_argument("run", metavar="RUN_DIR")
+    ent.add_argument("run", metavar="RUN_DIR", help="a run, or an experiment root or folder of runs: every run "
+                     "in it (name one by its folder, e.g. ROOT/teacher or ROOT/students/kd-sparse)")
     ent.add_argument("--data-root", help="where the run's dataset lives, if not where it was")
     ent.add_argument("--granularity", choices=GRANULARITIES)
     ent.add_argument("--inclusive", action="store_true", default=None, help="on-state is x >= 0")

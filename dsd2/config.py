@@ -378,7 +378,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{p}' is not a text file (not UTF-8); give a YAML config file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{p}' cannot be read ({exc.strerror or exc.__class__.__name__})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{p}' is not valid YAML ({exc.__class__.__name__})") from None
     if data is None:

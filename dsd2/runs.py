@@ -9,6 +9,10 @@ Layout of a run directory:
     checkpoints/last.safetensors       the last completed epoch (for resume)
     checkpoints/init.safetensors       the initial weights (for rewinding)
     summary.json        written when the run finishes
+
+The main job's directory (an experiment root) holds its own config.yaml and summary.json, plus `teacher/` and
+`students/<kind>/`, each a run directory. `resolve_runs` / `resolve_run` turn any path a user gives a command
+(a run, an experiment root, a folder of runs) into the run directories the command needs.
 """
 
 from __future__ import annotations
@@ -182,3 +186,72 @@ class RunDir:
         if summary is None or not summary.get("finished") or summary.get("run_hash") != run_hash:
             return None
         return summary
+
+    def is_experiment(self) -> bool:
+        """True for the root of a DSD² experiment: its config names students (teacher/, students/ inside)."""
+        stored = self.stored_config()
+        return bool(stored and (stored["config"].get("distill") or {}).get("students"))
+
+    def parts(self) -> dict[str, RunDir]:
+        """An experiment's runs that exist (hold a config.yaml), by name: teacher, then each student kind in the
+        config's order."""
+        stored = self.stored_config() or {"config": {}}
+        kinds = (stored["config"].get("distill") or {}).get("students") or ()
+        named = {"teacher": RunDir(self.root / "teacher"), **{k: RunDir(self.root / "students" / k) for k in kinds}}
+        return {name: run for name, run in named.items() if run.config_path.is_file()}
+
+
+# What a path given to a command resolves to, by the role the command needs:
+#   "levels"      every run that holds level checkpoints (entropy, the report of single runs): a run directory is
+#                 itself; an experiment root gives teacher/, then students/<kind>/ in the experiment's order
+#   "teacher"     the run a student is distilled from: a run directory is itself; an experiment root gives teacher/
+#   "experiment"  what `train --resume` continues and `report` aggregates: a run directory or an experiment root is
+#                 itself
+# A folder that is not a run (runs/, a sweep's folder, ROOT/students) gives what each folder directly inside it
+# resolves to, in name order.
+RESOLVE_ROLES = ("levels", "teacher", "experiment")
+
+
+def _resolve_here(path: Path, role: str) -> list[RunDir] | None:
+    """What `path` itself resolves to for `role`; None when it holds no run (no config.yaml)."""
+    run = RunDir(path)
+    if not run.config_path.is_file():
+        return None
+    if role == "experiment" or not run.is_experiment():
+        return [run]
+    parts = run.parts()
+    if role == "teacher":
+        if "teacher" not in parts:
+            raise RunError(f"experiment '{path}' has no teacher run yet (no config.yaml in {path / 'teacher'})")
+        return [parts["teacher"]]
+    return list(parts.values())
+
+
+def resolve_runs(path: str | Path, role: str = "levels") -> list[RunDir]:
+    """The run directories that `path` names for `role` (see RESOLVE_ROLES); at least one, else a RunError
+    naming the path."""
+    if role not in RESOLVE_ROLES:
+        raise ValueError(f"role '{role}' is not known; allowed: {', '.join(RESOLVE_ROLES)}")
+    root = Path(path)
+    if not root.exists():
+        raise RunError(f"'{root}' does not exist")
+    if not root.is_dir():
+        raise RunError(f"'{root}' is a file, not a run folder")
+    found = _resolve_here(root, role)
+    if found is None:  # a folder of runs
+        children = sorted(p for p in root.iterdir() if p.is_dir())
+        found = [run for child in children for run in (_resolve_here(child, role) or [])]
+    if not found:
+        raise RunError(f"'{root}' holds no dsd2 run yet (no config.yaml in it, in its teacher/ or students/<kind>/, "
+                       "or in the folders directly inside it)")
+    return found
+
+
+def resolve_run(path: str | Path, role: str) -> RunDir:
+    """The one run directory that `path` names for `role`; a RunError listing the candidates when it holds
+    several."""
+    runs = resolve_runs(path, role)
+    if len(runs) > 1:
+        raise RunError(f"'{path}' holds {len(runs)} runs, so name one of them: "
+                       f"{', '.join(str(r.root) for r in runs)}")
+    return runs[0]

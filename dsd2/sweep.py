@@ -174,10 +174,12 @@ def summarize(configs: list[Config], root: Path) -> dict[str, Any]:
         d = cfg.to_dict()
         d.pop("seed")
         key = json.dumps(d, sort_keys=True)
-        g = groups.setdefault(key, {"config": d, "runs": [], "best_test_acc": [], "best_sparsity": []})
+        g = groups.setdefault(key, {"config": d, "runs": [], "best_test_acc": [], "best_sparsity": [],
+                                    "train_pflops_dense": []})
         g["runs"].append(str(path))
         g["best_test_acc"].append(summary["best_test_acc"])
         g["best_sparsity"].append(summary["best_sparsity"])
+        g["train_pflops_dense"].append(curve_pflops(summary))
     rows = []
     for g in groups.values():
         accs = g["best_test_acc"]
@@ -188,10 +190,19 @@ def summarize(configs: list[Config], root: Path) -> dict[str, Any]:
     return out
 
 
+def curve_pflops(summary: dict[str, Any]) -> float:
+    """Training PFLOPs (dense) of the curve whose w_best a run's summary reports: the run's own, or an
+    experiment's teacher's; NaN when the summary does not say."""
+    part = summary.get("teacher", {}) if "students" in summary else summary
+    return float(part.get("train_pflops_dense", float("nan")))
+
+
 def sweep_table(summary: dict[str, Any], grid: dict[str, list[Any]]) -> str:
+    from dsd2.report.units import format_pflops
+
     keys = [k for k in grid if k != "seed"]
-    lines = [f"| {' | '.join(keys)} | seeds | test acc of w_best (mean ± std) | sparsity |",
-             f"|{'---|' * (len(keys) + 3)}"]
+    lines = [f"| {' | '.join(keys)} | seeds | test acc of w_best (mean ± std) | sparsity | training (dense, 1/MAC) |",
+             f"|{'---|' * (len(keys) + 4)}"]
     for g in summary["groups"]:
         vals = []
         for k in keys:
@@ -200,7 +211,8 @@ def sweep_table(summary: dict[str, Any], grid: dict[str, list[Any]]) -> str:
                 node = node.get(part) if isinstance(node, dict) else None
             vals.append(str(node))
         lines.append(f"| {' | '.join(vals)} | {len(g['runs'])} | {g['mean_test_acc'] * 100:.2f} ± "
-                     f"{g['std_test_acc'] * 100:.2f} | {statistics.fmean(g['best_sparsity']) * 100:.2f} % |")
+                     f"{g['std_test_acc'] * 100:.2f} | {statistics.fmean(g['best_sparsity']) * 100:.2f} % | "
+                     f"{format_pflops(statistics.fmean(g.get('train_pflops_dense') or [float('nan')]))} |")
     return "\n".join(lines) + "\n"
 
 

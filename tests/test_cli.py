@@ -46,6 +46,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"\xff\xfe\x00garbage\x89PNG",
+                                     b"\x00\x01\x02\x03 valid UTF-8, not YAML"])
+def test_binary_config_file_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, monkeypatch, content):
+    monkeypatch.chdir(tmp_path)  # the default run folder would be runs/ here
+    config = tmp_path / "garbage.yaml"
+    config.write_bytes(content)
+    code, err = run_main(["train", *TINY, "--config", str(config)], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"config file '{config}' is not" in err, err
+    assert "Traceback" not in err and [p.name for p in tmp_path.iterdir()] == ["garbage.yaml"]
+
+
 def test_missing_data_root_names_the_path(tmp_path, capsys):
     code, err = run_main(["train", *TINY, "--dataset", "cifar10", "--model", "vgg",
                           "--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "r")], capsys)

@@ -13,7 +13,8 @@ own, with no fused multiply-add, so they agree bit for bit:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -72,15 +73,54 @@ def masked_sgd_foreach(params: list[torch.Tensor], grads: list[torch.Tensor], bu
         torch._foreach_mul_([p for p, _ in pm], [m for _, m in pm])
 
 
+def pair_masks(params: list[torch.Tensor], masks: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, mask) pairs from the forms a masked optimizer takes for `masks`: None; a dict keyed by the
+    parameter tensor or by its position in `params`; or a list (or tuple) parallel to `params`, torch style,
+    None for a parameter without a mask. Refuses, in one sentence, a list of another length, a key that is not
+    one of `params`, or a mask whose shape is not its parameter's."""
+    if masks is None:
+        return []
+    if torch.is_tensor(masks) or not isinstance(masks, (Mapping, list, tuple)):
+        raise TypeError(f"masks must be a dict {{parameter or position: mask}} or a list parallel to the parameters, "
+                        f"not {type(masks).__name__}")
+    if isinstance(masks, Mapping):
+        position = {id(p): i for i, p in enumerate(params)}
+        by_position: dict[int, Any] = {}
+        for key, mask in masks.items():
+            i = key if isinstance(key, int) and not isinstance(key, bool) else position.get(id(key))
+            if i is None or not 0 <= i < len(params):
+                what = (f"position {key}" if isinstance(key, int) and not isinstance(key, bool)
+                        else "a tensor" if torch.is_tensor(key) else f"a {type(key).__name__}")
+                raise ValueError(f"a mask is keyed by {what}, which is not one of the optimizer's {len(params)} "
+                                 "parameters; key masks by the parameter tensor or its position in params")
+            by_position[i] = mask
+        masks = [by_position.get(i) for i in range(len(params))]
+    if len(masks) != len(params):
+        raise ValueError(f"got {len(masks)} masks for {len(params)} parameters; give one mask (or None) per "
+                         "parameter, in the order of params")
+    pairs = []
+    for i, (p, mask) in enumerate(zip(params, masks)):
+        if mask is None:
+            continue
+        if not torch.is_tensor(mask):
+            raise TypeError(f"the mask of parameter {i} is a {type(mask).__name__}, not a tensor (or None)")
+        if mask.shape != p.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} of parameter {i} differs from its shape {tuple(p.shape)}")
+        pairs.append((p, mask))
+    return pairs
+
+
 class MaskedSGD(torch.optim.Optimizer):
     """SGD with momentum and weight decay that keeps masked weights exactly zero.
 
     `masks` maps a parameter (the tensor object) or its position in `params` to a bool mask of the
-    same shape (True = kept). Parameters without a mask (biases, BatchNorm) step as plain SGD.
+    same shape (True = kept), or is a list parallel to `params` (torch style; None for no mask): see
+    `pair_masks`. Parameters without a mask (biases, BatchNorm) step as plain SGD.
     Masks are read at every step, so updating them in place after a prune needs no new optimizer.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], masks: dict[torch.Tensor, torch.Tensor] | None = None,
+    def __init__(self, params: Iterable[torch.Tensor],
+                 masks: Mapping[torch.Tensor | int, torch.Tensor] | list[torch.Tensor | None] | None = None,
                  lr: float | torch.Tensor = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
                  nesterov: bool = False, backend: str = "auto"):
         if backend not in BACKENDS:
@@ -92,7 +132,7 @@ class MaskedSGD(torch.optim.Optimizer):
             raise ValueError("nesterov momentum needs momentum > 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
         self.masks: dict[int, torch.Tensor] = {}
-        for p, m in (masks or {}).items():
+        for p, m in pair_masks([p for group in self.param_groups for p in group["params"]], masks):
             self.set_mask(p, m)
 
     def set_mask(self, param: torch.Tensor, mask: torch.Tensor) -> None:

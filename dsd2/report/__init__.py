@@ -1,6 +1,6 @@
 """Figures and tables from run directories: the paper's Fig. 2 (accuracy vs sparsity, phases, w_best, entropy),
 comparisons of several configurations on one panel (Fig. 4: depth/width; Fig. 5: students), curve tables and
-a Table 1 analogue (training PFLOPs and accuracy of the full loop and of early-stopped loops).
+a Table 1 analogue (training FLOPs and accuracy of the full loop and of early-stopped loops).
 
 Runs whose configs differ only in the seed form one group and aggregate to mean ± std.
 """
@@ -18,6 +18,7 @@ from typing import Any
 from dsd2.analysis.curves import aggregate, dip_report
 from dsd2.analysis.early_stop import decide
 from dsd2.analysis.phases import detect_phases
+from dsd2.report.units import format_pflops
 from dsd2.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
 
 PHASE_COLOURS = {"light": "#e8f4e8", "critical": "#fbe3e3", "sweet": "#e3ecfb", "collapsed": "#eeeeee"}
@@ -209,19 +210,43 @@ def _rule_settings(run: Run) -> tuple[int, float]:
     return int(a.get("patience", 3)), float(a.get("entropy_tolerance", 0.05))
 
 
+# Table 1's columns: the Markdown header shows costs with a readable unit per cell (`format_pflops`), the CSV keeps
+# the exact numbers in PFLOPs
+TABLE1_MD_HEADER = ["configuration", "loop", "train FLOPs (dense, 1/MAC)", "teacher inference FLOPs",
+                    "teacher training FLOPs", "test acc (%)", "sparsity (%)", "levels run", "seeds"]
+TABLE1_CSV_HEADER = ["configuration", "loop", "train PFLOPs (dense, 1/MAC)", "teacher inference PFLOPs",
+                     "teacher training PFLOPs", "test acc (%)", "sparsity (%)", "levels run", "seeds"]
+
+
+def _loop_outcome(runs: list[Run], rule: str | None) -> dict[str, list[float]]:
+    """Per run: training and teacher-inference PFLOPs, test accuracy and sparsity of the returned model, and the
+    levels run, for the loop as run (`rule` None) or as the early-stop rule would have stopped it."""
+    out: dict[str, list[float]] = {"pflops": [], "teacher": [], "accs": [], "sparsities": [], "levels": []}
+    for run in runs:
+        patience, tolerance = _rule_settings(run)
+        stop = len(run.rows) - 1 if rule is None else simulate_early_stop(run.rows, rule, patience, tolerance)
+        done = run.rows[: stop + 1]
+        best = max(done, key=lambda r: (r["val_acc"], r["sparsity"]))
+        out["pflops"].append(sum(r.get("train_flops_dense", 0.0) for r in done) / 1e15)
+        out["teacher"].append(sum(r.get("teacher_flops", 0.0) for r in done) / 1e15)
+        out["accs"].append(best["test_acc"])
+        out["sparsities"].append(best["sparsity"])
+        out["levels"].append(len(done))
+    return out
+
+
 def table1(groups: dict[str, list[Run]], teacher_training: dict[str, list[float]] | None = None
            ) -> tuple[str, str]:
-    """Training PFLOPs (dense, fvcore convention) and test accuracy of the returned model (w_best by
+    """Training cost (dense, fvcore convention) and test accuracy of the returned model (w_best by
     validation) for the full loop and the loops the early-stop rules would have run. The teacher columns
-    hold the teacher's forward passes during distillation and, when given, the cost of training the teacher
-    up to the level it was taken from (the paper's "+ teacher")."""
+    hold the teacher's forward passes during distillation and, when given (in PFLOPs), the cost of training the
+    teacher up to the level it was taken from (the paper's "+ teacher"). Markdown shows costs in a readable
+    unit; the CSV holds them exactly, in PFLOPs."""
     teacher_training = teacher_training or {}
-    header = ["configuration", "loop", "train PFLOPs (dense, 1/MAC)", "teacher inference PFLOPs",
-              "teacher training PFLOPs", "test acc (%)", "sparsity (%)", "levels run", "seeds"]
-    lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    lines = [f"| {' | '.join(TABLE1_MD_HEADER)} |", f"|{'---|' * len(TABLE1_MD_HEADER)}"]
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(header)
+    writer.writerow(TABLE1_CSV_HEADER)
     for label, runs in groups.items():
         stopped = any((r.summary or {}).get("early_stop", {}).get("stopped") for r in runs)
         rules = [("loop as run (stopped early)" if stopped else "full loop", None)]
@@ -229,23 +254,13 @@ def table1(groups: dict[str, list[Run]], teacher_training: dict[str, list[float]
             rules.append(("early stop: entropy", "entropy"))
         rules.append(("early stop: validation", "val"))
         for name, rule in rules:
-            pflops, teacher, accs, sparsities, levels = [], [], [], [], []
-            for run in runs:
-                patience, tolerance = _rule_settings(run)
-                stop = len(run.rows) - 1 if rule is None else simulate_early_stop(run.rows, rule, patience, tolerance)
-                done = run.rows[: stop + 1]
-                best = max(done, key=lambda r: (r["val_acc"], r["sparsity"]))
-                pflops.append(sum(r.get("train_flops_dense", 0.0) for r in done) / 1e15)
-                teacher.append(sum(r.get("teacher_flops", 0.0) for r in done) / 1e15)
-                accs.append(best["test_acc"])
-                sparsities.append(best["sparsity"])
-                levels.append(len(done))
-            trained = teacher_training.get(label)
-            cells = [label, name, f"{statistics.fmean(pflops):.6g}", f"{statistics.fmean(teacher):.6g}",
-                     f"{statistics.fmean(trained):.6g}" if trained else "0", _mean_std(accs),
-                     f"{statistics.fmean(sparsities) * 100:.2f}", f"{statistics.fmean(levels):g}", len(runs)]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-            writer.writerow(cells)
+            o = _loop_outcome(runs, rule)
+            costs = [statistics.fmean(o["pflops"]), statistics.fmean(o["teacher"]),
+                     statistics.fmean(teacher_training.get(label) or [0.0])]
+            rest = [_mean_std(o["accs"]), f"{statistics.fmean(o['sparsities']) * 100:.2f}",
+                    f"{statistics.fmean(o['levels']):g}", len(runs)]
+            lines.append("| " + " | ".join(str(c) for c in [label, name, *map(format_pflops, costs), *rest]) + " |")
+            writer.writerow([label, name, *costs, *rest])
     return "\n".join(lines) + "\n", buf.getvalue()
 
 

@@ -1,4 +1,5 @@
-"""The teacher of a distilled run: named by 'RUN_DIR[:LEVEL]', loaded frozen, checked against the student."""
+"""The teacher of a distilled run: named by 'RUN_DIR[:LEVEL]' (RUN_DIR may be an experiment root), loaded frozen,
+checked against the student."""
 
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ from dsd2.models import build_model, module_fingerprint
 from dsd2.pruning import count_sparsity, prunable_weights, select_prunable
 from dsd2.run.state import saved_levels
 from dsd2.run.summary import best_level
-from dsd2.runs import RunDir, RunError, load_checkpoint
+from dsd2.runs import RunDir, RunError, load_checkpoint, resolve_run
 
 
 def parse_teacher_spec(spec: str) -> tuple[RunDir, str]:
-    """'RUN_DIR[:LEVEL]' -> (run directory, level: best | dense | a number)."""
+    """'RUN_DIR[:LEVEL]' -> (the teacher run, level: best | dense | a number). RUN_DIR may be an experiment root
+    (its teacher/ is taken) or a folder holding exactly one run; one holding several is refused, naming them."""
     path, sep, level = spec.rpartition(":")
     if not sep or not path or "/" in level:
         path, level = spec, "best"
-    return RunDir(path), level or "best"
+    return resolve_run(path, "teacher"), level or "best"
 
 
 def resolve_teacher_level(run: RunDir, level: str) -> int:

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from dsd2.config import OptimConfig
 from dsd2.ops import MaskedSGD
+from dsd2.ops.masked_sgd import pair_masks
 from dsd2.pruning import Masks, prunable_weights
 
 
 class MaskedAdam(torch.optim.Adam):
-    """Adam whose pruned entries take no gradient and stay exactly 0.0 after every step."""
+    """Adam whose pruned entries take no gradient and stay exactly 0.0 after every step.
 
-    def __init__(self, params, masks: dict[torch.Tensor, torch.Tensor], **kwargs):
+    `masks` takes MaskedSGD's forms: a dict keyed by the parameter tensor or its position in `params`, or a list
+    parallel to `params` (None for no mask). The masks are held, not copied: updating them in place takes effect
+    at the next step."""
+
+    def __init__(self, params,
+                 masks: Mapping[torch.Tensor | int, torch.Tensor] | list[torch.Tensor | None] | None = None,
+                 **kwargs):
         super().__init__(params, **kwargs)
-        self.masks = {id(p): m for p, m in masks.items()}
+        flat = [p for group in self.param_groups for p in group["params"]]
+        self.masks = {id(p): m for p, m in pair_masks(flat, masks)}
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]

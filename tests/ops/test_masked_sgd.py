@@ -195,3 +195,62 @@ def test_every_cpu_path_takes_the_same_step_bit_for_bit(momentum, nesterov, wd):
     for name, got in results.items():
         for a, b in zip(got, results["reference"]):
             assert torch.equal(a, b), f"{name} differs from the reference"
+
+
+# ---- the forms `masks` takes: a dict by parameter or position, or a list parallel to the parameters ------------
+
+
+def small_model_steps(make_optimizer, steps=5):
+    """Weights of a small masked MLP after `steps` training steps with the optimizer `make_optimizer(model, masks)`."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    masks = {model[0].weight: torch.rand(8, 6) < 0.5, model[2].weight: torch.rand(3, 8) < 0.5}
+    with torch.no_grad():
+        for p, m in masks.items():
+            p.mul_(m)
+    opt = make_optimizer(model, masks)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def as_list(model, masks):
+    return [masks.get(p) for p in model.parameters()]
+
+
+def as_positions(model, masks):
+    by_id = {id(p): m for p, m in masks.items()}
+    return {i: by_id[id(p)] for i, p in enumerate(model.parameters()) if id(p) in by_id}
+
+
+@pytest.mark.parametrize("form", [as_list, as_positions])
+def test_masks_as_a_list_or_by_position_take_the_same_steps_as_the_dict(form):
+    def make(convert):
+        return lambda model, masks: MaskedSGD(model.parameters(), convert(model, masks), lr=0.1, momentum=0.9)
+
+    by_dict = small_model_steps(make(lambda model, masks: masks))
+    other = small_model_steps(make(form))
+    assert all(torch.equal(a, b) for a, b in zip(by_dict, other))
+    assert (by_dict[0] == 0).any()  # the masks did prune
+
+
+def one_sentence(message: str) -> bool:
+    return "\n" not in message and message.count(". ") == 0
+
+
+def test_a_mask_list_of_the_wrong_length_is_refused_in_one_sentence():
+    params = [torch.zeros(3, 2, requires_grad=True), torch.zeros(3, requires_grad=True)]
+    with pytest.raises(ValueError, match="got 1 masks for 2 parameters") as info:
+        MaskedSGD(params, [torch.ones(3, 2, dtype=torch.bool)])
+    assert one_sentence(str(info.value))
+    with pytest.raises(ValueError, match=r"mask shape \(2, 3\) of parameter 0 differs from its shape \(3, 2\)"):
+        MaskedSGD(params, [torch.ones(2, 3, dtype=torch.bool), None])
+    with pytest.raises(ValueError, match="not one of the optimizer's 2 parameters"):
+        MaskedSGD(params, {torch.zeros(3, 2): torch.ones(3, 2, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="position 5"):
+        MaskedSGD(params, {5: torch.ones(3, 2, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="not Tensor"):
+        MaskedSGD(params, torch.ones(3, 2, dtype=torch.bool))
