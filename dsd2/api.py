@@ -6,9 +6,11 @@
                          exclude=("conv1.weight", "fc.weight"))
 
 The run directory is the CLI's: config.yaml, metrics.jsonl, epochs.jsonl, checkpoints, summary.json; rerunning
-the same call resumes it, `dsd2-engine report OUT` draws it. The model and data are named in the run's config by
-fingerprints (class and parameter shapes, initial weights; shapes and a hash of the tensors), so a call with
-another model or other data is another run, and is refused in a folder that holds this one.
+the same call resumes it (from its checkpoints: the weights the model holds then do not matter), and
+`dsd2-engine report OUT` draws it. The model, the data and a teacher are named in the run's config by fingerprints
+(the model's class and parameter names and shapes; the data's shapes and a hash of its tensors; the teacher's
+weights too), so a call with another architecture, other data or another teacher is another run, and is refused
+in a folder that holds this one.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def api_config(config: Config | dict | None, model: nn.Module, raw: RawDataset, 
     for section, values in (config or {}).items():
         overrides[section] = {**overrides.get(section, {}), **values} if isinstance(values, dict) else values
     cfg = build_config(None, None, overrides)
-    cfg.model.name, cfg.model.module = CUSTOM, module_fingerprint(model, weights=True)
+    cfg.model.name, cfg.model.module = CUSTOM, module_fingerprint(model)
     cfg.data.dataset, cfg.data.fingerprint = CUSTOM, data_fingerprint(raw)
     cfg.prune.include, cfg.prune.exclude = tuple(include), tuple(exclude)
     if teacher is not None:

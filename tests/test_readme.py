@@ -45,3 +45,15 @@ def test_layout_table_matches_the_tree():
             continue
         for name in re.findall(r"`([\w./-]+\.(?:py|cpp|h|md))`", text):
             assert any((REPO / place).rglob(name.split("/")[-1])), f"{place} row names {name}, not in {place}"
+
+
+def test_the_python_api_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's example of `dsd2.prune`, executed verbatim (in a scratch folder)."""
+    text = (REPO / "README.md").read_text().split("## Your own model and data: the Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    summary = namespace["summary"]
+    assert summary["levels"] == 3 and len(summary["relu_layers"]) == 17
+    assert (tmp_path / "runs" / "resnet18-mine" / "summary.json").exists()

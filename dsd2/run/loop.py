@@ -24,7 +24,7 @@ from dsd2.config import CONV_MODELS, Config, ConfigError
 from dsd2.data import Splits, build_splits
 from dsd2.data.batching import train_batches
 from dsd2.models import build_model
-from dsd2.ops import swap_in_counting_relus
+from dsd2.ops import ReLUSiteError, count_relu_call_sites
 from dsd2.pruning import (
     CRITERIA,
     count_sparsity,
@@ -88,7 +88,8 @@ def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting:
                     model: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """The run's model on `device` (built from the config and seeded by the init stream, or `model`, a module
     given to the Python API; channels_last for conv nets), with the prunable weights the config's patterns
-    choose, and its counting ReLUs when `counting` (ReLUs hold no state, so checkpoints are unchanged)."""
+    choose, and, when `counting`, traced so that every ReLU call site counts its states (the traced module shares
+    the model's parameters and state dict; its counters hold no state, so checkpoints are unchanged)."""
     torch.set_flush_denormal(True)  # denormal weights after pruning slow CPU retraining ~20x
     # the global generator is seeded too: code that draws from it (user objectives, dropout) is seeded by the run
     torch.manual_seed(rng.stream_seed("init", cfg.seed))
@@ -97,11 +98,13 @@ def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting:
     model = model.to(device)
     if cfg.channels_last and is_conv_net(cfg, model):
         model = model.to(memory_format=torch.channels_last)
-    a = cfg.analysis
-    relus = swap_in_counting_relus(model, granularity=a.granularity, inclusive=a.inclusive) if counting else {}
+    relus: dict = {}
     try:
+        if counting:  # every ReLU call site its own layer (a module called twice is two): the traced model runs
+            model, relus = count_relu_call_sites(model, granularity=cfg.analysis.granularity,
+                                                 inclusive=cfg.analysis.inclusive)
         select_prunable(model, cfg.prune.include, cfg.prune.exclude)
-    except ValueError as exc:
+    except (ReLUSiteError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     return model, relus
 
