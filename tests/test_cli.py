@@ -174,7 +174,8 @@ def test_every_config_field_has_a_flag_with_help():
 
     actions = flag_actions()
     internal = {o.path for o in config_options() if o.flag is None}
-    assert internal == {"distill.teacher", "distill.teacher_id", "model.module"}  # set by distill, experiment, API
+    # set by distill, the experiment, and the Python API (its fingerprints of a given model and data)
+    assert internal == {"distill.teacher", "distill.teacher_id", "model.module", "data.fingerprint"}
     for opt in config_options():
         if opt.flag is None:
             continue
