@@ -188,16 +188,18 @@ class RunDir:
         return summary
 
     def is_experiment(self) -> bool:
-        """True for the root of a DSD² experiment: its config names students (teacher/, students/ inside)."""
-        stored = self.stored_config()
-        return bool(stored and (stored["config"].get("distill") or {}).get("students"))
+        """True for the root of a DSD² experiment: a config.yaml with a teacher/ folder beside it (a run of the
+        level loop never has one, whatever its config says about students)."""
+        return self.config_path.is_file() and (self.root / "teacher").is_dir()
 
     def parts(self) -> dict[str, RunDir]:
         """An experiment's runs that exist (hold a config.yaml), by name: teacher, then each student kind in the
-        config's order."""
+        config's order (any other folder in students/ after them, by name)."""
         stored = self.stored_config() or {"config": {}}
-        kinds = (stored["config"].get("distill") or {}).get("students") or ()
-        named = {"teacher": RunDir(self.root / "teacher"), **{k: RunDir(self.root / "students" / k) for k in kinds}}
+        kinds = list((stored["config"].get("distill") or {}).get("students") or ())
+        students = self.root / "students"
+        kinds += sorted(p.name for p in students.iterdir() if p.name not in kinds) if students.is_dir() else []
+        named = {"teacher": RunDir(self.root / "teacher"), **{k: RunDir(students / k) for k in kinds}}
         return {name: run for name, run in named.items() if run.config_path.is_file()}
 
 

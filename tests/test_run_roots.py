@@ -45,6 +45,16 @@ def test_resolution_rules(root):
         resolve_runs(root, "student")
 
 
+def test_a_level_loop_run_whose_config_names_students_is_a_run(tmp_path):
+    """The Python API may run the level loop on a config that names students: without a teacher/ folder beside
+    its config.yaml it is a run, not an experiment root."""
+    run = RunDir(tmp_path / "run")
+    run.claim({"distill": {"students": ["vanilla", "kd-sparse"]}}, "h")
+    for role in ("levels", "teacher", "experiment"):
+        assert [r.root for r in resolve_runs(run.root, role)] == [run.root]
+    assert not run.is_experiment()
+
+
 def test_entropy_of_a_root_measures_the_teacher_and_every_student(root, capsys):
     code, out, _ = run_main(["entropy", str(root)], capsys)
     assert code == 0 and out.count("written:") == 4
