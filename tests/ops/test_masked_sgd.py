@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsd2.ops import MaskedSGD, masked_sgd_reference
+from dsd2.training import MaskedAdam
 
 
 def make_problem(seed=0, shapes=((7, 5), (3, 4, 3, 3), (11,)), density=0.4):
@@ -226,10 +227,16 @@ def as_positions(model, masks):
     return {i: by_id[id(p)] for i, p in enumerate(model.parameters()) if id(p) in by_id}
 
 
+OPTIMIZERS = {"sgd": lambda params, masks: MaskedSGD(params, masks, lr=0.1, momentum=0.9),
+              "adam": lambda params, masks: MaskedAdam(params, masks, lr=1e-2)}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("form", [as_list, as_positions])
-def test_masks_as_a_list_or_by_position_take_the_same_steps_as_the_dict(form):
+def test_masks_as_a_list_or_by_position_take_the_same_steps_as_the_dict(form, optimizer):
+    """MaskedSGD and MaskedAdam take the masks in the same forms."""
     def make(convert):
-        return lambda model, masks: MaskedSGD(model.parameters(), convert(model, masks), lr=0.1, momentum=0.9)
+        return lambda model, masks: OPTIMIZERS[optimizer](model.parameters(), convert(model, masks))
 
     by_dict = small_model_steps(make(lambda model, masks: masks))
     other = small_model_steps(make(form))
@@ -254,3 +261,5 @@ def test_a_mask_list_of_the_wrong_length_is_refused_in_one_sentence():
         MaskedSGD(params, {5: torch.ones(3, 2, dtype=torch.bool)})
     with pytest.raises(TypeError, match="not Tensor"):
         MaskedSGD(params, torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="got 2 masks for 1 parameters"):
+        MaskedAdam([params[1]], [torch.ones(3, dtype=torch.bool), None])
