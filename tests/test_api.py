@@ -39,8 +39,9 @@ def relu_states_by_hooks(model, images, mean, std):
     hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((id(mod), (out > 0).sum(0))))
              for m in model.modules() if isinstance(m, torch.nn.ReLU)]
     model.eval()
-    with torch.no_grad():
-        model((images.float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1))
+    x = (images.float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    with torch.no_grad():  # in the layout the loop feeds a conv net, so the convolutions run the same kernels
+        model(x.contiguous(memory_format=torch.channels_last))
     for h in hooks:
         h.remove()
     return [c.flatten().long() for _, c in calls]

@@ -9,19 +9,18 @@ from typing import Any
 
 import torch
 
-from dsd2.config import CONV_MODELS, Config, DistillConfig, ModelConfig, from_dict, validate
+from dsd2.config import Config, DistillConfig, ModelConfig, from_dict, validate
 from dsd2.data import build_splits
 from dsd2.models import build_model
 from dsd2.pruning import count_sparsity
 from dsd2.run import measure
-from dsd2.run.loop import LevelLoop, build_run_model, check_levels, resolve_device
+from dsd2.run.loop import LevelLoop, build_run_model, check_levels, input_format, resolve_device
 from dsd2.run.state import Checkpointer, saved_levels
 from dsd2.run.summary import student_entry
 from dsd2.run.teacher import resolve_teacher_level
 from dsd2.runs import RunDir, RunError, write_json, write_jsonl
-from dsd2.training import InputFormat, TrainFeed, cross_entropy, make_executor
+from dsd2.training import TrainFeed, cross_entropy, make_executor
 from dsd2.training.distributed import context as dist_context
-from dsd2.training.precision import resolve_precision
 
 
 def student_config(cfg: Config, kind: str, teacher_dir: Path, teacher_hash: str, level: int) -> Config:
@@ -119,8 +118,7 @@ def entropy_of_run(run_dir: RunDir, *, data_root: str | None = None, granularity
     splits = build_splits(cfg.data, cfg.seed, device)
     model, relus = build_run_model(cfg, splits, device, counting=True)
     checkpointer = Checkpointer(stored["run_hash"], model, relus, device)
-    fmt = InputFormat(splits.mean, splits.std, resolve_precision(cfg.precision, device, cfg.model.name in CONV_MODELS),
-                      cfg.channels_last and cfg.model.name in CONV_MODELS)
+    fmt = input_format(cfg, splits, device, model)
     executor = make_executor(model, TrainFeed(splits.train, cfg.optim.batch_size, fmt), cross_entropy, relus, cfg.seed,
                              splits.num_classes, dist_ctx=dist_context(), cuda_graphs=cfg.cuda_graphs)
     rows = []

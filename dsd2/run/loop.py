@@ -84,6 +84,14 @@ def is_conv_net(cfg: Config, model: nn.Module | None = None) -> bool:
     return cfg.model.name in CONV_MODELS
 
 
+def input_format(cfg: Config, splits: Splits, device: torch.device, model: nn.Module) -> InputFormat:
+    """How the run's model takes its input: the training split's statistics, the precision the config resolves
+    to on `device`, channels_last for conv nets."""
+    conv = is_conv_net(cfg, model)
+    return InputFormat(splits.mean, splits.std, resolve_precision(cfg.precision, device, conv),
+                       cfg.channels_last and conv)
+
+
 def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting: bool,
                     model: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """The run's model on `device` (built from the config and seeded by the init stream, or `model`, a module
@@ -178,8 +186,7 @@ class LevelLoop:
         self.masks = full_masks(self.model)
         self.flops = measure_forward_flops(self.model, self.splits.input_shape)
         s = self.splits
-        channels_last = cfg.channels_last and is_conv_net(cfg, self.model)
-        fmt = InputFormat(s.mean, s.std, self.precision, channels_last)
+        fmt = input_format(cfg, s, self.device, self.model)
         self.feed = TrainFeed(s.train, cfg.optim.batch_size, fmt, cfg.data.augment)
         if cfg.distill.teacher or self.given_teacher is not None:
             self._setup_teacher()
