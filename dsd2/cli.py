@@ -159,20 +159,33 @@ def finish(run: RunDir, summary: dict[str, Any]) -> int:
     if not context().is_main:
         return 0
 
+    if summary.get("experiment") == "seeds":
+        return finish_seeds(run, summary)
     what = "teacher" if "students" in summary else "best"
     print(f"{what}: best level {summary['best_level']}: sparsity {summary['best_sparsity']:.4f}, "
           f"val {summary['best_val_acc']:.4f}, test {summary['best_test_acc']:.4f} "
           f"(dense test {summary['dense_test_acc']:.4f})"
           f"{cost_note(summary['teacher'] if 'students' in summary else summary)}")
     for kind, st in summary.get("students", {}).items():
-        dip = f"critical dip {st['dip_points']:.1f} points" if st["critical_dip"] else "no critical dip"
         print(f"student {kind}: best level {st['best_level']}: sparsity {st['best_sparsity']:.4f}, "
-              f"test {st['best_test_acc']:.4f} (dense {st['dense_test_acc']:.4f}); {dip}{cost_note(st)}")
+              f"test {st['best_test_acc']:.4f} (dense {st['dense_test_acc']:.4f}){cost_note(st)}; "
+              f"{st['verdict']['describe']}")
     if "students" in summary:
         written = write_experiment_report(run.root, run.root / "report")
     else:
         written = write_report([run.root], run.root / "report", title=run.root.name)
     print(f"results: {run.root}  (summary.json, metrics.jsonl per run, checkpoints/)")
+    print(f"report: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def finish_seeds(run: RunDir, summary: dict[str, Any]) -> int:
+    """The console lines and the report of a configuration run over seeds."""
+    from dsd2.report import seeds_table, write_seeds_report
+
+    print(seeds_table(summary))
+    written = write_seeds_report(run.root, run.root / "report")
+    print(f"results: {run.root}  (summary.json; seed-S/ per seed)")
     print(f"report: {', '.join(str(p) for p in written)}")
     return 0
 
@@ -200,11 +213,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Experiment roots (and folders of them) report as experiments, seeds aggregated; anything else reports
     every run it holds (an experiment's teacher and students among them)."""
-    from dsd2.report import write_experiment_report, write_report
+    from dsd2.report import write_experiment_report, write_report, write_seeds_report
     from dsd2.runs import resolve_runs
 
     out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
     tops = [run for path in args.runs for run in resolve_runs(path, "experiment")]
+    if len(tops) == 1 and tops[0].seed_runs():
+        written = write_seeds_report(tops[0].root, out)
+        print("\n".join(str(p) for p in written))
+        return 0
+    tops = [sub for run in tops for sub in run.seed_runs() or [run]]
     if all(run.is_experiment() for run in tops):
         written = write_experiment_report([run.root for run in tops], out)
     else:

@@ -155,6 +155,8 @@ class AnalysisConfig:
                              "stops improving", choices=EARLY_STOP_RULES, label="early-stop rule")
     patience: int = option(3, "levels without validation improvement before stopping")
     entropy_tolerance: float = option(0.05, "relative fall below the running maximum that counts as decreasing")
+    dodge_margin: float = option(0.01, "a dip whose 95 % upper bound stays below this accuracy fraction counts as "
+                                 "dodged (default 0.01 = 1 point); read by the verdicts, not by training")
 
 
 @dataclass
@@ -189,6 +191,8 @@ class Config:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = option(0, "seed of every random stream (initialisation, noise, shuffling, augmentation)")
+    seeds: tuple[int, ...] = option((), "run the configuration once per seed, each in ROOT/seed-S, and aggregate "
+                                    "them (mean ± std, 95 % intervals, verdicts), e.g. 0,1,2", metavar="S1,S2")
     device: str = option("cpu", DEVICE_HELP)
     precision: str = option("auto", "auto (default): bf16 autocast for conv nets where the CPU or GPU computes "
                             "bf16 natively (AVX-512 BF16, AMX, Ampere and later), else fp32", choices=PRECISIONS)
@@ -209,6 +213,9 @@ class Config:
                 payload["data"].pop(name, None)
         payload["data"].pop("download", None)
         payload["distill"].pop("teacher", None)
+        payload["analysis"].pop("dodge_margin", None)  # how results are judged, not what they are
+        if not self.seeds:  # one run; a list of seeds names the aggregate of its runs
+            payload.pop("seeds", None)
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -330,6 +337,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
         if key in SECTIONS:
             kwargs[key] = _section_from_dict(key, value)
         else:
+            value = tuple(value) if isinstance(value, list) else value
             _check_type(key, value, top_fields[key].type)
             kwargs[key] = value
     cfg = Config(**kwargs)
@@ -474,6 +482,12 @@ def validate(cfg: Config) -> None:
     _validate_analysis(cfg.analysis)
     check_device(cfg.device)
     _validate_distill(cfg)
+    _validate_seeds(cfg.seeds)
+
+
+def _validate_seeds(seeds: tuple[int, ...]) -> None:
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds {','.join(map(str, seeds))} must be distinct numbers >= 0")
 
 
 def _validate_custom(cfg: Config) -> None:
@@ -484,6 +498,9 @@ def _validate_custom(cfg: Config) -> None:
             allowed = ", ".join(MODELS if what == "model" else DATASETS)
             raise ConfigError(f"{what} 'custom' is one given to the Python API (dsd2.prune), which fingerprints it; "
                               f"choose one of {allowed}")
+    if cfg.model.name == CUSTOM and cfg.seeds:
+        raise ConfigError(f"seeds {','.join(map(str, cfg.seeds))}: the Python API trains the model it is given, once; "
+                          "call dsd2.prune once per seed, with config={'seed': S} and a fresh model each time")
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -564,6 +581,9 @@ def _validate_analysis(a: AnalysisConfig) -> None:
     _whole("patience", a.patience, 1)
     if not 0.0 < a.entropy_tolerance < 1.0:
         raise ConfigError(f"entropy tolerance {a.entropy_tolerance!r} is outside (0, 1)")
+    if not 0.0 < a.dodge_margin < 1.0:
+        raise ConfigError(f"dodge margin {a.dodge_margin!r} is outside (0, 1): it is an accuracy fraction, "
+                          "0.01 = 1 point")
 
 
 def _validate_distill(cfg: Config) -> None:

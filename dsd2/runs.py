@@ -192,6 +192,13 @@ class RunDir:
         level loop never has one, whatever its config says about students)."""
         return self.config_path.is_file() and (self.root / "teacher").is_dir()
 
+    def seed_runs(self) -> list[RunDir]:
+        """The root of a configuration run over seeds (`--seeds`) holds one run per seed in seed-S/: those that
+        exist, in the config's order; [] for any other directory."""
+        stored = self.stored_config() or {"config": {}}
+        seeds = stored["config"].get("seeds") or ()
+        return [run for run in (RunDir(self.root / f"seed-{s}") for s in seeds) if run.config_path.is_file()]
+
     def parts(self) -> dict[str, RunDir]:
         """An experiment's runs that exist (hold a config.yaml), by name: teacher, then each student kind in the
         config's order (any other folder in students/ after them, by name)."""
@@ -209,6 +216,7 @@ class RunDir:
 #   "teacher"     the run a student is distilled from: a run directory is itself; an experiment root gives teacher/
 #   "experiment"  what `train --resume` continues and `report` aggregates: a run directory or an experiment root is
 #                 itself
+# The root of a run over seeds (`--seeds`) is itself for "experiment"; for the other roles, what each seed-S/ gives.
 # A folder that is not a run (runs/, a sweep's folder, ROOT/students) gives what each folder directly inside it
 # resolves to, in name order.
 RESOLVE_ROLES = ("levels", "teacher", "experiment")
@@ -219,7 +227,12 @@ def _resolve_here(path: Path, role: str) -> list[RunDir] | None:
     run = RunDir(path)
     if not run.config_path.is_file():
         return None
-    if role == "experiment" or not run.is_experiment():
+    if role == "experiment":
+        return [run]
+    seeds = run.seed_runs()
+    if seeds:
+        return [found for sub in seeds for found in _resolve_here(sub.root, role) or []]
+    if not run.is_experiment():
         return [run]
     parts = run.parts()
     if role == "teacher":

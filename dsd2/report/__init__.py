@@ -18,6 +18,7 @@ from typing import Any
 from dsd2.analysis.curves import aggregate, dip_report
 from dsd2.analysis.early_stop import decide
 from dsd2.analysis.phases import detect_phases
+from dsd2.analysis.stats import t975
 from dsd2.report.units import format_pflops
 from dsd2.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
 
@@ -124,20 +125,28 @@ def _save(fig, stem: Path) -> list[Path]:
     return written
 
 
+def ci_half_width(p) -> float:
+    """Half the 95 % t-interval of a curve point's mean over its seeds (0 with one seed)."""
+    return t975(p.n - 1) * p.std / p.n**0.5 if p.n > 1 else 0.0
+
+
 def _plot_group(ax, label: str, runs: list[Run], *, shade: bool) -> dict[str, Any]:
     rows = [r.rows for r in runs]
     pts = aggregate(rows, "test_acc")
     x = [max(1 - p.sparsity, 1e-6) * 100 for p in pts]
     y = [p.mean * 100 for p in pts]
     s = [p.std * 100 for p in pts]
-    (line,) = ax.plot(x, y, marker="o", ms=3, label=f"{label} (n={pts[0].n})")
-    ax.fill_between(x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)], alpha=0.2,
+    half = [ci_half_width(p) * 100 for p in pts]
+    band = " ± 95 % CI" if pts[0].n > 1 else ""
+    (line,) = ax.plot(x, y, marker="o", ms=3, label=f"{label} (n={pts[0].n}{band})")
+    ax.fill_between(x, [a - h for a, h in zip(y, half)], [a + h for a, h in zip(y, half)], alpha=0.2,
                     color=line.get_color())
     val = aggregate(rows, "val_acc")
     best = max(range(len(val)), key=lambda i: (val[i].mean, val[i].sparsity))
     ax.plot([x[best]], [y[best]], marker="*", ms=15, color="gold", markeredgecolor="k", zorder=5)
     data = {"label": label, "levels": [p.level for p in pts], "remaining_pct": x, "test_acc_pct": y,
-            "test_std_pct": s, "best_level": pts[best].level, "runs": [str(r.path) for r in runs]}
+            "test_std_pct": s, "test_ci95_half_pct": half, "best_level": pts[best].level,
+            "runs": [str(r.path) for r in runs]}
     if shade:
         phases = detect_phases(_curves(runs, "test_acc") if len(runs) > 1 else [p.mean for p in pts])
         bounds = [x[0] * 1.15] + [(x[i] * x[i + 1]) ** 0.5 for i in range(len(x) - 1)] + [x[-1] / 1.15]
@@ -157,13 +166,19 @@ def figure_sparsity(groups: dict[str, list[Run]], stem: Path, title: str = "", s
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    distances = all("dist_from_init" in r for runs in groups.values() for run in runs for r in run.rows)
+    if distances:
+        fig, (ax, dax) = plt.subplots(2, 1, figsize=(7.5, 6.2), sharex=True, height_ratios=(3, 1.4))
+    else:
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
     plotted = {"groups": []}
     for label, runs in groups.items():
         plotted["groups"].append(_plot_group(ax, label, runs, shade=shade and len(groups) == 1))
     ax.set_xscale("log")
     ax.invert_xaxis()
-    ax.set_xlabel("remaining weights (%)  [log scale; sparser to the right]")
+    if distances:
+        plotted["dist_from_init"] = _plot_distances(dax, groups)
+    (dax if distances else ax).set_xlabel("remaining weights (%)  [log scale; sparser to the right]")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3, which="both")
     handles, _ = ax.get_legend_handles_labels()
@@ -187,6 +202,23 @@ def figure_sparsity(groups: dict[str, list[Run]], stem: Path, title: str = "", s
     written = _save(fig, stem)
     plt.close(fig)
     return written, plotted
+
+
+def _plot_distances(ax, groups: dict[str, list[Run]]) -> dict[str, Any]:
+    """He et al.'s reading beside the accuracy: the l2 distance of each level's retained weights from the
+    initial ones (mean over seeds, 95 % band)."""
+    out = {}
+    for label, runs in groups.items():
+        pts = aggregate([r.rows for r in runs], "dist_from_init")
+        x = [max(1 - p.sparsity, 1e-6) * 100 for p in pts]
+        y, half = [p.mean for p in pts], [ci_half_width(p) for p in pts]
+        (line,) = ax.plot(x, y, marker=".", ms=3)
+        ax.fill_between(x, [a - h for a, h in zip(y, half)], [a + h for a, h in zip(y, half)], alpha=0.2,
+                        color=line.get_color())
+        out[label] = {"remaining_pct": x, "dist_from_init": y, "ci95_half": half}
+    ax.set_ylabel("l2 distance\nfrom init")
+    ax.grid(alpha=0.3, which="both")
+    return out
 
 
 def simulate_early_stop(rows: list[dict[str, Any]], rule: str, patience: int, tolerance: float) -> int:
@@ -339,3 +371,53 @@ def write_report(run_paths: list[str | Path], out: Path, title: str = "") -> lis
     atomic_write_text(out / "figure_data.json", json.dumps(figure_data, indent=1))
     written += [out / "table1.md", out / "table1.csv", out / "figure_data.json"]
     return written
+
+
+# ---- a configuration run over seeds (train --seeds) -----------------------------------------------------------------
+
+SEEDS_HEADER = ["curve", "seeds", "dense test acc (%)", "w_best test acc (%)", "w_best sparsity (%)",
+                "dip (points) [95 % CI]", "verdict"]
+
+
+def _pct(stat: dict[str, Any]) -> str:
+    """'82.10 ± 4.30 [71.4, 92.8]' from a `mean_ci` dict (one seed: the value alone)."""
+    if stat["std"] is None:
+        return f"{stat['mean'] * 100:.2f}"
+    lo, hi = stat["ci95"]
+    return f"{stat['mean'] * 100:.2f} ± {stat['std'] * 100:.2f} [{lo * 100:.1f}, {hi * 100:.1f}]"
+
+
+def seeds_table(summary: dict[str, Any]) -> str:
+    """Markdown table of a seeds summary: per curve the headline numbers (mean ± std [95 % CI]), the dip with its
+    simultaneous bootstrap interval and the verdict; the verdicts' notes below it."""
+    lines = [f"| {' | '.join(SEEDS_HEADER)} |", f"|{'---|' * len(SEEDS_HEADER)}"]
+    notes = []
+    for name, c in summary["curves"].items():
+        h, v = c["headline"], c["verdict"]
+        dip = "n/a" if v["verdict"] is None else (f"{v['dip'] * 100:.1f} [{v['lower'] * 100:.1f}, "
+                                                  f"{v['upper'] * 100:.1f}]")
+        cells = [name, c["seeds"], _pct(h["dense_test_acc"]), _pct(h["best_test_acc"]), _pct(h["best_sparsity"]),
+                 dip, v["verdict"] or "none"]
+        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+        if v.get("note") or v["verdict"] is None:
+            notes.append(f"- {name}: {v.get('note') or v['describe']}")
+    margin = summary.get("dodge_margin", 0.01) * 100
+    lines += ["", f"Dip: dense minus the lowest mean accuracy before the sweet peak; SDD present if its lower bound "
+              f"is above 0, dodged if its upper bound is below {margin:g} point(s)."] + notes
+    return "\n".join(lines) + "\n"
+
+
+def write_seeds_report(root: str | Path, out: Path) -> list[Path]:
+    """Report of a configuration run over seeds: the experiment report (or the runs' report) of its seeds,
+    aggregated, and `verdicts.md` from its summary."""
+    run = RunDir(root)
+    summary = run.summary()
+    if summary is None or summary.get("experiment") != "seeds":
+        raise RunError(f"'{root}' holds no finished run over seeds (no seeds summary.json)")
+    subs = [Path(root) / f"seed-{s}" for s in summary["seeds"]]
+    if RunDir(subs[0]).is_experiment():
+        written = write_experiment_report([str(p) for p in subs], out)
+    else:
+        written = write_report(subs, out, title=Path(root).name)
+    atomic_write_text(out / "verdicts.md", seeds_table(summary))
+    return written + [out / "verdicts.md"]

@@ -16,7 +16,7 @@ from dsd2.pruning import count_sparsity
 from dsd2.run import measure
 from dsd2.run.loop import LevelLoop, build_run_model, check_levels, input_format, resolve_device
 from dsd2.run.state import Checkpointer, saved_levels
-from dsd2.run.summary import student_entry
+from dsd2.run.summary import seed_curves, student_entry
 from dsd2.run.teacher import resolve_teacher_level
 from dsd2.runs import RunDir, RunError, write_json, write_jsonl
 from dsd2.training import TrainFeed, cross_entropy, make_executor
@@ -59,7 +59,10 @@ def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """The DSD² experiment in one directory: the teacher's IMP curve (teacher/), the selection of the teacher
     level, then each student pruned by the same loop (students/<kind>/): vanilla, distilled from the dense
-    teacher, distilled from the selected sparse teacher. Every part is a resumable run of its own."""
+    teacher, distilled from the selected sparse teacher. Every part is a resumable run of its own. With
+    `cfg.seeds`, one such experiment per seed (`run_seeds`)."""
+    if cfg.seeds:
+        return run_seeds(cfg, root, progress=progress, log=log)
     if not cfg.distill.students:
         return LevelLoop(cfg, root, progress=progress, log=log).run()
     tcfg, teacher_run = teacher_config(cfg), RunDir(root.root / "teacher")
@@ -83,7 +86,7 @@ def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
         if srun.finished(scfg.run_hash()) is None:
             log(f"== student {kind}")
         summary = run_once(scfg, srun, log, progress=progress)
-        students[kind] = student_entry(summary, srun.levels(), str(srun.root))
+        students[kind] = student_entry(summary, srun.levels(), str(srun.root), cfg.analysis.dodge_margin)
     summary = {"run_hash": cfg.run_hash(), "finished": True, "experiment": "dsd2",
                "teacher": {"run": str(teacher_run.root), "selected_level": level,
                            "rule": str(cfg.distill.teacher_level), "best_test_acc": done["best_test_acc"],
@@ -96,6 +99,46 @@ def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
         write_json(root.summary_path, summary)
     dist_context().barrier()
     return summary
+
+
+def seed_config(cfg: Config, seed: int) -> Config:
+    """The config of one seed's run of a configuration with several seeds."""
+    return replace(cfg, seed=seed, seeds=())
+
+
+def seed_dirs(root: RunDir, seeds: tuple[int, ...] | list[int]) -> list[RunDir]:
+    return [RunDir(root.root / f"seed-{s}") for s in seeds]
+
+
+def run_seeds(cfg: Config, root: RunDir, *, progress: bool = True,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every seed of `cfg.seeds` as its own resumable run (the experiment, or a run of the level loop) in
+    ROOT/seed-S, then their aggregate in ROOT/summary.json (`aggregate_seeds`)."""
+    claim_experiment(cfg, root)
+    for seed, sub in zip(cfg.seeds, seed_dirs(root, cfg.seeds)):
+        scfg = seed_config(cfg, seed)
+        if sub.finished(scfg.run_hash()) is None:
+            log(f"=== seed {seed}")
+            run_experiment(scfg, sub, progress=progress, log=log)
+    summary = aggregate_seeds(cfg, root)
+    if dist_context().is_main:
+        write_json(root.summary_path, summary)
+    dist_context().barrier()
+    return summary
+
+
+def aggregate_seeds(cfg: Config, root: RunDir) -> dict[str, Any]:
+    """The summary of a configuration run over seeds: for the teacher and each student (or the one run), every
+    curve point and headline number with its 95 % interval, the phases of the mean curve and the verdict."""
+    subs = seed_dirs(root, cfg.seeds)
+    names = list(subs[0].parts()) if subs[0].is_experiment() else ["run"]
+    curves = {}
+    for name in names:
+        runs = [sub.parts()[name] if name != "run" else sub for sub in subs]
+        curves[name] = seed_curves([r.levels() for r in runs], cfg.analysis.dodge_margin, [r.summary() for r in runs])
+        curves[name]["runs"] = [str(r.root) for r in runs]
+    return {"run_hash": cfg.run_hash(), "finished": True, "experiment": "seeds", "seeds": list(cfg.seeds),
+            "dodge_margin": cfg.analysis.dodge_margin, "curves": curves}
 
 
 def entropy_of_run(run_dir: RunDir, *, data_root: str | None = None, granularity: str | None = None,

@@ -367,13 +367,15 @@ class LevelLoop:
         logits = ex.count(s.train) if counting else ex.predict(s.train)
         zeros, total = count_sparsity(self.model)
         val = measure.split_metrics(ex.predict(s.val), s.val.labels)
-        test = measure.split_metrics(ex.predict(s.test), s.test.labels)
+        test_logits = ex.predict(s.test)
+        test = measure.split_metrics(test_logits, s.test.labels)
         level_rows = [r for r in epoch_rows if r["level"] == level]
         epochs = epochs_for(self.cfg, level)
         weights = prunable_weights(self.model)
         row = {"level": level, "sparsity": zeros / total, "remaining_weights": total - zeros,
                **measure.train_metrics(logits, s),
                "val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"], "test_loss": test["loss"],
+               **measure.test_outcomes(test_logits, s.test.labels),
                "epochs": epochs, "wall_time_s": wall,
                **measure.entropy_metrics(self.relus),
                **measure.learning_distances(weights, self.masks, self.level_start, self.init_weights),
@@ -412,7 +414,7 @@ class LevelLoop:
         best = best_level(rows)
         for r in rows:
             r["best"] = r["level"] == best["level"]  # w_best, marked in metrics.jsonl
-        summary = run_summary(rows, self.run_hash, list(self.relus))
+        summary = run_summary(rows, self.run_hash, list(self.relus), self.cfg.analysis.dodge_margin)
         if self.teacher is not None:
             summary["teacher"] = self.teacher.info
             summary["teacher_pflops"] = sum(r.get("teacher_flops", 0.0) for r in rows) / 1e15

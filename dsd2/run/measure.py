@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from dsd2.analysis.entropy import summarize
 from dsd2.analysis.flops import ForwardFlops, densities_of, training_flops
+from dsd2.analysis.stats import pack_outcomes
 from dsd2.data import Splits
 
 
@@ -17,6 +18,12 @@ def split_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float
     if labels.numel() == 0:
         return {"loss": float("nan"), "acc": float("nan")}
     return {"loss": float(F.cross_entropy(logits, labels)), "acc": float((logits.argmax(1) == labels).float().mean())}
+
+
+def test_outcomes(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Which test images the model gets right, packed (`dsd2.analysis.stats.pack_outcomes`), and how many there
+    are: the per-sample record the dip's confidence interval resamples."""
+    return {"test_outcomes": pack_outcomes(logits.argmax(1) == labels), "test_images": labels.numel()}
 
 
 def train_metrics(logits: torch.Tensor, splits: Splits) -> dict[str, Any]:
