@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,21 +48,24 @@ FLAG_MAP: dict[str, tuple[str | None, str]] = {
 }
 
 
-def list_parser(opt: ConfigOption) -> Callable[[str], tuple[Any, ...]]:
-    """Comma-separated items of a tuple field (`--hidden 256,256`); a list of names may be `none` (empty)."""
-    item = _SCALARS[opt.kind] or str
+def list_of(kind: str, none_is_empty: bool = False) -> Callable[[str], tuple[Any, ...]]:
+    """Parser of comma-separated items of `kind` (int, float, str); with `none_is_empty`, `none` is the empty list."""
+    item = _SCALARS[kind] or str
 
     def parse(text: str) -> tuple[Any, ...]:
-        if opt.kind == "str" and text.strip().lower() in ("", "none"):
+        if none_is_empty and text.strip().lower() in ("", "none"):
             return ()
         try:
             return tuple(item(v.strip()) for v in text.split(","))
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"'{text}' is not a comma-separated list of {_LIST_NOUNS[opt.kind]}"
-            ) from None
+            raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of {_LIST_NOUNS[kind]}") from None
 
     return parse
+
+
+def list_parser(opt: ConfigOption) -> Callable[[str], tuple[Any, ...]]:
+    """Comma-separated items of a tuple field (`--hidden 256,256`); a list of names may be `none` (empty)."""
+    return list_of(opt.kind, none_is_empty=opt.kind == "str")
 
 
 def flag_arguments(opt: ConfigOption) -> dict[str, Any]:
@@ -248,6 +252,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from dsd2.study import DEFAULT_GRID, grid_hash, run_kd_study
+
+    cfg = build_config(args.preset, args.config, overrides_from_args(args))
+    given = {"alpha": args.alphas, "temperature": args.temperatures, "width": args.widths, "teacher": args.teachers}
+    grid = {**DEFAULT_GRID, **{k: tuple(v) for k, v in given.items() if v is not None}}
+    root = Path(args.out or Path("studies") / f"kd-{cfg.run_hash()}-{grid_hash(grid)}")
+    started = time.perf_counter()
+    summary = run_kd_study(cfg, root, grid, progress=not args.quiet and sys.stderr.isatty())
+    print((root / "study.md").read_text())
+    print(f"study: {len(summary['settings'])} settings x {len(summary['seeds'])} seeds in {root}; this call "
+          f"{time.perf_counter() - started:.0f} s, the runs' own wall time {summary['wall_time_s']:.0f} s")
+    print(f"table: {root / 'study.md'}; heatmap: {root / 'study_heatmap.png'}; summary: {root / 'study_summary.json'}")
+    return 0
+
+
 def cmd_entropy(args: argparse.Namespace) -> int:
     """Entropy of every run the path holds (an experiment root: the teacher and each student); with several,
     a run without level checkpoints yet is skipped with a note."""
@@ -360,6 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--slurm-timeout-min", type=int)
     _add_train_flags(sweep)
     sweep.set_defaults(func=cmd_sweep)
+    study = sub.add_parser("study", help="kd: when does distillation dodge sparse double descent? a grid over "
+                           "alpha, tau, student width and teacher, with seeds")
+    study.add_argument("kind", choices=("kd",))
+    study.add_argument("--alphas", type=list_of("float"), metavar="A1,A2", help="KD weights (default 0.8,1.0)")
+    study.add_argument("--temperatures", type=list_of("float"), metavar="T1,T2", help="KD temperatures (default 2,10)")
+    study.add_argument("--widths", type=list_of("int"), metavar="W1,W2", help="student widths: MLP hidden units per "
+                       "layer, or VGG-like gamma (default 64,128)")
+    study.add_argument("--teachers", type=list_of("str"), metavar="T1,T2", help="none (vanilla), dense, best "
+                       "(default all three)")
+    _add_train_flags(study)
+    study.set_defaults(func=cmd_study)
     report = sub.add_parser("report", help="figures and tables from run directories (seeds aggregate)")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="runs, experiment roots, or folders of them")

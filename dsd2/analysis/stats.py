@@ -57,15 +57,19 @@ def t975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-def mean_ci(values: list[float]) -> dict[str, Any]:
-    """Mean, sample std and the 95 % t-interval of the mean over seeds (no interval from one seed)."""
+def mean_ci(values: list[float], bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Mean, sample std and the 95 % t-interval of the mean over seeds (no interval from one seed), cut to
+    `bounds` where the quantity has them (an accuracy lies in [0, 1])."""
     n = len(values)
     mean = statistics.fmean(values)
     if n < 2:
         return {"mean": mean, "std": None, "ci95": None, "n": n}
     std = statistics.stdev(values)
     half = t975(n - 1) * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": n}
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {"mean": mean, "std": std, "ci95": [lo, hi], "n": n}
 
 
 # ---- per-sample outcomes, stored with each level -----------------------------------------------------------------

@@ -86,6 +86,7 @@ def student_entry(summary: dict[str, Any], rows: list[dict[str, Any]], run: str,
 
 # per-level measures aggregated over seeds (where every seed's row has them)
 CURVE_KEYS = ("test_acc", "val_acc", "train_acc", "entropy_mean", "dist_from_init", "dist_from_level_start")
+UNIT = {"test_acc": (0.0, 1.0), "val_acc": (0.0, 1.0), "train_acc": (0.0, 1.0)}  # fractions: intervals cut to them
 
 
 def common_levels(rows_per_seed: list[list[dict[str, Any]]]) -> list[dict[int, dict[str, Any]]]:
@@ -127,14 +128,15 @@ def seed_curves(rows_per_seed: list[list[dict[str, Any]]], margin: float,
     for level in seeds[0]:
         rows = [b[level] for b in seeds]
         point = {"level": level, "sparsity": statistics.fmean(r["sparsity"] for r in rows)}
-        point.update({key: mean_ci([r[key] for r in rows]) for key in CURVE_KEYS if all(key in r for r in rows)})
+        point.update({key: mean_ci([r[key] for r in rows], UNIT.get(key)) for key in CURVE_KEYS
+                      if all(key in r for r in rows)})
         points.append(point)
     best = [best_level(rows) for rows in rows_per_seed]  # w_best of each seed, by its validation accuracy
     headline = {
-        "dense_test_acc": mean_ci([rows[0]["test_acc"] for rows in rows_per_seed]),
-        "best_test_acc": mean_ci([b["test_acc"] for b in best]),
-        "best_sparsity": mean_ci([b["sparsity"] for b in best]),
-        "final_test_acc": mean_ci([rows[-1]["test_acc"] for rows in rows_per_seed]),
+        "dense_test_acc": mean_ci([rows[0]["test_acc"] for rows in rows_per_seed], (0.0, 1.0)),
+        "best_test_acc": mean_ci([b["test_acc"] for b in best], (0.0, 1.0)),
+        "best_sparsity": mean_ci([b["sparsity"] for b in best], (0.0, 1.0)),
+        "final_test_acc": mean_ci([rows[-1]["test_acc"] for rows in rows_per_seed], (0.0, 1.0)),
         "train_pflops_dense": mean_ci([sum(r.get("train_flops_dense", 0.0) for r in rows) / 1e15
                                        for rows in rows_per_seed]),
     }
