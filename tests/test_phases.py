@@ -93,3 +93,13 @@ def test_validation_rule_stops_after_patience_levels_without_improvement():
         False, False, False, False, True, False]
     # an improving curve never stops
     assert not any(decide("val", [0.1, 0.2, 0.3, 0.4][:i], patience=1).stop for i in range(1, 5))
+
+
+def test_a_level_that_only_equals_the_best_is_no_improvement():
+    # a flat validation curve runs out of patience; the model returned is still the sparser of equals
+    val = [0.50, 0.60, 0.60, 0.60, 0.60]
+    stops = [decide("val", val[:i], patience=3).stop for i in range(1, len(val) + 1)]
+    assert stops == [False, False, False, False, True]
+    assert decide("val", val, patience=3).best_level == 4
+    ent = [1.0, 0.5, 0.5, 0.5, 0.5]  # falling from level 1 on
+    assert [decide("entropy", val[:i], ent[:i], patience=3).stop for i in range(1, 6)] == stops

@@ -38,7 +38,12 @@ def rate(curve, verdict, trials, images=597, seeds=3, **kw):
 
 
 def test_flat_noisy_curves_rarely_claim_a_dip():
-    assert rate(FLAT, "SDD present", 120) <= 0.05
+    assert rate(FLAT, "SDD present", 100) <= 0.05
+
+
+def test_flat_curves_with_large_seed_noise_rarely_claim_a_dip():
+    # seed-to-seed variation dominates: only resampling the seeds keeps the interval honest
+    assert rate(FLAT, "SDD present", 60, images=5000, seed_sd=0.02) <= 0.05
 
 
 def test_a_single_seed_flat_curve_rarely_claims_a_dip():

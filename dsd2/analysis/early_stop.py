@@ -36,7 +36,15 @@ def entropy_drop_level(entropies: list[float], tolerance: float) -> int | None:
 
 
 def _argmax(values: list[float], start: int = 0) -> int:
+    """The last level with the highest value (w_best: at equal accuracy the sparser model)."""
     return max(range(start, len(values)), key=lambda i: (values[i], i))
+
+
+def _levels_without_improvement(values: list[float], start: int = 0) -> int:
+    """Levels since the highest value from `start` on was first reached: a level that only equals it is no
+    improvement, so a flat curve runs out of patience."""
+    first = max(range(start, len(values)), key=lambda i: (values[i], -i))
+    return len(values) - 1 - first
 
 
 def decide(rule: str, val_accs: list[float], entropies: list[float] | None = None, *, patience: int = 3,
@@ -49,7 +57,7 @@ def decide(rule: str, val_accs: list[float], entropies: list[float] | None = Non
     if rule == "none":
         return StopDecision(False, level, best, None, "no early stop")
     if rule == "val":
-        since = level - _argmax(val_accs)
+        since = _levels_without_improvement(val_accs)
         stop = since >= patience
         return StopDecision(stop, level, best, None,
                             f"validation accuracy not improved for {since} levels" if stop else "improving")
@@ -58,7 +66,7 @@ def decide(rule: str, val_accs: list[float], entropies: list[float] | None = Non
     drop = entropy_drop_level(entropies, tolerance)
     if drop is None:
         return StopDecision(False, level, best, None, "entropy stationary")
-    since = level - _argmax(val_accs, drop)
+    since = _levels_without_improvement(val_accs, drop)
     stop = since >= patience
     reason = (f"entropy decreasing since level {drop}; validation accuracy not improved for {since} levels"
               if stop else f"entropy decreasing since level {drop}")

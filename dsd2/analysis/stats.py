@@ -8,16 +8,23 @@ The dip. Phases are found on the mean curve m_0..m_L over seeds: the sweet peak 
 mean test accuracy, and the dip is the drop from the dense model to the minimum before it,
     D = max over i <= s of (m_0 - m_i)        (0 when no level before s falls below the dense model).
 
-Its interval. A bootstrap draws the test images with replacement (one draw shared by every seed and level:
-paired by sample) and, independently, the seeds with replacement (the seed part scaled by sqrt(k / (k - 1)), the
-usual correction that makes its variance the unbiased one of a mean of k). Because D is a maximum over levels,
-a percentile interval of the bootstrapped maximum would be biased upwards (on a flat curve it is > 0 almost
-surely). Instead every paired difference d_i = m_0 - m_i gets a simultaneous interval, from the bootstrap
-distribution of the largest studentised deviation over i <= s (max-t), and
+Its interval. The paired differences d_i = m_0 - m_i vary for two reasons, and each gets its replicates:
+  * the test images: a bootstrap redraws them with replacement, one draw shared by every seed and level (paired
+    by image), so what the images share across levels cancels in d_i;
+  * the seeds: each seed's own difference curve D_j varies around the mean; a Gaussian multiplier bootstrap
+    draws replicates with the covariance over levels of the mean of k seeds. With few seeds a per-level variance
+    (k - 1 degrees of freedom) is often small by chance, and a maximum over levels would pick exactly those
+    levels, so each level's seed variance is floored at its average over the levels before the sweet peak, and
+    the seed part is widened by Student's t over the normal quantile at the pooled degrees of freedom.
+Because D is a maximum over levels, a percentile interval of the bootstrapped maximum would be biased upwards
+(on a flat curve it is > 0 almost surely). Instead every d_i gets a simultaneous interval, from the replicates'
+largest studentised deviation over i <= s (max-t), and
     lower(D) = max_i lower(d_i),   upper(D) = max_i upper(d_i).
-With probability >= the confidence level every d_i lies within its interval at once, so D does too: the
-intervals are valid for the maximum without assuming where the minimum falls. The sweet level is taken from
-the mean curve and held fixed (phases are read on the mean curve).
+When every d_i lies within its interval at once (probability >= the confidence level), D does too: the interval
+holds for the maximum without assuming where the minimum falls. The sweet level is taken from the mean curve and
+held fixed (phases are read on the mean curve). Synthetic curves with known answers check it
+(tests/test_stats.py): "SDD present" on flat curves at most 5 % of the time, with image noise or seed noise
+dominating, and a clear dip found.
 
 The verdict, at confidence 95 % and a margin (default 1 point):
     SDD present    lower(D) > 0: some level before the sweet peak is below the dense model, beyond noise;
@@ -120,27 +127,43 @@ class DipVerdict:
         return {**asdict(self), "describe": self.describe()}
 
 
-def _replicates(acc_boot: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mean curves of the bootstrap replicates: `acc_boot` [B, k, S] are each seed's accuracies on the
-    replicate's resampled images; the seeds are resampled too (scaled to the unbiased variance)."""
-    b, k, _ = acc_boot.shape
-    mean = acc_boot.mean(1)
-    if k < 2:
-        return mean
-    picks = torch.randint(k, (b, k), generator=generator)
-    counts = torch.zeros(b, k, dtype=acc_boot.dtype).scatter_add_(1, picks, torch.ones(b, k, dtype=acc_boot.dtype))
-    resampled = (counts[:, :, None] * acc_boot).sum(1) / k
-    return mean + math.sqrt(k / (k - 1)) * (resampled - mean)
-
-
-def _sample_boot(x: torch.Tensor, resamples: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-seed accuracies [B, k, S] on `resamples` draws of the test images with replacement (one draw shared
-    by every seed and level)."""
+def _image_deviations(x: torch.Tensor, resamples: int, generator: torch.Generator) -> torch.Tensor:
+    """Bootstrap deviations [B, S] of the mean differences d_i = m_0 - m_i from redrawing the test images with
+    replacement (one draw shared by every seed and level: paired by image)."""
     n = x.shape[-1]
     picks = torch.randint(n, (resamples, n), generator=generator)
     counts = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
         1, picks, torch.ones(resamples, n, dtype=torch.float64))
-    return torch.einsum("bn,ksn->bks", counts, x) / n
+    curves = torch.einsum("bn,ksn->bs", counts, x) / (n * x.shape[0])
+    full = x.mean((0, 2))
+    return (curves[:, :1] - curves) - (full[:1] - full)
+
+
+def _seed_deviations(x: torch.Tensor, resamples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deviations [B, S] of the mean differences from seed to seed, and their variances [S].
+
+    Each seed's own difference curve D_j (on all images) varies around the mean; the replicates are Gaussian
+    with the covariance of the mean over k seeds (a multiplier bootstrap: smooth where resampling 3 seeds has
+    10 outcomes). A variance from k seeds has k - 1 degrees of freedom, and the maximum over levels would favour
+    the levels where it came out small by chance, so each level's variance is floored at the average over the
+    levels (the top-up drawn independently per level) and the whole seed part is widened by the ratio of
+    Student's t to the normal quantile at the pooled degrees of freedom."""
+    k, s = x.shape[0], x.shape[1]
+    if k < 2:
+        return torch.zeros(resamples, s, dtype=torch.float64), torch.zeros(s, dtype=torch.float64)
+    acc = x.mean(-1)
+    d = acc[:, :1] - acc  # [k, S]
+    centred = d - d.mean(0)
+    var = centred.pow(2).sum(0) / (k - 1)
+    floor = var[1:].mean() if s > 1 else var.new_zeros(())
+    weights = torch.randn(resamples, k, generator=generator, dtype=torch.float64)
+    dev = weights @ centred / math.sqrt(k * (k - 1))
+    floored = torch.maximum(var, floor)
+    floored[0] = 0.0  # d_0 = 0 on every seed
+    top_up = (floored - var) / k
+    dev = dev + torch.randn(resamples, s, generator=generator, dtype=torch.float64) * top_up.sqrt()
+    widen = t975((k - 1) * max(s - 1, 1)) / 1.959964
+    return dev * widen, floored / k * widen**2
 
 
 def _max_t_quantile(dev: torch.Tensor, se: torch.Tensor, confidence: float) -> float:
@@ -165,9 +188,9 @@ def dip_verdict(outcomes: torch.Tensor, *, margin: float = DEFAULT_MARGIN, confi
     x = x[:, : sweet + 1]
     diffs = mean[0] - mean[: sweet + 1]
     generator = torch.Generator().manual_seed(seed)
-    curves = _replicates(_sample_boot(x, resamples, generator), generator)
-    boot = curves[:, :1] - curves
-    dev = boot - diffs
+    image_dev = _image_deviations(x, resamples, generator)
+    seed_dev, seed_var = _seed_deviations(x, resamples, generator)
+    dev = image_dev + seed_dev
     se = dev.std(0)
     lower_i = diffs - _max_t_quantile(dev, se, confidence) * se
     upper_i = diffs + _max_t_quantile(-dev, se, confidence) * se
@@ -180,26 +203,15 @@ def dip_verdict(outcomes: torch.Tensor, *, margin: float = DEFAULT_MARGIN, confi
     note = "; ".join(notes)
     needed = None
     if verdict == "inconclusive":
-        needed, note = _seeds_needed(x, diffs, lower_i, upper_i, margin, confidence, resamples, generator)
+        needed, note = _seeds_needed(k, n, diffs, lower_i, upper_i, margin, seed_var, image_dev.var(0))
     return DipVerdict(verdict, dip, lower, upper, margin, int(torch.argmax(diffs)), sweet, k, n, needed, note)
 
 
-def _variance_parts(x: torch.Tensor, level: int, resamples: int, generator: torch.Generator) -> tuple[float, float]:
-    """Bootstrap variances of m_0 - m_level from the seeds alone (all images) and from the images alone."""
-    per_seed = x.mean(-1)[None]  # [1, k, S]
-    seed_only = _replicates(per_seed.expand(resamples, -1, -1), generator)
-    image_only = _sample_boot(x, resamples, generator).mean(1)
-    parts = [float((c[:, 0] - c[:, level]).var()) for c in (seed_only, image_only)]
-    return parts[0], parts[1]
-
-
-def _seeds_needed(x: torch.Tensor, diffs: torch.Tensor, lower_i: torch.Tensor, upper_i: torch.Tensor,
-                  margin: float, confidence: float, resamples: int,
-                  generator: torch.Generator) -> tuple[int | None, str]:
+def _seeds_needed(k: int, n: int, diffs: torch.Tensor, lower_i: torch.Tensor, upper_i: torch.Tensor, margin: float,
+                  seed_var: torch.Tensor, image_var: torch.Tensor) -> tuple[int | None, str]:
     """The fewest seeds with which the interval would likely settle the verdict, if the mean curve and the
     per-seed variance stay as measured: the seed part of each bound's width shrinks as 1/k, the image part does
     not (every seed is scored on the same test images)."""
-    k = x.shape[0]
     if k < 2:
         return None, "one seed measures no seed-to-seed variation: run 3 or more"
     targets = []  # (bound's level, its width now, the width that would settle it)
@@ -210,15 +222,14 @@ def _seeds_needed(x: torch.Tensor, diffs: torch.Tensor, lower_i: torch.Tensor, u
         targets.append((hi_level, float(upper_i[hi_level] - diffs[hi_level]), margin - float(diffs[hi_level])))
     best = None
     for level, width, room in targets:
-        seed_var, image_var = _variance_parts(x, level, resamples, generator)
-        total = seed_var + image_var
+        seeds_part, images_part = float(seed_var[level]), float(image_var[level])
+        total = seeds_part + images_part
         if total <= 0:
             continue
         for seeds in range(k + 1, MAX_SEEDS_PROJECTED + 1):
-            if width * math.sqrt((seed_var * k / seeds + image_var) / total) < room:
+            if width * math.sqrt((seeds_part * k / seeds + images_part) / total) < room:
                 best = seeds if best is None else min(best, seeds)
                 break
     if best is None:
-        return None, (f"more seeds alone would likely not settle it: the {x.shape[-1]} test images bound the "
-                      "interval's width")
+        return None, f"more seeds alone would likely not settle it: the {n} test images bound the interval's width"
     return best, f"about {best} seeds would likely settle it"
