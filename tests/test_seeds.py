@@ -106,6 +106,15 @@ def test_the_api_refuses_seeds(tmp_path):
                    out=tmp_path / "api", config={"seeds": [0, 1]})
 
 
+def test_seeds_from_a_preset_or_a_config_file(tmp_path):
+    from dsd2.config import build_config
+
+    flags = build_config(None, None, {"seeds": (0, 1, 2)})
+    assert build_config("digits-mlp-3seeds").run_hash() == flags.run_hash()
+    (tmp_path / "c.yaml").write_text("seeds: [0, 1, 2]\n")
+    assert build_config(None, str(tmp_path / "c.yaml")).seeds == (0, 1, 2)
+
+
 def test_the_dodge_margin_does_not_rename_a_run():
     from dsd2.config import build_config
 
