@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from dsd2.config import DataConfig, ModelConfig, OptimConfig
 from dsd2.data import DeviceDataset, build_splits
@@ -129,6 +129,7 @@ def test_the_eager_epoch_makes_no_host_tensor_per_batch(augment):
     # a CPU one passed to a meta draw makes no CPU tensor
     generator = torch.Generator().manual_seed(0) if augment else None
     with HostTensors() as seen:
-        train_epoch(model, opt, TrainFeed(data, 16, fmt, augment=augment), cross_entropy, torch.arange(48, device=meta), generator)
+        train_epoch(model, opt, TrainFeed(data, 16, fmt, augment=augment), cross_entropy,
+                    torch.arange(48, device=meta), generator)
     assert seen.host == []
     assert seen.reads == 2  # float(loss_sum), float(correct)

@@ -19,7 +19,8 @@ SHIM = Path("kernels") / "__init__.py"
 
 def tree_sources() -> dict[Path, Path]:
     """Each Python file of the tree by the path it has inside the installed package."""
-    files = {p.relative_to(REPO / "dsd2"): p for p in (REPO / "dsd2").rglob("*.py") if p.relative_to(REPO / "dsd2") != SHIM}
+    package = REPO / "dsd2"
+    files = {p.relative_to(package): p for p in package.rglob("*.py") if p.relative_to(package) != SHIM}
     files.update({Path("kernels") / p.name: p for p in (REPO / "kernels").glob("*.py")})
     return files
 
@@ -34,7 +35,8 @@ def test_the_installed_copy_is_this_tree():
     installed = Path(dsd2.__file__).resolve().parent
     tree = tree_sources()
     shipped = {p.relative_to(installed) for p in installed.rglob("*.py")}
-    stale = sorted(str(rel) for rel, src in tree.items() if rel not in shipped or digest(installed / rel) != digest(src))
+    stale = sorted(str(rel) for rel, src in tree.items()
+                   if rel not in shipped or digest(installed / rel) != digest(src))
     extra = sorted(str(rel) for rel in shipped - set(tree))
     assert not stale and not extra, (
         f"the installed dsd2 at {installed} is not this tree's: differing or missing {stale}, not in the tree "

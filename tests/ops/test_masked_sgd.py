@@ -270,9 +270,10 @@ def test_eager_epoch_steps_reuse_one_pointer_table():
     addresses and finds its pointer table cached: one table for the epoch, no rebuild (no host-to-device copy)
     per step. Each step's gradients are kept alive here, so gradients set to None and reallocated would land at
     new addresses and show up as new tables."""
+    from dsd2.kernels.masked_sgd import pointer_tables
+
     from dsd2.config import DataConfig, ModelConfig
     from dsd2.data import DeviceDataset, build_splits
-    from dsd2.kernels.masked_sgd import pointer_tables
     from dsd2.models import build_model
     from dsd2.pruning import full_masks, global_prune, magnitude_scores, prunable_weights
     from dsd2.training import InputFormat, TrainFeed, cross_entropy, train_epoch
