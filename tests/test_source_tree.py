@@ -53,3 +53,20 @@ def test_kernels_import_from_a_checkout():
     path, doc = done.stdout.splitlines()[:2]
     assert Path(path).resolve() == REPO / "kernels" / "masked_sgd.py"
     assert doc == (REPO / "kernels" / "__init__.py").read_text().strip().strip('"')
+
+
+def test_a_broken_kernels_import_is_raised_not_hidden(monkeypatch):
+    """The graphed step holds the optimizer kernel's pointer tables; it has none to hold only when Triton itself
+    is absent. A kernels package that fails to import (a checkout without dsd2.kernels, say) is an error."""
+    import importlib.util
+
+    import dsd2.kernels
+    from dsd2.training import graphs
+
+    monkeypatch.delattr(dsd2.kernels, "masked_sgd", raising=False)
+    monkeypatch.setitem(sys.modules, "dsd2.kernels.masked_sgd", None)  # importing it now fails
+    with pytest.raises(ImportError):
+        graphs._optimizer_tables()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    assert graphs._optimizer_tables() == []
