@@ -89,10 +89,12 @@ def test_channels_last_parameters_take_the_same_step():
     assert bool((b[~mask] == 0).all())
 
 
+@pytest.mark.parametrize("shapes", [((7, 5), (3, 4, 3, 3), (11,)), ((64, 70), (3, 4, 3, 3), (4100,))],
+                         ids=["partial-blocks", "full-blocks"])  # full 2048-element blocks run unmasked
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 3e-2)])
-def test_triton_multi_tensor_matches_reference_per_dtype(dtype, tol):
+def test_triton_multi_tensor_matches_reference_per_dtype(dtype, tol, shapes):
     """bf16's tolerance is wide: the Triton interpreter truncates fp32 -> bf16 where a GPU rounds."""
-    params, masks = make_problem(seed=5)
+    params, masks = make_problem(seed=5, shapes=shapes)
     dev = triton_device()
     ref = [p.to(dtype).clone() for p in params]
     ours = [p.to(dtype).to(dev).clone().requires_grad_() for p in params]
