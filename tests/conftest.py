@@ -33,11 +33,19 @@ if FROM_SOURCE_TREE:
 
 
 def pytest_configure(config):
-    if FROM_SOURCE_TREE and importlib.util.find_spec("dsd2._C") is None:
+    if not FROM_SOURCE_TREE:
+        return
+    spec = importlib.util.find_spec("dsd2._C")
+    if spec is None:
         raise pytest.UsageError(
             f"dsd2._C is not built in the source tree {REPO}: build it there with `python setup.py build_ext "
             "--inplace` (then `python -m pytest`), or install with `pip install --no-build-isolation .` and run "
             "plain `pytest`.")
+    built = Path(spec.origin).stat().st_mtime
+    newer = sorted(p.name for p in (REPO / "csrc").iterdir() if p.stat().st_mtime > built)
+    if newer:
+        raise pytest.UsageError(f"dsd2._C in the source tree is older than csrc/{', csrc/'.join(newer)}: rebuild it "
+                                "with `python setup.py build_ext --inplace`.")
 
 
 def tiny_overrides(**extra):
