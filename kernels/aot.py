@@ -44,6 +44,31 @@ KD_BATCHES = (8, 8192)
 # tile kernels: every live array in registers; a spill there is a performance bug
 TILE_KERNELS = ("_kd_tile_kernel", "_kd_chunked_kernel", "_count_cols_kernel", "_count_channels_kernel")
 META = torch.device("meta")
+# Per-SM limits that bound how many CTAs run at once: register file, threads, shared memory (the most one SM
+# offers to CTAs), resident CTAs. sm_80 (A100) and sm_90 (H100/H200) share all but shared memory.
+SM_LIMITS = {
+    "sm_80": {"regs": 65536, "threads": 2048, "shared": 164 * 1024, "ctas": 32},
+    "sm_90": {"regs": 65536, "threads": 2048, "shared": 228 * 1024, "ctas": 32},
+}
+REG_ALLOC_UNIT = 256  # registers are given to a warp in blocks of 256 (8 per thread)
+CTA_RESERVED_SHARED = 1024  # bytes of shared memory the driver keeps per CTA on sm_80 and later
+
+
+def ctas_per_sm(regs: int, warps: int, shared: int, arch: str = "sm_90") -> int:
+    """How many CTAs of a kernel fit on one SM at once: `regs` registers per thread, `warps` warps per CTA and
+    `shared` bytes of shared memory per CTA (static and dynamic), against `arch`'s limits (SM_LIMITS). 0 when one
+    CTA does not fit."""
+    if arch not in SM_LIMITS:
+        raise ValueError(f"arch '{arch}' has no SM limits here; allowed: {', '.join(SM_LIMITS)}")
+    if not (0 <= regs <= 255 and warps >= 1 and shared >= 0):
+        raise ValueError(f"regs={regs}, warps={warps}, shared={shared}: need 0 <= regs <= 255, warps >= 1, "
+                         "shared >= 0")
+    limit = SM_LIMITS[arch]
+    regs_per_warp = -(-max(regs, 1) * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by_regs = limit["regs"] // regs_per_warp // warps
+    by_threads = limit["threads"] // (32 * warps)
+    by_shared = limit["shared"] // (shared + CTA_RESERVED_SHARED)
+    return min(by_regs, by_threads, by_shared, limit["ctas"])
 
 
 def kd_launches() -> list[Launch]:
@@ -96,9 +121,10 @@ def sgd_launches() -> list[Launch]:
     blocks = torch.empty(5, 2, dtype=torch.int32, device=META)
     numels = torch.empty(3, dtype=torch.int64, device=META)
     out = []
-    for lr, (momentum, nesterov) in itertools.product(
-            (0.1, torch.empty((), dtype=torch.float32, device=META)), ((0.0, False), (0.9, False), (0.9, True))):
-        out.append(plan_sgd(tables, blocks, numels, lr, momentum, 1e-4, nesterov))
+    for lr, (momentum, nesterov), aligned in itertools.product(
+            (0.1, torch.empty((), dtype=torch.float32, device=META)), ((0.0, False), (0.9, False), (0.9, True)),
+            (False, True)):
+        out.append(plan_sgd(tables, blocks, numels, lr, momentum, 1e-4, nesterov, aligned))
     return out
 
 
@@ -155,13 +181,19 @@ def compile_all(targets: dict[str, GPUTarget] = TARGETS) -> list[dict]:
             compiled = triton.compile(src, target=target, options=options)
             cubin, ptx = compiled.asm["cubin"], compiled.asm["ptx"]
             names = [p.name for p in launch.kernel.params]
+            used = resources(cubin, tool)
+            warps = compiled.metadata.num_warps
+            shared = used["shared"] + compiled.metadata.shared  # static (cubin) and dynamic (Triton's) bytes
             records.append({
                 "kernel": launch.name, "arch": arch, "grid_example": list(launch.grid),
                 "signature": {n: kind for n, (kind, _) in zip(names, specialization) if kind != "constexpr"},
                 "constexprs": {n: (v if isinstance(v, (bool, int, float)) else str(v))
                                for n, (kind, v) in zip(names, specialization) if kind == "constexpr"},
                 "hints": {n: hint for n, (kind, hint) in zip(names, specialization) if kind != "constexpr" and hint},
-                "options": launch.options, "cubin_bytes": len(cubin), **resources(cubin, tool),
+                "options": launch.options, "cubin_bytes": len(cubin), **used, "num_warps": warps,
+                "shared_total": shared, "ctas_per_sm": ctas_per_sm(used["reg"], warps, shared, arch),
+                # 16- and 8-byte global accesses (ld/st.global.v4.b32, .v2.b32, ...): what alignment hints buy
+                "vector_accesses": len(re.findall(r"\b(?:ld|st)\.global[\w:.]*?\.v[24]\b", ptx)),
                 # atomics with acquire/release ordering: each one waits on memory order it does not need
                 "ordered_atomics": len(re.findall(r"\batom\.[a-z.]*(acq_rel|acquire|release)", ptx)),
                 "compile_s": round(time.perf_counter() - t0, 3),

@@ -14,6 +14,7 @@ from .launch import Launch
 # tensors of mixed dtypes. This also runs under TRITON_INTERPRET=1 with CPU tensors (the interpreter dereferences
 # host addresses directly); CUDA tensors under the interpreter would not work, as it only copies direct arguments.
 _BLOCK = 2048
+_ALIGN = 16  # bytes: the widest global load or store, and what the CUDA allocator guarantees for a fresh tensor
 # One int64 row per tensor: p, grad, buf, mask data pointers; p, grad, buf dtype codes; has-mask flag.
 _N_COLS = 8
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -24,54 +25,64 @@ _TABLE_CACHE_SIZE = 64
 
 
 @triton.jit
-def _load_f32(addr, offs, mask, code):
+def _typed(addr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    # An address read from a table carries no alignment for the compiler; the launcher checked that every one is
+    # 16-byte aligned when ALIGNED, and saying so lets a full block move 16 bytes per load or store instruction.
+    ptr = addr.to(tl.pointer_type(dtype))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _load(ptr, offs, mask, FULL: tl.constexpr):
+    # A FULL block needs no mask; a mask bounded by a length read at run time would keep every access scalar.
+    if FULL:
+        return tl.load(ptr + offs)
+    else:
+        return tl.load(ptr + offs, mask=mask, other=0)
+
+
+@triton.jit
+def _store(ptr, offs, v, mask, FULL: tl.constexpr):
+    if FULL:
+        tl.store(ptr + offs, v.to(ptr.dtype.element_ty))
+    else:
+        tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_f32(addr, offs, mask, code, FULL: tl.constexpr, ALIGNED: tl.constexpr):
     # The element type is a per-tensor runtime value (one launch covers every dtype); the branch is uniform
     # within a program because a block never straddles two tensors.
     if code == 0:
-        v = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+        v = _load(_typed(addr, tl.float32, ALIGNED), offs, mask, FULL)
     elif code == 1:
-        v = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
+        v = _load(_typed(addr, tl.float16, ALIGNED), offs, mask, FULL).to(tl.float32)
     else:
-        v = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask, other=0.0).to(tl.float32)
+        v = _load(_typed(addr, tl.bfloat16, ALIGNED), offs, mask, FULL).to(tl.float32)
     return v
 
 
 @triton.jit
-def _store_f32(addr, offs, v, mask, code):
+def _store_f32(addr, offs, v, mask, code, FULL: tl.constexpr, ALIGNED: tl.constexpr):
     if code == 0:
-        tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, v, mask=mask)
+        _store(_typed(addr, tl.float32, ALIGNED), offs, v, mask, FULL)
     elif code == 1:
-        tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, v.to(tl.float16), mask=mask)
+        _store(_typed(addr, tl.float16, ALIGNED), offs, v, mask, FULL)
     else:
-        tl.store(addr.to(tl.pointer_type(tl.bfloat16)) + offs, v.to(tl.bfloat16), mask=mask)
+        _store(_typed(addr, tl.bfloat16, ALIGNED), offs, v, mask, FULL)
 
 
 @triton.jit
-def _masked_sgd_kernel(tensors_ptr, blocks_ptr, numel_ptr, lr_ptr, lr_val, momentum, weight_decay,
-                       N_COLS: tl.constexpr, LR_FROM_PTR: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                       NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    tidx = tl.load(blocks_ptr + 2 * pid)
-    blk = tl.load(blocks_ptr + 2 * pid + 1)
-    row = tensors_ptr + tidx * N_COLS
-    numel = tl.load(numel_ptr + tidx)
-    offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
+def _step_block(row, offs, ok, lr, momentum, weight_decay, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                FULL: tl.constexpr, ALIGNED: tl.constexpr):
     p_addr = tl.load(row + 0)
-    g_addr = tl.load(row + 1)
     p_dt = tl.load(row + 4)
-    g_dt = tl.load(row + 5)
-    has_mask = tl.load(row + 7)
-    if LR_FROM_PTR:
-        # read on the device so a captured CUDA graph follows a scheduler that writes the tensor in place
-        lr = tl.load(lr_ptr).to(tl.float32)
-    else:
-        lr = lr_val
-
-    p = _load_f32(p_addr, offs, ok, p_dt)
-    g = _load_f32(g_addr, offs, ok, g_dt)
-    if has_mask != 0:
-        keep = tl.load(tl.load(row + 3).to(tl.pointer_type(tl.int8)) + offs, mask=ok, other=0) != 0
+    p = _load_f32(p_addr, offs, ok, p_dt, FULL, ALIGNED)
+    g = _load_f32(tl.load(row + 1), offs, ok, tl.load(row + 5), FULL, ALIGNED)
+    if tl.load(row + 7) != 0:
+        keep = _load(_typed(tl.load(row + 3), tl.int8, ALIGNED), offs, ok, FULL) != 0
     else:
         keep = ok
     # where() rather than g * mask: a pruned entry stays exactly 0 even if its gradient is inf/NaN
@@ -79,14 +90,38 @@ def _masked_sgd_kernel(tensors_ptr, blocks_ptr, numel_ptr, lr_ptr, lr_val, momen
     if HAS_MOMENTUM:
         b_addr = tl.load(row + 2)
         b_dt = tl.load(row + 6)
-        buf = tl.where(keep, momentum * _load_f32(b_addr, offs, ok, b_dt) + d, 0.0)
-        _store_f32(b_addr, offs, buf, ok, b_dt)
+        buf = tl.where(keep, momentum * _load_f32(b_addr, offs, ok, b_dt, FULL, ALIGNED) + d, 0.0)
+        _store_f32(b_addr, offs, buf, ok, b_dt, FULL, ALIGNED)
         if NESTEROV:
             d = d + momentum * buf
         else:
             d = buf
     p = tl.where(keep, p - lr * d, 0.0)
-    _store_f32(p_addr, offs, p, ok, p_dt)
+    _store_f32(p_addr, offs, p, ok, p_dt, FULL, ALIGNED)
+
+
+@triton.jit
+def _masked_sgd_kernel(tensors_ptr, blocks_ptr, numel_ptr, lr_ptr, lr_val, momentum, weight_decay,
+                       N_COLS: tl.constexpr, LR_FROM_PTR: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                       NESTEROV: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    pid = tl.program_id(0)
+    tidx = tl.load(blocks_ptr + 2 * pid)
+    blk = tl.load(blocks_ptr + 2 * pid + 1).to(tl.int64)
+    row = tensors_ptr + tidx * N_COLS
+    numel = tl.load(numel_ptr + tidx)
+    # a block starts at a multiple of BLOCK and covers BLOCK consecutive elements
+    offs = tl.max_contiguous(tl.multiple_of(blk * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+    ok = offs < numel
+    if LR_FROM_PTR:
+        # read on the device so a captured CUDA graph follows a scheduler that writes the tensor in place
+        lr = tl.load(lr_ptr).to(tl.float32)
+    else:
+        lr = lr_val
+    # every block of a tensor but its last is full: those run unmasked (vector accesses), the last one masked
+    if (blk + 1) * BLOCK <= numel:
+        _step_block(row, offs, ok, lr, momentum, weight_decay, HAS_MOMENTUM, NESTEROV, True, ALIGNED)
+    else:
+        _step_block(row, offs, ok, lr, momentum, weight_decay, HAS_MOMENTUM, NESTEROV, False, ALIGNED)
 
 
 def _code(t: torch.Tensor) -> int:
@@ -180,17 +215,20 @@ def masked_sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or lr.device != device:
             raise ValueError("a tensor lr must hold one value on the parameters' device")
-    plan_sgd(tensors, blocks, numel_t, lr, momentum, weight_decay, nesterov)()
+    aligned = all(addr % _ALIGN == 0 for row in rows for addr in row[:4])
+    plan_sgd(tensors, blocks, numel_t, lr, momentum, weight_decay, nesterov, aligned)()
 
 
 def plan_sgd(tensors: torch.Tensor, blocks: torch.Tensor, numel_t: torch.Tensor, lr: float | torch.Tensor,
-             momentum: float, weight_decay: float, nesterov: bool) -> Launch:
-    """The launch over the pointer tables; a tensor lr is read by the kernel (CUDA-graph replays follow it)."""
+             momentum: float, weight_decay: float, nesterov: bool, aligned: bool = False) -> Launch:
+    """The launch over the pointer tables; a tensor lr is read by the kernel (CUDA-graph replays follow it).
+    `aligned`: every address in the tables (0 for an absent buffer or mask included) is a multiple of 16 bytes,
+    so full blocks use vector loads and stores."""
     lr_from_ptr = isinstance(lr, torch.Tensor)
     lr_ptr, lr_val = (lr, 0.0) if lr_from_ptr else (tensors, float(lr))
     return Launch(_masked_sgd_kernel, (blocks.shape[0],),
                   (tensors, blocks, numel_t, lr_ptr, lr_val, float(momentum), float(weight_decay)),
                   dict(N_COLS=_N_COLS, LR_FROM_PTR=lr_from_ptr, HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov),
-                       BLOCK=_BLOCK),
+                       BLOCK=_BLOCK, ALIGNED=bool(aligned)),
                   # no contraction into fused multiply-adds: the same rounding as the C++ and multi-tensor paths
                   dict(num_warps=8, enable_fp_fusion=False))

@@ -14,13 +14,38 @@ if os.environ.get("TRITON_INTERPRET") is None:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+import importlib.util
+
 import pytest
 import torch
 
+import dsd2
 from dsd2.config import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE = [sys.executable, "-m", "dsd2"]
+# True under `python -m pytest` from the repository root (the working tree is imported), False under plain
+# `pytest` (the installed copy is imported; tests/test_source_tree.py checks that it is this tree's)
+FROM_SOURCE_TREE = Path(dsd2.__file__).resolve().parent == REPO / "dsd2"
+if FROM_SOURCE_TREE:
+    # the engine subprocesses the tests start (from temporary directories) import the same dsd2
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
+def pytest_configure(config):
+    if not FROM_SOURCE_TREE:
+        return
+    spec = importlib.util.find_spec("dsd2._C")
+    if spec is None:
+        raise pytest.UsageError(
+            f"dsd2._C is not built in the source tree {REPO}: build it there with `python setup.py build_ext "
+            "--inplace` (then `python -m pytest`), or install with `pip install --no-build-isolation .` and run "
+            "plain `pytest`.")
+    built = Path(spec.origin).stat().st_mtime
+    newer = sorted(p.name for p in (REPO / "csrc").iterdir() if p.stat().st_mtime > built)
+    if newer:
+        raise pytest.UsageError(f"dsd2._C in the source tree is older than csrc/{', csrc/'.join(newer)}: rebuild it "
+                                "with `python setup.py build_ext --inplace`.")
 
 
 def tiny_overrides(**extra):

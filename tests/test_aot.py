@@ -1,6 +1,7 @@
 """Every Triton kernel variant the launchers can pick compiles to a cubin for sm_80 and sm_90 on this CPU-only
 machine, and no tile kernel spills registers. The variants come from the launchers' own planners
-(`dsd2.kernels.aot`), so the check cannot drift from what runs on a GPU."""
+(`dsd2.kernels.aot`), so the check cannot drift from what runs on a GPU. The compile subprocess imports the
+same dsd2 as the tests (tests/conftest.py puts a source tree tested in place on its PYTHONPATH)."""
 
 from __future__ import annotations
 
@@ -49,15 +50,57 @@ def test_kd_configurations_cover_every_dtype_and_class_count(records):
 
 def test_masked_sgd_variants(records):
     sgd = [r["constexprs"] for r in records if r["kernel"] == "_masked_sgd_kernel" and r["arch"] == "sm_80"]
-    modes = {(c["LR_FROM_PTR"], c["HAS_MOMENTUM"], c["NESTEROV"]) for c in sgd}
-    assert modes == {(lr, m, n) for lr in (False, True) for m, n in ((False, False), (True, False), (True, True))}
+    modes = {(c["LR_FROM_PTR"], c["HAS_MOMENTUM"], c["NESTEROV"], c["ALIGNED"]) for c in sgd}
+    assert modes == {(lr, m, n, a) for lr in (False, True) for m, n in ((False, False), (True, False), (True, True))
+                     for a in (False, True)}
 
 
-def test_tile_kernels_do_not_spill(records):
+def test_aligned_masked_sgd_moves_vectors(records):
+    """With the tables' addresses known to be 16-byte aligned, the full blocks load and store vectors; without
+    the hint every access of a table-read pointer is scalar."""
+    sgd = [r for r in records if r["kernel"] == "_masked_sgd_kernel"]
+    assert all(r["vector_accesses"] > 0 for r in sgd if r["constexprs"]["ALIGNED"])
+    assert all(r["vector_accesses"] == 0 for r in sgd if not r["constexprs"]["ALIGNED"])
+
+
+def test_no_kernel_spills(records):
     spills = [(r["kernel"], r["arch"], r["constexprs"], r["stack"], r["local"]) for r in records
-              if r["kernel"] != "_masked_sgd_kernel" and (r["stack"] or r["local"])]
+              if r["stack"] or r["local"]]
     assert not spills
     assert max(r["reg"] for r in records) <= 255
+
+
+@pytest.mark.parametrize("prefix", ["_count_", "_masked_sgd_"])
+def test_at_least_two_ctas_per_sm(records, prefix):
+    """Registers x threads and shared memory of every configuration leave room for two CTAs on each SM of both
+    targets, so one CTA's memory waits overlap another's work."""
+    mine = [r for r in records if r["kernel"].startswith(prefix)]
+    assert mine
+    low = [(r["kernel"], r["arch"], r["reg"], r["num_warps"], r["shared_total"], r["constexprs"]) for r in mine
+           if r["ctas_per_sm"] < 2]
+    assert not low
+
+
+@pytest.mark.parametrize("regs, warps, shared, arch, ctas", [
+    (139, 8, 0, "sm_90", 1),           # 144 x 32 = 4608 registers a warp: 14 warps fit, one CTA of 8
+    (64, 8, 0, "sm_90", 4),            # 2048 a warp: 32 warps
+    (32, 4, 0, "sm_90", 16),           # threads bound: 2048 / 128
+    (16, 1, 0, "sm_90", 32),           # the resident-CTA bound
+    (32, 4, 100 * 1024, "sm_90", 2),   # shared memory bound: 228 KB / (100 KB + 1 KB)
+    (32, 4, 100 * 1024, "sm_80", 1),   # 164 KB on sm_80
+    (255, 32, 0, "sm_90", 0),          # does not fit at all
+])
+def test_ctas_per_sm_by_hand(regs, warps, shared, arch, ctas):
+    from dsd2.kernels.aot import ctas_per_sm
+
+    assert ctas_per_sm(regs, warps, shared, arch) == ctas
+
+
+def test_ctas_per_sm_refuses_an_unknown_arch_in_one_sentence():
+    from dsd2.kernels.aot import ctas_per_sm
+
+    with pytest.raises(ValueError, match="arch 'sm_70' has no SM limits here; allowed: sm_80, sm_90"):
+        ctas_per_sm(32, 4, 0, "sm_70")
 
 
 def test_counting_atomics_are_relaxed(records):

@@ -381,25 +381,65 @@ def test_distilled_run_with_graphs_equals_eager_run(tmp_path, tiny_config, refer
     assert all("kd_kl" in r for r in graphed)
 
 
-def test_gpu_benchmark_runs_every_variant_through_the_emulator(reference_ops, monkeypatch):
-    """benchmarks/bench_gpu.py measures on a GPU only; its code paths are run here at toy size."""
+def load_bench_gpu(monkeypatch):
     import importlib.util
     from pathlib import Path
 
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
     monkeypatch.syspath_prepend(str(benchmarks))  # as when the script runs: its own folder on the path
-    path = benchmarks / "bench_gpu.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    spec = importlib.util.spec_from_file_location("bench_gpu", benchmarks / "bench_gpu.py")
     bench_gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_gpu)
+    return bench_gpu
+
+
+def test_gpu_benchmark_runs_every_variant_through_the_emulator(reference_ops, monkeypatch):
+    """benchmarks/bench_gpu.py measures on a GPU only; its code paths are run here at toy size: the engine's
+    eager epoch and its graph replays, augmentation included, and evaluation."""
+    bench_gpu = load_bench_gpu(monkeypatch)
     g = torch.Generator().manual_seed(0)
     data = DeviceDataset(torch.randint(0, 256, (70, 3, 32, 32), generator=g, dtype=torch.uint8),
                          torch.randint(0, 10, (70,), generator=g))
     cfg = ModelConfig(name="vgg", depth=2, width=3)
+    augmented = []
+    real_crop_flip = __import__("dsd2.data.batching", fromlist=["crop_flip"]).crop_flip
+    monkeypatch.setattr("dsd2.data.batching.crop_flip", lambda x, *a: augmented.append(x.shape[0]) or
+                        real_crop_flip(x, *a))
     for graphs in (None, EmulatedGraphs()):
         for precision, channels_last in (("fp32", False), ("bf16", True)):
-            step, capture = bench_gpu.bench(cfg, graphs, precision, channels_last, data, batch=16, steps=2)
+            step, capture = bench_gpu.bench(cfg, graphs, precision, channels_last, data, batch=16, epochs=1)
             assert step > 0 and (capture > 0) == (graphs is not None)
             assert bench_gpu.bench_eval(cfg, graphs, True, precision, channels_last, data, batch=16, passes=1) > 0
         if graphs is not None:
-            assert len(graphs.captured) == 4 and all(c.replays > 0 for c in graphs.captured)
+            assert graphs.captured and all(c.replays > 0 for c in graphs.captured)
+    assert augmented  # the eager epochs drew crops and flips (a graph replays its captured draw)
+
+
+def test_gpu_benchmark_op_cases_run_and_compute_what_the_eager_code_does(monkeypatch):
+    """The op microbenchmarks at toy size on the CPU, Triton through its interpreter: every case runs, and the
+    fused op and its eager counterpart compute the same thing (so the benchmark compares like with like)."""
+    bench_gpu = load_bench_gpu(monkeypatch)
+    cpu = torch.device("cpu")
+    cases = [*bench_gpu.kd_cases(cpu, "triton", sizes=[(6, 10)]),
+             *bench_gpu.counting_cases(cpu, "triton", shape=(4, 3, 5, 5)),
+             *bench_gpu.sgd_cases(cpu, "triton", models={"mlp": ModelConfig(name="mlp", hidden=(8,))},
+                                  shape=(1, 4, 4))]
+    assert [c[0] for c in cases] == ["kd_loss forward+backward"] * 2 + ["relu_count", "count_positive_",
+                                                                         "masked_sgd step"]
+    rows = bench_gpu.bench_ops(cases, cpu, reps=1)
+    assert all(ours > 0 and eager > 0 for _, _, ours, eager in rows)
+    assert len(bench_gpu.op_table(rows)) == 2 + len(rows)
+    # the counting cases' eager code counts what the op counts, in the same (logical) order for channels_last
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    ours, eager = torch.zeros(48, dtype=torch.int64), torch.zeros(48, dtype=torch.int64)
+    assert torch.equal(bench_gpu.relu_count(x, ours, backend="triton"), torch.relu(x))
+    assert torch.equal(ours, eager.add_((x > 0).flatten(1).sum(0)))
+
+
+def test_gpu_benchmark_refuses_without_cuda_in_one_sentence(monkeypatch, capsys):
+    bench_gpu = load_bench_gpu(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        bench_gpu.main()
+    assert exit_.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err

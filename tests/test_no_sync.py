@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from dsd2.config import DataConfig, ModelConfig, OptimConfig
 from dsd2.data import DeviceDataset, build_splits
@@ -88,3 +90,46 @@ def predict_syncs(count_syncs, n_samples, graphed):
 @pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
 def test_evaluation_and_counting_pass_make_no_host_read(count_syncs, graphed):
     assert predict_syncs(count_syncs, 64 + 5, graphed) == predict_syncs(count_syncs, 512 + 5, graphed) == 0
+
+
+class HostTensors(TorchDispatchMode):
+    """Every aten op that makes a CPU tensor or copies one to another device, while the batch lives on `device`;
+    host reads of a value answer 0 (a meta tensor holds none) and are counted apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.host, self.reads = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+            return 0
+        out = func(*args, **kwargs)
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        made = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+        if made or any(t.device.type == "cpu" for t in inputs):
+            self.host.append(func.__name__)
+        return out
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augmented"])
+def test_the_eager_epoch_makes_no_host_tensor_per_batch(augment):
+    """The engine's eager epoch with the batch on the meta device, which has no memory: a CPU tensor made per
+    batch (a CPU generator's draw moved with `.to(device)`, a table, a constant) shows as an op with a CPU tensor
+    in or out. The only host touch allowed is the epoch's one read of its loss and accuracy at the end."""
+    splits = build_splits(DataConfig(noise=0.5), 0, torch.device("cpu"))
+    meta = torch.device("meta")
+    data = DeviceDataset(splits.train.images[:48].to(meta), splits.train.labels[:48].to(meta))
+    with meta:
+        model = build_model(ModelConfig(name="mlp", hidden=(16,)), (1, 8, 8), 10)
+    opt = build_optimizer(model, full_masks(model), OptimConfig(optimizer="sgd", lr=0.01))
+    fmt = InputFormat(splits.mean.to(meta), splits.std.to(meta))
+    # the engine draws the crops from a generator on the batch's device; meta has no generator of its own, and
+    # a CPU one passed to a meta draw makes no CPU tensor
+    generator = torch.Generator().manual_seed(0) if augment else None
+    with HostTensors() as seen:
+        train_epoch(model, opt, TrainFeed(data, 16, fmt, augment=augment), cross_entropy,
+                    torch.arange(48, device=meta), generator)
+    assert seen.host == []
+    assert seen.reads == 2  # float(loss_sum), float(correct)

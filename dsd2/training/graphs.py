@@ -21,6 +21,7 @@ the capturing and replaying code here is exercised on the CPU too.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 
 import torch
@@ -104,11 +105,12 @@ def _counting(relus: dict | None) -> dict:
 
 def _optimizer_tables() -> list:
     """The Triton optimizer kernel reads its pointer tables by address from a bounded cache: hold them for as
-    long as the graph that captured them lives."""
-    try:
-        from dsd2.kernels import masked_sgd
-    except ImportError:
+    long as the graph that captured them lives. Without Triton there is no such kernel and nothing to hold; with
+    it, a failing import of the kernels is a broken install or checkout and is raised, not hidden."""
+    if importlib.util.find_spec("triton") is None:
         return []
+    from dsd2.kernels import masked_sgd
+
     return masked_sgd.pointer_tables()
 
 

@@ -89,10 +89,12 @@ def test_channels_last_parameters_take_the_same_step():
     assert bool((b[~mask] == 0).all())
 
 
+@pytest.mark.parametrize("shapes", [((7, 5), (3, 4, 3, 3), (11,)), ((64, 70), (3, 4, 3, 3), (4100,))],
+                         ids=["partial-blocks", "full-blocks"])  # full 2048-element blocks run unmasked
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 3e-2)])
-def test_triton_multi_tensor_matches_reference_per_dtype(dtype, tol):
+def test_triton_multi_tensor_matches_reference_per_dtype(dtype, tol, shapes):
     """bf16's tolerance is wide: the Triton interpreter truncates fp32 -> bf16 where a GPU rounds."""
-    params, masks = make_problem(seed=5)
+    params, masks = make_problem(seed=5, shapes=shapes)
     dev = triton_device()
     ref = [p.to(dtype).clone() for p in params]
     ours = [p.to(dtype).to(dev).clone().requires_grad_() for p in params]
@@ -263,3 +265,60 @@ def test_a_mask_list_of_the_wrong_length_is_refused_in_one_sentence():
         MaskedSGD(params, torch.ones(3, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="got 2 masks for 1 parameters"):
         MaskedAdam([params[1]], [torch.ones(3, dtype=torch.bool), None])
+
+
+def test_eager_epoch_steps_reuse_one_pointer_table():
+    """The engine's eager epoch zeroes gradients in place, so every step hands the Triton kernel the same
+    addresses and finds its pointer table cached: one table for the epoch, no rebuild (no host-to-device copy)
+    per step. Each step's gradients are kept alive here, so gradients set to None and reallocated would land at
+    new addresses and show up as new tables."""
+    from dsd2.kernels.masked_sgd import pointer_tables
+
+    from dsd2.config import DataConfig, ModelConfig
+    from dsd2.data import DeviceDataset, build_splits
+    from dsd2.models import build_model
+    from dsd2.pruning import full_masks, global_prune, magnitude_scores, prunable_weights
+    from dsd2.training import InputFormat, TrainFeed, cross_entropy, train_epoch
+
+    splits = build_splits(DataConfig(noise=0.5), 0, torch.device("cpu"))
+    data = DeviceDataset(splits.train.images[:48], splits.train.labels[:48])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mlp", hidden=(16,)), (1, 8, 8), 10)
+    weights = prunable_weights(model)
+    masks = global_prune(magnitude_scores(model), full_masks(model), 0.5)
+    opt = MaskedSGD(model.parameters(), {weights[k]: m for k, m in masks.items()}, lr=0.01, backend="triton")
+    kept, used = [], []
+
+    def after_step(optimizer, args, kwargs):
+        kept.append([p.grad for p in model.parameters()])
+        used.append(pointer_tables()[-1][0])  # the table a step used is the cache's most recent
+
+    opt.register_step_post_hook(after_step)
+    before = {id(t[0]) for t in pointer_tables()}
+    train_epoch(model, opt, TrainFeed(data, 16, InputFormat(splits.mean, splits.std)), cross_entropy,
+                torch.arange(len(data)))
+    assert len(used) == 3
+    assert all(t is used[0] for t in used)
+    assert [id(t[0]) for t in pointer_tables() if id(t[0]) not in before] == [id(used[0])]
+
+
+def test_triton_step_promises_alignment_only_when_every_address_has_it(monkeypatch):
+    """The kernel is told that its addresses are 16-byte aligned (vector accesses) only when each one is: a
+    parameter viewed one element into its storage takes the scalar path, and both take the same step."""
+    import dsd2.kernels.masked_sgd as kernel
+
+    promised = []
+    plan = kernel.plan_sgd
+    monkeypatch.setattr(kernel, "plan_sgd", lambda *args: promised.append(args[7]) or plan(*args))
+    steps = []
+    for offset in (0, 1):
+        storage = torch.arange(4100, dtype=torch.float32) / 4100
+        p = storage[offset:offset + 4099]
+        grad, buf, mask = torch.ones_like(p), torch.zeros_like(p), torch.arange(4099) % 3 != 0
+        kernel.masked_sgd_step_([p], [grad], [buf], [mask], 0.1, 0.9, 1e-4, False)
+        steps.append(p.clone())
+    assert promised == [True, False]
+    keep = torch.arange(4099) % 3 != 0
+    for offset, p in enumerate(steps):
+        p0 = torch.arange(offset, offset + 4099, dtype=torch.float32) / 4100
+        torch.testing.assert_close(p, (p0 - 0.1 * (1 + 1e-4 * p0)) * keep)  # first step: buf = d = g + wd * p

@@ -6,6 +6,7 @@ from conftest import triton_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsd2.ops import CountingReLU, count_positive_, count_positive_reference, relu_count, swap_in_counting_relus
 
@@ -146,3 +147,48 @@ def test_streamed_16_bit_counts_pass_65535_rows():
     finally:
         torch.set_num_threads(threads)
     assert bool((counts == 65_600).all())
+
+
+class AtenOps(TorchDispatchMode):
+    """The aten ops run inside the block, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def relu_backward(relu, x, grad):
+    leaf = x.clone().requires_grad_()
+    y = relu(leaf)
+    with AtenOps() as ops:
+        y.backward(grad)
+    return leaf.grad, ops.names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_counting_relu_gradient_is_torch_relus_in_one_kernel(dtype, channels_last):
+    """The same gradient as torch.relu, bit for bit (zero inputs, inf and NaN upstream gradients included), from
+    the same single threshold_backward that torch.relu's backward runs."""
+    x = activation((4, 3, 5, 5), dtype, seed=2)
+    x.view(-1)[:4] = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0], dtype=dtype)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    grad.view(-1)[:8] = torch.tensor([float("nan"), 1.0, float("inf"), float("nan"), float("inf"), float("nan"),
+                                      float("-inf"), 2.0], dtype=dtype)
+    if channels_last:
+        x, grad = x.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
+    counting = CountingReLU()
+    counting.counting = True
+    ours, our_ops = relu_backward(counting, x, grad)
+    want, torch_ops = relu_backward(torch.relu, x, grad)
+    torch.testing.assert_close(ours, want, rtol=0, atol=0, equal_nan=True)
+    assert our_ops.count("threshold_backward") == 1
+    assert not {"gt", "mul", "_to_copy"} & set(our_ops)  # no mask built, cast and multiplied
+    # the C++ forward returns a channels_last input's ReLU as NCHW, so autograd then copies the gradient into the
+    # leaf's layout (a copy torch.relu does not make); otherwise both backward passes run the very same ops
+    if not channels_last:
+        assert our_ops == torch_ops
