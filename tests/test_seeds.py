@@ -23,7 +23,8 @@ def run_main(args, capsys):
 @pytest.fixture(scope="module")
 def seeds_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("seeds") / "exp"
-    assert main(["train", *TINY, "--students", "vanilla", "--seeds", "0,1", "--out", str(root)]) == 0
+    assert main(["train", *TINY, "--students", "vanilla", "--seeds", "0,1", "--early-stop", "val", "--patience", "2",
+                 "--out", str(root)]) == 0
     return root
 
 
@@ -49,6 +50,9 @@ def test_the_summary_aggregates_every_curve_point(seeds_root):
     best = [max(r, key=lambda x: (x["val_acc"], x["sparsity"]))["test_acc"] for r in rows]
     assert curve["headline"]["best_test_acc"]["mean"] == pytest.approx(sum(best) / 2)
     assert curve["verdict"]["verdict"] in ("SDD present", "dodged", "inconclusive")
+    stops = [RunDir(seeds_root / f"seed-{s}" / "students" / "vanilla").summary()["early_stop"] for s in (0, 1)]
+    assert curve["headline"]["early_stop_returned_test_acc"]["mean"] == pytest.approx(
+        sum(s["returned_test_acc"] for s in stops) / 2)
     assert curve["verdict"]["seeds"] == 2 and curve["verdict"]["samples"] == rows[0][0]["test_images"]
 
 
@@ -63,7 +67,8 @@ def test_a_finished_seed_is_not_run_again(seeds_root, capsys):
     before = seed0.stat().st_mtime_ns
     (seeds_root / "summary.json").unlink()
     (seeds_root / "seed-1" / "summary.json").unlink()
-    code, out = run_main(["train", *TINY, "--students", "vanilla", "--seeds", "0,1", "--out", str(seeds_root)], capsys)
+    code, out = run_main(["train", *TINY, "--students", "vanilla", "--seeds", "0,1", "--early-stop", "val",
+                          "--patience", "2", "--out", str(seeds_root)], capsys)
     assert code == 0 and seed0.stat().st_mtime_ns == before
     assert "=== seed 1" in out.out and "=== seed 0" not in out.out
     assert "| vanilla | 2 |" in out.out
