@@ -32,7 +32,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from .kd_loss import plan_kd
+from .kd_loss import plan_kd, plan_kd_scale
 from .launch import Launch
 from .masked_sgd import plan_sgd
 from .relu_count import plan_counting
@@ -42,7 +42,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KD_CLASSES = (10, 100, 1000, 32000)
 KD_BATCHES = (8, 8192)
 # tile kernels: every live array in registers; a spill there is a performance bug
-TILE_KERNELS = ("_kd_tile_kernel", "_kd_chunked_kernel", "_count_cols_kernel", "_count_channels_kernel")
+TILE_KERNELS = ("_kd_tile_kernel", "_kd_chunked_kernel", "_kd_split_stats_kernel", "_kd_split_grad_kernel",
+                "_count_cols_kernel", "_count_channels_kernel")
 META = torch.device("meta")
 
 
@@ -53,8 +54,10 @@ def kd_launches() -> list[Launch]:
         y = torch.empty(b, dtype=torch.int64, device=META)
         n = torch.empty((), dtype=torch.int64, device=META)
         rows = torch.empty(b, dtype=torch.float32, device=META)
-        out.append(plan_kd(s, torch.empty_like(s), y, n, torch.empty_like(s), rows, torch.empty_like(rows), 0.8,
+        out.extend(plan_kd(s, torch.empty_like(s), y, n, torch.empty_like(s), rows, torch.empty_like(rows), 0.8,
                            10.0, -100))
+        if b == KD_BATCHES[-1]:
+            out.append(plan_kd_scale(torch.empty_like(s), torch.empty((), dtype=torch.float32, device=META)))
     return out
 
 
