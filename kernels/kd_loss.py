@@ -12,15 +12,17 @@ from .launch import Launch
 # wider rows stream over C in chunks: one statistics sweep with an online softmax (3 exp per element, the running
 # sums rescaled once per chunk), then one gradient sweep that re-reads the row, which the first sweep left in L2.
 TILE_MAX_C = 4096
-# Tile shape per padded width C: (rows per program, warps). Sized from the sm_90 cubins (tests/test_aot.py) so that
-# every variant stays within 128 registers per thread at 8 warps (64 at 16): at least 2 CTAs per SM, no spills.
-_TILE_SHAPES = {16: (128, 8), 32: (64, 8), 64: (32, 8), 128: (8, 4), 256: (8, 8), 512: (4, 8), 1024: (2, 8),
+# Tile shape per padded width C: (most rows per program, warps), 8 elements per thread up to C = 1024. Sized from
+# the sm_90 cubins (tests/test_aot.py asserts it): at most 128 registers per thread at 4 warps, 64 at 8, 32 at 16 is
+# what keeps >= 2 CTAs per SM; the narrow tiles once packed 16 rows per thread and needed 139-155 registers.
+_TILE_SHAPES = {16: (64, 4), 32: (32, 4), 64: (8, 4), 128: (4, 4), 256: (2, 4), 512: (4, 8), 1024: (2, 8),
                 2048: (1, 8), 4096: (1, 16)}
-CHUNK_C = 2048
+CHUNK_C = 4096  # with 16 warps: 8 elements per thread per sweep, 32 KB of fp32 logits in flight per SM
+H100_SMS = 132
 SPLIT_CHUNK_C = 1024  # finer spans for the split path: more programs for a small batch
 # Below this many programs a row is split over C (two launches: partial statistics, then the merged gradient), so
-# that a small batch still fills the GPU (132 SMs on an H100: B = 8 rows would leave 124 idle).
-SPLIT_MIN_PROGRAMS = 264
+# that a small batch still fills the GPU (B = 8 rows would leave 124 of an H100's 132 SMs idle).
+SPLIT_MIN_PROGRAMS = 2 * H100_SMS
 MAX_SPLITS = 64
 # Finite stand-in for -inf as the initial running max: exp(m_old - m_new) stays well defined (never -inf - -inf).
 _NEG_BIG = -3.0e38
@@ -56,8 +58,10 @@ def _kd_tile_kernel(s_ptr, t_ptr, y_ptr, n_ptr, grad_ptr, ce_ptr, kl_ptr,
     z1 = tl.sum(e1, axis=1)
     z2 = tl.sum(e2, axis=1)
     z3 = tl.sum(e3, axis=1)
+    # one division per row: each z holds its max's exp(0), so 1 <= z <= C and z1 z2 z3 cannot overflow
+    rz = 1.0 / (z1 * z2 * z3)
+    r3 = (z1 * z2) * rz
     # KL = sum p (log p - log q) with p = e3 / z3 and sum p = 1; e3 == 0 (teacher -inf, padding) adds 0, not 0 * inf
-    r3 = 1.0 / z3
     kl_row = tl.sum(tl.where(e3 > 0, e3 * (t_sh_t - s_sh_t), 0.0), axis=1) * r3 - tl.log(z3) + tl.log(z2)
     onehot = cols[None, :] == y[:, None]
     ce_row = tl.log(z1) - tl.sum(tl.where(onehot, s_sh, 0.0), axis=1)
@@ -65,8 +69,8 @@ def _kd_tile_kernel(s_ptr, t_ptr, y_ptr, n_ptr, grad_ptr, ce_ptr, kl_ptr,
     # one factor per row for each softmax (weight / (n z)): multiplies per element, no division
     k = tl.where(valid, 1.0 / tl.maximum(tl.load(n_ptr), 1).to(tl.float32), 0.0)
     w1 = w_ce * k
-    k1 = w1 / z1
-    k2 = (w_kl * k) / z2
+    k1 = w1 * ((z2 * z3) * rz)
+    k2 = (w_kl * k) * ((z1 * z3) * rz)
     k3 = (w_kl * k) * r3
     g = e1 * k1[:, None] + e2 * k2[:, None] - e3 * k3[:, None] - tl.where(onehot, w1[:, None], 0.0)
     st_mask = row_ok[:, None] & col_ok[None, :]
@@ -133,16 +137,18 @@ def _kd_merge_spans(m_s, m_t, z1, z2, z3, a3, inv_t, LOG2E: tl.constexpr):
 
 @triton.jit
 def _kd_row_finish(s_row, y, valid, C, n_ptr, ms, z1, z2, z3, a, w_ce, w_kl):
-    # the row's CE and KL, and the gradient's factors: one division per normaliser per row, none per element
+    # the row's CE and KL, and the gradient's factors: one division for the row (1 <= z <= C, as in the tile), none
+    # per element
     y_ok = valid & (y >= 0) & (y < C)
     s_y = tl.load(s_row + y, mask=y_ok, other=0.0).to(tl.float32)
     ce_row = tl.where(valid, (ms - s_y) + tl.log(z1), 0.0)
-    r3 = 1.0 / z3
+    rz = 1.0 / (z1 * z2 * z3)
+    r3 = (z1 * z2) * rz
     # log p - log q = ((t - mt) - (s - ms)) / T - log z3 + log z2, and sum p = 1
     kl_row = tl.where(valid, a * r3 - tl.log(z3) + tl.log(z2), 0.0)
     k = tl.where(valid, 1.0 / tl.maximum(tl.load(n_ptr), 1).to(tl.float32), 0.0)
     w1 = w_ce * k
-    return ce_row, kl_row, w1 / z1, (w_kl * k) / z2, (w_kl * k) * r3, w1
+    return ce_row, kl_row, w1 * ((z2 * z3) * rz), (w_kl * k) * ((z1 * z3) * rz), (w_kl * k) * r3, w1
 
 
 @triton.jit
@@ -163,18 +169,22 @@ def _kd_span_grad(s_row, t_row, g_row, y, c_lo, c_hi, ms, mt, k1, k2, k3, w1, li
 
 @triton.jit
 def _kd_chunked_kernel(s_ptr, t_ptr, y_ptr, n_ptr, grad_ptr, ce_ptr, kl_ptr,
-                       C, s_stride, t_stride, ignore_index, w_ce, w_kl, inv_t,
+                       B, C, s_stride, t_stride, ignore_index, w_ce, w_kl, inv_t,
                        NEG_BIG: tl.constexpr, BLOCK_C: tl.constexpr, LOG2E: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    y = tl.load(y_ptr + row)
-    valid = y != ignore_index
-    s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride
-    ms, mt, z1, z2, z3, a = _kd_span_stats(s_row, t_row, 0, C, inv_t, valid, NEG_BIG, BLOCK_C, LOG2E)
-    ce_row, kl_row, k1, k2, k3, w1 = _kd_row_finish(s_row, y, valid, C, n_ptr, ms, z1, z2, z3, a, w_ce, w_kl)
-    tl.store(ce_ptr + row, ce_row)
-    tl.store(kl_ptr + row, kl_row)
-    _kd_span_grad(s_row, t_row, grad_ptr + row * C, y, 0, C, ms, mt, k1, k2, k3, w1, valid, inv_t, BLOCK_C, LOG2E)
+    # persistent: one program per SM walks rows pid, pid + grid, ..., so that at most `grid` rows are between their
+    # two sweeps at any time and the gradient sweep re-reads its row from L2, not from memory
+    for r in range(tl.program_id(0), B, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        y = tl.load(y_ptr + row)
+        valid = y != ignore_index
+        s_row = s_ptr + row * s_stride
+        t_row = t_ptr + row * t_stride
+        ms, mt, z1, z2, z3, a = _kd_span_stats(s_row, t_row, 0, C, inv_t, valid, NEG_BIG, BLOCK_C, LOG2E)
+        ce_row, kl_row, k1, k2, k3, w1 = _kd_row_finish(s_row, y, valid, C, n_ptr, ms, z1, z2, z3, a, w_ce, w_kl)
+        tl.store(ce_ptr + row, ce_row)
+        tl.store(kl_ptr + row, kl_row)
+        _kd_span_grad(s_row, t_row, grad_ptr + row * C, y, 0, C, ms, mt, k1, k2, k3, w1, valid, inv_t, BLOCK_C,
+                      LOG2E)
 
 
 @triton.jit
@@ -241,6 +251,13 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; an H100's 132 elsewhere (the interpreter, meta tensors)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H100_SMS
+
+
 def _split_plan(B: int, C: int) -> tuple[int, int]:
     """(splits, span) of a row of C > TILE_MAX_C classes: one split when B rows already fill the GPU, else enough
     spans of whole chunks for about SPLIT_MIN_PROGRAMS programs."""
@@ -264,15 +281,17 @@ def plan_kd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, 
     block_c = triton.next_power_of_2(C)
     if block_c <= TILE_MAX_C:
         rows, warps = _TILE_SHAPES[max(block_c, 16)]
-        rows = min(rows, triton.next_power_of_2(B))
+        # fewer rows per program where the batch would otherwise give under SPLIT_MIN_PROGRAMS programs
+        # (B = 8192, C = 10: 512 programs of 16 rows, not 128 of 64)
+        rows = min(rows, 1 << max(0, (B // SPLIT_MIN_PROGRAMS).bit_length() - 1))
         return [Launch(_kd_tile_kernel, (triton.cdiv(B, rows),),
                        (student, teacher, target, n, grad, ce_rows, kl_rows, B, C, *strides, ignore_index, w_ce, w_kl,
                         inv_t), dict(BLOCK_ROWS=rows, BLOCK_C=block_c, LOG2E=_LOG2E), dict(num_warps=warps))]
     splits, span = _split_plan(B, C)
     if splits == 1:
-        return [Launch(_kd_chunked_kernel, (B,), (student, teacher, target, n, grad, ce_rows, kl_rows, C, *strides,
-                                                  ignore_index, w_ce, w_kl, inv_t),
-                       dict(NEG_BIG=_NEG_BIG, BLOCK_C=CHUNK_C, LOG2E=_LOG2E), dict(num_warps=8))]
+        return [Launch(_kd_chunked_kernel, (min(B, _sm_count(student.device)),),
+                       (student, teacher, target, n, grad, ce_rows, kl_rows, B, C, *strides, ignore_index, w_ce, w_kl,
+                        inv_t), dict(NEG_BIG=_NEG_BIG, BLOCK_C=CHUNK_C, LOG2E=_LOG2E), dict(num_warps=16))]
     consts = dict(NEG_BIG=_NEG_BIG, BLOCK_C=SPLIT_CHUNK_C, LOG2E=_LOG2E)
     part = torch.empty((B, splits, 6), dtype=torch.float32, device=student.device)
     return [Launch(_kd_split_stats_kernel, (B, splits),

@@ -233,12 +233,12 @@ def test_the_timing_baseline_computes_the_same_loss_as_the_oracle():
     torch.testing.assert_close(g_eager, g_ref, rtol=1e-10, atol=1e-14)
 
 
-# The Triton launcher's three paths, reached at small sizes by shrinking its thresholds: the register tile; one
-# program per row streaming over C in chunks (4 chunks of 32, the last partial); each row split over C (7 spans of
-# 16, merged through an 8-lane vector with one lane masked off).
+# The Triton launcher's three paths, reached at small sizes by shrinking its thresholds: the register tile; the
+# persistent row kernel streaming over C in chunks (4 chunks of 32, the last partial; 4 programs for 6 rows, so two
+# walk a second row); each row split over C (7 spans of 16, merged through an 8-lane vector with one lane masked).
 TRITON_PATHS = {
     "tile": ({}, ["_kd_tile_kernel"]),
-    "chunked": ({"TILE_MAX_C": 64, "CHUNK_C": 32, "SPLIT_MIN_PROGRAMS": 1}, ["_kd_chunked_kernel"]),
+    "chunked": ({"TILE_MAX_C": 64, "CHUNK_C": 32, "SPLIT_MIN_PROGRAMS": 1, "H100_SMS": 4}, ["_kd_chunked_kernel"]),
     "split": ({"TILE_MAX_C": 64, "SPLIT_CHUNK_C": 16, "SPLIT_MIN_PROGRAMS": 1000},
               ["_kd_split_stats_kernel", "_kd_split_grad_kernel"]),
 }
@@ -255,6 +255,8 @@ def triton_path(request, monkeypatch):
     plan = kd.plan_kd(meta, meta, torch.empty(6, dtype=torch.int64, device="meta"), torch.empty((), device="meta"),
                       meta, rows, rows, 0.8, 10.0, -100)
     assert [launch.name for launch in plan] == kernels
+    if request.param == "chunked":
+        assert plan[0].grid == (4,)
     if request.param == "split":
         assert plan[0].grid == (6, 7) and plan[1].constexprs["SPLITS"] == 8
     return request.param
