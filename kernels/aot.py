@@ -3,9 +3,10 @@
     python -m dsd2.kernels.aot [--json FILE]
 
 The variants come from the launchers' own planners (`plan_kd`, `plan_counting`, `plan_sgd`) called on meta
-tensors: fp32, bf16 and fp16 inputs, the tile and chunk configurations picked for C in {10, 100, 1000, 32000}
-at a small and a large batch, every counting mode (per element or channel, NCHW or NHWC, counting alone or with
-the ReLU, > 0 or >= 0, with or without atomics) and every masked-SGD mode. Each goes through Triton's own JIT
+tensors: fp32, bf16 and fp16 inputs, the KD configurations picked for C from 10 to 32000 (every tile width, the
+split and the persistent chunked kernels) at a small and a large batch and the KD backward's scaling, every
+counting mode (per element or channel, NCHW or NHWC, counting alone or with the ReLU, > 0 or >= 0, with or without
+atomics) and every masked-SGD mode. Each goes through Triton's own JIT
 binder and argument packing, so it gets exactly the specialisation a launch would (integer arguments equal to 1
 become constants, 16-byte alignment and divisibility hints), and is compiled to a cubin (no GPU needed); its
 resources are read with the cuobjdump that ships with Triton: registers, stack, local memory (spills) and shared
@@ -39,7 +40,7 @@ from .relu_count import plan_counting
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-KD_CLASSES = (10, 100, 1000, 32000)
+KD_CLASSES = (10, 20, 40, 100, 200, 400, 1000, 2000, 4000, 32000)  # every tile width 16..4096, and the wide path
 KD_BATCHES = (8, 8192)
 # tile kernels: every live array in registers; a spill there is a performance bug
 TILE_KERNELS = ("_kd_tile_kernel", "_kd_chunked_kernel", "_kd_split_stats_kernel", "_kd_split_grad_kernel",

@@ -32,19 +32,24 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _kd_tile_kernel(s_ptr, t_ptr, y_ptr, n_ptr, grad_ptr, ce_ptr, kl_ptr,
                     B, C, s_stride, t_stride, ignore_index, w_ce, w_kl, inv_t,
-                    BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, LOG2E: tl.constexpr):
+                    BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, LOG2E: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < B
-    col_ok = cols < C
+    # rows start on ALIGN-element boundaries and C is a multiple of ALIGN (the planner checks both): with these hints
+    # C = 100 is read in 16-byte vectors and a warp holds whole rows, so the row reductions stay within a warp
+    col_ok = tl.max_constancy(cols < C, ALIGN)
     y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
     valid = row_ok & (y != ignore_index)
     rows64 = rows.to(tl.int64)
+    s_off = tl.multiple_of(rows64 * s_stride, ALIGN)
+    t_off = tl.multiple_of(rows64 * t_stride, ALIGN)
+    g_off = tl.multiple_of(rows64 * C, ALIGN)
     # ignored rows and rows past B read nothing and stay finite (0), whatever an ignored row holds; padding is -inf
     ld_mask = valid[:, None] & col_ok[None, :]
-    s = tl.load(s_ptr + rows64[:, None] * s_stride + cols[None, :], mask=ld_mask, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + rows64[:, None] * t_stride + cols[None, :], mask=ld_mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + s_off[:, None] + cols[None, :], mask=ld_mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + t_off[:, None] + cols[None, :], mask=ld_mask, other=0.0).to(tl.float32)
     s = tl.where(col_ok[None, :], s, float("-inf"))
     t = tl.where(col_ok[None, :], t, float("-inf"))
 
@@ -74,7 +79,7 @@ def _kd_tile_kernel(s_ptr, t_ptr, y_ptr, n_ptr, grad_ptr, ce_ptr, kl_ptr,
     k3 = (w_kl * k) * r3
     g = e1 * k1[:, None] + e2 * k2[:, None] - e3 * k3[:, None] - tl.where(onehot, w1[:, None], 0.0)
     st_mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(grad_ptr + rows64[:, None] * C + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=st_mask)
+    tl.store(grad_ptr + g_off[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=st_mask)
     tl.store(ce_ptr + rows, tl.where(valid, ce_row, 0.0), mask=row_ok)
     tl.store(kl_ptr + rows, tl.where(valid, kl_row, 0.0), mask=row_ok)
 
@@ -258,6 +263,14 @@ def _sm_count(device: torch.device) -> int:
     return H100_SMS
 
 
+def _row_alignment(strides: tuple[int, ...], limit: int) -> int:
+    """The largest power of two up to `limit` (a 16-byte vector) dividing every row stride, in elements."""
+    align = limit
+    while align > 1 and any(stride % align for stride in strides):
+        align //= 2
+    return align
+
+
 def _split_plan(B: int, C: int) -> tuple[int, int]:
     """(splits, span) of a row of C > TILE_MAX_C classes: one split when B rows already fill the GPU, else enough
     spans of whole chunks for about SPLIT_MIN_PROGRAMS programs."""
@@ -284,9 +297,11 @@ def plan_kd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, 
         # fewer rows per program where the batch would otherwise give under SPLIT_MIN_PROGRAMS programs
         # (B = 8192, C = 10: 512 programs of 16 rows, not 128 of 64)
         rows = min(rows, 1 << max(0, (B // SPLIT_MIN_PROGRAMS).bit_length() - 1))
+        align = _row_alignment((*strides, C), 16 // student.element_size())
         return [Launch(_kd_tile_kernel, (triton.cdiv(B, rows),),
                        (student, teacher, target, n, grad, ce_rows, kl_rows, B, C, *strides, ignore_index, w_ce, w_kl,
-                        inv_t), dict(BLOCK_ROWS=rows, BLOCK_C=block_c, LOG2E=_LOG2E), dict(num_warps=warps))]
+                        inv_t), dict(BLOCK_ROWS=rows, BLOCK_C=block_c, ALIGN=align, LOG2E=_LOG2E),
+                       dict(num_warps=warps))]
     splits, span = _split_plan(B, C)
     if splits == 1:
         return [Launch(_kd_chunked_kernel, (min(B, _sm_count(student.device)),),
