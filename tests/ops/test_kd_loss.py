@@ -339,3 +339,18 @@ def test_distillation_objective_passes_half_logits_through(dtype):
     rtol, gtol = tolerances(dtype, 37)
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=rtol, atol=rtol)
     assert float((a.grad.double() - r.grad).abs().max() / r.grad.abs().max()) <= gtol
+
+
+@pytest.mark.parametrize("dtype, c, row_stride, align", [
+    (torch.float32, 100, 100, 4), (torch.float32, 101, 101, 1), (torch.float32, 100, 102, 2),
+    (torch.float32, 101, 104, 1), (torch.bfloat16, 100, 100, 4), (torch.bfloat16, 112, 112, 8), (torch.float16, 10, 10, 2)])
+def test_tile_alignment_hint_divides_every_row_offset(dtype, c, row_stride, align):
+    """The tile kernel tells the compiler that row offsets and C are multiples of ALIGN elements (for 16-byte
+    vectors); a hint that is not true would read the wrong addresses on a GPU, so the planner must never claim more
+    than every stride and C allow."""
+    kd = pytest.importorskip("dsd2.kernels.kd_loss")
+    s = torch.empty(8, row_stride, dtype=dtype, device="meta")[:, :c]
+    rows = torch.empty(8, device="meta")
+    (launch,) = kd.plan_kd(s, s, torch.empty(8, dtype=torch.int64, device="meta"), torch.empty((), device="meta"),
+                           torch.empty(8, c, dtype=dtype, device="meta"), rows, rows, 0.8, 10.0, -100)
+    assert launch.constexprs["ALIGN"] == align
