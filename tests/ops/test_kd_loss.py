@@ -343,7 +343,8 @@ def test_distillation_objective_passes_half_logits_through(dtype):
 
 @pytest.mark.parametrize("dtype, c, row_stride, align", [
     (torch.float32, 100, 100, 4), (torch.float32, 101, 101, 1), (torch.float32, 100, 102, 2),
-    (torch.float32, 101, 104, 1), (torch.bfloat16, 100, 100, 4), (torch.bfloat16, 112, 112, 8), (torch.float16, 10, 10, 2)])
+    (torch.float32, 101, 104, 1), (torch.bfloat16, 100, 100, 4), (torch.bfloat16, 112, 112, 8),
+    (torch.float16, 10, 10, 2)])
 def test_tile_alignment_hint_divides_every_row_offset(dtype, c, row_stride, align):
     """The tile kernel tells the compiler that row offsets and C are multiples of ALIGN elements (for 16-byte
     vectors); a hint that is not true would read the wrong addresses on a GPU, so the planner must never claim more
