@@ -33,7 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from .kd_loss import plan_kd, plan_kd_scale
+from .kd_loss import plan_kd, plan_kd_reductions, plan_kd_scale
 from .launch import Launch
 from .masked_sgd import plan_sgd
 from .relu_count import plan_counting
@@ -59,6 +59,8 @@ def kd_launches() -> list[Launch]:
                            10.0, -100))
         if b == KD_BATCHES[-1]:
             out.append(plan_kd_scale(torch.empty_like(s), torch.empty((), dtype=torch.float32, device=META)))
+    scalar = torch.empty((), dtype=torch.float32, device=META)
+    out.extend(plan_kd_reductions(y, n, rows, torch.empty_like(rows), (scalar, scalar, scalar), 0.8, 10.0, -100))
     return out
 
 

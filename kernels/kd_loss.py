@@ -239,6 +239,35 @@ def _kd_split_grad_kernel(s_ptr, t_ptr, y_ptr, n_ptr, part_ptr, grad_ptr, ce_ptr
 
 
 @triton.jit
+def _kd_count_kernel(y_ptr, n_ptr, B, ignore_index, BLOCK: tl.constexpr):
+    # n = the number of kept rows, needed by every program of the main kernel (one launch, not ne + sum)
+    acc = tl.zeros([BLOCK], tl.int64)
+    for start in range(0, B, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += (tl.load(y_ptr + offs, mask=offs < B, other=ignore_index) != ignore_index).to(tl.int64)
+    tl.store(n_ptr, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _kd_finish_kernel(ce_rows_ptr, kl_rows_ptr, n_ptr, loss_ptr, ce_ptr, kl_ptr, B, w_ce, w_kl_t,
+                      BLOCK: tl.constexpr):
+    # the batch means and the weighted loss in one program, in a fixed order (the same sum on every run), instead of
+    # nine small kernels
+    ce = tl.zeros([BLOCK], tl.float32)
+    kl = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, B, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ce += tl.load(ce_rows_ptr + offs, mask=offs < B, other=0.0)
+        kl += tl.load(kl_rows_ptr + offs, mask=offs < B, other=0.0)
+    inv_n = 1.0 / tl.maximum(tl.load(n_ptr), 1).to(tl.float32)
+    ce_mean = tl.sum(ce, axis=0) * inv_n
+    kl_mean = tl.sum(kl, axis=0) * inv_n
+    tl.store(ce_ptr, ce_mean)
+    tl.store(kl_ptr, kl_mean)
+    tl.store(loss_ptr, w_ce * ce_mean + w_kl_t * kl_mean)
+
+
+@triton.jit
 def _kd_scale_kernel(g_ptr, scale_ptr, N, BLOCK: tl.constexpr):
     # the saved gradient times the loss's incoming gradient, in place; for the usual 1 (loss.backward()) every
     # program reads one scalar and moves no data
@@ -316,6 +345,23 @@ def plan_kd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, 
                     w_kl, inv_t), dict(consts, SPLITS=triton.next_power_of_2(splits)), dict(num_warps=4))]
 
 
+_REDUCE_BLOCK = 1024
+
+
+def plan_kd_reductions(target: torch.Tensor, n: torch.Tensor, ce_rows: torch.Tensor, kl_rows: torch.Tensor,
+                       parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], alpha: float, temperature: float,
+                       ignore_index: int) -> tuple[Launch, Launch]:
+    """The launches around the main one: counting the kept rows into n (before), and the means into
+    parts = (loss, ce, kl) (after)."""
+    B = target.shape[0]
+    target = target.contiguous()
+    w_ce, w_kl_t = 1.0 - float(alpha), float(alpha) * float(temperature) ** 2
+    return (Launch(_kd_count_kernel, (1,), (target, n, B, ignore_index), dict(BLOCK=_REDUCE_BLOCK),
+                   dict(num_warps=4)),
+            Launch(_kd_finish_kernel, (1,), (ce_rows, kl_rows, n, *parts, B, w_ce, w_kl_t), dict(BLOCK=_REDUCE_BLOCK),
+                   dict(num_warps=4)))
+
+
 _SCALE_BLOCK = 4096
 _SCALE_PROGRAMS = 1024
 
@@ -356,7 +402,11 @@ def kd_loss_forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.
     grad = torch.empty((B, C), dtype=student.dtype, device=dev)
     ce_rows = torch.empty(B, dtype=torch.float32, device=dev)
     kl_rows = torch.empty(B, dtype=torch.float32, device=dev)
-    n = (target != ignore_index).sum()
+    n = torch.empty((), dtype=torch.int64, device=dev)
+    parts = tuple(torch.empty((), dtype=torch.float32, device=dev) for _ in range(3))
+    count, finish = plan_kd_reductions(target, n, ce_rows, kl_rows, parts, alpha, temperature, ignore_index)
+    # three launches in all for a batch (count, loss and gradient, means), none of them reading back to the host
+    count()
     if B > 0 and C > 0:
         for launch in plan_kd(student, teacher, target, n, grad, ce_rows, kl_rows, alpha, temperature, ignore_index):
             launch()
@@ -364,8 +414,6 @@ def kd_loss_forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.
         ce_rows.zero_()
         kl_rows.zero_()
         grad.zero_()
-    denom = n.clamp_min(1).to(torch.float32)
-    ce = ce_rows.sum() / denom
-    kl = kl_rows.sum() / denom
-    loss = (1.0 - alpha) * ce + (alpha * temperature * temperature) * kl
+    finish()
+    loss, ce, kl = parts
     return loss, ce, kl, grad

@@ -35,12 +35,12 @@ def test_every_variant_compiles_for_both_targets(records):
     assert by_arch["sm_80"] == by_arch["sm_90"]
     kernels = {k[0] for k in by_arch["sm_90"]}
     assert kernels == {"_kd_tile_kernel", "_kd_chunked_kernel", "_kd_split_stats_kernel", "_kd_split_grad_kernel",
-                       "_kd_scale_kernel", "_count_cols_kernel", "_count_channels_kernel", "_masked_sgd_kernel"}
+                       "_kd_scale_kernel", "_kd_count_kernel", "_kd_finish_kernel", "_count_cols_kernel",
+                       "_count_channels_kernel", "_masked_sgd_kernel"}
 
 
 def test_kd_configurations_cover_every_dtype_and_class_count(records):
-    kd = [r for r in records if r["kernel"].startswith("_kd_") and r["arch"] == "sm_90"
-          and r["kernel"] != "_kd_scale_kernel"]
+    kd = [r for r in records if r["kernel"].startswith("_kd_") and r["arch"] == "sm_90" and "s_ptr" in r["signature"]]
     dtypes = {r["signature"]["s_ptr"] for r in kd}
     assert dtypes == {"*fp32", "*bf16", "*fp16"}
     assert {r["signature"]["g_ptr"] for r in records if r["kernel"] == "_kd_scale_kernel"} == dtypes
