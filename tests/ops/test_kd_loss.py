@@ -355,3 +355,14 @@ def test_tile_alignment_hint_divides_every_row_offset(dtype, c, row_stride, alig
     (launch,) = kd.plan_kd(s, s, torch.empty(8, dtype=torch.int64, device="meta"), torch.empty((), device="meta"),
                            torch.empty(8, c, dtype=dtype, device="meta"), rows, rows, 0.8, 10.0, -100)
     assert launch.constexprs["ALIGN"] == align
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("student_dtype, teacher_dtype", [
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16)])
+def test_half_and_mixed_logits_on_every_backend(backend, student_dtype, teacher_dtype):
+    """What the objective now passes as it is: a bf16/fp16 student with a teacher of its own dtype or another (fp32
+    cached logits, a bf16 teacher under autocast); the gradient comes back in the student's dtype."""
+    s, t, y = inputs(7, 37, student_dtype, seed=11, device=device_for(backend))
+    check(backend, s, t.to(teacher_dtype), y)
