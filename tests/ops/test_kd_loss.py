@@ -366,3 +366,43 @@ def test_half_and_mixed_logits_on_every_backend(backend, student_dtype, teacher_
     cached logits, a bf16 teacher under autocast); the gradient comes back in the student's dtype."""
     s, t, y = inputs(7, 37, student_dtype, seed=11, device=device_for(backend))
     check(backend, s, t.to(teacher_dtype), y)
+
+
+@pytest.mark.parametrize("c, main", [(100, ["_kd_tile_kernel"]),
+                                     (5000, ["_kd_split_stats_kernel", "_kd_split_grad_kernel"])])
+def test_triton_forward_and_backward_launch_only_their_kernels(monkeypatch, c, main):
+    """Forward: count of kept rows, loss and gradient, means, and no other kernel (no ne/sum/div/mul around them);
+    backward: the in-place scale alone. Tensor allocations and views are the only other ops."""
+    from dsd2.kernels.launch import Launch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    launched, inside = [], []
+    original = Launch.__call__
+
+    def record(self):
+        launched.append(self.name)
+        inside.append(True)
+        try:
+            original(self)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(Launch, "__call__", record)
+
+    class OpsOutsideLaunches(TorchDispatchMode):
+        found: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside:
+                self.found.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    s, t, y = inputs(3, c, torch.float32, device=triton_device())
+    a = s.clone().requires_grad_()
+    with OpsOutsideLaunches() as mode:
+        loss = kd_loss(a, t, y, backend="triton")
+        (2.0 * loss).backward()
+    assert launched == ["_kd_count_kernel", *main, "_kd_finish_kernel", "_kd_scale_kernel"]
+    # besides allocations and views: the test's 2.0 * loss and autograd's seed and zero gradients for ce and kl
+    assert set(mode.found) <= {"empty", "detach", "view", "mul", "ones_like", "zeros"}, mode.found
+    assert mode.found.count("mul") == 2  # the test's own 2.0 * loss, and its backward
