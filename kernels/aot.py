@@ -3,9 +3,10 @@
     python -m dsd2.kernels.aot [--json FILE]
 
 The variants come from the launchers' own planners (`plan_kd`, `plan_counting`, `plan_sgd`) called on meta
-tensors: fp32, bf16 and fp16 inputs, the tile and chunk configurations picked for C in {10, 100, 1000, 32000}
-at a small and a large batch, every counting mode (per element or channel, NCHW or NHWC, counting alone or with
-the ReLU, > 0 or >= 0, with or without atomics) and every masked-SGD mode. Each goes through Triton's own JIT
+tensors: fp32, bf16 and fp16 inputs, the KD configurations picked for C from 10 to 32000 (every tile width, the
+split and the persistent chunked kernels) at a small and a large batch and the KD backward's scaling, every
+counting mode (per element or channel, NCHW or NHWC, counting alone or with the ReLU, > 0 or >= 0, with or without
+atomics) and every masked-SGD mode. Each goes through Triton's own JIT
 binder and argument packing, so it gets exactly the specialisation a launch would (integer arguments equal to 1
 become constants, 16-byte alignment and divisibility hints), and is compiled to a cubin (no GPU needed); its
 resources are read with the cuobjdump that ships with Triton: registers, stack, local memory (spills) and shared
@@ -32,17 +33,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from .kd_loss import plan_kd
+from .kd_loss import plan_kd, plan_kd_reductions, plan_kd_scale
 from .launch import Launch
 from .masked_sgd import plan_sgd
 from .relu_count import plan_counting
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-KD_CLASSES = (10, 100, 1000, 32000)
+KD_CLASSES = (10, 20, 40, 100, 200, 400, 1000, 2000, 4000, 32000)  # every tile width 16..4096, and the wide path
 KD_BATCHES = (8, 8192)
 # tile kernels: every live array in registers; a spill there is a performance bug
-TILE_KERNELS = ("_kd_tile_kernel", "_kd_chunked_kernel", "_count_cols_kernel", "_count_channels_kernel")
+TILE_KERNELS = ("_kd_tile_kernel", "_kd_chunked_kernel", "_kd_split_stats_kernel", "_kd_split_grad_kernel",
+                "_count_cols_kernel", "_count_channels_kernel")
 META = torch.device("meta")
 # Per-SM limits that bound how many CTAs run at once: register file, threads, shared memory (the most one SM
 # offers to CTAs), resident CTAs. sm_80 (A100) and sm_90 (H100/H200) share all but shared memory.
@@ -78,8 +80,12 @@ def kd_launches() -> list[Launch]:
         y = torch.empty(b, dtype=torch.int64, device=META)
         n = torch.empty((), dtype=torch.int64, device=META)
         rows = torch.empty(b, dtype=torch.float32, device=META)
-        out.append(plan_kd(s, torch.empty_like(s), y, n, torch.empty_like(s), rows, torch.empty_like(rows), 0.8,
+        out.extend(plan_kd(s, torch.empty_like(s), y, n, torch.empty_like(s), rows, torch.empty_like(rows), 0.8,
                            10.0, -100))
+        if b == KD_BATCHES[-1]:
+            out.append(plan_kd_scale(torch.empty_like(s), torch.empty((), dtype=torch.float32, device=META)))
+    scalar = torch.empty((), dtype=torch.float32, device=META)
+    out.extend(plan_kd_reductions(y, n, rows, torch.empty_like(rows), (scalar, scalar, scalar), 0.8, 10.0, -100))
     return out
 
 

@@ -35,17 +35,35 @@ def test_every_variant_compiles_for_both_targets(records):
     assert set(by_arch) == {"sm_80", "sm_90"}
     assert by_arch["sm_80"] == by_arch["sm_90"]
     kernels = {k[0] for k in by_arch["sm_90"]}
-    assert kernels == {"_kd_tile_kernel", "_kd_chunked_kernel", "_count_cols_kernel", "_count_channels_kernel",
-                       "_masked_sgd_kernel"}
+    assert kernels == {"_kd_tile_kernel", "_kd_chunked_kernel", "_kd_split_stats_kernel", "_kd_split_grad_kernel",
+                       "_kd_scale_kernel", "_kd_count_kernel", "_kd_finish_kernel", "_count_cols_kernel",
+                       "_count_channels_kernel", "_masked_sgd_kernel"}
 
 
 def test_kd_configurations_cover_every_dtype_and_class_count(records):
-    kd = [r for r in records if r["kernel"].startswith("_kd_") and r["arch"] == "sm_90"]
+    kd = [r for r in records if r["kernel"].startswith("_kd_") and r["arch"] == "sm_90" and "s_ptr" in r["signature"]]
     dtypes = {r["signature"]["s_ptr"] for r in kd}
     assert dtypes == {"*fp32", "*bf16", "*fp16"}
+    assert {r["signature"]["g_ptr"] for r in records if r["kernel"] == "_kd_scale_kernel"} == dtypes
     tile_widths = {r["constexprs"]["BLOCK_C"] for r in kd if r["kernel"] == "_kd_tile_kernel"}
-    assert tile_widths == {16, 128, 1024}  # C = 10, 100, 1000
-    assert {r["signature"]["s_ptr"] for r in kd if r["kernel"] == "_kd_chunked_kernel"} == dtypes  # C = 32000
+    assert tile_widths == {16, 32, 64, 128, 256, 512, 1024, 2048, 4096}  # C = 10 ... 4000
+    for wide in ("_kd_chunked_kernel", "_kd_split_stats_kernel", "_kd_split_grad_kernel"):  # C = 32000, B = 8192 / 8
+        assert {r["signature"]["s_ptr"] for r in kd if r["kernel"] == wide} == dtypes
+    split = [r["grid_example"] for r in kd if r["kernel"].startswith("_kd_split_")]
+    assert split and all(rows * spans >= 132 for rows, spans in split)  # B = 8 rows still fill an H100's 132 SMs
+
+
+def test_kd_kernels_keep_two_ctas_per_sm_without_spills(records):
+    """Every KD configuration on both targets: no stack or local memory, and registers low enough for at least two
+    CTAs per SM (the C = 100 tile once took 139 registers per thread: one CTA of 8 warps per SM)."""
+    kd = [r for r in records if r["kernel"].startswith("_kd_")]
+    assert len({r["arch"] for r in kd}) == 2
+    bad = [(r["kernel"], r["arch"], r["constexprs"], r["options"], r["reg"], r["stack"], r["local"]) for r in kd
+           if r["stack"] or r["local"] or r["ctas_per_sm"] < 2]
+    assert not bad
+    c100 = [r for r in kd if r["kernel"] == "_kd_tile_kernel" and r["constexprs"]["BLOCK_C"] == 128
+            and r["grid_example"][0] > 1]  # C = 100, B = 8192
+    assert c100 and all(r["ctas_per_sm"] >= 4 for r in c100)
 
 
 def test_masked_sgd_variants(records):
@@ -70,7 +88,7 @@ def test_no_kernel_spills(records):
     assert max(r["reg"] for r in records) <= 255
 
 
-@pytest.mark.parametrize("prefix", ["_count_", "_masked_sgd_"])
+@pytest.mark.parametrize("prefix", ["_kd_", "_count_", "_masked_sgd_"])
 def test_at_least_two_ctas_per_sm(records, prefix):
     """Registers x threads and shared memory of every configuration leave room for two CTAs on each SM of both
     targets, so one CTA's memory waits overlap another's work."""

@@ -93,6 +93,8 @@ class KDLossFunction(torch.autograd.Function):
         backend = pick("kd_loss", student, backend, extension=cpp_extension)
         loss, ce, kl, grad = kd_loss_forward(student, teacher, target, alpha, temperature, ignore_index, backend)
         ctx.cpp = backend == "cpp" and cpp_extension() is not None
+        ctx.triton = backend == "triton"
+        ctx.scaled = False
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
@@ -104,7 +106,16 @@ class KDLossFunction(torch.autograd.Function):
             # returns the saved gradient itself for loss.backward()'s 1: a fresh B x C product would cost an
             # allocation and its page faults, about a third of the op's time at B = 8192, C = 100
             return cpp_extension().kd_loss_backward(grad, grad_loss), None, None, None, None, None, None
-        # the CUDA paths never read grad_loss on the host (no sync inside a CUDA graph)
+        if ctx.triton and not grad_loss.requires_grad:
+            # scaled in place by a kernel that reads grad_loss on the device (no sync inside a CUDA graph) and moves
+            # no data for loss.backward()'s 1; a second backward would see the scaled gradient, so it is refused
+            if ctx.scaled:
+                raise RuntimeError("kd_loss: the Triton backend supports one backward per forward; compute the loss "
+                                   "again instead of retain_graph=True")
+            ctx.scaled = True
+            from dsd2.kernels.kd_loss import kd_scale_grad_
+
+            return kd_scale_grad_(grad, grad_loss), None, None, None, None, None, None
         return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
 
 

@@ -71,6 +71,7 @@ class DistillationObjective(Objective):
         self.cached = cached_logits
         self.precision = precision
         self.sums: torch.Tensor | None = None  # [ce * n, kl * n, n], created on the first call's device
+        self.one: torch.Tensor | None = None
 
     def reset(self) -> None:
         if self.sums is not None:
@@ -83,7 +84,8 @@ class DistillationObjective(Objective):
         if self.cached is not None:
             return self.cached[indices]
         with torch.no_grad(), autocast(inputs.device, self.precision):
-            return self.teacher(inputs).float()
+            # the teacher's own dtype (bf16 under autocast): the fused loss reads it as it is
+            return self.teacher(inputs)
 
     def __call__(self, logits, labels, inputs, indices=None):
         if self.alpha == 0.0:
@@ -91,14 +93,15 @@ class DistillationObjective(Objective):
         from dsd2.ops import kd_loss
 
         t = self.teacher_logits(inputs, indices)
-        loss, ce, kl = kd_loss(logits.float(), t, labels, alpha=self.alpha, temperature=self.temperature,
+        # fp32, bf16 or fp16 logits go to the fused op as they are (it computes in fp32); the gradient comes back in
+        # the logits' dtype
+        loss, ce, kl = kd_loss(logits, t, labels, alpha=self.alpha, temperature=self.temperature,
                                return_parts=True)
         if self.sums is None:
             self.sums = torch.zeros(3, device=logits.device)  # float32: exact counts up to 2^24 per epoch
-        n = labels.numel()
-        self.sums[0].add_(ce * n)
-        self.sums[1].add_(kl * n)
-        self.sums[2].add_(n)
+            self.one = torch.ones((), device=logits.device)
+        # [ce, kl, 1] * n added in two kernels (a stack and an add), not five
+        self.sums.add_(torch.stack((ce, kl, self.one)), alpha=labels.numel())
         return loss
 
     def parts(self) -> dict[str, float]:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsd2.ops import kd_loss, kd_loss_eager, kd_loss_reference
+from dsd2.ops.kd_loss import STORE_EPS
 from dsd2.ops.kd_loss import kd_tolerances as tolerances
 
 SIZES = [(1, 2), (3, 10), (17, 100), (5, 1000), (2, 4097)]
@@ -51,7 +52,7 @@ def test_cpp_matches_reference(b, c, dtype):
     check("cpp", *inputs(b, c, dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b, c", TRITON_SIZES)
 def test_triton_matches_reference(b, c, dtype):
     check("triton", *inputs(b, c, dtype, device=triton_device()))
@@ -145,12 +146,30 @@ def test_cpp_float64_matches_the_reference_to_double_precision(c):
     assert bool((a.grad[4] == 0).all())
 
 
-def test_backward_scales_by_incoming_gradient():
-    s, t, y = inputs(4, 10, torch.float32)
-    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
-    (3.0 * kd_loss(a, t, y)).backward()
-    kd_loss(b, t, y).backward()
-    torch.testing.assert_close(a.grad, 3 * b.grad)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+def test_backward_scales_by_incoming_gradient(backend, dtype):
+    """A sum over the rows instead of the mean (loss * n), a data-parallel rescale (3), the usual 1 and 0: the Triton
+    backward scales the saved gradient in place on the device, the others by a product."""
+    dev = device_for(backend)
+    s, t, y = inputs(4, 10, dtype, device=dev)
+    b = s.clone().requires_grad_()
+    kd_loss(b, t, y, backend=backend).backward()
+    for scale in (4.0, 3.0, 1.0, 0.0):
+        a = s.clone().requires_grad_()
+        (scale * kd_loss(a, t, y, backend=backend)).backward()
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad.float(), (scale * b.grad.float()).to(dtype).float(), rtol=STORE_EPS[dtype],
+                                   atol=0)
+
+
+def test_triton_refuses_a_second_backward_through_the_scaled_gradient():
+    s, t, y = inputs(4, 10, torch.float32, device=triton_device())
+    a = s.clone().requires_grad_()
+    loss = kd_loss(a, t, y, backend="triton")
+    (2.0 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
 
 
 def test_teacher_gets_no_gradient_and_bad_shapes_are_errors():
@@ -212,3 +231,178 @@ def test_the_timing_baseline_computes_the_same_loss_as_the_oracle():
     (g_eager,) = torch.autograd.grad(eager, s)
     (g_ref,) = torch.autograd.grad(kd_loss_reference(s, t, y, alpha=0.7, temperature=4.0)[0], s)
     torch.testing.assert_close(g_eager, g_ref, rtol=1e-10, atol=1e-14)
+
+
+# The Triton launcher's three paths, reached at small sizes by shrinking its thresholds: the register tile; the
+# persistent row kernel streaming over C in chunks (4 chunks of 32, the last partial; 4 programs for 6 rows, so two
+# walk a second row); each row split over C (7 spans of 16, merged through an 8-lane vector with one lane masked).
+TRITON_PATHS = {
+    "tile": ({}, ["_kd_tile_kernel"]),
+    "chunked": ({"TILE_MAX_C": 64, "CHUNK_C": 32, "SPLIT_MIN_PROGRAMS": 1, "H100_SMS": 4}, ["_kd_chunked_kernel"]),
+    "split": ({"TILE_MAX_C": 64, "SPLIT_CHUNK_C": 16, "SPLIT_MIN_PROGRAMS": 1000},
+              ["_kd_split_stats_kernel", "_kd_split_grad_kernel"]),
+}
+
+
+@pytest.fixture(params=list(TRITON_PATHS))
+def triton_path(request, monkeypatch):
+    kd = pytest.importorskip("dsd2.kernels.kd_loss")
+    knobs, kernels = TRITON_PATHS[request.param]
+    for name, value in knobs.items():
+        monkeypatch.setattr(kd, name, value)
+    meta = torch.empty(6, 100, device="meta")
+    rows = torch.empty(6, device="meta")
+    plan = kd.plan_kd(meta, meta, torch.empty(6, dtype=torch.int64, device="meta"), torch.empty((), device="meta"),
+                      meta, rows, rows, 0.8, 10.0, -100)
+    assert [launch.name for launch in plan] == kernels
+    if request.param == "chunked":
+        assert plan[0].grid == (4,)
+    if request.param == "split":
+        assert plan[0].grid == (6, 7) and plan[1].constexprs["SPLITS"] == 8
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_paths_match_reference(triton_path, dtype):
+    s, t, y = inputs(6, 100, dtype, seed=5, device=triton_device())
+    y[4] = -100
+    check("triton", s, t, y)
+
+
+def test_triton_paths_extreme_logits(triton_path):
+    """A common offset of 1e4, a teacher row at -1e4, a teacher -inf over whole chunks and spans (its first 40
+    classes), an ignored row: every path agrees with the oracle."""
+    s, t, y = inputs(6, 100, torch.float32, seed=6, device=triton_device())
+    s[0] += 1e4
+    s[0, 3] = -1e4
+    t[0] += 1e4
+    t[1] = -1e4
+    t[2, :40] = float("-inf")
+    y[3] = -100
+    check("triton", s, t, y)
+
+
+def test_triton_paths_ignored_rows_with_non_finite_logits(triton_path):
+    """An ignored row holding inf and NaN adds nothing: loss and the other rows' gradient equal those of the batch
+    without it, and its own gradient is 0."""
+    s, t, y = inputs(6, 100, torch.float32, seed=9, device=triton_device())
+    s2, t2, y2 = s.clone(), t.clone(), y.clone()
+    s2[3, ::2] = float("inf")
+    t2[3, 1::2] = float("nan")
+    y2[3] = -100
+    a = s2.clone().requires_grad_()
+    loss = kd_loss(a, t2, y2, backend="triton")
+    loss.backward()
+    keep = torch.tensor([0, 1, 2, 4, 5], device=s.device)
+    b = s[keep].clone().requires_grad_()
+    ref = kd_loss(b, t[keep], y[keep], backend="triton")
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(a.grad[keep], b.grad)
+    assert bool((a.grad[3] == 0).all())
+
+
+@pytest.mark.parametrize("alpha, temperature", [(0.0, 1.0), (0.0, 4.0), (1.0, 1.0), (1.0, 4.0), (0.8, 0.5)])
+def test_triton_paths_alpha_and_temperature_edges(triton_path, alpha, temperature):
+    s, t, y = inputs(6, 100, torch.float32, seed=7, device=triton_device())
+    check("triton", s, t, y, alpha=alpha, temperature=temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_distillation_objective_passes_half_logits_through(dtype):
+    """bf16/fp16 student and teacher logits reach the fused op as they are: no fp32 copy of the [B, C] logits is
+    made around it, and the gradient comes back in the student's dtype, equal to the oracle's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dsd2.training import DistillationObjective
+
+    class WideCopies(TorchDispatchMode):
+        found: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.dim() == 2:
+                self.found.append(str(func))
+            return out
+
+    s, t, y = inputs(6, 37, dtype, seed=8)
+    objective = DistillationObjective(torch.nn.Identity(), 0.8, 10.0, cached_logits=t)
+    a = s.clone().requires_grad_()
+    with WideCopies() as mode:
+        loss = objective(a, y, None, torch.arange(6))
+        loss.backward()
+    assert mode.found == []
+    assert a.grad.dtype == dtype
+    r = s.double().requires_grad_()
+    ref = kd_loss_reference(r, t.double(), y)[0]
+    ref.backward()
+    rtol, gtol = tolerances(dtype, 37)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=rtol, atol=rtol)
+    assert float((a.grad.double() - r.grad).abs().max() / r.grad.abs().max()) <= gtol
+
+
+@pytest.mark.parametrize("dtype, c, row_stride, align", [
+    (torch.float32, 100, 100, 4), (torch.float32, 101, 101, 1), (torch.float32, 100, 102, 2),
+    (torch.float32, 101, 104, 1), (torch.bfloat16, 100, 100, 4), (torch.bfloat16, 112, 112, 8),
+    (torch.float16, 10, 10, 2)])
+def test_tile_alignment_hint_divides_every_row_offset(dtype, c, row_stride, align):
+    """The tile kernel tells the compiler that row offsets and C are multiples of ALIGN elements (for 16-byte
+    vectors); a hint that is not true would read the wrong addresses on a GPU, so the planner must never claim more
+    than every stride and C allow."""
+    kd = pytest.importorskip("dsd2.kernels.kd_loss")
+    s = torch.empty(8, row_stride, dtype=dtype, device="meta")[:, :c]
+    rows = torch.empty(8, device="meta")
+    (launch,) = kd.plan_kd(s, s, torch.empty(8, dtype=torch.int64, device="meta"), torch.empty((), device="meta"),
+                           torch.empty(8, c, dtype=dtype, device="meta"), rows, rows, 0.8, 10.0, -100)
+    assert launch.constexprs["ALIGN"] == align
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("student_dtype, teacher_dtype", [
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16)])
+def test_half_and_mixed_logits_on_every_backend(backend, student_dtype, teacher_dtype):
+    """What the objective now passes as it is: a bf16/fp16 student with a teacher of its own dtype or another (fp32
+    cached logits, a bf16 teacher under autocast); the gradient comes back in the student's dtype."""
+    s, t, y = inputs(7, 37, student_dtype, seed=11, device=device_for(backend))
+    check(backend, s, t.to(teacher_dtype), y)
+
+
+@pytest.mark.parametrize("c, main", [(100, ["_kd_tile_kernel"]),
+                                     (5000, ["_kd_split_stats_kernel", "_kd_split_grad_kernel"])])
+def test_triton_forward_and_backward_launch_only_their_kernels(monkeypatch, c, main):
+    """Forward: count of kept rows, loss and gradient, means, and no other kernel (no ne/sum/div/mul around them);
+    backward: the in-place scale alone. Tensor allocations and views are the only other ops."""
+    from dsd2.kernels.launch import Launch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    launched, inside = [], []
+    original = Launch.__call__
+
+    def record(self):
+        launched.append(self.name)
+        inside.append(True)
+        try:
+            original(self)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(Launch, "__call__", record)
+
+    class OpsOutsideLaunches(TorchDispatchMode):
+        found: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside:
+                self.found.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    s, t, y = inputs(3, c, torch.float32, device=triton_device())
+    a = s.clone().requires_grad_()
+    with OpsOutsideLaunches() as mode:
+        loss = kd_loss(a, t, y, backend="triton")
+        (2.0 * loss).backward()
+    assert launched == ["_kd_count_kernel", *main, "_kd_finish_kernel", "_kd_scale_kernel"]
+    # besides allocations and views: the test's 2.0 * loss and autograd's seed and zero gradients for ce and kl
+    assert set(mode.found) <= {"empty", "detach", "view", "mul", "ones_like", "zeros"}, mode.found
+    assert mode.found.count("mul") == 2  # the test's own 2.0 * loss, and its backward
