@@ -88,7 +88,7 @@ def test_inconclusive_names_the_test_set_when_seeds_cannot_settle_it():
 def test_the_verdict_uses_the_margin():
     g = torch.Generator().manual_seed(11)
     x = synthetic(RISE, 3, 20000, g)
-    assert dip_verdict(x, margin=0.01, resamples=400).verdict == "dodged"
+    assert dip_verdict(x, margin=0.02, resamples=400).verdict == "dodged"
     assert dip_verdict(x, margin=0.0005, resamples=400).verdict == "inconclusive"
 
 
@@ -128,3 +128,14 @@ def test_mean_ci():
     half = 4.3027 * 0.02 / math.sqrt(3)
     assert out["ci95"] == pytest.approx([0.82 - half, 0.82 + half])
     assert mean_ci([0.5]) == {"mean": 0.5, "std": None, "ci95": None, "n": 1}
+
+
+def test_a_dip_before_a_peak_level_with_dense_is_not_called_dodged():
+    # the rise after the dip ends level with the dense model, so noise often makes dense the highest mean: the
+    # upper bound must still reach the levels that could be the sweet peak
+    curve = [0.8, 0.78, 0.76, 0.76, 0.78, 0.8, 0.8, 0.79] + [0.5] * 21
+    g = torch.Generator().manual_seed(21)
+    verdicts = [dip_verdict(synthetic(curve, 3, 5000, g), resamples=300, seed=t) for t in range(20)]
+    assert sum(v.sweet_level == 0 for v in verdicts) >= 3  # the case this test is about does occur
+    assert all(v.last_sweet_level >= 5 for v in verdicts if v.sweet_level == 0)
+    assert not any(v.verdict == "dodged" for v in verdicts)

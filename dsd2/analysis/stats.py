@@ -14,15 +14,18 @@ Its interval. The paired differences d_i = m_0 - m_i vary for two reasons, and e
   * the seeds: each seed's own difference curve D_j varies around the mean; a Gaussian multiplier bootstrap
     draws replicates with the covariance over levels of the mean of k seeds. With few seeds a per-level variance
     (k - 1 degrees of freedom) is often small by chance, and a maximum over levels would pick exactly those
-    levels, so each level's seed variance is floored at its average over the levels before the sweet peak, and
+    levels, so each level's seed variance is floored at a robust average over the levels (a median, scaled), and
     the seed part is widened by Student's t over the normal quantile at the pooled degrees of freedom.
 Because D is a maximum over levels, a percentile interval of the bootstrapped maximum would be biased upwards
 (on a flat curve it is > 0 almost surely). Instead every d_i gets a simultaneous interval, from the replicates'
 largest studentised deviation over i <= s (max-t), and
     lower(D) = max_i lower(d_i),   upper(D) = max_i upper(d_i).
 When every d_i lies within its interval at once (probability >= the confidence level), D does too: the interval
-holds for the maximum without assuming where the minimum falls. The sweet level is taken from the mean curve and
-held fixed (phases are read on the mean curve). Synthetic curves with known answers check it
+holds for the maximum without assuming where the minimum falls. The lower bound looks at the levels up to the
+sweet peak of the mean curve. The upper bound looks further, up to the last level whose mean accuracy is not
+clearly below the peak's (simultaneous bounds on m_s - m_j): any of those could be the true sweet peak, so a
+curve that barely climbs back, or whose highest mean is the dense model by noise, is not called dodged on the
+strength of where its maximum happened to fall. Synthetic curves with known answers check it
 (tests/test_stats.py): "SDD present" on flat curves at most 5 % of the time, with image noise or seed noise
 dominating, and a clear dip found.
 
@@ -111,7 +114,8 @@ class DipVerdict:
     upper: float
     margin: float
     critical_level: int  # the level index where m_0 - m_i is largest (0 when no level falls below dense)
-    sweet_level: int
+    sweet_level: int  # the highest mean accuracy
+    last_sweet_level: int  # the last level whose mean accuracy is not clearly below it: the upper bound's window
     seeds: int
     samples: int
     seeds_needed: int | None
@@ -128,13 +132,13 @@ class DipVerdict:
 
 
 def _image_deviations(x: torch.Tensor, resamples: int, generator: torch.Generator) -> torch.Tensor:
-    """Bootstrap deviations [B, S] of the mean differences d_i = m_0 - m_i from redrawing the test images with
+    """Bootstrap deviations [B, L] of the mean differences d_i = m_0 - m_i from redrawing the test images with
     replacement (one draw shared by every seed and level: paired by image)."""
     n = x.shape[-1]
     picks = torch.randint(n, (resamples, n), generator=generator)
     counts = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
         1, picks, torch.ones(resamples, n, dtype=torch.float64))
-    curves = torch.einsum("bn,ksn->bs", counts, x) / (n * x.shape[0])
+    curves = torch.einsum("bn,kln->bl", counts, x) / (n * x.shape[0])
     full = x.mean((0, 2))
     return (curves[:, :1] - curves) - (full[:1] - full)
 
@@ -145,8 +149,8 @@ def _seed_deviations(x: torch.Tensor, resamples: int, generator: torch.Generator
     Each seed's own difference curve D_j (on all images) varies around the mean; the replicates are Gaussian
     with the covariance of the mean over k seeds (a multiplier bootstrap: smooth where resampling 3 seeds has
     10 outcomes). A variance from k seeds has k - 1 degrees of freedom, and the maximum over levels would favour
-    the levels where it came out small by chance, so each level's variance is floored at the average over the
-    levels (the top-up drawn independently per level) and the whole seed part is widened by the ratio of
+    the levels where it came out small by chance, so each level's variance is floored at a robust average over
+    the levels (the top-up drawn independently per level) and the whole seed part is widened by the ratio of
     Student's t to the normal quantile at the pooled degrees of freedom."""
     k, s = x.shape[0], x.shape[1]
     if k < 2:
@@ -155,7 +159,9 @@ def _seed_deviations(x: torch.Tensor, resamples: int, generator: torch.Generator
     d = acc[:, :1] - acc  # [k, S]
     centred = d - d.mean(0)
     var = centred.pow(2).sum(0) / (k - 1)
-    floor = var[1:].mean() if s > 1 else var.new_zeros(())
+    # a robust average: the median of the levels' variances, divided by the median of chi2_{k-1} / (k - 1)
+    # (Wilson-Hilferty), so a collapsed tail's large variances do not widen every level
+    floor = var[1:].median() / (1 - 2 / (9 * (k - 1))) ** 3 if s > 1 else var.new_zeros(())
     weights = torch.randn(resamples, k, generator=generator, dtype=torch.float64)
     dev = weights @ centred / math.sqrt(k * (k - 1))
     floored = torch.maximum(var, floor)
@@ -175,36 +181,58 @@ def _max_t_quantile(dev: torch.Tensor, se: torch.Tensor, confidence: float) -> f
     return float(torch.quantile(t, 1 - (1 - confidence) / 2))
 
 
+def _bounds(dev: torch.Tensor, diffs: torch.Tensor, confidence: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Simultaneous lower and upper bounds of every d_i from the replicates' deviations `dev` [B, S] (max-t)."""
+    se = dev.std(0)
+    return (diffs - _max_t_quantile(dev, se, confidence) * se, diffs + _max_t_quantile(-dev, se, confidence) * se)
+
+
+def _last_sweet_level(dev: torch.Tensor, diffs: torch.Tensor, sweet: int, confidence: float) -> int:
+    """The last level whose mean accuracy is not clearly below the highest: m_sweet - m_j = d_j - d_sweet has a
+    simultaneous lower bound <= 0. Any such level could be the true sweet peak, so a dodge must hold up to it."""
+    gap, gap_dev = diffs - diffs[sweet], dev - dev[:, sweet : sweet + 1]
+    lower, _ = _bounds(gap_dev, gap, confidence)
+    return max(j for j in range(len(diffs)) if j == sweet or lower[j] <= 0)
+
+
 def dip_verdict(outcomes: torch.Tensor, *, margin: float = DEFAULT_MARGIN, confidence: float = 0.95,
                 resamples: int = 2000, seed: int = 0) -> DipVerdict:
     """The dip, its simultaneous bootstrap interval and the verdict, from per-sample outcomes
-    `[seeds, levels, test images]` (bool: right or wrong), levels in pruning order, level 0 dense."""
+    `[seeds, levels, test images]` (bool: right or wrong), levels in pruning order, level 0 dense.
+
+    The lower bound looks at the levels up to the sweet peak of the mean curve; the upper bound at the levels up
+    to the last one that could be the sweet peak (a curve that never climbs above its dense accuracy by more
+    than noise is not called dodged on the strength of the dense level alone)."""
     if outcomes.dim() != 3 or 0 in outcomes.shape:
         raise ValueError(f"outcomes must be [seeds, levels, images] with none empty, got {tuple(outcomes.shape)}")
     k, _, n = outcomes.shape
     x = outcomes.to(torch.float64)
     mean = x.mean((0, 2))
     sweet = int(torch.argmax(mean))
-    x = x[:, : sweet + 1]
-    diffs = mean[0] - mean[: sweet + 1]
+    diffs = mean[0] - mean
     generator = torch.Generator().manual_seed(seed)
     image_dev = _image_deviations(x, resamples, generator)
-    seed_dev, seed_var = _seed_deviations(x, resamples, generator)
-    dev = image_dev + seed_dev
-    se = dev.std(0)
-    lower_i = diffs - _max_t_quantile(dev, se, confidence) * se
-    upper_i = diffs + _max_t_quantile(-dev, se, confidence) * se
-    dip, lower, upper = float(diffs.max()), max(0.0, float(lower_i.max())), max(0.0, float(upper_i.max()))
+
+    def window(last: int) -> tuple[torch.Tensor, torch.Tensor]:  # replicates of d_0..d_last, seed variances
+        seed_dev, seed_var = _seed_deviations(x[:, : last + 1], resamples, generator)
+        return image_dev[:, : last + 1] + seed_dev, seed_var
+
+    late = _last_sweet_level(window(len(mean) - 1)[0], diffs, sweet, confidence)
+    lower_i, _ = _bounds(window(sweet)[0], diffs[: sweet + 1], confidence)
+    dev_late, seed_var = window(late)
+    _, upper_i = _bounds(dev_late, diffs[: late + 1], confidence)
+    dip, lower, upper = float(diffs[: sweet + 1].max()), max(0.0, float(lower_i.max())), max(0.0, float(upper_i.max()))
     present, dodged = lower > 0, upper < margin
     verdict = "dodged" if dodged else "SDD present" if present else "inconclusive"
     notes = ["a dip is detected but stays below the margin"] if present and dodged else []
     if k == 1:
         notes.append("one seed: the interval covers the test images, not seed-to-seed variation")
-    note = "; ".join(notes)
-    needed = None
+    note, needed = "; ".join(notes), None
     if verdict == "inconclusive":
-        needed, note = _seeds_needed(k, n, diffs, lower_i, upper_i, margin, seed_var, image_dev.var(0))
-    return DipVerdict(verdict, dip, lower, upper, margin, int(torch.argmax(diffs)), sweet, k, n, needed, note)
+        needed, note = _seeds_needed(k, n, diffs[: late + 1], lower_i, upper_i, margin, seed_var,
+                                     image_dev[:, : late + 1].var(0))
+    return DipVerdict(verdict, dip, lower, upper, margin, int(torch.argmax(diffs[: sweet + 1])), sweet, late, k, n,
+                      needed, note)
 
 
 def _seeds_needed(k: int, n: int, diffs: torch.Tensor, lower_i: torch.Tensor, upper_i: torch.Tensor, margin: float,
@@ -215,9 +243,11 @@ def _seeds_needed(k: int, n: int, diffs: torch.Tensor, lower_i: torch.Tensor, up
     if k < 2:
         return None, "one seed measures no seed-to-seed variation: run 3 or more"
     targets = []  # (bound's level, its width now, the width that would settle it)
-    lo_level, hi_level = 1 + int(torch.argmax(lower_i[1:])), 1 + int(torch.argmax(upper_i[1:]))  # level 0: d = 0
-    if float(diffs[lo_level]) > 0:
-        targets.append((lo_level, float(diffs[lo_level] - lower_i[lo_level]), float(diffs[lo_level])))
+    if len(lower_i) > 1:  # level 0: d = 0 on every seed
+        lo_level = 1 + int(torch.argmax(lower_i[1:]))
+        if float(diffs[lo_level]) > 0:
+            targets.append((lo_level, float(diffs[lo_level] - lower_i[lo_level]), float(diffs[lo_level])))
+    hi_level = 1 + int(torch.argmax(upper_i[1:]))
     if float(diffs[hi_level]) < margin:
         targets.append((hi_level, float(upper_i[hi_level] - diffs[hi_level]), margin - float(diffs[hi_level])))
     best = None
