@@ -91,13 +91,7 @@ def bench_eval(cfg: ModelConfig, graphs, counting: bool, precision: str, channel
         run = lambda: predict(model, data, batch, InputFormat(mean, std, precision, channels_last))
     for r in relus.values():
         r.counting = counting
-    run()
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(passes):
-        run()
-    sync(dev)
-    return (time.perf_counter() - t0) / passes
+    return per_call(run, dev, passes)
 
 
 # Each fused op against the plain torch code it replaces, on the same device and inputs: (B, C) of the KD loss,

@@ -92,7 +92,7 @@ def curve_table(rows_per_run: list[list[dict[str, Any]]]) -> tuple[str, str]:
     test, val, train = (aggregate(rows_per_run, k) for k in ("test_acc", "val_acc", "train_acc"))
     has_entropy = all("entropy_mean" in r for rows in rows_per_run for r in rows)
     ent = aggregate(rows_per_run, "entropy_mean") if has_entropy else None
-    header = ["level", "sparsity", "train_acc", "val_acc", "test_acc", "test_std", "seeds"]
+    header = ["level", "sparsity", "train_acc", "val_acc", "test_acc", "test_std", "test_ci95", "seeds"]
     if ent:
         header.append("entropy_bits")
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
@@ -100,7 +100,9 @@ def curve_table(rows_per_run: list[list[dict[str, Any]]]) -> tuple[str, str]:
     writer = csv.writer(buf)
     writer.writerow(header)
     for i, (t, v, tr) in enumerate(zip(test, val, train)):
-        cells = [t.level, f"{t.sparsity:.4f}", f"{tr.mean:.3f}", f"{v.mean:.3f}", f"{t.mean:.3f}", f"{t.std:.3f}",
+        half = ci_half_width(t)
+        ci = f"[{max(t.mean - half, 0.0):.3f}, {min(t.mean + half, 1.0):.3f}]" if t.n > 1 else ""
+        cells = [t.level, f"{t.sparsity:.4f}", f"{tr.mean:.3f}", f"{v.mean:.3f}", f"{t.mean:.3f}", f"{t.std:.3f}", ci,
                  t.n]
         if ent:
             cells.append(f"{ent[i].mean:.4f}")
