@@ -202,8 +202,9 @@ def study_table(rows: list[dict[str, Any]], margin: float) -> tuple[str, str]:
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         ci_cells = acc["ci95"] or [None, None]
         writer.writerow([r[k] for k in keys] + [acc["mean"], *ci_cells, sp["mean"]])
-    lines += ["", f"Dip: dense minus the lowest mean accuracy before the sweet peak; SDD present if its 95 % lower bound "
-              f"is above 0, dodged if its upper bound is below {margin * 100:g} point(s). Settings: teacher "
+    lines += ["", f"Dip: the deepest valley of the mean curve, min(drop from dense to the critical level, climb from there "
+              f"to the sweet peak); SDD present if its 95 % lower bound is above 0, dodged if its upper bound is below "
+              f"{margin * 100:g} point(s). Settings: teacher "
               "(none = vanilla student, dense, best = the best sparse teacher level), student width, alpha, tau."]
     return "\n".join(lines) + "\n", buf.getvalue()
 
@@ -222,14 +223,16 @@ def heatmap(rows: list[dict[str, Any]], grid: dict[str, tuple], stem: Path) -> N
     cell = {(r["teacher"], r["width"], r["alpha"], r["temperature"]): r for r in kd}
     values = [[(cell[y + x]["dip"] or 0.0) * 100 for x in xs] for y in ys]
     fig, ax = plt.subplots(figsize=(1.9 * len(xs) + 2.5, 0.9 * len(ys) + 1.8))
-    image = ax.imshow(values, cmap="Reds", vmin=0, vmax=max(5.0, max(max(v) for v in values)) if values else 5)
+    top = max(5.0, max(max(v) for v in values)) if values else 5.0
+    image = ax.imshow(values, cmap="Reds", vmin=0, vmax=top)
     letter = {"SDD present": "P", "dodged": "D", "inconclusive": "?", None: "-"}
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
             r = cell[y + x]
             text = "n/a" if r["dip"] is None else (f"{r['dip'] * 100:.1f} [{r['dip_lower'] * 100:.1f}, "
                                                   f"{r['dip_upper'] * 100:.1f}]")
-            ax.text(j, i, f"{text}\n{letter[r['verdict']]}", ha="center", va="center", fontsize=8)
+            ax.text(j, i, f"{text}\n{letter[r['verdict']]}", ha="center", va="center", fontsize=8,
+                    color="white" if values[i][j] > 0.6 * top else "black")
     ax.set_xticks(range(len(xs)), [f"α={a:g}\nτ={t:g}" for a, t in xs])
     ax.set_yticks(range(len(ys)), [f"{'dense' if t == 'dense' else 'best sparse'} teacher\nwidth {w}" for t, w in ys])
     vanilla = ", ".join(f"width {r['width']}: {(r['dip'] or 0) * 100:.1f}" for r in rows if r["teacher"] == "none")

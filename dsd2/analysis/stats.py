@@ -4,34 +4,34 @@ Two sources of noise separate one measured curve from the curve of the method: t
 the finite test set. Every seed of a configuration is evaluated on the same test images at every level, so the
 per-sample outcomes (right or wrong, per seed, level and image) are paired across levels and seeds.
 
-The dip. Phases are found on the mean curve m_0..m_L over seeds: the sweet peak s is the level of the highest
-mean test accuracy, and the dip is the drop from the dense model to the minimum before it,
-    D = max over i <= s of (m_0 - m_i)        (0 when no level before s falls below the dense model).
+The dip. Sparse double descent is a valley: accuracy drops from the dense model to a critical level c, then
+climbs to a sweet peak s after it. On the mean curve m_0..m_L over seeds the dip is the deepest valley,
+    D = max over 1 <= c < s of min(m_0 - m_c, m_s - m_c),
+the drop from dense counted only as far as the curve climbs back (a curve that only declines has D <= 0; a
+second peak below the dense model still makes a valley). Sweet peaks are looked for in the upper half of the
+curve's range: a wobble inside the collapse is not a sweet phase.
 
-Its interval. The paired differences d_i = m_0 - m_i vary for two reasons, and each gets its replicates:
+Its interval. Every drop d_c = m_0 - m_c and every climb m_s - m_c = d_c - d_s varies for two reasons, and each
+gets its replicates:
   * the test images: a bootstrap redraws them with replacement, one draw shared by every seed and level (paired
-    by image), so what the images share across levels cancels in d_i;
-  * the seeds: each seed's own difference curve D_j varies around the mean; a Gaussian multiplier bootstrap
-    draws replicates with the covariance over levels of the mean of k seeds. With few seeds a per-level variance
+    by image), so what the images share across levels cancels;
+  * the seeds: each seed's own difference curve varies around the mean; a Gaussian multiplier bootstrap draws
+    replicates with the covariance over levels of the mean of k seeds. With few seeds a per-level variance
     (k - 1 degrees of freedom) is often small by chance, and a maximum over levels would pick exactly those
     levels, so each level's seed variance is floored at a robust average over the levels (a median, scaled), and
     the seed part is widened by Student's t over the normal quantile at the pooled degrees of freedom.
-Because D is a maximum over levels, a percentile interval of the bootstrapped maximum would be biased upwards
-(on a flat curve it is > 0 almost surely). Instead every d_i gets a simultaneous interval, from the replicates'
-largest studentised deviation over i <= s (max-t), and
-    lower(D) = max_i lower(d_i),   upper(D) = max_i upper(d_i).
-When every d_i lies within its interval at once (probability >= the confidence level), D does too: the interval
-holds for the maximum without assuming where the minimum falls. The lower bound looks at the levels up to the
-sweet peak of the mean curve. The upper bound looks further, up to the last level whose mean accuracy is not
-clearly below the peak's (simultaneous bounds on m_s - m_j): any of those could be the true sweet peak, so a
-curve that barely climbs back, or whose highest mean is the dense model by noise, is not called dodged on the
-strength of where its maximum happened to fall. Synthetic curves with known answers check it
-(tests/test_stats.py): "SDD present" on flat curves at most 5 % of the time, with image noise or seed noise
-dominating, and a clear dip found.
+Because D is a maximum, a percentile interval of the bootstrapped maximum would be biased upwards (on a flat curve
+it is > 0 almost surely). Instead all drops and climbs get simultaneous intervals, from the replicates' largest
+studentised deviation over the whole family (max-t), and
+    lower(D) = max over pairs of min(lower(drop), lower(climb)),   upper(D) likewise with the upper bounds.
+When every drop and climb lies within its interval at once (probability >= the confidence level), D does too:
+the interval holds for the maximum without knowing where the valley is. Synthetic curves with known answers
+check it (tests/test_stats.py): "SDD present" on flat curves at most 5 % of the time, with image noise or seed
+noise dominating, a clear dip found, and its interval covering the true one.
 
 The verdict, at confidence 95 % and a margin (default 1 point):
-    SDD present    lower(D) > 0: some level before the sweet peak is below the dense model, beyond noise;
-    dodged         upper(D) < margin: no level before the sweet peak falls more than the margin below dense;
+    SDD present    lower(D) > 0: a drop from the dense model and a climb after it, both beyond noise;
+    dodged         upper(D) < margin: no valley deeper than the margin;
     inconclusive   otherwise, with the number of seeds that would likely settle it (or a note that the test set,
                    not the seeds, limits the interval: every seed is scored on the same images).
 A dip detected but entirely below the margin is "dodged" (the note says so).
@@ -109,13 +109,14 @@ def unpack_outcomes(text: str, n: int) -> torch.Tensor:
 @dataclass
 class DipVerdict:
     verdict: str
-    dip: float  # D on the mean curve (accuracy fraction)
-    lower: float
+    dip: float  # the valley V on the mean curve (accuracy fraction): min(drop, rise) of the deepest valley
+    lower: float  # the 95 % interval of V
     upper: float
     margin: float
-    critical_level: int  # the level index where m_0 - m_i is largest (0 when no level falls below dense)
-    sweet_level: int  # the highest mean accuracy
-    last_sweet_level: int  # the last level whose mean accuracy is not clearly below it: the upper bound's window
+    drop: float  # m_0 - m_c: from the dense model down to the critical level
+    rise: float  # m_s - m_c: from the critical level up to the sweet peak after it
+    critical_level: int  # c (0 when the curve has no valley)
+    sweet_level: int  # s
     seeds: int
     samples: int
     seeds_needed: int | None
@@ -123,8 +124,9 @@ class DipVerdict:
 
     def describe(self) -> str:
         text = (f"{self.verdict}: dip {self.dip * 100:.1f} points, 95 % CI [{self.lower * 100:.1f}, "
-                f"{self.upper * 100:.1f}] (margin {self.margin * 100:.1f}; {self.seeds} seed"
-                f"{'s' if self.seeds != 1 else ''}, {self.samples} test images)")
+                f"{self.upper * 100:.1f}] (drop {self.drop * 100:.1f} from dense to level {self.critical_level}, "
+                f"rise {self.rise * 100:.1f} to level {self.sweet_level}; margin {self.margin * 100:.1f}; "
+                f"{self.seeds} seed{'s' if self.seeds != 1 else ''}, {self.samples} test images)")
         return text + (f"; {self.note}" if self.note else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,47 +183,55 @@ def _max_t_quantile(dev: torch.Tensor, se: torch.Tensor, confidence: float) -> f
     return float(torch.quantile(t, 1 - (1 - confidence) / 2))
 
 
-def _bounds(dev: torch.Tensor, diffs: torch.Tensor, confidence: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Simultaneous lower and upper bounds of every d_i from the replicates' deviations `dev` [B, S] (max-t)."""
+def _bounds(dev: torch.Tensor, est: torch.Tensor, confidence: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Simultaneous lower and upper bounds of every estimate in `est` [F] from the replicates' deviations `dev`
+    [B, F] (max-t over the whole family)."""
     se = dev.std(0)
-    return (diffs - _max_t_quantile(dev, se, confidence) * se, diffs + _max_t_quantile(-dev, se, confidence) * se)
+    return (est - _max_t_quantile(dev, se, confidence) * se, est + _max_t_quantile(-dev, se, confidence) * se)
 
 
-def _last_sweet_level(dev: torch.Tensor, diffs: torch.Tensor, sweet: int, confidence: float) -> int:
-    """The last level whose mean accuracy is not clearly below the highest: m_sweet - m_j = d_j - d_sweet has a
-    simultaneous lower bound <= 0. Any such level could be the true sweet peak, so a dodge must hold up to it."""
-    gap, gap_dev = diffs - diffs[sweet], dev - dev[:, sweet : sweet + 1]
-    lower, _ = _bounds(gap_dev, gap, confidence)
-    return max(j for j in range(len(diffs)) if j == sweet or lower[j] <= 0)
+def _pairs(mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (critical c, sweet s) with 1 <= c < s whose sweet level is in the upper half of the mean curve's
+    range: a bump inside the collapse is not a sweet phase."""
+    levels = mean.numel()
+    c, s = torch.triu_indices(levels, levels, offset=1)
+    keep = (c >= 1) & (mean[s] >= (mean.max() + mean.min()) / 2)
+    return c[keep], s[keep]
+
+
+def _valley(drop: torch.Tensor, rise: torch.Tensor) -> tuple[float, int]:
+    """max over pairs of min(drop, rise), and the pair's index (-1 for no pair)."""
+    if drop.numel() == 0:
+        return 0.0, -1
+    depth = torch.minimum(drop, rise)
+    best = int(torch.argmax(depth))
+    return float(depth[best]), best
 
 
 def dip_verdict(outcomes: torch.Tensor, *, margin: float = DEFAULT_MARGIN, confidence: float = 0.95,
                 resamples: int = 2000, seed: int = 0) -> DipVerdict:
     """The dip, its simultaneous bootstrap interval and the verdict, from per-sample outcomes
-    `[seeds, levels, test images]` (bool: right or wrong), levels in pruning order, level 0 dense.
-
-    The lower bound looks at the levels up to the sweet peak of the mean curve; the upper bound at the levels up
-    to the last one that could be the sweet peak (a curve that never climbs above its dense accuracy by more
-    than noise is not called dodged on the strength of the dense level alone)."""
+    `[seeds, levels, test images]` (bool: right or wrong), levels in pruning order, level 0 dense."""
     if outcomes.dim() != 3 or 0 in outcomes.shape:
         raise ValueError(f"outcomes must be [seeds, levels, images] with none empty, got {tuple(outcomes.shape)}")
-    k, _, n = outcomes.shape
+    k, levels, n = outcomes.shape
     x = outcomes.to(torch.float64)
     mean = x.mean((0, 2))
-    sweet = int(torch.argmax(mean))
-    diffs = mean[0] - mean
+    d = mean[0] - mean  # d_i = m_0 - m_i
     generator = torch.Generator().manual_seed(seed)
     image_dev = _image_deviations(x, resamples, generator)
-
-    def window(last: int) -> tuple[torch.Tensor, torch.Tensor]:  # replicates of d_0..d_last, seed variances
-        seed_dev, seed_var = _seed_deviations(x[:, : last + 1], resamples, generator)
-        return image_dev[:, : last + 1] + seed_dev, seed_var
-
-    late = _last_sweet_level(window(len(mean) - 1)[0], diffs, sweet, confidence)
-    lower_i, _ = _bounds(window(sweet)[0], diffs[: sweet + 1], confidence)
-    dev_late, seed_var = window(late)
-    _, upper_i = _bounds(dev_late, diffs[: late + 1], confidence)
-    dip, lower, upper = float(diffs[: sweet + 1].max()), max(0.0, float(lower_i.max())), max(0.0, float(upper_i.max()))
+    seed_dev, _ = _seed_deviations(x, resamples, generator)
+    dev = image_dev + seed_dev
+    c, s = _pairs(mean)
+    # the family: every drop d_c and every rise m_s - m_c = d_c - d_s, bounded simultaneously
+    est = torch.cat([d[c], d[c] - d[s]])
+    lo, hi = _bounds(torch.cat([dev[:, c], dev[:, c] - dev[:, s]], 1), est, confidence)
+    p = c.numel()
+    dip, best = _valley(d[c], d[c] - d[s])
+    lower, _ = _valley(lo[:p], lo[p:])
+    upper, at_upper = _valley(hi[:p], hi[p:])
+    raw = (lower, upper)  # unclipped: how far each bound is from settling the verdict
+    lower, upper = max(lower, 0.0), max(upper, 0.0)
     present, dodged = lower > 0, upper < margin
     verdict = "dodged" if dodged else "SDD present" if present else "inconclusive"
     notes = ["a dip is detected but stays below the margin"] if present and dodged else []
@@ -229,35 +239,33 @@ def dip_verdict(outcomes: torch.Tensor, *, margin: float = DEFAULT_MARGIN, confi
         notes.append("one seed: the interval covers the test images, not seed-to-seed variation")
     note, needed = "; ".join(notes), None
     if verdict == "inconclusive":
-        needed, note = _seeds_needed(k, n, diffs[: late + 1], lower_i, upper_i, margin, seed_var,
-                                     image_dev[:, : late + 1].var(0))
-    return DipVerdict(verdict, dip, lower, upper, margin, int(torch.argmax(diffs[: sweet + 1])), sweet, late, k, n,
-                      needed, note)
+        j = max(at_upper, 0)  # the pair that sets the upper bound, and its side that binds there
+        rise_binds = bool(hi[p + j] < hi[j]) if p else False
+        cols = (image_dev[:, c[j]] - image_dev[:, s[j]], seed_dev[:, c[j]] - seed_dev[:, s[j]]) if rise_binds else \
+            (image_dev[:, c[j]], seed_dev[:, c[j]]) if p else (image_dev[:, 0], seed_dev[:, 0])
+        needed, note = _seeds_needed(k, n, dip, *raw, margin, float(cols[0].var()), float(cols[1].var()))
+    cl = int(c[best]) if dip > 0 else 0  # the valley's bottom, and the peak after it (the sweet level)
+    sl = cl + int(torch.argmax(mean[cl:]))
+    return DipVerdict(verdict, max(dip, 0.0), lower, upper, margin, float(d[cl]), float(mean[sl] - mean[cl]), cl, sl,
+                      k, n, needed, note)
 
 
-def _seeds_needed(k: int, n: int, diffs: torch.Tensor, lower_i: torch.Tensor, upper_i: torch.Tensor, margin: float,
-                  seed_var: torch.Tensor, image_var: torch.Tensor) -> tuple[int | None, str]:
+def _seeds_needed(k: int, n: int, dip: float, lower: float, upper: float, margin: float, image_var: float,
+                  seed_var: float) -> tuple[int | None, str]:
     """The fewest seeds with which the interval would likely settle the verdict, if the mean curve and the
-    per-seed variance stay as measured: the seed part of each bound's width shrinks as 1/k, the image part does
-    not (every seed is scored on the same test images)."""
+    per-seed variance stay as measured: the seed part of a bound's width shrinks as 1/k, the image part does not
+    (every seed is scored on the same test images). The variances are those of the estimate that sets the upper
+    bound."""
     if k < 2:
         return None, "one seed measures no seed-to-seed variation: run 3 or more"
-    targets = []  # (bound's level, its width now, the width that would settle it)
-    if len(lower_i) > 1:  # level 0: d = 0 on every seed
-        lo_level = 1 + int(torch.argmax(lower_i[1:]))
-        if float(diffs[lo_level]) > 0:
-            targets.append((lo_level, float(diffs[lo_level] - lower_i[lo_level]), float(diffs[lo_level])))
-    hi_level = 1 + int(torch.argmax(upper_i[1:]))
-    if float(diffs[hi_level]) < margin:
-        targets.append((hi_level, float(upper_i[hi_level] - diffs[hi_level]), margin - float(diffs[hi_level])))
+    total = image_var + seed_var
+    targets = [(dip - lower, dip)] if dip > 0 else []  # (the width now, the width that would settle it)
+    if dip < margin:
+        targets.append((upper - dip, margin - dip))
     best = None
-    for level, width, room in targets:
-        seeds_part, images_part = float(seed_var[level]), float(image_var[level])
-        total = seeds_part + images_part
-        if total <= 0:
-            continue
-        for seeds in range(k + 1, MAX_SEEDS_PROJECTED + 1):
-            if width * math.sqrt((seeds_part * k / seeds + images_part) / total) < room:
+    for width, room in targets:
+        for seeds in range(k + 1, MAX_SEEDS_PROJECTED + 1) if total > 0 else ():
+            if width * math.sqrt((seed_var * k / seeds + image_var) / total) < room:
                 best = seeds if best is None else min(best, seeds)
                 break
     if best is None:

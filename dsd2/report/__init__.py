@@ -394,7 +394,8 @@ def seeds_table(summary: dict[str, Any]) -> str:
     simultaneous bootstrap interval and the verdict; the verdicts' notes below it."""
     lines = [f"| {' | '.join(SEEDS_HEADER)} |", f"|{'---|' * len(SEEDS_HEADER)}"]
     notes = []
-    for name, c in summary["curves"].items():
+    order = ["teacher", "run", "vanilla", "kd-dense", "kd-sparse"]  # the experiment's order, then any other
+    for name, c in sorted(summary["curves"].items(), key=lambda kv: (order + [kv[0]]).index(kv[0])):
         h, v = c["headline"], c["verdict"]
         dip = "n/a" if v["verdict"] is None else (f"{v['dip'] * 100:.1f} [{v['lower'] * 100:.1f}, "
                                                   f"{v['upper'] * 100:.1f}]")
@@ -404,8 +405,9 @@ def seeds_table(summary: dict[str, Any]) -> str:
         if v.get("note") or v["verdict"] is None:
             notes.append(f"- {name}: {v.get('note') or v['describe']}")
     margin = summary.get("dodge_margin", 0.01) * 100
-    lines += ["", f"Dip: dense minus the lowest mean accuracy before the sweet peak; SDD present if its lower bound "
-              f"is above 0, dodged if its upper bound is below {margin:g} point(s)."] + notes
+    lines += ["", f"Dip: the deepest valley of the mean curve, min(drop from dense to the critical level, climb from "
+              f"there to the sweet peak); SDD present if its 95 % lower bound is above 0, dodged if its upper bound "
+              f"is below {margin:g} point(s)."] + notes
     return "\n".join(lines) + "\n"
 
 
