@@ -168,7 +168,8 @@ def write_study(root: Path, grid: dict[str, tuple], seeds: tuple[int, ...], marg
             for s in settings(grid)]
     teacher_time = sum((RunDir(root / "teachers" / f"seed-{s}").summary() or {}).get("total_wall_time_s", 0.0)
                        for s in seeds)
-    summary = {"study": "kd", "seeds": list(seeds), "dodge_margin": margin, "grid": {k: list(v) for k, v in grid.items()},
+    summary = {"study": "kd", "seeds": list(seeds), "dodge_margin": margin,
+               "grid": {k: list(v) for k, v in grid.items()},
                "settings": rows, "teacher_wall_time_s": teacher_time,
                "wall_time_s": teacher_time + sum(r["wall_time_s"] for r in rows)}
     write_json(root / "study_summary.json", summary)
@@ -192,7 +193,8 @@ def study_table(rows: list[dict[str, Any]], margin: float) -> tuple[str, str]:
     writer.writerow(keys + ["best_test_acc", "best_test_ci_lo", "best_test_ci_hi", "best_sparsity"])
     for r in rows:
         acc, sp = r["best_test_acc"], r["best_sparsity"]
-        dip = "n/a" if r["dip"] is None else f"{r['dip'] * 100:.1f} [{r['dip_lower'] * 100:.1f}, {r['dip_upper'] * 100:.1f}]"
+        dip = ("n/a" if r["dip"] is None else
+               f"{r['dip'] * 100:.1f} [{r['dip_lower'] * 100:.1f}, {r['dip_upper'] * 100:.1f}]")
         ci = f" [{acc['ci95'][0] * 100:.1f}, {acc['ci95'][1] * 100:.1f}]" if acc["ci95"] else ""
         dist = (f"{r['dist_init_critical']:.2f} / {r['dist_init_sweet']:.2f} ({r['dist_peak_level']})"
                 if r["dist_init_sweet"] is not None else "n/a")
@@ -202,9 +204,9 @@ def study_table(rows: list[dict[str, Any]], margin: float) -> tuple[str, str]:
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         ci_cells = acc["ci95"] or [None, None]
         writer.writerow([r[k] for k in keys] + [acc["mean"], *ci_cells, sp["mean"]])
-    lines += ["", f"Dip: the deepest valley of the mean curve, min(drop from dense to the critical level, climb from there "
-              f"to the sweet peak); SDD present if its 95 % lower bound is above 0, dodged if its upper bound is below "
-              f"{margin * 100:g} point(s). Settings: teacher "
+    lines += ["", "Dip: the deepest valley of the mean curve, min(drop from dense to the critical level, climb from "
+              "there to the sweet peak); SDD present if its 95 % lower bound is above 0, dodged if its upper bound is "
+              f"below {margin * 100:g} point(s). Settings: teacher "
               "(none = vanilla student, dense, best = the best sparse teacher level), student width, alpha, tau."]
     return "\n".join(lines) + "\n", buf.getvalue()
 
