@@ -171,9 +171,10 @@ def finish(run: RunDir, summary: dict[str, Any]) -> int:
           f"(dense test {summary['dense_test_acc']:.4f})"
           f"{cost_note(summary['teacher'] if 'students' in summary else summary)}")
     for kind, st in summary.get("students", {}).items():
+        verdict = st.get("verdict") or {"describe": "no verdict (a run made before verdicts were recorded)"}
         print(f"student {kind}: best level {st['best_level']}: sparsity {st['best_sparsity']:.4f}, "
               f"test {st['best_test_acc']:.4f} (dense {st['dense_test_acc']:.4f}){cost_note(st)}; "
-              f"{st['verdict']['describe']}")
+              f"{verdict['describe']}")
     if "students" in summary:
         written = write_experiment_report(run.root, run.root / "report")
     else:

@@ -90,6 +90,20 @@ def test_report_and_run_roles_of_a_seeds_root(seeds_root, capsys, tmp_path):
     assert len(group["runs"]) == 2 and all(h >= 0 for h in group["test_ci95_half_pct"])
 
 
+def test_one_seed_experiment_prints_each_students_verdict(tmp_path, capsys):
+    out = tmp_path / "one"
+    code, printed = run_main(["train", *TINY, "--students", "vanilla", "--out", str(out)], capsys)
+    assert code == 0 and "student vanilla:" in printed.out
+    verdict = RunDir(out).summary()["students"]["vanilla"]["verdict"]
+    assert verdict["describe"] in printed.out and "one seed" in verdict["note"]
+    # a summary written before verdicts existed still prints
+    summary = json.loads((out / "summary.json").read_text())
+    del summary["students"]["vanilla"]["verdict"]
+    (out / "summary.json").write_text(json.dumps(summary))
+    code, printed = run_main(["train", *TINY, "--students", "vanilla", "--out", str(out)], capsys)
+    assert code == 0 and "no verdict (a run made before verdicts were recorded)" in printed.out
+
+
 @pytest.mark.parametrize("args, words", [
     (["--seeds", "1,1"], "seeds 1,1 must be distinct numbers >= 0"),
     (["--seeds", "0,x"], "'0,x' is not a comma-separated list of whole numbers"),
