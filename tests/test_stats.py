@@ -101,6 +101,12 @@ def test_identical_levels_have_an_exact_zero_dip():
     assert (v.dip, v.lower, v.upper, v.verdict) == (0.0, 0.0, 0.0, "dodged")
 
 
+def test_too_few_levels_give_no_dodge():
+    x = torch.rand(2, 2, 50, generator=torch.Generator().manual_seed(0)) < 0.7
+    v = dip_verdict(x, resamples=100)
+    assert v.verdict == "inconclusive" and "a valley needs the dense level and two more" in v.note
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="seeds, levels, images"):
         dip_verdict(torch.ones(3, 4, dtype=torch.bool))

@@ -186,6 +186,8 @@ def _max_t_quantile(dev: torch.Tensor, se: torch.Tensor, confidence: float) -> f
 def _bounds(dev: torch.Tensor, est: torch.Tensor, confidence: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Simultaneous lower and upper bounds of every estimate in `est` [F] from the replicates' deviations `dev`
     [B, F] (max-t over the whole family)."""
+    if est.numel() == 0:
+        return est, est
     se = dev.std(0)
     return (est - _max_t_quantile(dev, se, confidence) * se, est + _max_t_quantile(-dev, se, confidence) * se)
 
@@ -232,13 +234,15 @@ def dip_verdict(outcomes: torch.Tensor, *, margin: float = DEFAULT_MARGIN, confi
     upper, at_upper = _valley(hi[:p], hi[p:])
     raw = (lower, upper)  # unclipped: how far each bound is from settling the verdict
     lower, upper = max(lower, 0.0), max(upper, 0.0)
-    present, dodged = lower > 0, upper < margin
+    present, dodged = lower > 0, upper < margin and levels >= 3
     verdict = "dodged" if dodged else "SDD present" if present else "inconclusive"
     notes = ["a dip is detected but stays below the margin"] if present and dodged else []
+    if levels < 3:
+        notes.append(f"{levels} level{'s' if levels > 1 else ''}: a valley needs the dense level and two more")
     if k == 1:
         notes.append("one seed: the interval covers the test images, not seed-to-seed variation")
     note, needed = "; ".join(notes), None
-    if verdict == "inconclusive":
+    if verdict == "inconclusive" and levels >= 3:
         j = max(at_upper, 0)  # the pair that sets the upper bound, and its side that binds there
         rise_binds = bool(hi[p + j] < hi[j]) if p else False
         cols = (image_dev[:, c[j]] - image_dev[:, s[j]], seed_dev[:, c[j]] - seed_dev[:, s[j]]) if rise_binds else \
