@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dsd2.config import Config, ConfigError
-from dsd2.report.units import format_pflops
+from dsd2.report.units import format_dip, format_pflops
 from dsd2.run.experiment import run_once, seed_config, student_config, teacher_config
 from dsd2.run.summary import seed_curves
 from dsd2.run.teacher import resolve_teacher_level
@@ -193,8 +193,7 @@ def study_table(rows: list[dict[str, Any]], margin: float) -> tuple[str, str]:
     writer.writerow(keys + ["best_test_acc", "best_test_ci_lo", "best_test_ci_hi", "best_sparsity"])
     for r in rows:
         acc, sp = r["best_test_acc"], r["best_sparsity"]
-        dip = ("n/a" if r["dip"] is None else
-               f"{r['dip'] * 100:.1f} [{r['dip_lower'] * 100:.1f}, {r['dip_upper'] * 100:.1f}]")
+        dip = format_dip(r["dip"], r["dip_lower"], r["dip_upper"])
         ci = f" [{acc['ci95'][0] * 100:.1f}, {acc['ci95'][1] * 100:.1f}]" if acc["ci95"] else ""
         dist = (f"{r['dist_init_critical']:.2f} / {r['dist_init_sweet']:.2f} ({r['dist_peak_level']})"
                 if r["dist_init_sweet"] is not None else "n/a")
@@ -231,8 +230,7 @@ def heatmap(rows: list[dict[str, Any]], grid: dict[str, tuple], stem: Path) -> N
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
             r = cell[y + x]
-            text = "n/a" if r["dip"] is None else (f"{r['dip'] * 100:.1f} [{r['dip_lower'] * 100:.1f}, "
-                                                  f"{r['dip_upper'] * 100:.1f}]")
+            text = format_dip(r["dip"], r["dip_lower"], r["dip_upper"])
             ax.text(j, i, f"{text}\n{letter[r['verdict']]}", ha="center", va="center", fontsize=8,
                     color="white" if values[i][j] > 0.6 * top else "black")
     ax.set_xticks(range(len(xs)), [f"α={a:g}\nτ={t:g}" for a, t in xs])

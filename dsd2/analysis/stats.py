@@ -145,8 +145,8 @@ def _image_deviations(x: torch.Tensor, resamples: int, generator: torch.Generato
     return (curves[:, :1] - curves) - (full[:1] - full)
 
 
-def _seed_deviations(x: torch.Tensor, resamples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deviations [B, S] of the mean differences from seed to seed, and their variances [S].
+def _seed_deviations(x: torch.Tensor, resamples: int, generator: torch.Generator) -> torch.Tensor:
+    """Deviations [B, S] of the mean differences from seed to seed.
 
     Each seed's own difference curve D_j (on all images) varies around the mean; the replicates are Gaussian
     with the covariance of the mean over k seeds (a multiplier bootstrap: smooth where resampling 3 seeds has
@@ -156,7 +156,7 @@ def _seed_deviations(x: torch.Tensor, resamples: int, generator: torch.Generator
     Student's t to the normal quantile at the pooled degrees of freedom."""
     k, s = x.shape[0], x.shape[1]
     if k < 2:
-        return torch.zeros(resamples, s, dtype=torch.float64), torch.zeros(s, dtype=torch.float64)
+        return torch.zeros(resamples, s, dtype=torch.float64)
     acc = x.mean(-1)
     d = acc[:, :1] - acc  # [k, S]
     centred = d - d.mean(0)
@@ -170,8 +170,7 @@ def _seed_deviations(x: torch.Tensor, resamples: int, generator: torch.Generator
     floored[0] = 0.0  # d_0 = 0 on every seed
     top_up = (floored - var) / k
     dev = dev + torch.randn(resamples, s, generator=generator, dtype=torch.float64) * top_up.sqrt()
-    widen = t975((k - 1) * max(s - 1, 1)) / 1.959964
-    return dev * widen, floored / k * widen**2
+    return dev * t975((k - 1) * max(s - 1, 1)) / 1.959964
 
 
 def _max_t_quantile(dev: torch.Tensor, se: torch.Tensor, confidence: float) -> float:
@@ -222,7 +221,7 @@ def dip_verdict(outcomes: torch.Tensor, *, margin: float = DEFAULT_MARGIN, confi
     d = mean[0] - mean  # d_i = m_0 - m_i
     generator = torch.Generator().manual_seed(seed)
     image_dev = _image_deviations(x, resamples, generator)
-    seed_dev, _ = _seed_deviations(x, resamples, generator)
+    seed_dev = _seed_deviations(x, resamples, generator)
     dev = image_dev + seed_dev
     c, s = _pairs(mean)
     # the family: every drop d_c and every rise m_s - m_c = d_c - d_s, bounded simultaneously
@@ -243,11 +242,11 @@ def dip_verdict(outcomes: torch.Tensor, *, margin: float = DEFAULT_MARGIN, confi
         notes.append("one seed: the interval covers the test images, not seed-to-seed variation")
     note, needed = "; ".join(notes), None
     if verdict == "inconclusive" and levels >= 3:
-        j = max(at_upper, 0)  # the pair that sets the upper bound, and its side that binds there
-        rise_binds = bool(hi[p + j] < hi[j]) if p else False
-        cols = (image_dev[:, c[j]] - image_dev[:, s[j]], seed_dev[:, c[j]] - seed_dev[:, s[j]]) if rise_binds else \
-            (image_dev[:, c[j]], seed_dev[:, c[j]]) if p else (image_dev[:, 0], seed_dev[:, 0])
-        needed, note = _seeds_needed(k, n, dip, *raw, margin, float(cols[0].var()), float(cols[1].var()))
+        # inconclusive on three or more levels means some pair exists: the one that sets the upper bound, and its
+        # side (drop, or rise when that binds) gives the image and seed variances the projection scales
+        j = at_upper
+        parts = [part[:, c[j]] - (part[:, s[j]] if hi[p + j] < hi[j] else 0) for part in (image_dev, seed_dev)]
+        needed, note = _seeds_needed(k, n, dip, *raw, margin, float(parts[0].var()), float(parts[1].var()))
     cl = int(c[best]) if dip > 0 else 0  # the valley's bottom, and the peak after it (the sweet level)
     sl = cl + int(torch.argmax(mean[cl:]))
     return DipVerdict(verdict, max(dip, 0.0), lower, upper, margin, float(d[cl]), float(mean[sl] - mean[cl]), cl, sl,

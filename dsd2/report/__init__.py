@@ -19,7 +19,7 @@ from dsd2.analysis.curves import aggregate, dip_report
 from dsd2.analysis.early_stop import decide
 from dsd2.analysis.phases import detect_phases
 from dsd2.analysis.stats import t975
-from dsd2.report.units import format_pflops
+from dsd2.report.units import format_dip, format_pflops
 from dsd2.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
 
 PHASE_COLOURS = {"light": "#e8f4e8", "critical": "#fbe3e3", "sweet": "#e3ecfb", "collapsed": "#eeeeee"}
@@ -132,17 +132,23 @@ def ci_half_width(p) -> float:
     return t975(p.n - 1) * p.std / p.n**0.5 if p.n > 1 else 0.0
 
 
+def _mean_band(ax, pts, scale: float, **style) -> tuple[list[float], list[float], list[float]]:
+    """Plot the mean of each point against the remaining weights (%) with its 95 % band; returns x, mean and the
+    band's half width, times `scale`."""
+    x = [max(1 - p.sparsity, 1e-6) * 100 for p in pts]
+    y, half = [p.mean * scale for p in pts], [ci_half_width(p) * scale for p in pts]
+    (line,) = ax.plot(x, y, **style)
+    ax.fill_between(x, [a - h for a, h in zip(y, half)], [a + h for a, h in zip(y, half)], alpha=0.2,
+                    color=line.get_color())
+    return x, y, half
+
+
 def _plot_group(ax, label: str, runs: list[Run], *, shade: bool) -> dict[str, Any]:
     rows = [r.rows for r in runs]
     pts = aggregate(rows, "test_acc")
-    x = [max(1 - p.sparsity, 1e-6) * 100 for p in pts]
-    y = [p.mean * 100 for p in pts]
-    s = [p.std * 100 for p in pts]
-    half = [ci_half_width(p) * 100 for p in pts]
     band = " ± 95 % CI" if pts[0].n > 1 else ""
-    (line,) = ax.plot(x, y, marker="o", ms=3, label=f"{label} (n={pts[0].n}{band})")
-    ax.fill_between(x, [a - h for a, h in zip(y, half)], [a + h for a, h in zip(y, half)], alpha=0.2,
-                    color=line.get_color())
+    x, y, half = _mean_band(ax, pts, 100, marker="o", ms=3, label=f"{label} (n={pts[0].n}{band})")
+    s = [p.std * 100 for p in pts]
     val = aggregate(rows, "val_acc")
     best = max(range(len(val)), key=lambda i: (val[i].mean, val[i].sparsity))
     ax.plot([x[best]], [y[best]], marker="*", ms=15, color="gold", markeredgecolor="k", zorder=5)
@@ -211,12 +217,7 @@ def _plot_distances(ax, groups: dict[str, list[Run]]) -> dict[str, Any]:
     initial ones (mean over seeds, 95 % band)."""
     out = {}
     for label, runs in groups.items():
-        pts = aggregate([r.rows for r in runs], "dist_from_init")
-        x = [max(1 - p.sparsity, 1e-6) * 100 for p in pts]
-        y, half = [p.mean for p in pts], [ci_half_width(p) for p in pts]
-        (line,) = ax.plot(x, y, marker=".", ms=3)
-        ax.fill_between(x, [a - h for a, h in zip(y, half)], [a + h for a, h in zip(y, half)], alpha=0.2,
-                        color=line.get_color())
+        x, y, half = _mean_band(ax, aggregate([r.rows for r in runs], "dist_from_init"), 1, marker=".", ms=3)
         out[label] = {"remaining_pct": x, "dist_from_init": y, "ci95_half": half}
     ax.set_ylabel("l2 distance\nfrom init")
     ax.grid(alpha=0.3, which="both")
@@ -397,8 +398,7 @@ def seeds_table(summary: dict[str, Any]) -> str:
     order = ["teacher", "run", "vanilla", "kd-dense", "kd-sparse"]  # the experiment's order, then any other
     for name, c in sorted(summary["curves"].items(), key=lambda kv: (order + [kv[0]]).index(kv[0])):
         h, v = c["headline"], c["verdict"]
-        dip = "n/a" if v["verdict"] is None else (f"{v['dip'] * 100:.1f} [{v['lower'] * 100:.1f}, "
-                                                  f"{v['upper'] * 100:.1f}]")
+        dip = format_dip(v.get("dip"), v.get("lower"), v.get("upper"))
         cells = [name, c["seeds"], _pct(h["dense_test_acc"]), _pct(h["best_test_acc"]), _pct(h["best_sparsity"]),
                  dip, v["verdict"] or "none"]
         lines.append("| " + " | ".join(str(x) for x in cells) + " |")

@@ -1,5 +1,6 @@
-"""Readable FLOP counts for tables and logs: one SI unit per number (kFLOPs ... EFLOPs), a few significant
-digits. The exact numbers stay in CSV and JSON; this is only how they are shown."""
+"""Readable numbers for tables and logs: FLOP counts in one SI unit per number (kFLOPs ... EFLOPs), a few
+significant digits; a dip in accuracy points with its interval. The exact numbers stay in CSV and JSON; this is
+only how they are shown."""
 
 from __future__ import annotations
 
@@ -37,3 +38,10 @@ def format_flops(flops: float, digits: int = 3) -> str:
 def format_pflops(pflops: float, digits: int = 3) -> str:
     """`format_flops` of a count held in PFLOPs (how summary.json and the CSV tables store costs)."""
     return format_flops(pflops * 1e15, digits)
+
+
+def format_dip(dip: float | None, lower: float | None, upper: float | None) -> str:
+    """'6.4 [0.1, 13.0]': a dip and its 95 % interval (accuracy fractions) in points; 'n/a' without a verdict."""
+    if dip is None:
+        return "n/a"
+    return f"{dip * 100:.1f} [{lower * 100:.1f}, {upper * 100:.1f}]"

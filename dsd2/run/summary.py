@@ -77,7 +77,7 @@ def student_entry(summary: dict[str, Any], rows: list[dict[str, Any]], run: str,
         "best_sparsity": summary["best_sparsity"], "dense_test_acc": summary["dense_test_acc"],
         "final_test_acc": summary["final_test_acc"], "critical_dip": phases.has_critical,
         "dip_points": phases.dip * 100, "rise_points": phases.rise * 100, "phases": phases.describe(),
-        "verdict": verdict_of([rows], margin),
+        "verdict": summary.get("verdict") or verdict_of([rows], margin),  # the run's own, unless made before verdicts
         "train_pflops_dense": summary["train_pflops_dense"], "teacher_pflops": summary.get("teacher_pflops", 0.0),
     }
 
