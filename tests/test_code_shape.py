@@ -66,3 +66,66 @@ def test_no_private_name_or_module_is_imported_from_another_package():
                 found.append(f"{path.name}: {node.module}")
             found += [f"{path.name}: {node.module}.{a.name}" for a in node.names if private(a.name) and not inside]
     assert not found, ", ".join(found)
+
+
+def package_imports(folder: Path, package: str) -> dict[str, set[str]]:
+    """Each module of one package (by dotted name) -> the modules of that package it imports, at any depth of
+    its code: a function-level import closes a cycle as surely as a top-level one, only later."""
+    modules = {(package if p.stem == "__init__" else f"{package}.{p.stem}"): p for p in folder.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        here = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = here.rsplit(".", node.level - 1)[0] if node.level > 1 else here
+                    base = f"{anchor}.{base}" if base else anchor
+                # `from pkg import mod` imports the module mod; `from pkg import name` runs pkg/__init__.py
+                targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of the graph as the list of its modules (first repeated last), or [] when there is none."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" once every path from it is explored
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = "done"
+        path.pop()
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return []
+
+
+def test_the_data_package_imports_without_a_cycle():
+    """A cycle between two modules of dsd2/data means neither can be read, tested or moved alone (the shared
+    types live in dsd2/data/raw.py so that folder.py and sources.py need not import each other)."""
+    graph = package_imports(ROOT / "dsd2" / "data", "dsd2.data")
+    assert graph["dsd2.data.sources"], "the import graph of dsd2/data found no edge at all: the scan is broken"
+    cycle = import_cycle(graph)
+    assert not cycle, f"dsd2/data imports in a cycle: {' -> '.join(cycle)}"
+
+
+def test_the_cycle_check_sees_a_function_level_import(tmp_path):
+    (tmp_path / "__init__.py").write_text("from pkg.a import f\n")
+    (tmp_path / "a.py").write_text("from pkg.b import B\n\ndef f():\n    pass\n")
+    (tmp_path / "b.py").write_text("B = 1\n\ndef g():\n    from . import a\n    return a\n")
+    graph = package_imports(tmp_path, "pkg")
+    assert graph == {"pkg": {"pkg.a"}, "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}}
+    assert import_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsd2.data.sources import DataError, RawDataset
+from dsd2.data.raw import DataError, RawDataset
 
 SPLIT_FOLDERS = ("train", "val", "test")
 CACHE_FORMAT = "dsd2-folder-v1"

@@ -4,29 +4,13 @@
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    """A dataset cannot be found or read; the message names the path and the fix."""
-
-
-@dataclass
-class RawDataset:
-    train_images: torch.Tensor  # uint8 [N, C, H, W]
-    train_labels: torch.Tensor  # int64 [N]
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    num_classes: int
-    scale: float  # pixel value of full intensity (255 for CIFAR, 16 for digits)
-    name: str
-    fixed_val: int = 0  # the last `fixed_val` training images are the validation split (a val/ folder); 0: held out
-    classes: tuple[str, ...] | None = None  # class names by index, where the dataset has them (image folders)
-
+from dsd2.data.folder import folder_classes, load_image_folder
+from dsd2.data.raw import DataError, RawDataset
 
 CIFAR_LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
@@ -110,8 +94,6 @@ def load_raw(name: str, root: str | None = None, download: bool = False, *, imag
     if name in CIFAR_LAYOUT:
         return load_cifar(name, root, download)
     if name == "folder":
-        from dsd2.data.folder import load_image_folder
-
         if root is None:
             raise DataError("dataset 'folder' needs --data-root: a folder holding train/<class>/ images")
         return load_image_folder(root, image_size, test_fraction)
@@ -125,8 +107,6 @@ def num_classes(name: str, root: str | None = None) -> int:
     if name in CIFAR_LAYOUT:
         return CIFAR_LAYOUT[name][4]
     if name == "folder":
-        from dsd2.data.folder import folder_classes
-
         if root is None:
             raise DataError("dataset 'folder' needs --data-root: a folder holding train/<class>/ images")
         return len(folder_classes(root))
