@@ -1,6 +1,6 @@
 """dsd2: sparse double descent, distillation from sparse teachers and ReLU-state entropy, made fast."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):

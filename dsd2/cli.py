@@ -119,17 +119,23 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dsd2.run import run_experiment
+    from dsd2.run.identity import find_run_folder, upgrade_runs
     from dsd2.runs import RunDir, resolve_run
 
     if args.resume:
         run = resolve_run(args.resume, "experiment")  # a run, or an experiment root as a whole
+        upgrade_runs(run.root)
         cfg = from_dict(run.stored_config()["config"])
         if args.data_root:
             cfg.data.data_root = args.data_root
     else:
         cfg = build_config(args.preset, args.config, overrides_from_args(args))
         name = args.preset or (f"{cfg.data.dataset}-{cfg.model.name}")
-        run = RunDir(args.out or Path("runs") / f"{name}-{cfg.run_hash()}")
+        if args.out:
+            run = RunDir(args.out)
+            upgrade_runs(run.root, {cfg.legacy_run_hash(): cfg.run_hash()})
+        else:
+            run = RunDir(find_run_folder(cfg, Path("runs") / f"{name}-{cfg.run_hash()}"))
     summary = run_unless_finished(run, cfg, lambda progress: run_experiment(cfg, run, progress=progress),
                                   args.quiet)
     return finish(run, summary)
@@ -196,19 +202,30 @@ def finish_seeds(run: RunDir, summary: dict[str, Any]) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from dsd2.config import legacy_run_hash
     from dsd2.run import LevelLoop, parse_teacher_spec, resolve_teacher_level
+    from dsd2.run.identity import find_run_folder, upgrade_runs
     from dsd2.runs import RunDir
 
     overrides = overrides_from_args(args)
     overrides.setdefault("distill", {})["students"] = ()
     cfg = build_config(args.preset, args.config, overrides)
     teacher_run, level = parse_teacher_spec(args.teacher)
+    upgrade_runs(teacher_run.root)
     chosen = resolve_teacher_level(teacher_run, level)
     stored = teacher_run.stored_config()
     cfg.distill.teacher = f"{teacher_run.root.resolve()}:{chosen}"
     cfg.distill.teacher_id = f"{stored['run_hash']}:{chosen}"
-    name = f"distill-{cfg.data.dataset}-{cfg.model.name}"
-    run = RunDir(args.out or Path("runs") / f"{name}-{cfg.run_hash()}")
+    # 0.1.0 named this student by its hash of the teacher's 0.1.0 hash
+    old_teacher = stored.get("upgraded_from", stored["run_hash"])
+    as_before = cfg.to_dict()
+    as_before["distill"]["teacher_id"] = f"{old_teacher}:{chosen}"
+    if args.out:
+        run = RunDir(args.out)
+        upgrade_runs(run.root)
+    else:
+        name = f"distill-{cfg.data.dataset}-{cfg.model.name}"
+        run = RunDir(find_run_folder(cfg, Path("runs") / f"{name}-{cfg.run_hash()}", legacy_run_hash(as_before)))
     summary = run_unless_finished(run, cfg, lambda progress: LevelLoop(cfg, run, progress=progress).run(),
                                   args.quiet)
     print(f"teacher: {teacher_run.root} level {chosen}")
@@ -259,7 +276,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     cfg = build_config(args.preset, args.config, overrides_from_args(args))
     given = {"alpha": args.alphas, "temperature": args.temperatures, "width": args.widths, "teacher": args.teachers}
     grid = {**DEFAULT_GRID, **{k: tuple(v) for k, v in given.items() if v is not None}}
-    root = Path(args.out or Path("studies") / f"kd-{cfg.run_hash()}-{grid_hash(grid)}")
+    if args.out:
+        root = Path(args.out)
+    else:
+        from dsd2.run.identity import find_run_folder
+
+        root = find_run_folder(cfg, Path("studies") / f"kd-{cfg.run_hash()}-{grid_hash(grid)}")
     started = time.perf_counter()
     summary = run_kd_study(cfg, root, grid, progress=not args.quiet and sys.stderr.isatty())
     print((root / "study.md").read_text())

@@ -204,20 +204,15 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
     def run_hash(self) -> str:
-        """A stable name for the run: every field that changes its results (the data root does not, except for
-        --dataset folder, nor where the teacher lives: `teacher_id` names it)."""
-        payload = self.to_dict()
-        payload["random_streams"] = RANDOM_STREAMS  # a run made with other draws is another run
-        if self.data.dataset != "folder":  # an image folder is its own dataset: another folder is another run
-            for name in ("data_root", *FOLDER_ONLY):
-                payload["data"].pop(name, None)
-        payload["data"].pop("download", None)
-        payload["distill"].pop("teacher", None)
-        payload["analysis"].pop("dodge_margin", None)  # how results are judged, not what they are
-        if not self.seeds:  # one run; a list of seeds names the aggregate of its runs
-            payload.pop("seeds", None)
-        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        """A stable name for the run: a hash of the fields that differ from their defaults and change its results
+        (OpenLTH's rule), so a field added with a default that changes nothing renames no run. Pinned by literal
+        hashes in tests/test_run_identity.py."""
+        text = json.dumps(identity_fields(self), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def legacy_run_hash(self) -> str:
+        """The name release 0.1.0 gave this run (`legacy_run_hash`), by which its old folders are found."""
+        return legacy_run_hash(self.to_dict())
 
     def num_levels(self) -> int:
         """Pruning levels after the dense one, from `levels` or from `target_sparsity`."""
@@ -233,6 +228,71 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+# fields that say where a run's inputs live or how its results are judged, not what they are; the data root and the
+# folder-only fields name the data only for --dataset folder (an image folder is its own dataset)
+NOT_IDENTITY = ("data.download", "distill.teacher", "analysis.dodge_margin")
+FOLDER_IDENTITY = ("data.data_root", *(f"data.{name}" for name in FOLDER_ONLY))
+FIRST_RANDOM_STREAMS = "named-blake2b-v1"  # the draws every run before a change of RANDOM_STREAMS made
+
+
+@functools.cache
+def _default_values() -> dict[str, Any]:
+    return {opt.path: _plain(opt.value(Config())) for opt in config_options()}
+
+
+def identity_fields(cfg: Config) -> dict[str, Any]:
+    """What names a run: {"section.field": value} for every field that differs from its default and changes the
+    run's results. A new field's default must leave a run's results as they were: then no old run is renamed."""
+    defaults = _default_values()
+    out: dict[str, Any] = {}
+    for opt in config_options():
+        if opt.path in NOT_IDENTITY or (cfg.data.dataset != "folder" and opt.path in FOLDER_IDENTITY):
+            continue
+        value = _plain(opt.value(cfg))
+        if value != defaults[opt.path]:
+            out[opt.path] = value
+    if RANDOM_STREAMS != FIRST_RANDOM_STREAMS:  # a run made with other draws is another run
+        out["random_streams"] = RANDOM_STREAMS
+    return out
+
+
+# Release 0.1.0 hashed every field it had. Its field list is frozen here, so fields added since are left out and
+# the folders it wrote are still recognised (dsd2/run/identity.py renames and upgrades them).
+LEGACY_FIELDS: dict[str | None, tuple[str, ...]] = {
+    "data": ("dataset", "fingerprint", "data_root", "download", "noise", "noise_type", "val_fraction",
+             "test_fraction", "image_size", "clean_val", "augment"),
+    "model": ("name", "hidden", "depth", "width", "module"),
+    "optim": ("optimizer", "lr", "momentum", "weight_decay", "nesterov", "batch_size", "epochs", "dense_epochs",
+              "lr_schedule", "milestones", "gamma"),
+    "prune": ("levels", "target_sparsity", "prune_fraction", "criterion", "gradient_batches", "perturb",
+              "rewind_iteration", "retrain", "finetune_lr_scale", "include", "exclude"),
+    "analysis": ("entropy", "granularity", "inclusive", "early_stop", "patience", "entropy_tolerance",
+                 "dodge_margin"),
+    "distill": ("students", "teacher_level", "alpha", "temperature", "student_model", "student_hidden",
+                "student_depth", "student_width", "teacher", "teacher_id"),
+    None: ("seed", "seeds", "device", "precision", "channels_last", "cuda_graphs"),
+}
+
+
+def legacy_run_hash(config: dict[str, Any]) -> str:
+    """Release 0.1.0's run hash of a config in its plain form (`Config.to_dict`, or a stored config.yaml's)."""
+    payload: dict[str, Any] = {name: config[name] for name in LEGACY_FIELDS[None] if name in config}
+    for section, names in LEGACY_FIELDS.items():
+        if section is not None:
+            payload[section] = {name: config[section][name] for name in names if name in config.get(section, {})}
+    payload["random_streams"] = FIRST_RANDOM_STREAMS
+    if payload["data"].get("dataset") != "folder":
+        for name in ("data_root", *FOLDER_ONLY):
+            payload["data"].pop(name, None)
+    payload["data"].pop("download", None)
+    payload["distill"].pop("teacher", None)
+    payload["analysis"].pop("dodge_margin", None)
+    if not payload.get("seeds"):
+        payload.pop("seeds", None)
+    text = json.dumps(_plain(payload), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _cifar_preset(dataset: str, model: dict[str, Any], distill: dict[str, Any]) -> dict[str, Any]:

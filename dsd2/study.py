@@ -29,6 +29,7 @@ from typing import Any
 from dsd2.config import Config, ConfigError
 from dsd2.report.units import format_dip, format_pflops
 from dsd2.run.experiment import run_once, seed_config, student_config, teacher_config
+from dsd2.run.identity import upgrade_runs, upgraded_json
 from dsd2.run.summary import seed_curves
 from dsd2.run.teacher import resolve_teacher_level
 from dsd2.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text, write_json
@@ -119,6 +120,8 @@ def run_kd_study(cfg: Config, root: Path, grid: dict[str, tuple] | None = None, 
     cfg = replace(cfg, seeds=())
     check_grid(grid, cfg)
     root = Path(root)
+    renames = upgrade_runs(root, {cfg.legacy_run_hash(): cfg.run_hash()})  # a study 0.1.0 made
+    upgraded_json(root / "study.json", "base_config_hash", renames)
     claim_study(root, cfg, grid, seeds)
     teachers = {}
     for seed in seeds:

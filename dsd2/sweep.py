@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dsd2.config import LAUNCHERS, Config, ConfigError, build_config, config_options, from_dict, merge
+from dsd2.run.identity import find_run_folder
 from dsd2.runs import RunDir, RunError, atomic_write_text, write_json
 
 # short grid names: every flag's (noise, noise_type, lr, ...) and the paper's delta and gamma for the VGG-like
@@ -101,7 +102,7 @@ def launch(configs: list[Config], root: Path, launcher: str, log=print,
     """Run what is not finished; one failed run does not stop the others. Returns the failures."""
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher '{launcher}' is not known; allowed: {', '.join(LAUNCHERS)}")
-    placed = [(c, run_dir_for(root, c)) for c in configs]
+    placed = [(c, find_run_folder(c, run_dir_for(root, c), log=log)) for c in configs]
     todo = [(c, path) for c, path in placed if RunDir(path).finished(c.run_hash()) is None]
     log(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} finished, {len(todo)} to run")
     failures: list[str] = []

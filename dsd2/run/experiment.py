@@ -14,6 +14,7 @@ from dsd2.data import build_splits
 from dsd2.models import build_model
 from dsd2.pruning import count_sparsity
 from dsd2.run import measure
+from dsd2.run.identity import upgrade_runs
 from dsd2.run.loop import LevelLoop, build_run_model, check_levels, input_format, resolve_device
 from dsd2.run.state import Checkpointer, saved_levels
 from dsd2.run.summary import seed_curves, student_entry
@@ -48,6 +49,9 @@ def run_once(cfg: Config, run: RunDir, log: Callable[[str], None], **kwargs) -> 
 
 def claim_experiment(cfg: Config, root: RunDir) -> None:
     ctx = dist_context()
+    if ctx.is_main:
+        upgrade_runs(root.root, {cfg.legacy_run_hash(): cfg.run_hash()})  # an experiment 0.1.0 wrote
+    ctx.barrier()
     resumed = root.claim(cfg.to_dict(), cfg.run_hash(), write=False)  # every rank checks, rank 0 writes
     ctx.barrier()
     if ctx.is_main and not resumed:

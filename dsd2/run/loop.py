@@ -36,6 +36,7 @@ from dsd2.pruning import (
     select_prunable,
 )
 from dsd2.run import measure
+from dsd2.run.identity import upgrade_runs
 from dsd2.run.state import Checkpointer, restore_optimizer
 from dsd2.run.summary import best_level, early_stop_summary, run_summary
 from dsd2.run.teacher import Teacher
@@ -252,6 +253,9 @@ class LevelLoop:
         """Claim the run directory (every rank checks it, read-only, before rank 0 writes, so a refusal stops
         them all); write the noise record and the initial weights. Returns whether the run is resumed."""
         run, s = self.run_dir, self.splits
+        if self.ctx.is_main:
+            upgrade_runs(run.root, {self.cfg.legacy_run_hash(): self.run_hash})  # a run 0.1.0 wrote
+        self.ctx.barrier()
         resumed = run.claim(self.cfg.to_dict(), self.run_hash, write=False)
         self.ctx.barrier()
         if self.ctx.is_main and not resumed:
