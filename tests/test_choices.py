@@ -10,6 +10,12 @@ def test_models_registry_matches_the_model_choices():
     assert set(config.CONV_MODELS) <= set(REGISTRY)
 
 
+def test_dataset_sources_match_the_dataset_choices():
+    from dsd2.data.sources import SOURCES
+
+    assert tuple(SOURCES) == config.DATASETS
+
+
 def test_pruning_criteria_match():
     from dsd2.pruning import CRITERIA
 

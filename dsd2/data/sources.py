@@ -1,9 +1,11 @@
-"""Raw datasets as uint8 image tensors: CIFAR-10/100 from a local torchvision-layout folder, digits, image folders
-(dsd2/data/folder.py)."""
+"""The datasets by name (`SOURCES`), each read into a RawDataset of uint8 image tensors: CIFAR-10/100 from a local
+torchvision-layout folder, digits, image folders (dsd2/data/folder.py)."""
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,28 +88,48 @@ def load_digits_dataset(test_size: int = 597, seed: int = 0) -> RawDataset:
     return RawDataset(images[train], labels[train], images[test], labels[test], 10, 16.0, "digits")
 
 
+@dataclass(frozen=True)
+class DatasetSource:
+    """How one dataset name is read: `load(root, download, image_size, test_fraction)` gives its images and labels,
+    `classes(root)` its number of classes without reading any image."""
+
+    load: Callable[[str | None, bool, int, float], RawDataset]
+    classes: Callable[[str | None], int]
+
+
+def _cifar(name: str) -> DatasetSource:
+    return DatasetSource(lambda root, download, size, frac: load_cifar(name, root, download),
+                         lambda root: CIFAR_LAYOUT[name][4])
+
+
+def _folder_root(root: str | None) -> str:
+    if root is None:
+        raise DataError("dataset 'folder' needs --data-root: a folder holding train/<class>/ images")
+    return root
+
+
+# the datasets by name, in the order of dsd2.config.DATASETS (tests/test_choices.py holds the two together)
+SOURCES: dict[str, DatasetSource] = {
+    "digits": DatasetSource(lambda root, download, size, frac: load_digits_dataset(), lambda root: 10),
+    "cifar10": _cifar("cifar10"),
+    "cifar100": _cifar("cifar100"),
+    "folder": DatasetSource(lambda root, download, size, frac: load_image_folder(_folder_root(root), size, frac),
+                            lambda root: len(folder_classes(_folder_root(root)))),
+}
+
+
+def dataset_source(name: str) -> DatasetSource:
+    if name not in SOURCES:
+        raise DataError(f"dataset '{name}' is not known; allowed: {', '.join(SOURCES)}")
+    return SOURCES[name]
+
+
 def load_raw(name: str, root: str | None = None, download: bool = False, *, image_size: int = 32,
              test_fraction: float = 0.2) -> RawDataset:
     """A dataset by name; `image_size` and `test_fraction` are read by image folders only."""
-    if name == "digits":
-        return load_digits_dataset()
-    if name in CIFAR_LAYOUT:
-        return load_cifar(name, root, download)
-    if name == "folder":
-        if root is None:
-            raise DataError("dataset 'folder' needs --data-root: a folder holding train/<class>/ images")
-        return load_image_folder(root, image_size, test_fraction)
-    raise DataError(f"dataset '{name}' is not known; allowed: digits, cifar10, cifar100, folder")
+    return dataset_source(name).load(root, download, image_size, test_fraction)
 
 
 def num_classes(name: str, root: str | None = None) -> int:
     """The number of classes of a dataset, without loading it (an image folder's: its train/ class folders)."""
-    if name == "digits":
-        return 10
-    if name in CIFAR_LAYOUT:
-        return CIFAR_LAYOUT[name][4]
-    if name == "folder":
-        if root is None:
-            raise DataError("dataset 'folder' needs --data-root: a folder holding train/<class>/ images")
-        return len(folder_classes(root))
-    raise DataError(f"dataset '{name}' is not known; allowed: digits, cifar10, cifar100, folder")
+    return dataset_source(name).classes(root)
