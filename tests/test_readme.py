@@ -57,3 +57,89 @@ def test_the_python_api_example_runs_as_written(tmp_path, monkeypatch):
     summary = namespace["summary"]
     assert summary["levels"] == 3 and len(summary["relu_layers"]) == 17
     assert (tmp_path / "runs" / "resnet18-mine" / "summary.json").exists()
+
+
+def readme_text() -> str:
+    return (REPO / "README.md").read_text()
+
+
+def section_headings(text: str) -> list[str]:
+    """The titles of the README's `## ` sections, in order (a `#` line inside a fenced block is code)."""
+    titles, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("## "):
+            titles.append(line[3:].strip())
+    return titles
+
+
+def section(text: str, title: str) -> str:
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def github_anchor(title: str) -> str:
+    """The id GitHub gives a heading: lower case, every character but letters, digits, '_', '-' and spaces dropped,
+    spaces made '-'."""
+    return "".join(c for c in title.lower() if c.isalnum() or c in " _-").replace(" ", "-")
+
+
+def test_github_anchor_of_the_links_the_readme_already_had():
+    assert github_anchor("Verdicts: seeds, intervals and what the data can show") == \
+        "verdicts-seeds-intervals-and-what-the-data-can-show"
+    assert github_anchor("When does distillation dodge sparse double descent?") == \
+        "when-does-distillation-dodge-sparse-double-descent"
+    assert github_anchor("Distillation from a sparse teacher (DSD²)") == "distillation-from-a-sparse-teacher-dsd²"
+
+
+def test_the_contents_list_follows_the_quick_start_and_names_every_section_in_order():
+    text = readme_text()
+    titles = section_headings(text)
+    assert titles[:2] == ["Quick start", "Contents"], "the README opens with Quick start, then Contents"
+    assert len(set(titles)) == len(titles), "two sections share a title, so GitHub numbers their anchors"
+    links = re.findall(r"^- \[([^\]]+)\]\(#([^)]+)\)", section(text, "Contents"), flags=re.M)
+    sections = [t for t in titles if t != "Contents"]
+    listed = [title for title, _ in links]
+    assert listed == sections, (
+        "the Contents list must name every `## ` section of the README in order, by its exact title; unlisted: "
+        f"{[t for t in sections if t not in listed]}, no such section: {[t for t in listed if t not in sections]}")
+    wrong = [f"{title} -> #{anchor}" for title, anchor in links if anchor != github_anchor(title)]
+    assert not wrong, f"Contents links whose anchor is not GitHub's for the title: {', '.join(wrong)}"
+
+
+def named_places(text: str) -> list[str]:
+    """Paths in backticks (a `<name>` in one stands for any name: `tests/ops/test_<op>.py`)."""
+    return [p for p in re.findall(r"`([\w./<>*-]+)`", text) if "/" in p]
+
+
+def matching_files(place: str) -> list:
+    return sorted(REPO.glob(re.sub(r"<\w+>", "*", place))) if re.search(r"[<*]", place) else \
+        [REPO / place] if (REPO / place).exists() else []
+
+
+def named_in_files(text: str) -> list[tuple[str, str]]:
+    """(name, path) for every "`A`, `B` and `C` in `path`" of the text: names said to be defined in a file."""
+    pairs = []
+    name_list = r"((?:`[A-Za-z_][\w.]*(?:\(\))?`(?:,\s+|\s+and\s+)?)+)"
+    for names, place in re.findall(name_list + r"\s+in\s+`([\w./<>*-]+)`", text):
+        pairs += [(name.removesuffix("()"), place) for name in re.findall(r"`([^`]+)`", names)]
+    return pairs
+
+
+def test_every_file_and_name_the_extending_recipes_give_exists():
+    """The recipes cannot rot: each path they name exists (a templated one matches a file), and each name said to be
+    in a file is there, every dotted part as a word of it."""
+    text = section(readme_text(), "Extending dsd2")
+    places = named_places(text)
+    assert places, "the Extending section names no file"
+    missing = sorted({p for p in places if not matching_files(p)})
+    assert not missing, f"Extending dsd2 names places that do not exist: {', '.join(missing)}"
+    pairs = named_in_files(text)
+    assert {place for _, place in pairs} >= {"dsd2/config.py", "dsd2/models/__init__.py", "dsd2/pruning/__init__.py",
+                                             "dsd2/data/sources.py", "dsd2/ops/_backend.py"}
+    absent = []
+    for name, place in pairs:
+        sources = " ".join(f.read_text() for f in matching_files(place) if f.is_file())
+        if not all(re.search(rf"\b{re.escape(part)}\b", sources) for part in name.split(".")):
+            absent.append(f"{name} in {place}")
+    assert not absent, f"Extending dsd2 names what its file does not hold: {', '.join(absent)}"
