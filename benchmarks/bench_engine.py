@@ -39,13 +39,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from dsd2 import rng
-from dsd2.config import ModelConfig, OptimConfig, native_bf16
+from dsd2.config import ModelConfig, OptimConfig
 from dsd2.data import DeviceDataset
 from dsd2.models import build_model
 from dsd2.ops import cpu_isa, cpu_model
 from dsd2.pruning import full_masks as make_full_masks
 from dsd2.pruning import global_prune, magnitude_scores, prunable_weights
 from dsd2.training import InputFormat, TrainFeed, build_optimizer, cross_entropy, train_epoch
+from dsd2.training.precision import native_bf16
 
 
 class ArrayDataset(Dataset):

@@ -29,6 +29,7 @@ from dsd2.data.sources import RawDataset
 from dsd2.models import module_fingerprint
 from dsd2.run.loop import LevelLoop, resolve_device
 from dsd2.runs import RunDir
+from dsd2.training.precision import concrete_precision
 
 Data = Any  # (images, labels) tensors, a TensorDataset, or a map-style dataset of (image, label)
 
@@ -103,7 +104,7 @@ def api_config(config: Config | dict | None, model: nn.Module, raw: RawDataset, 
     if teacher is not None:
         cfg.distill.teacher_id = f"{CUSTOM}:{module_fingerprint(teacher, weights=True)}"
     validate(cfg)
-    return cfg
+    return concrete_precision(cfg, model)  # from the user's own module: a conv net gets bf16 where it is native
 
 
 def prune(model: nn.Module, train: Data, test: Data, *, out: str | Path, val: Data | None = None,

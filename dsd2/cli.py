@@ -117,6 +117,15 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def config_from_flags(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
+    """The preset, config file and flags, with `--precision auto` decided for the model the run trains (so the
+    run's name says which precision it trains in)."""
+    from dsd2.training.precision import concrete_precision
+
+    flags = overrides_from_args(args) if overrides is None else overrides
+    return concrete_precision(build_config(args.preset, args.config, flags))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dsd2.run import run_experiment
     from dsd2.run.identity import find_run_folder, upgrade_runs
@@ -129,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.data_root:
             cfg.data.data_root = args.data_root
     else:
-        cfg = build_config(args.preset, args.config, overrides_from_args(args))
+        cfg = config_from_flags(args)
         name = args.preset or (f"{cfg.data.dataset}-{cfg.model.name}")
         if args.out:
             run = RunDir(args.out)
@@ -209,7 +218,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     overrides = overrides_from_args(args)
     overrides.setdefault("distill", {})["students"] = ()
-    cfg = build_config(args.preset, args.config, overrides)
+    cfg = config_from_flags(args, overrides)
     teacher_run, level = parse_teacher_spec(args.teacher)
     upgrade_runs(teacher_run.root)
     chosen = resolve_teacher_level(teacher_run, level)
@@ -258,7 +267,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from dsd2.sweep import run_sweep
 
-    cfg = build_config(args.preset, args.config_file or args.config, overrides_from_args(args))
+    cfg = build_config(args.preset, args.config_file or args.config, overrides_from_args(args))  # auto per run
     slurm = {k: v for k, v in {"slurm_partition": args.slurm_partition, "gpus_per_node": args.slurm_gpus,
                                "cpus_per_task": args.slurm_cpus, "timeout_min": args.slurm_timeout_min}.items()
              if v is not None}
@@ -273,7 +282,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from dsd2.study import DEFAULT_GRID, grid_hash, run_kd_study
 
-    cfg = build_config(args.preset, args.config, overrides_from_args(args))
+    cfg = config_from_flags(args)
     given = {"alpha": args.alphas, "temperature": args.temperatures, "width": args.widths, "teacher": args.teachers}
     grid = {**DEFAULT_GRID, **{k: tuple(v) for k, v in given.items() if v is not None}}
     if args.out:
@@ -341,7 +350,7 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"cpu threads {torch.get_num_threads()}, capability {torch.backends.cpu.get_cpu_capability()}")
     for name, state in backends().items():
         print(f"backend {name}: {state}")
-    from dsd2.config import native_bf16
+    from dsd2.training.precision import native_bf16
 
     device = "cuda" if cuda else "cpu"
     print(f"bf16: {'native' if native_bf16(device) else 'emulated (slow)'} on this {device}; "

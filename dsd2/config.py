@@ -11,7 +11,6 @@ import functools
 import hashlib
 import json
 import math
-import platform
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -195,7 +194,8 @@ class Config:
                                     "them (mean ± std, 95 % intervals, verdicts), e.g. 0,1,2", metavar="S1,S2")
     device: str = option("cpu", DEVICE_HELP)
     precision: str = option("auto", "auto (default): bf16 autocast for conv nets where the CPU or GPU computes "
-                            "bf16 natively (AVX-512 BF16, AMX, Ampere and later), else fp32", choices=PRECISIONS)
+                            "bf16 natively (AVX-512 BF16, AMX, Ampere and later), else fp32; made concrete for the "
+                            "model built before the run is named (dsd2/training/precision.py)", choices=PRECISIONS)
     channels_last: bool = option(True, "conv nets in the channels_last memory format")
     cuda_graphs: bool | None = option(None, "capture the training step, evaluation and the counting pass as CUDA "
                                       "graphs (default: on with CUDA in a single process)")
@@ -475,48 +475,7 @@ def build_config(preset: str | None = None, yaml_path: str | None = None,
         raw = merge(raw, loaded)
     if overrides:
         raw = merge(raw, overrides)
-    cfg = from_dict(raw)
-    if cfg.precision == "auto":
-        # made concrete here, so the stored config and the run hash name the precision the run trains in: the
-        # same command on a machine where auto means otherwise names another run instead of resuming this one
-        cfg = dataclasses.replace(cfg, precision=auto_precision(cfg.device, cfg.model.name in CONV_MODELS))
-    return cfg
-
-
-# ---- what `--precision auto` means on this machine ---------------------------------------------------------
-
-NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86-64 (/proc/cpuinfo flags), aarch64 (Features)
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def native_bf16(device: str) -> bool:
-    """Whether `device` ("cpu", "cuda", "cuda:N", "auto") computes bf16 matrix products and convolutions natively:
-    CPUs with AVX-512 BF16, AMX or the aarch64 BF16 extension, GPUs of compute capability 8.0 and later."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    if platform.system() == "Darwin":
-        return False
-    return any(flag in cpu_flags() for flag in NATIVE_BF16_CPU_FLAGS)
-
-
-def auto_precision(device: str, conv_net: bool) -> str:
-    """bf16 for a conv net on a device with native bf16, else fp32 (MLPs lose to autocast's casts either way)."""
-    return "bf16" if conv_net and native_bf16(device) else "fp32"
+    return from_dict(raw)
 
 
 def check_device(name: str) -> None:

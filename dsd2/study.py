@@ -33,6 +33,7 @@ from dsd2.run.identity import upgrade_runs, upgraded_json
 from dsd2.run.summary import seed_curves
 from dsd2.run.teacher import resolve_teacher_level
 from dsd2.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text, write_json
+from dsd2.training.precision import concrete_precision
 
 STUDY_KINDS = ("kd",)
 TEACHERS = ("none", "dense", "best")  # none: the vanilla student, cross-entropy alone
@@ -117,7 +118,7 @@ def run_kd_study(cfg: Config, root: Path, grid: dict[str, tuple] | None = None, 
     """Run (or resume) every teacher and student of the study, then write its table, heatmap and summary."""
     grid = {**DEFAULT_GRID, **(grid or {})}
     seeds = tuple(cfg.seeds) or DEFAULT_SEEDS
-    cfg = replace(cfg, seeds=())
+    cfg = concrete_precision(replace(cfg, seeds=()))
     check_grid(grid, cfg)
     root = Path(root)
     renames = upgrade_runs(root, {cfg.legacy_run_hash(): cfg.run_hash()})  # a study 0.1.0 made

@@ -21,6 +21,7 @@ from typing import Any
 from dsd2.config import LAUNCHERS, Config, ConfigError, build_config, config_options, from_dict, merge
 from dsd2.run.identity import find_run_folder
 from dsd2.runs import RunDir, RunError, atomic_write_text, write_json
+from dsd2.training.precision import concrete_precision
 
 # short grid names: every flag's (noise, noise_type, lr, ...) and the paper's delta and gamma for the VGG-like
 # network's depth and width; any dotted config path also works (e.g. optim.lr)
@@ -69,7 +70,7 @@ def expand(base: Config, grid: dict[str, list[Any]]) -> list[Config]:
         override: dict[str, Any] = {}
         for key, value in zip(keys, combo):
             override = merge(override, _nested(key, value))
-        cfg = from_dict(merge(raw, override))
+        cfg = concrete_precision(from_dict(merge(raw, override)))  # `auto` decided for each run's own model
         if cfg.run_hash() not in seen:
             seen.add(cfg.run_hash())
             configs.append(cfg)

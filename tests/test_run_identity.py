@@ -16,14 +16,21 @@ import pytest
 import yaml
 
 from dsd2.cli import main
-from dsd2.config import Config, build_config, from_dict, identity_fields, legacy_run_hash
+from dsd2.config import Config, from_dict, identity_fields, legacy_run_hash
+from dsd2.config import build_config as build_unresolved
 from dsd2.run.identity import upgrade_runs
 from dsd2.runs import load_checkpoint, read_jsonl
+from dsd2.training.precision import concrete_precision
 
 FIXTURE = Path(__file__).parent / "fixtures" / "runs-0.1.0"
 OLD_ROOT = "digits-mlp-6eee02cfe14b"
 FLAGS = ["--hidden", "16,16", "--student-hidden", "16,16", "--levels", "2", "--epochs", "3", "--dense-epochs", "3",
          "--quiet"]
+
+
+def build_config(*args):
+    """The config a command names: --precision auto decided for its model (fp32 for each of these on any CPU)."""
+    return concrete_precision(build_unresolved(*args))
 
 
 # ---- the hash -----------------------------------------------------------------------------------------------

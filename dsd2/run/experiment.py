@@ -22,6 +22,7 @@ from dsd2.run.teacher import resolve_teacher_level
 from dsd2.runs import RunDir, RunError, write_json, write_jsonl
 from dsd2.training import TrainFeed, cross_entropy, make_executor
 from dsd2.training.distributed import context as dist_context
+from dsd2.training.precision import concrete_precision
 
 
 def student_config(cfg: Config, kind: str, teacher_dir: Path, teacher_hash: str, level: int) -> Config:
@@ -65,6 +66,7 @@ def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
     level, then each student pruned by the same loop (students/<kind>/): vanilla, distilled from the dense
     teacher, distilled from the selected sparse teacher. Every part is a resumable run of its own. With
     `cfg.seeds`, one such experiment per seed (`run_seeds`)."""
+    cfg = concrete_precision(cfg)  # students train in the teacher's precision, as the config names it
     if cfg.seeds:
         return run_seeds(cfg, root, progress=progress, log=log)
     if not cfg.distill.students:

@@ -20,7 +20,7 @@ from torch import nn
 from dsd2 import rng
 from dsd2.analysis.early_stop import StopDecision, decide
 from dsd2.analysis.flops import measure_forward_flops, training_flops
-from dsd2.config import CONV_MODELS, Config, ConfigError
+from dsd2.config import Config, ConfigError
 from dsd2.data import Splits, build_splits
 from dsd2.data.batching import train_batches
 from dsd2.models import build_model
@@ -56,7 +56,13 @@ from dsd2.training import (
     predict,
 )
 from dsd2.training.distributed import context as dist_context
-from dsd2.training.precision import precision_note, resolve_precision
+from dsd2.training.precision import (
+    concrete_precision,
+    decide_precision,
+    is_conv_net,
+    precision_note,
+    teacher_precision,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,19 +84,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def is_conv_net(cfg: Config, model: nn.Module | None = None) -> bool:
-    """Whether the run's model is a conv net (channels_last, and bf16 where native, apply to conv nets)."""
-    if model is not None:
-        return any(isinstance(m, nn.Conv2d) for m in model.modules())
-    return cfg.model.name in CONV_MODELS
-
-
 def input_format(cfg: Config, splits: Splits, device: torch.device, model: nn.Module) -> InputFormat:
-    """How the run's model takes its input: the training split's statistics, the precision the config resolves
-    to on `device`, channels_last for conv nets."""
-    conv = is_conv_net(cfg, model)
-    return InputFormat(splits.mean, splits.std, resolve_precision(cfg.precision, device, conv),
-                       cfg.channels_last and conv)
+    """How the run's model takes its input: the training split's statistics, the precision it trains in on
+    `device`, channels_last for conv nets."""
+    return InputFormat(splits.mean, splits.std, decide_precision(cfg.precision, device, model),
+                       cfg.channels_last and is_conv_net(model))
 
 
 def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting: bool,
@@ -105,7 +103,7 @@ def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting:
     if model is None:
         model = build_model(cfg.model, splits.input_shape, splits.num_classes)
     model = model.to(device)
-    if cfg.channels_last and is_conv_net(cfg, model):
+    if cfg.channels_last and is_conv_net(model):
         model = model.to(memory_format=torch.channels_last)
     relus: dict = {}
     try:
@@ -151,6 +149,7 @@ class LevelLoop:
     def __init__(self, cfg: Config, run_dir: RunDir, *, progress: bool = True, log: Callable[[str], None] = print,
                  objective: Objective | Callable = cross_entropy, splits: Splits | None = None,
                  model: nn.Module | None = None, teacher: nn.Module | None = None, graphs=None):
+        cfg = concrete_precision(cfg, model)  # a Config built by hand may still say auto; the run hash names it
         self.cfg, self.run_dir, self.graphs = cfg, run_dir, graphs
         self.given_model, self.given_teacher = model, teacher
         self.ctx = dist_context()
@@ -158,7 +157,7 @@ class LevelLoop:
         self.log = log if self.ctx.is_main else (lambda message: None)
         self.objective = as_objective(objective)
         self.device = resolve_device(cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device, is_conv_net(cfg, model))
+        self.precision = cfg.precision
         self.run_hash = cfg.run_hash()
         self.splits = splits
         self.num_levels = cfg.num_levels()
@@ -214,7 +213,7 @@ class LevelLoop:
         module = self.teacher.module
         if self.feed.fmt.channels_last:
             module = self.teacher.module = module.to(memory_format=torch.channels_last)
-        precision = "bf16" if self.device.type == "cuda" else self.precision
+        precision = teacher_precision(self.precision, self.device)
         fmt = InputFormat(s.mean, s.std, precision, self.feed.fmt.channels_last)
         logits = predict(module, s.train, max(self.feed.batch_size, 512), fmt) if cached else None
         self.objective = DistillationObjective(module, k.alpha, k.temperature, logits, precision)
