@@ -8,6 +8,8 @@ import warnings
 import pytest
 import torch
 from conftest import triton_device
+from isa_levels import per_level
+from oracles import kd_loss_oracle
 
 import dsd2.ops
 from dsd2.ops import (
@@ -15,8 +17,8 @@ from dsd2.ops import (
     MaskedSGD,
     backends,
     count_positive_,
+    cpu_isa,
     kd_loss,
-    kd_loss_reference,
     pick,
     relu_count,
 )
@@ -196,8 +198,20 @@ def test_missing_extension_falls_back_to_reference_with_one_warning(monkeypatch)
             kd_loss(s, t, y)
         messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
         assert len(messages) == 1 and "fall back to the plain-PyTorch reference" in messages[0]
-        torch.testing.assert_close(got, kd_loss_reference(s, t, y)[0])
+        torch.testing.assert_close(got.double(), kd_loss_oracle(s, t, y)[0], rtol=1e-5, atol=1e-5)
     finally:
         monkeypatch.undo()
         dsd2.ops.cpp_extension.cache_clear()
     assert dsd2.ops.cpp_extension() is not None
+
+
+def test_a_per_level_test_runs_the_kernels_at_its_level(cpu_isa_level):
+    """tests/ops/conftest.py sets the level a test names for its duration (else every run would use the best)."""
+    assert cpu_isa() == cpu_isa_level
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+def test_only_the_cpp_rows_of_a_backend_test_run_per_level(backend, cpu_isa_level):
+    assert (cpu_isa_level is None) == (backend != "cpp")
+    if cpu_isa_level is not None:
+        assert cpu_isa() == cpu_isa_level

@@ -1,4 +1,5 @@
-"""kd_loss: every backend against the plain-PyTorch reference; hand-computed cases; gradcheck; fuzz."""
+"""kd_loss: every backend (the plain-PyTorch reference included) against independent float64 formulas and
+hand-computed cases; gradcheck; fuzz."""
 
 import math
 
@@ -8,6 +9,8 @@ import torch.nn.functional as F
 from conftest import triton_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from isa_levels import per_level
+from oracles import kd_loss_oracle
 
 from dsd2.ops import kd_loss, kd_loss_eager, kd_loss_reference
 from dsd2.ops.kd_loss import STORE_EPS
@@ -34,37 +37,36 @@ def check(backend, s, t, y, **kw):
     a = s.clone().requires_grad_()
     loss, ce, kl = kd_loss(a, t, y, return_parts=True, backend=backend, **kw)
     loss.backward()
-    r = s.detach().cpu().double().requires_grad_()
-    ref, ref_ce, ref_kl = kd_loss_reference(r, t.cpu().double(), y.cpu(), **kw)
-    ref.backward()
+    ref, ref_ce, ref_kl, ref_grad = kd_loss_oracle(s, t, y, **kw)
     assert torch.isfinite(loss) and torch.isfinite(a.grad.float()).all()
     for got, want in ((loss, ref), (ce, ref_ce), (kl, ref_kl)):
-        torch.testing.assert_close(got.cpu().double(), want.detach(), rtol=rtol, atol=rtol)
-    scale = r.grad.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=rtol)
+    scale = ref_grad.abs().max().clamp_min(1e-12)
     assert a.grad.dtype == s.dtype
-    assert float((a.grad.cpu().double() - r.grad).abs().max() / scale) <= gtol
+    assert float((a.grad.cpu().double() - ref_grad).abs().max() / scale) <= gtol
     assert not ce.requires_grad and not kl.requires_grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b, c", SIZES)
-def test_cpp_matches_reference(b, c, dtype):
+def test_cpp_matches_the_oracle(cpu_isa_level, b, c, dtype):
     check("cpp", *inputs(b, c, dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b, c", TRITON_SIZES)
-def test_triton_matches_reference(b, c, dtype):
+def test_triton_matches_the_oracle(b, c, dtype):
     check("triton", *inputs(b, c, dtype, device=triton_device()))
 
 
-@pytest.mark.parametrize("backend, b", [("cpp", 3), ("triton", 2)])
-def test_large_vocabulary_chunked(backend, b):
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton"))
+def test_large_vocabulary_chunked(backend, cpu_isa_level):
+    b = 3 if backend == "cpp" else 2
     check(backend, *inputs(b, 32768, torch.float32, device=device_for(backend)))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
-def test_non_contiguous_inputs(backend):
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+def test_non_contiguous_inputs(backend, cpu_isa_level):
     dev = device_for(backend)
     s, t, y = inputs(6, 40, torch.float32, device=dev)
     wide_s = torch.zeros(6, 80, device=dev)
@@ -72,8 +74,8 @@ def test_non_contiguous_inputs(backend):
     check(backend, wide_s[:, ::2], t.t().contiguous().t(), y)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_extreme_and_minus_inf_logits(backend):
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+def test_extreme_and_minus_inf_logits(backend, cpu_isa_level):
     dev = device_for(backend)
     s, t, y = inputs(5, 10, torch.float32, device=dev)
     s[0] = 1e4
@@ -86,8 +88,8 @@ def test_extreme_and_minus_inf_logits(backend):
     assert torch.isnan(F.kl_div(F.log_softmax(s / 10, 1), p.log(), reduction="batchmean", log_target=True))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
-def test_ignore_index_rows_and_all_ignored(backend):
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+def test_ignore_index_rows_and_all_ignored(backend, cpu_isa_level):
     dev = device_for(backend)
     s, t, y = inputs(6, 10, torch.float32, device=dev)
     y[1] = y[4] = -100
@@ -99,25 +101,46 @@ def test_ignore_index_rows_and_all_ignored(backend):
     assert float(kd_loss(s, t, torch.full_like(y, 7), ignore_index=7, backend=backend)) == 0.0
 
 
-def test_hand_computed_cases():
-    # equal logits, alpha 0.8: CE = log 2, KL = 0
-    s = torch.zeros(1, 2)
-    assert float(kd_loss(s, s, torch.tensor([0]))) == pytest.approx(0.2 * math.log(2), rel=1e-6)
-    # alpha = 1, tau = 1: p = (0.75, 0.25), q = (0.5, 0.5)
-    t = torch.tensor([[math.log(3.0), 0.0]])
+def hand_loss_and_grad(backend, s, t, y, **kw):
+    a = s.clone().requires_grad_()
+    loss = kd_loss(a, t, y, backend=backend, **kw)
+    loss.backward()
+    return float(loss.detach()), a.grad.flatten().tolist()
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+def test_hand_computed_cases(backend, cpu_isa_level):
+    """Losses and gradients worked out by hand, for every backend and for the oracle the other tests use."""
+    dev = device_for(backend)
+    s, y0, y1 = torch.zeros(1, 2, device=dev), torch.tensor([0], device=dev), torch.tensor([1], device=dev)
+    # equal logits, alpha 0.8: CE = log 2, KL = 0; d/ds = 0.2 * (softmax(s) - onehot(0)) = 0.2 * (-0.5, 0.5)
+    loss, grad = hand_loss_and_grad(backend, s, s, y0)
+    assert loss == pytest.approx(0.2 * math.log(2), rel=1e-6) and grad == pytest.approx([-0.1, 0.1], abs=1e-7)
+    # alpha = 1, tau = 1: p = (0.75, 0.25), q = (0.5, 0.5); d/ds = tau * (q - p) = (-0.25, 0.25)
+    t = torch.tensor([[math.log(3.0), 0.0]], device=dev)
     kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
-    for backend in ("cpp", "reference", "triton"):
-        got = kd_loss(s, t, torch.tensor([1]), alpha=1.0, temperature=1.0, backend=backend)
-        assert float(got) == pytest.approx(kl, rel=1e-5)
-    # tau scales the KL by tau^2 and softens both distributions
-    got = kd_loss(s, t, torch.tensor([1]), alpha=0.5, temperature=2.0)
-    p = torch.softmax(t / 2, 1)
-    expected = 0.5 * math.log(2) + 0.5 * 4 * float((p * (p.log() - math.log(0.5))).sum())
-    assert float(got) == pytest.approx(expected, rel=1e-5)
+    loss, grad = hand_loss_and_grad(backend, s, t, y1, alpha=1.0, temperature=1.0)
+    assert loss == pytest.approx(kl, rel=1e-5) and grad == pytest.approx([-0.25, 0.25], abs=1e-6)
+    oracle = kd_loss_oracle(s.double(), torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64), y1, alpha=1.0,
+                            temperature=1.0)
+    assert float(oracle[0]) == pytest.approx(kl, rel=1e-12) and oracle[3].flatten().tolist() == pytest.approx(
+        [-0.25, 0.25], abs=1e-12)
+    # tau = 2 softens both distributions and scales the KL by tau^2: p = softmax(log 3 / 2, 0) = (r, 1 - r) with
+    # r = sqrt 3 / (sqrt 3 + 1); d/ds = 0.5 * (0.5, -0.5) + 0.5 * 2 * (0.5 - r, r - 0.5)
+    r = math.sqrt(3) / (math.sqrt(3) + 1)
+    kl2 = r * math.log(r / 0.5) + (1 - r) * math.log((1 - r) / 0.5)
+    loss, grad = hand_loss_and_grad(backend, s, t, y1, alpha=0.5, temperature=2.0)
+    assert loss == pytest.approx(0.5 * math.log(2) + 0.5 * 4 * kl2, rel=1e-5)
+    assert grad == pytest.approx([0.25 + 0.5 - r, -0.25 + r - 0.5], abs=1e-6)
+    # two rows, the second ignored: the kept row alone, its gradient not halved, the ignored row's 0
+    s2, t2 = torch.zeros(2, 2, device=dev), torch.cat([t, t]).to(dev)
+    loss, grad = hand_loss_and_grad(backend, s2, t2, torch.tensor([1, -100], device=dev), alpha=1.0,
+                                    temperature=1.0)
+    assert loss == pytest.approx(kl, rel=1e-5) and grad == pytest.approx([-0.25, 0.25, 0.0, 0.0], abs=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
-def test_gradcheck_float64(backend):
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("reference", "cpp"))
+def test_gradcheck_float64(backend, cpu_isa_level):
     g = torch.Generator().manual_seed(1)
     s = torch.randn(4, 7, dtype=torch.float64, generator=g, requires_grad=True)
     t = torch.randn(4, 7, dtype=torch.float64, generator=g)
@@ -127,28 +150,43 @@ def test_gradcheck_float64(backend):
 
 
 @pytest.mark.parametrize("c", [7, 300, 4097])
-def test_cpp_float64_matches_the_reference_to_double_precision(c):
+def test_cpp_float64_matches_the_oracle_to_double_precision(cpu_isa_level, c):
     """float64 runs the row kernel's template in double (the standard library's exp and log) at every level:
-    loss, parts and gradient within a few units of double roundoff of the reference, teacher -inf and ignored
-    rows included."""
+    loss, parts and gradient within a few units of double roundoff of the float64 formulas, teacher -inf and
+    ignored rows included."""
     s, t, y = inputs(6, c, torch.float64, scale=5.0)
     t[1, ::3] = float("-inf")
     y[4] = -100
-    a, r = s.clone().requires_grad_(), s.clone().requires_grad_()
+    a = s.clone().requires_grad_()
     got = kd_loss(a, t, y, return_parts=True, backend="cpp")
-    want = kd_loss_reference(r, t, y)
+    *want, want_grad = kd_loss_oracle(s, t, y)
     got[0].backward()
-    want[0].backward()
     for g, w in zip(got, want):
         assert g.dtype == torch.float64
-        torch.testing.assert_close(g, w.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(a.grad, r.grad, rtol=0, atol=1e-13 * float(r.grad.abs().max()))
+        torch.testing.assert_close(g.detach(), w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.grad, want_grad, rtol=0, atol=1e-13 * float(want_grad.abs().max()))
     assert bool((a.grad[4] == 0).all())
 
 
+@pytest.mark.parametrize("alpha, temperature", [(0.8, 10.0), (0.0, 1.0), (1.0, 0.5), (0.3, 4.0)])
+def test_reference_matches_the_float64_formulas(alpha, temperature):
+    """`kd_loss_reference`, the oracle of the selftest and the benchmarks, equals the formulas to double precision
+    in float64, loss, parts and its autograd gradient, teacher -inf and ignored rows included."""
+    s, t, y = inputs(7, 300, torch.float64, seed=4, scale=5.0)
+    t[2, ::4] = float("-inf")
+    y[5] = -100
+    r = s.clone().requires_grad_()
+    got = kd_loss_reference(r, t, y, alpha=alpha, temperature=temperature)
+    *want, want_grad = kd_loss_oracle(s, t, y, alpha=alpha, temperature=temperature)
+    got[0].backward()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.detach(), w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r.grad, want_grad, rtol=0, atol=1e-13 * float(want_grad.abs().max()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
-def test_backward_scales_by_incoming_gradient(backend, dtype):
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+def test_backward_scales_by_incoming_gradient(backend, cpu_isa_level, dtype):
     """A sum over the rows instead of the mean (loss * n), a data-parallel rescale (3), the usual 1 and 0: the Triton
     backward scales the saved gradient in place on the device, the others by a product."""
     dev = device_for(backend)
@@ -187,21 +225,19 @@ def test_teacher_gets_no_gradient_and_bad_shapes_are_errors():
 @settings(max_examples=25, deadline=None)
 @given(b=st.integers(1, 9), c=st.integers(2, 300), alpha=st.floats(0, 1), tau=st.floats(0.5, 20),
        scale=st.floats(0.01, 50), seed=st.integers(0, 10_000))
-def test_fuzz_cpp_against_reference(b, c, alpha, tau, scale, seed):
+def test_fuzz_cpp_against_the_oracle(cpu_isa_level, b, c, alpha, tau, scale, seed):
     s, t, y = inputs(b, c, torch.float32, seed=seed, scale=scale)
     rtol = 2e-5 * max(1.0, tau * tau)
     a = s.clone().requires_grad_()
     loss = kd_loss(a, t, y, alpha=alpha, temperature=tau, backend="cpp")
     loss.backward()
-    r = s.clone().requires_grad_()
-    ref = kd_loss_reference(r, t, y, alpha=alpha, temperature=tau)[0]
-    ref.backward()
-    torch.testing.assert_close(loss, ref.detach(), rtol=rtol, atol=rtol)
-    torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-6)
+    ref, _, _, ref_grad = kd_loss_oracle(s, t, y, alpha=alpha, temperature=tau)
+    torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(a.grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("c", [10, 300])
-def test_ignored_rows_with_non_finite_logits_do_not_poison_the_loss(c):
+def test_ignored_rows_with_non_finite_logits_do_not_poison_the_loss(cpu_isa_level, c):
     """An ignored row contributes nothing, whatever it holds: the loss and the other rows' gradient equal those of
     the batch without it, and its own gradient is 0 (both the row-block path, C <= 128, and the row path)."""
     s, t, y = inputs(5, c, torch.float32)
@@ -232,11 +268,10 @@ def test_the_timing_baseline_computes_the_same_loss_as_the_oracle():
     s, t, y = inputs(64, 37, torch.float64, seed=3)
     s.requires_grad_(True)
     eager = kd_loss_eager(s, t, y, alpha=0.7, temperature=4.0)
-    ref = kd_loss_reference(s, t, y, alpha=0.7, temperature=4.0)[0]
-    torch.testing.assert_close(eager, ref, rtol=1e-12, atol=0)
+    ref, _, _, ref_grad = kd_loss_oracle(s, t, y, alpha=0.7, temperature=4.0)
+    torch.testing.assert_close(eager.detach(), ref, rtol=1e-12, atol=0)
     (g_eager,) = torch.autograd.grad(eager, s)
-    (g_ref,) = torch.autograd.grad(kd_loss_reference(s, t, y, alpha=0.7, temperature=4.0)[0], s)
-    torch.testing.assert_close(g_eager, g_ref, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(g_eager, ref_grad, rtol=1e-10, atol=1e-14)
 
 
 # The Triton launcher's three paths, reached at small sizes by shrinking its thresholds: the register tile; the
@@ -269,7 +304,7 @@ def triton_path(request, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_triton_paths_match_reference(triton_path, dtype):
+def test_triton_paths_match_the_oracle(triton_path, dtype):
     s, t, y = inputs(6, 100, dtype, seed=5, device=triton_device())
     y[4] = -100
     check("triton", s, t, y)
@@ -306,7 +341,7 @@ def test_triton_paths_alpha_and_temperature_edges(triton_path, alpha, temperatur
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_distillation_objective_passes_half_logits_through(dtype):
+def test_distillation_objective_passes_half_logits_through(cpu_isa_level, dtype):
     """bf16/fp16 student and teacher logits reach the fused op as they are: no fp32 copy of the [B, C] logits is
     made around it, and the gradient comes back in the student's dtype, equal to the oracle's."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -330,12 +365,10 @@ def test_distillation_objective_passes_half_logits_through(dtype):
         loss.backward()
     assert mode.found == []
     assert a.grad.dtype == dtype
-    r = s.double().requires_grad_()
-    ref = kd_loss_reference(r, t.double(), y)[0]
-    ref.backward()
+    ref, _, _, ref_grad = kd_loss_oracle(s, t, y)
     rtol, gtol = tolerances(dtype, 37)
-    torch.testing.assert_close(loss.double(), ref.detach(), rtol=rtol, atol=rtol)
-    assert float((a.grad.double() - r.grad).abs().max() / r.grad.abs().max()) <= gtol
+    torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=rtol)
+    assert float((a.grad.double() - ref_grad).abs().max() / ref_grad.abs().max()) <= gtol
 
 
 @pytest.mark.parametrize("dtype, c, row_stride, align", [
@@ -354,11 +387,11 @@ def test_tile_alignment_hint_divides_every_row_offset(dtype, c, row_stride, alig
     assert launch.constexprs["ALIGN"] == align
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
 @pytest.mark.parametrize("student_dtype, teacher_dtype", [
     (torch.bfloat16, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
     (torch.float32, torch.bfloat16)])
-def test_half_and_mixed_logits_on_every_backend(backend, student_dtype, teacher_dtype):
+def test_half_and_mixed_logits_on_every_backend(backend, cpu_isa_level, student_dtype, teacher_dtype):
     """What the objective now passes as it is: a bf16/fp16 student with a teacher of its own dtype or another (fp32
     cached logits, a bf16 teacher under autocast); the gradient comes back in the student's dtype."""
     s, t, y = inputs(7, 37, student_dtype, seed=11, device=device_for(backend))

@@ -1,8 +1,12 @@
+"""MaskedSGD: every backend against torch.optim.SGD with re-masking, pruned weights exactly zero; the C++ kernel at
+every CPU level; the forms the masks take; Triton's pointer tables and alignment."""
+
 import pytest
 import torch
 from conftest import triton_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from isa_levels import per_level
 
 from dsd2.ops import MaskedSGD, masked_sgd_reference
 from dsd2.training import MaskedAdam
@@ -18,9 +22,9 @@ def make_problem(seed=0, shapes=((7, 5), (3, 4, 3, 3), (11,)), density=0.4):
     return params, masks
 
 
-@pytest.mark.parametrize("backend", ["cpp", "foreach", "reference", "triton"])
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "foreach", "reference", "triton"))
 @pytest.mark.parametrize("momentum, nesterov, wd", [(0.9, False, 1e-4), (0.9, True, 5e-4), (0.0, False, 1e-3)])
-def test_100_random_steps_pruned_exactly_zero_and_kept_equal_to_sgd(momentum, nesterov, wd, backend):
+def test_100_random_steps_pruned_exactly_zero_and_kept_equal_to_sgd(momentum, nesterov, wd, backend, cpu_isa_level):
     params, masks = make_problem()
     if backend == "triton":
         params = [p.to(triton_device()) for p in params]
@@ -49,7 +53,7 @@ def test_100_random_steps_pruned_exactly_zero_and_kept_equal_to_sgd(momentum, ne
         torch.testing.assert_close(a[keep], b[keep], rtol=1e-5, atol=1e-6)
 
 
-def test_reference_equals_dispatched_path():
+def test_reference_equals_dispatched_path(cpu_isa_level):
     params, masks = make_problem(seed=3)
     a = [p.clone() for p in params]
     b = [p.clone() for p in params]
@@ -72,7 +76,7 @@ def test_mask_shape_mismatch_is_a_clear_error():
         MaskedSGD([p], {p: torch.ones(4, dtype=torch.bool)})
 
 
-def test_channels_last_parameters_take_the_same_step():
+def test_channels_last_parameters_take_the_same_step(cpu_isa_level):
     g = torch.Generator().manual_seed(4)
     w = torch.randn(6, 3, 3, 3, generator=g)
     mask = torch.rand(w.shape, generator=g) < 0.5
@@ -127,7 +131,7 @@ def test_unknown_backend_is_an_error():
 @given(n=st.integers(1, 300), density=st.floats(0, 1), lr=st.floats(1e-4, 1.0),
        momentum=st.sampled_from([0.0, 0.5, 0.9]), wd=st.floats(0, 1e-2), nesterov=st.booleans(),
        seed=st.integers(0, 10_000))
-def test_fuzz_cpp_against_reference(n, density, lr, momentum, wd, nesterov, seed):
+def test_fuzz_cpp_against_reference(cpu_isa_level, n, density, lr, momentum, wd, nesterov, seed):
     if nesterov and momentum == 0:
         nesterov = False
     g = torch.Generator().manual_seed(seed)
@@ -178,7 +182,7 @@ def test_tensor_learning_rate_on_a_float_only_backend_is_an_error(backend):
 
 
 @pytest.mark.parametrize("momentum, nesterov, wd", [(0.9, False, 1e-4), (0.9, True, 5e-4), (0.0, False, 1e-3)])
-def test_every_cpu_path_takes_the_same_step_bit_for_bit(momentum, nesterov, wd):
+def test_every_cpu_path_takes_the_same_step_bit_for_bit(cpu_isa_level, momentum, nesterov, wd):
     """One update formula everywhere: the C++ kernel (at this test's CPU level), the multi-tensor path with a float
     and with a tensor learning rate (the CUDA-graph step), and the reference give identical bits."""
     paths = {"cpp": ("cpp", 0.05), "foreach": ("foreach", 0.05), "foreach, tensor lr": ("auto", torch.tensor(0.05)),

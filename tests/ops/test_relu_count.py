@@ -1,14 +1,17 @@
-"""ReLU-state counting: exact equality of every backend with the reference; the CountingReLU drop-in."""
+"""ReLU-state counting: every backend (the reference included) exactly equal to an independent numpy oracle and to
+hand-counted cases; the CountingReLU drop-in."""
 
 import pytest
 import torch
 from conftest import triton_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from isa_levels import per_level
+from oracles import positive_counts_oracle
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dsd2.ops import CountingReLU, count_positive_, count_positive_reference, relu_count, swap_in_counting_relus
+from dsd2.ops import CountingReLU, count_positive_, relu_count, swap_in_counting_relus
 
 SHAPES = [(1, 5), (3, 7), (4, 3, 5, 5), (2, 6, 3), (5, 16, 8, 8)]
 
@@ -25,15 +28,39 @@ def activation(shape, dtype, seed=0, device="cpu"):
 
 
 def expected(x, per_channel, inclusive):
-    n = x.shape[1] if per_channel else x[0].numel()
-    return count_positive_reference(x.cpu(), torch.zeros(n, dtype=torch.long), inclusive, per_channel)
+    return positive_counts_oracle(x, per_channel=per_channel, inclusive=inclusive)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+# counted by hand: a [B, C, W] batch of 2 samples (channel 0 holds 1, -1 / 0.5, 0; channel 1 holds 0, 2 / -3, -0.0)
+# and a [B, C] batch of 2; (exclusive, inclusive) counts per element and per channel
+HAND_COUNTED = [
+    ([[[1.0, -1.0], [0.0, 2.0]], [[0.5, 0.0], [-3.0, -0.0]]],
+     {False: ([2, 0, 0, 1], [2, 1]), True: ([2, 1, 1, 2], [3, 3])}),
+    ([[1.0, 0.0, -2.0], [3.0, -1.0, 0.0]], {False: ([2, 0, 0], [2, 0, 0]), True: ([2, 1, 1], [2, 1, 1])}),
+]
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("values, counts", HAND_COUNTED, ids=["BCW", "BC"])
+def test_hand_counted_cases(backend, cpu_isa_level, dtype, values, counts):
+    x = torch.tensor(values, dtype=dtype, device=device_for(backend))
+    for inclusive, (per_element, per_channel) in counts.items():
+        for channel, want in ((False, per_element), (True, per_channel)):
+            assert torch.equal(expected(x, channel, inclusive), torch.tensor(want)), "the oracle itself"
+            got = torch.zeros(len(want), dtype=torch.long, device=x.device)
+            count_positive_(x, got, inclusive=inclusive, per_channel=channel, backend=backend)
+            assert got.tolist() == want, (inclusive, channel)
+            got.zero_()
+            y = relu_count(x, got, inclusive=inclusive, per_channel=channel, backend=backend)
+            assert got.tolist() == want and torch.equal(y.cpu(), torch.tensor(values).clamp_min(0).to(dtype))
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("per_channel, inclusive", [(False, False), (True, False), (False, True), (True, True)])
-def test_count_positive_exact(backend, dtype, shape, per_channel, inclusive):
+def test_count_positive_exact(backend, cpu_isa_level, dtype, shape, per_channel, inclusive):
     x = activation(shape, dtype, device=device_for(backend))
     want = expected(x, per_channel, inclusive)
     counts = torch.full_like(want, 3).to(x.device)  # adds into existing counts
@@ -41,9 +68,9 @@ def test_count_positive_exact(backend, dtype, shape, per_channel, inclusive):
     assert torch.equal(counts.cpu(), want + 3)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_relu_count_fuses_relu_and_counts(backend, per_channel):
+def test_relu_count_fuses_relu_and_counts(backend, cpu_isa_level, per_channel):
     x = activation((4, 6, 5, 5), torch.float32, device=device_for(backend))
     n = 6 if per_channel else 150
     counts = torch.zeros(n, dtype=torch.long, device=x.device)
@@ -52,8 +79,8 @@ def test_relu_count_fuses_relu_and_counts(backend, per_channel):
     assert torch.equal(counts.cpu(), expected(x, per_channel, False))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
-def test_non_contiguous_and_channels_last(backend):
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+def test_non_contiguous_and_channels_last(backend, cpu_isa_level):
     base = activation((4, 6, 5, 5), torch.float32, device=device_for(backend))
     for x in (base.contiguous(memory_format=torch.channels_last), base.transpose(2, 3), base[:, ::2]):
         for per_channel in (False, True):
@@ -66,7 +93,7 @@ def test_non_contiguous_and_channels_last(backend):
             assert torch.equal(c2.cpu(), want)
 
 
-def test_counting_relu_is_a_drop_in():
+def test_counting_relu_is_a_drop_in(cpu_isa_level):
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.ReLU())
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.ReLU())
@@ -94,7 +121,7 @@ def test_counting_relu_is_a_drop_in():
     assert relus["1"].counts is None
 
 
-def test_per_channel_observations_pool_positions():
+def test_per_channel_observations_pool_positions(cpu_isa_level):
     r = CountingReLU(granularity="channel")
     r.counting = True
     x = torch.randn(3, 4, 5, 5)
@@ -114,7 +141,7 @@ def test_bad_counts_are_errors():
 @settings(max_examples=30, deadline=None)
 @given(shape=st.lists(st.integers(1, 7), min_size=2, max_size=4), per_channel=st.booleans(),
        inclusive=st.booleans(), seed=st.integers(0, 10_000))
-def test_fuzz_cpp_exact(shape, per_channel, inclusive, seed):
+def test_fuzz_cpp_exact(cpu_isa_level, shape, per_channel, inclusive, seed):
     x = activation(tuple(shape), torch.float32, seed=seed)
     want = expected(x, per_channel, inclusive)
     counts = torch.zeros_like(want)
@@ -125,7 +152,7 @@ def test_fuzz_cpp_exact(shape, per_channel, inclusive, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("inclusive", [False, True])
 @pytest.mark.parametrize("shape", [(6, 16, 8, 8), (9, 1030), (3, 16, 8, 8), (5, 8200), (7, 3, 64, 64)])
-def test_cpp_relu_count_row_and_column_paths(dtype, inclusive, shape):
+def test_cpp_relu_count_row_and_column_paths(cpu_isa_level, dtype, inclusive, shape):
     """Large samples with a batch of several per thread stream row by row; the rest walk column tiles."""
     x = activation(shape, dtype)
     x.view(-1)[:7] = torch.tensor([-0.0, 0.0, float("inf"), float("-inf"), 1e-30, -1e-30, 2.0]).to(dtype)
@@ -135,7 +162,7 @@ def test_cpp_relu_count_row_and_column_paths(dtype, inclusive, shape):
     assert torch.equal(counts, expected(x, False, inclusive))
 
 
-def test_streamed_16_bit_counts_pass_65535_rows():
+def test_streamed_16_bit_counts_pass_65535_rows(cpu_isa_level):
     """The row-streaming path counts 16-bit data in 16-bit counters, widened every 65535 rows: a batch past that
     with every element on must still count exactly."""
     x = torch.ones(65_600, 8192, dtype=torch.bfloat16)

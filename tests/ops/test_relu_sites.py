@@ -15,13 +15,6 @@ from dsd2.models import build_model
 from dsd2.ops import CountingReLU, ReLUSiteError, count_relu_call_sites, swap_in_counting_relus
 
 
-@pytest.fixture(autouse=True)
-def cpu_isa_level():
-    """Overrides tests/ops/conftest.py's per-ISA parametrisation: finding call sites is graph rewriting, and the
-    counting kernels it calls are checked at every ISA level by test_relu_count.py."""
-    yield "default"
-
-
 def per_element_counts(y: torch.Tensor) -> torch.Tensor:
     return (y > 0).reshape(y.shape[0], -1).sum(0)
 
