@@ -283,6 +283,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     from dsd2.study import DEFAULT_GRID, grid_hash, run_kd_study
 
     cfg = config_from_flags(args)
+    if args.kind == "sdd":
+        return study_sdd(args, cfg)
+    unused = [flag for flag, value in (("--perturbations", args.perturbations), ("--noises", args.noises),
+                                       ("--depths", args.depths)) if value is not None]
+    if unused or args.full_grid or args.launcher != "local":
+        raise ConfigError(f"{(unused or ['--full-grid' if args.full_grid else '--launcher'])[0]} belongs to study "
+                          "sdd; study kd varies --alphas, --temperatures, --widths and --teachers")
     given = {"alpha": args.alphas, "temperature": args.temperatures, "width": args.widths, "teacher": args.teachers}
     grid = {**DEFAULT_GRID, **{k: tuple(v) for k, v in given.items() if v is not None}}
     if args.out:
@@ -293,6 +300,30 @@ def cmd_study(args: argparse.Namespace) -> int:
         root = find_run_folder(cfg, Path("studies") / f"kd-{cfg.run_hash()}-{grid_hash(grid)}")
     started = time.perf_counter()
     summary = run_kd_study(cfg, root, grid, progress=not args.quiet and sys.stderr.isatty())
+    print((root / "study.md").read_text())
+    print(f"study: {len(summary['settings'])} settings x {len(summary['seeds'])} seeds in {root}; this call "
+          f"{time.perf_counter() - started:.0f} s, the runs' own wall time {summary['wall_time_s']:.0f} s")
+    print(f"table: {root / 'study.md'}; heatmap: {root / 'study_heatmap.png'}; summary: {root / 'study_summary.json'}")
+    return 0
+
+
+def study_sdd(args: argparse.Namespace, cfg: Config) -> int:
+    from dsd2.run.identity import find_run_folder
+    from dsd2.study_sdd import default_grid, grid_hash, run_sdd_study
+
+    given = {"perturb": args.perturbations, "noise": args.noises, "width": args.widths, "depth": args.depths}
+    unused = [flag for flag, value in (("--alphas", args.alphas), ("--temperatures", args.temperatures),
+                                       ("--teachers", args.teachers)) if value is not None]
+    if unused:
+        raise ConfigError(f"{unused[0]} is an axis of study kd; study sdd varies --perturbations, --noises, "
+                          "--widths and --depths")
+    grid = {**default_grid(cfg), **{k: tuple(v) for k, v in given.items() if v is not None}}
+    if args.out:
+        root = Path(args.out)
+    else:
+        root = find_run_folder(cfg, Path("studies") / f"sdd-{cfg.run_hash()}-{grid_hash(grid, args.full_grid)}")
+    started = time.perf_counter()
+    summary = run_sdd_study(cfg, root, grid, full=args.full_grid, launcher=args.launcher)
     print((root / "study.md").read_text())
     print(f"study: {len(summary['settings'])} settings x {len(summary['seeds'])} seeds in {root}; this call "
           f"{time.perf_counter() - started:.0f} s, the runs' own wall time {summary['wall_time_s']:.0f} s")
@@ -413,14 +444,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(sweep)
     sweep.set_defaults(func=cmd_sweep)
     study = sub.add_parser("study", help="kd: when does distillation dodge sparse double descent? a grid over "
-                           "alpha, tau, student width and teacher, with seeds")
-    study.add_argument("kind", choices=("kd",))
-    study.add_argument("--alphas", type=list_of("float"), metavar="A1,A2", help="KD weights (default 0.8,1.0)")
-    study.add_argument("--temperatures", type=list_of("float"), metavar="T1,T2", help="KD temperatures (default 2,10)")
-    study.add_argument("--widths", type=list_of("int"), metavar="W1,W2", help="student widths: MLP hidden units per "
-                       "layer, or VGG-like gamma (default 64,128)")
-    study.add_argument("--teachers", type=list_of("str"), metavar="T1,T2", help="none (vanilla), dense, best "
+                           "alpha, tau, student width and teacher; sdd: what causes sparse double descent? the "
+                           "perturbation, width, depth and label noise of the IMP curve; both with seeds")
+    study.add_argument("kind", choices=("kd", "sdd"))
+    study.add_argument("--alphas", type=list_of("float"), metavar="A1,A2", help="kd: KD weights (default 0.8,1.0)")
+    study.add_argument("--temperatures", type=list_of("float"), metavar="T1,T2",
+                       help="kd: KD temperatures (default 2,10)")
+    study.add_argument("--widths", type=list_of("int"), metavar="W1,W2", help="kd: student widths, sdd: the "
+                       "network's widths: MLP hidden units per layer, or VGG-like gamma (kd default 64,128; sdd "
+                       "default a quarter, once and twice the base MLP's, or gamma - 1, gamma, gamma + 1)")
+    study.add_argument("--teachers", type=list_of("str"), metavar="T1,T2", help="kd: none (vanilla), dense, best "
                        "(default all three)")
+    study.add_argument("--perturbations", type=list_of("str"), metavar="P1,P2", help="sdd: after each prune none, "
+                       "rewind, reinit or lr-rewind (default all four)")
+    study.add_argument("--noises", type=list_of("float"), metavar="E1,E2", help="sdd: label noise (default "
+                       "0,0.1,0.2,0.5)")
+    study.add_argument("--depths", type=list_of("int"), metavar="D1,D2", help="sdd: MLP hidden layers or VGG-like "
+                       "blocks (default one fewer, the base's and one more)")
+    study.add_argument("--full-grid", action="store_true", help="sdd: every combination of the axes (default: "
+                       "each factor varied alone around the base configuration)")
+    study.add_argument("--launcher", default="local", choices=LAUNCHERS, help="sdd: how the runs are launched, as "
+                       "for sweep")
     _add_train_flags(study)
     study.set_defaults(func=cmd_study)
     report = sub.add_parser("report", help="figures and tables from run directories (seeds aggregate)")
