@@ -395,7 +395,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_selftest(args: argparse.Namespace) -> int:
     from dsd2.run import resolve_device
-    from dsd2.selftest import environment, run_selftest, table, write_json
+    from dsd2.selftest import environment, exit_code, run_selftest, table, write_json
 
     check_device(args.device)
     if args.json is not None and (args.json.is_dir() or not args.json.resolve().parent.is_dir()):
@@ -409,7 +409,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json(args.json, device, checks)
         print(f"written to {args.json}")
-    return 1 if any(c.result == "FAIL" for c in checks) else 0
+    return exit_code(checks, strict=args.strict)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -486,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default)")
     selftest.add_argument("--quick", action="store_true", help="fewer shapes and shorter timings")
     selftest.add_argument("--json", type=Path, help="also write the results (and this machine's details) here")
+    selftest.add_argument("--strict", action="store_true",
+                          help="also exit 1 when a timing check is slow (its threshold is in its detail)")
     selftest.set_defaults(func=cmd_selftest)
     return parser
 

@@ -4,8 +4,12 @@ Each fused op runs on the device for several shapes and dtypes and is compared w
 (on the CPU: at every instruction-set level this CPU runs); CUDA graphs (training step, evaluation, counting)
 are compared with eager steps; a two-level digits run is made twice and its metrics compared (CUDA: graphs on
 against off; CPU: every level against `default`); each op and the training step are timed against eager code
-on the same device. The result is one table (check, result, time, speed-up), optionally JSON; any mismatch makes
-the exit code non-zero.
+on the same device. The result is one table (check, result, time, speed-up), optionally JSON.
+
+Results: "pass"; "FAIL" (a mismatch: the exit code is 1); "slow" (a timing check whose fused code takes more than
+SLOW_FACTOR times the eager code it replaces, best of REPEATS interleaved blocks each: the exit code is 1 with
+`--strict`); "not compared" (it ran, but there was nothing to compare it with: the eager training step where no
+graph path exists, a two-level run on a CPU with one instruction-set level); "skipped" (it could not run here).
 """
 
 from __future__ import annotations
@@ -40,26 +44,86 @@ from dsd2.ops.kd_loss import kd_tolerances
 
 # the documented tolerance between a graphed and an eager run (or two CPU levels with distillation)
 RUN_RTOL = 1e-4
+# a timing check is "slow" when ours takes more than SLOW_FACTOR x the eager time: the margin above 1 keeps the
+# best-of-REPEATS timings of a loaded machine from calling an op slow that is as fast as eager
+SLOW_FACTOR = 1.25
+REPEATS = 5
+# CPU timings run on one thread: with every core in use, another job on the machine stalls each parallel region
+# until its preempted thread runs again, and the ratio then measures the scheduler (on a loaded 2-core machine, from
+# 3x to 40x for the same op) rather than the two codes
+CPU_TIMING_THREADS = 1
+RESULTS = ("pass", "FAIL", "slow", "not compared", "skipped")
 
 
 @dataclass
 class Check:
     name: str
-    result: str  # "pass", "FAIL" or "skipped"
+    result: str  # one of RESULTS
     detail: str = ""
     time_s: float | None = None
-    speedup: float | None = None
+    speedup: float | None = None  # timing checks with a baseline: eager time / our time
+    baseline_s: float | None = None  # the eager time
+    min_speedup: float | None = None  # the threshold: a speed-up below it is "slow"
 
 
 def _verdict(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
 
-def _timed(fn: Callable[[], None], seconds: float) -> float:
-    from torch.utils import benchmark
+def best_times(fns: list[Callable[[], None]], seconds: float, sync: Callable[[], None]) -> list[float]:
+    """Seconds per call of each of `fns`: the best of REPEATS blocks of calls (about `seconds` per fn in all, a
+    warm-up block included). The fns' blocks alternate, so that a load which comes and goes during the measurement
+    slows each of them alike."""
+    block, calls = seconds / (REPEATS + 1), []
+    for fn in fns:  # the warm-up block (lazy buffers, first-call dispatch, the allocator's first pages) sizes the rest
+        n, t0 = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - t0 < block:
+            fn()
+            sync()
+            n += 1
+        calls.append(max(1, round(n * block / (time.perf_counter() - t0))))
+    best = [math.inf] * len(fns)
+    for _ in range(REPEATS):
+        for i, (fn, n) in enumerate(zip(fns, calls)):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            best[i] = min(best[i], (time.perf_counter() - t0) / n)
+    return best
 
-    fn()
-    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=seconds).median
+
+def speed_check(name: str, t_ours: float, t_eager: float, what: str, device: torch.device) -> Check:
+    """A timing check against the eager code that ours replaces: "slow" past SLOW_FACTOR x its time."""
+    speedup, floor = t_eager / t_ours, 1 / SLOW_FACTOR
+    how = f"best of {REPEATS}" + (f", {CPU_TIMING_THREADS} CPU thread" if device.type == "cpu" else "")
+    return Check(name, "slow" if speedup < floor else "pass",
+                 f"against {what}: {t_eager * 1e6:.0f} µs; slow below {floor:.2f}x ({how})",
+                 t_ours, speedup, t_eager, floor)
+
+
+@contextlib.contextmanager
+def timing_threads(device: torch.device):
+    """CPU_TIMING_THREADS for the ops inside (on a CPU; a CUDA device is left as it is)."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(CPU_TIMING_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def eager_count_hook(x: torch.Tensor, freq: torch.Tensor) -> None:
+    """What `count_positive_` replaces: the usual entropy hook, a float copy of the on-states per batch."""
+    freq.add_((x > 0).float().mean(0))
+
+
+def eager_relu_and_hook(x: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+    """What `relu_count` replaces: a ReLU and the usual hook on its output."""
+    y = torch.relu(x)
+    eager_count_hook(y, freq)
+    return y
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
@@ -149,7 +213,8 @@ def op_checks(device: torch.device, quick: bool) -> list[Check]:
     shapes = [(5, 3, 7, 7), (9, 1030)] if quick else [(5, 3, 7, 7), (9, 1030), (6, 16, 32, 32), (3, 8200)]
     dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16)
     out = []
-    for level in cpu_isa_levels() if device.type == "cpu" else [""]:
+    # without dsd2._C there are no levels: the ops' PyTorch paths are still checked, once
+    for level in (cpu_isa_levels() or [""]) if device.type == "cpu" else [""]:
         tag = f" [{level}]" if level else ""
         with use_cpu_isa(level) if level else contextlib.nullcontext():
             out += kd_checks(device, kd_sizes, dtypes, tag)
@@ -276,39 +341,42 @@ def run_checks(device: torch.device) -> list[Check]:
             return [Check("two-level digits run: graphs on = off", _verdict(diff <= RUN_RTOL),
                           f"largest relative metric difference {diff:.1e} (tol {RUN_RTOL})",
                           time.perf_counter() - t0)]
-        out, base = [], None
-        for level in cpu_isa_levels():
+        levels = cpu_isa_levels()
+        t0 = time.perf_counter()
+        with use_cpu_isa(levels[0]) if levels else contextlib.nullcontext():
+            base = digits_run(tmp / "base")
+        t_base = time.perf_counter() - t0
+        if len(levels) < 2:
+            name, why = (f"two-level digits run [{levels[0]}]", "this CPU runs one instruction-set level only") \
+                if levels else ("two-level digits run", "dsd2._C is not built: the C++ kernels have no levels")
+            return [Check(name, "not compared", f"ran; {why}: no other level to compare it with", t_base)]
+        first = levels[0]
+        out = []
+        for level in levels[1:]:
             t0 = time.perf_counter()
             with use_cpu_isa(level):
                 rows = digits_run(tmp / level)
-            if base is None:
-                base = rows
-                out.append(Check("two-level digits run [default]", "pass", "reference for the other levels",
-                                 time.perf_counter() - t0))
-                continue
             same = rows == base  # SGD is bit-identical across levels and counts are exact
-            out.append(Check(f"two-level digits run [{level}] = [default]", _verdict(same),
-                             "identical metrics" if same else "metrics differ from the default level",
-                             time.perf_counter() - t0))
+            out.append(Check(f"two-level digits run [{level}] = [{first}]", _verdict(same),
+                             f"identical metrics (the [{first}] run: {t_base:.2f} s)" if same
+                             else f"metrics differ from the [{first}] level", time.perf_counter() - t0))
         return out
 
 
 # ---- timings ------------------------------------------------------------------------------------------------
 
 def timing_checks(device: torch.device, quick: bool) -> list[Check]:
+    with timing_threads(device):
+        return _timing_checks(device, quick)
+
+
+def _timing_checks(device: torch.device, quick: bool) -> list[Check]:
     seconds = 0.1 if quick else 0.5
     sync = _sync(device)
     out = []
 
     def compare(name: str, ours: Callable[[], None], eager: Callable[[], None], what: str) -> None:
-        def timed(fn):
-            def run():
-                fn()
-                sync()
-            return _timed(run, seconds)
-
-        t_ours, t_eager = timed(ours), timed(eager)
-        out.append(Check(name, "pass", f"against {what}: {t_eager * 1e6:.0f} µs", t_ours, t_eager / t_ours))
+        out.append(speed_check(name, *best_times([ours, eager], seconds, sync), what, device))
 
     g = torch.Generator().manual_seed(0)
     b = 1024 if quick else 8192
@@ -328,9 +396,9 @@ def timing_checks(device: torch.device, quick: bool) -> list[Check]:
     counts = torch.zeros(x[0].numel(), dtype=torch.long, device=device)
     freq = torch.zeros(x.shape[1:], device=device)
     compare(f"time: count states {tuple(x.shape)}", lambda: count_positive_(x, counts),
-            lambda: freq.add_((x > 0).float().mean(0)), "the usual forward hook")
-    compare(f"time: relu_count {tuple(x.shape)}", lambda: relu_count(x, counts), lambda: torch.relu(x),
-            "a plain ReLU (which counts nothing)")
+            lambda: eager_count_hook(x, freq), "the usual forward hook")
+    compare(f"time: relu_count {tuple(x.shape)}", lambda: relu_count(x, counts), lambda: eager_relu_and_hook(x, freq),
+            "a ReLU and the usual forward hook")
     model, opt, data, mean, std = _small_vgg(device)
     params = [p for p in model.parameters()]
     for p in params:
@@ -348,7 +416,9 @@ def timing_checks(device: torch.device, quick: bool) -> list[Check]:
     return out
 
 
-def train_step_timing(device: torch.device, seconds: float) -> Check:
+def train_step_timing(device: torch.device, seconds: float, graphs=None) -> Check:
+    """Graph replay against eager steps on a CUDA device; `graphs`: the graph maker (the tests pass their CPU
+    emulator). Without graphs, the eager step's time alone, "not compared"."""
     from dsd2.training import InputFormat, TrainFeed, cross_entropy
 
     model, opt, data, mean, std = _small_vgg(device)
@@ -360,18 +430,21 @@ def train_step_timing(device: torch.device, seconds: float) -> Check:
         opt.step()
         opt.zero_grad(set_to_none=False)
 
-    if device.type != "cuda":
-        t = _timed(eager, seconds)
-        return Check("time: training step (VGG-like δ=2 γ=3, batch 64)", "pass", "eager (no CUDA graphs here)", t)
+    name = "time: training step (VGG-like δ=2 γ=3, batch 64)"
+    sync = _sync(device)
+    if device.type != "cuda" and graphs is None:
+        with timing_threads(device):
+            (t,) = best_times([eager], seconds, sync)
+        return Check(name, "not compared", f"eager step only ({CPU_TIMING_THREADS} CPU thread): no CUDA graphs on "
+                     "this device to compare it with", t)
     from dsd2.training.graphs import GraphedTrainStep
 
-    t_eager = _timed(lambda: (eager(), torch.cuda.synchronize()), seconds)
     gmodel, gopt, _, _, _ = _small_vgg(device)
     step = GraphedTrainStep(gmodel, gopt, cross_entropy, TrainFeed(data, 64, InputFormat(mean, std)),
-                            warmup_indices=[idx] * 3, lr=0.01)
-    t_graph = _timed(lambda: (step.replay(idx, 0.01), torch.cuda.synchronize()), seconds)
-    return Check("time: training step (VGG-like δ=2 γ=3, batch 64)", "pass",
-                 f"graph replay against eager: {t_eager * 1e6:.0f} µs", t_graph, t_eager / t_graph)
+                            warmup_indices=[idx] * 3, lr=0.01, graphs=graphs)
+    with timing_threads(device):
+        t_graph, t_eager = best_times([lambda: step.replay(idx, 0.01), eager], seconds, sync)
+    return speed_check(name, t_graph, t_eager, "eager steps (graph replay timed)", device)
 
 
 # ---- the command ------------------------------------------------------------------------------------------
@@ -406,15 +479,22 @@ def run_selftest(device: torch.device, quick: bool = False) -> list[Check]:
 
 def table(checks: list[Check]) -> str:
     width = max(len(c.name) for c in checks)
-    lines = [f"{'check':<{width}}  result   time       speed-up  detail"]
+    lines = [f"{'check':<{width}}  {'result':<12}  time       speed-up  detail"]
     for c in checks:
         t = "" if c.time_s is None else (f"{c.time_s * 1e3:.2f} ms" if c.time_s < 1 else f"{c.time_s:.2f} s")
         sp = "" if c.speedup is None else f"{c.speedup:.2f}x"
-        lines.append(f"{c.name:<{width}}  {c.result:<7}  {t:<9}  {sp:<8}  {c.detail}")
+        lines.append(f"{c.name:<{width}}  {c.result:<12}  {t:<9}  {sp:<8}  {c.detail}")
     failed = sum(c.result == "FAIL" for c in checks)
     lines.append(f"{sum(c.result == 'pass' for c in checks)} passed, {failed} failed, "
+                 f"{sum(c.result == 'slow' for c in checks)} slow, "
+                 f"{sum(c.result == 'not compared' for c in checks)} not compared, "
                  f"{sum(c.result == 'skipped' for c in checks)} skipped")
     return "\n".join(lines)
+
+
+def exit_code(checks: list[Check], strict: bool = False) -> int:
+    """1 on any failed check; with `strict`, also on any slow one."""
+    return int(any(c.result == "FAIL" or (strict and c.result == "slow") for c in checks))
 
 
 def write_json(path: Path, device: torch.device, checks: list[Check]) -> None:
