@@ -21,10 +21,12 @@ from typing import Any
 # how the loop draws its random numbers (dsd2/rng.py: named streams seeded by a hash); part of every run hash, so a
 # run directory made with other draws is never resumed or taken as finished
 RANDOM_STREAMS = "named-blake2b-v1"
-DATASETS = ("digits", "cifar10", "cifar100", "folder")
-MODELS = ("mlp", "lenet300", "vgg", "resnet18")
+DATASETS = ("digits", "fmnist", "cifar10", "cifar100", "folder")
+MODELS = ("mlp", "lenet300", "lenet5", "vgg", "resnet18")
 CUSTOM = "custom"  # the model or data is given to the Python API (dsd2.prune), named by its fingerprint
-CONV_MODELS = ("vgg", "resnet18")
+CONV_MODELS = ("lenet5", "vgg", "resnet18")
+# the side of each built-in dataset's square images (folder: --image-size); tests/data holds it to the data read
+IMAGE_SIDES = {"digits": 8, "fmnist": 28, "cifar10": 32, "cifar100": 32}
 NOISE_TYPES = ("symmetric", "asymmetric", "pairflip")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("multistep", "cosine", "constant")
@@ -73,17 +75,22 @@ def option(default: Any, help: str, *, flag: str | None = "", choices: tuple[str
 
 @dataclass
 class DataConfig:
-    dataset: str = option("digits", "the embedded handwritten digits, CIFAR read from --data-root, or the images of "
+    dataset: str = option("digits", "the embedded handwritten digits, Fashion-MNIST (fmnist: Debian's package "
+                          "dataset-fashion-mnist, or from --data-root), CIFAR read from --data-root, or the images of "
                           "--data-root in torchvision's ImageFolder layout (folder)", choices=(*DATASETS, CUSTOM))
     fingerprint: str = option("", "fingerprint of data given to the Python API (dsd2.prune): shapes, classes and a "
                               "hash of the tensors; set by the API", flag=None)
-    data_root: str | None = option(None, "folder holding CIFAR in torchvision's layout, or (--dataset folder) "
-                                   "train/<class>/ images with optional val/ and test/", metavar="DIR")
-    download: bool = option(False, "fetch CIFAR into --data-root")
+    data_root: str | None = option(None, "folder holding CIFAR or Fashion-MNIST in torchvision's layout, or "
+                                   "(--dataset folder) train/<class>/ images with optional val/ and test/",
+                                   metavar="DIR")
+    download: bool = option(False, "fetch CIFAR or Fashion-MNIST into --data-root")
     noise: float = option(0.5, "fraction of training labels corrupted, in [0, 1)")
     noise_type: str = option("symmetric", "a corrupted label is any other class (symmetric), the CIFAR-10 class "
                              "map's (asymmetric) or the next class (pairflip)", choices=NOISE_TYPES)
     val_fraction: float = option(0.1, "fraction of the training set held out for validation (it selects w_best)")
+    train_size: int | None = option(None, "train on this many images, drawn for the seed from those the validation "
+                                    "split leaves; the validation split and the label noise stay those of the whole "
+                                    "training set (unset: train on all of them)", metavar="N")
     test_fraction: float = option(0.2, "--dataset folder without test/: fraction of the train/ images held out as "
                                   "the test set")
     image_size: int = option(32, "--dataset folder: images are made RGB, their shorter side resized to this and "
@@ -538,6 +545,8 @@ def _validate_data(d: DataConfig) -> None:
         raise ConfigError(f"test fraction {d.test_fraction!r} is outside (0, 1)")
     if not isinstance(d.image_size, int) or not 1 <= d.image_size <= MAX_IMAGE_SIZE:
         raise ConfigError(f"image size {d.image_size!r} must be a whole number of pixels in 1..{MAX_IMAGE_SIZE}")
+    if d.train_size is not None:  # more than the data holds is refused where the data is read (dsd2/data/)
+        _whole("train size", d.train_size, 1)
 
 
 def _validate_model(m: ModelConfig, d: DataConfig) -> None:
@@ -545,17 +554,29 @@ def _validate_model(m: ModelConfig, d: DataConfig) -> None:
         raise ConfigError(f"VGG-like depth {m.depth} / width {m.width} outside 1..8 / 1..10")
     if m.name == "mlp" and (not m.hidden or any(int(h) < 1 for h in m.hidden)):
         raise ConfigError(f"MLP hidden widths {m.hidden!r} must be one or more positive numbers")
-    if m.name in CONV_MODELS and d.dataset == "digits":
-        raise ConfigError(f"model '{m.name}' needs 32x32 images; dataset 'digits' is 8x8: use mlp")
-    if m.name == "vgg":
-        _check_vgg_fits("model", m.depth, d)
+    _check_image_fits("model", m.name, m.depth, "--depth", d)
 
 
-def _check_vgg_fits(what: str, depth: int, d: DataConfig) -> None:
-    """VGG-like max-pools `depth` times: a folder's images must be at least 2**depth pixels wide."""
-    if d.dataset == "folder" and d.image_size < 2 ** depth:
-        raise ConfigError(f"{what} 'vgg' with {depth} blocks halves the image {depth} times and needs --image-size "
-                          f"{2 ** depth} or more, not {d.image_size}")
+def _check_image_fits(what: str, name: str, depth: int, depth_flag: str, d: DataConfig) -> None:
+    """A conv net's images must be large enough for its architecture: LeNet-5's two 5x5 convolutions and two
+    halvings need 16 pixels, VGG-like halves them `depth` times. The 8x8 digits are for the MLPs alone."""
+    if name not in CONV_MODELS or d.dataset == CUSTOM:
+        return
+    side = d.image_size if d.dataset == "folder" else IMAGE_SIDES[d.dataset]
+    need, why, does = {
+        "lenet5": (16, "two 5x5 convolutions and two halvings", "convolves twice by 5x5 and halves the image twice"),
+        "vgg": (2 ** depth, f"{depth} blocks halve the image {depth} times",
+                f"with {depth} blocks halves the image {depth} times"),
+    }.get(name, (1, "", ""))
+    if side < need and d.dataset == "folder":
+        raise ConfigError(f"{what} '{name}' {does} and needs --image-size {need} or more, not {side}")
+    if side < need:
+        fix = "use mlp or lenet300" if d.dataset == "digits" else f"use {depth_flag} {side.bit_length() - 1} or less"
+        raise ConfigError(f"{what} '{name}' needs {need}x{need} images or larger (its {why}); dataset "
+                          f"'{d.dataset}' is {side}x{side}: {fix}")
+    if d.dataset == "digits":
+        raise ConfigError(f"{what} '{name}' is a conv net, and conv nets are not run on dataset 'digits' (8x8 "
+                          "images): use mlp or lenet300, or a conv net on fmnist, cifar10, cifar100 or folder")
 
 
 def _whole(name: str, value: Any, least: int) -> None:
@@ -618,7 +639,5 @@ def _validate_distill(cfg: Config) -> None:
         raise ConfigError(f"teacher level '{level}' is not known; allowed: best, dense or a level number")
     if level.isdigit() and int(level) > cfg.num_levels():
         raise ConfigError(f"teacher level {level} is beyond the teacher's {cfg.num_levels()} pruning levels")
-    if k.students and k.student_model in CONV_MODELS and cfg.data.dataset == "digits":
-        raise ConfigError(f"student model '{k.student_model}' needs 32x32 images; dataset 'digits' is 8x8: use mlp")
-    if k.students and k.student_model == "vgg":
-        _check_vgg_fits("student model", k.student_depth, cfg.data)
+    if k.students:
+        _check_image_fits("student model", k.student_model, k.student_depth, "--student-depth", cfg.data)

@@ -18,6 +18,7 @@ STREAMS = {
     "init": "the model's initial weights",
     "noise": "which training labels are corrupted, and their new classes",
     "split": "the validation hold-out",
+    "subset": "the training subset (--train-size) drawn from what the validation hold-out leaves",
     "shuffle": "the order of an epoch's samples",
     "augment": "an epoch's crops and flips",
     "prune": "random pruning scores",

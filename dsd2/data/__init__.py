@@ -11,7 +11,7 @@ from dsd2.config import DataConfig
 from dsd2.data.noise import apply_noise
 from dsd2.data.sources import DataError, RawDataset, load_raw, num_classes
 
-__all__ = ["DataError", "DeviceDataset", "Splits", "build_splits", "load_raw", "num_classes"]
+__all__ = ["DataError", "DeviceDataset", "Splits", "build_splits", "load_raw", "num_classes", "training_subset"]
 
 
 @dataclass
@@ -44,10 +44,23 @@ class Splits:
         return tuple(self.train.images.shape[1:])
 
 
+def training_subset(rest: torch.Tensor, size: int | None, seed: int, pool: str) -> torch.Tensor:
+    """`size` of the pool indices `rest` (what the validation split leaves), drawn by the seed's `subset` stream
+    and sorted; all of them when `size` is None. `pool` says where `rest` comes from, for the error."""
+    if size is None:
+        return rest
+    if not 0 < size <= len(rest):
+        raise DataError(f"--train-size {size} is not possible: {pool}, which leaves {len(rest):,} to draw from; "
+                        f"allowed: 1 to {len(rest)}")
+    pick = torch.randperm(len(rest), generator=rng.generator("subset", seed))[:size]
+    return rest[pick].sort().values
+
+
 def build_splits(cfg: DataConfig, seed: int, device: torch.device,
                  raw: RawDataset | None = None) -> Splits:
     """Noise over the whole training pool, then the validation split (noisy unless clean_val): a seeded hold-out
-    of `val_fraction`, or the dataset's own (an image folder's val/, the last `raw.fixed_val` pool images)."""
+    of `val_fraction`, or the dataset's own (an image folder's val/, the last `raw.fixed_val` pool images); the
+    training split is the rest, or `train_size` images drawn from it (`training_subset`)."""
     if raw is None:
         raw = load_raw(cfg.dataset, cfg.data_root, cfg.download, image_size=cfg.image_size,
                        test_fraction=cfg.test_fraction)
@@ -67,6 +80,8 @@ def build_splits(cfg: DataConfig, seed: int, device: torch.device,
                             "change the fraction or add images")
         perm = torch.randperm(n, generator=rng.generator("split", seed))
         val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    train_idx = training_subset(train_idx, cfg.train_size, seed, f"{raw.name} has {n:,} training images and "
+                                f"the validation split takes {len(val_idx):,} of them")
     val_labels = pool_labels[val_idx] if cfg.clean_val else noisy[val_idx]
     corrupted = torch.zeros(n, dtype=torch.bool)
     corrupted[idx] = True

@@ -1,5 +1,5 @@
 """The datasets by name (`SOURCES`), each read into a RawDataset of uint8 image tensors: CIFAR-10/100 from a local
-torchvision-layout folder, digits, image folders (dsd2/data/folder.py)."""
+torchvision-layout folder, digits, Fashion-MNIST (dsd2/data/fmnist.py), image folders (dsd2/data/folder.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dsd2.data.fmnist import load_fmnist
 from dsd2.data.folder import folder_classes, load_image_folder
 from dsd2.data.raw import DataError, RawDataset
 
@@ -111,6 +112,7 @@ def _folder_root(root: str | None) -> str:
 # the datasets by name, in the order of dsd2.config.DATASETS (tests/test_choices.py holds the two together)
 SOURCES: dict[str, DatasetSource] = {
     "digits": DatasetSource(lambda root, download, size, frac: load_digits_dataset(), lambda root: 10),
+    "fmnist": DatasetSource(lambda root, download, size, frac: load_fmnist(root, download), lambda root: 10),
     "cifar10": _cifar("cifar10"),
     "cifar100": _cifar("cifar100"),
     "folder": DatasetSource(lambda root, download, size, frac: load_image_folder(_folder_root(root), size, frac),

@@ -1,4 +1,5 @@
-"""The paper's models (ResNet-18 CIFAR variant, VGG-like(delta, gamma), MLPs) and a registry by name.
+"""The paper's models (ResNet-18 CIFAR variant, VGG-like(delta, gamma), MLPs), LeNet-300-100 and LeNet-5, and a
+registry by name.
 
 Every ReLU is its own `nn.Module` (never `F.relu` or a shared instance) so the engine can find
 each activation layer, count its states, or swap it for a counting drop-in.
@@ -77,6 +78,28 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 with ReLUs and max-pooling: conv 5x5 6 -> ReLU -> pool 2 -> conv 5x5 16 -> ReLU -> pool 2 -> fc 120
+    -> ReLU -> fc 84 -> ReLU -> fc. The convolutions are unpadded, so the first linear layer takes what the input
+    leaves: 16x5x5 from 32x32 (LeCun's), 16x4x4 from Fashion-MNIST's 28x28."""
+
+    MIN_SIDE = 16  # the second pooling needs a 2x2 map: (16 - 4) / 2 - 4 = 2
+
+    def __init__(self, in_channels: int = 1, image_hw: tuple[int, int] = (28, 28), num_classes: int = 10):
+        super().__init__()
+        if min(image_hw) < self.MIN_SIDE:
+            raise ValueError(f"LeNet-5 needs images of {self.MIN_SIDE}x{self.MIN_SIDE} or more, not "
+                             f"{image_hw[0]}x{image_hw[1]}: two 5x5 convolutions and two halvings")
+        h, w = (((s - 4) // 2 - 4) // 2 for s in image_hw)
+        self.features = nn.Sequential(Conv2d(in_channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+                                      Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * h * w, 120), nn.ReLU(), nn.Linear(120, 84),
+                                        nn.ReLU(), nn.Linear(84, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
 
 
 class VGGLike(nn.Module):
@@ -160,6 +183,7 @@ ModelBuilder = Callable[[ModelConfig, tuple[int, ...], int], nn.Module]
 REGISTRY: dict[str, ModelBuilder] = {
     "mlp": lambda c, shape, k: MLP(_numel(shape), tuple(c.hidden), k),
     "lenet300": lambda c, shape, k: MLP(_numel(shape), (300, 100), k),
+    "lenet5": lambda c, shape, k: LeNet5(shape[0], (shape[1], shape[2]), k),
     "vgg": lambda c, shape, k: VGGLike(c.depth, c.width, shape[0], k),
     "resnet18": lambda c, shape, k: ResNet18(shape[0], k),
 }
