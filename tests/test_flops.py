@@ -5,7 +5,8 @@ from dsd2.analysis.flops import layer_macs, measure_forward_flops, training_flop
 from dsd2.config import ModelConfig
 from dsd2.models import REGISTRY, build_model
 
-SHAPES = {"mlp": (1, 8, 8), "lenet300": (1, 28, 28), "vgg": (3, 32, 32), "resnet18": (3, 32, 32)}
+SHAPES = {"mlp": (1, 8, 8), "lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "vgg": (3, 32, 32),
+          "resnet18": (3, 32, 32)}
 
 
 def test_small_known_layers_by_hand():
@@ -18,6 +19,28 @@ def test_small_known_layers_by_hand():
     # half the conv weights zero: its multiply-adds halve, the linear layer's stay
     assert f.effective({"0.weight": 0.5, "3.weight": 1.0}) == f.fvcore - 3456
     assert f.effective({"0.weight": 0.5, "3.weight": 1.0}, "2mac") == 2 * (6912 + 1280) - 6912
+
+
+@pytest.mark.parametrize("shape, flat", [((1, 28, 28), 16 * 4 * 4), ((3, 32, 32), 16 * 5 * 5)])
+def test_lenet5_multiply_adds_by_hand(shape, flat):
+    """Unpadded 5x5 convolutions: 28 -> 24 -> pool 12 -> 8 -> pool 4 (32 -> 28 -> 14 -> 10 -> 5)."""
+    c, side = shape[0], shape[1]
+    first, second = side - 4, (side - 4) // 2 - 4
+    macs = {"features.0.weight": 6 * first * first * c * 25, "features.3.weight": 16 * second * second * 6 * 25,
+            "classifier.1.weight": flat * 120, "classifier.3.weight": 120 * 84, "classifier.5.weight": 84 * 10}
+    model = build_model(ModelConfig(name="lenet5"), shape, 10)
+    assert layer_macs(model, shape) == macs
+    f = measure_forward_flops(model, shape)
+    assert f.fvcore == f.fvcore_prunable == sum(macs.values())  # ReLU and max-pool count nothing in fvcore's
+    assert f.torch_2mac == 2 * sum(macs.values())
+
+
+def test_lenet300_100_multiply_adds_by_hand():
+    model = build_model(ModelConfig(name="lenet300"), (1, 28, 28), 10)
+    macs = {"net.1.weight": 784 * 300, "net.3.weight": 300 * 100, "net.5.weight": 100 * 10}
+    assert layer_macs(model, (1, 28, 28)) == macs
+    f = measure_forward_flops(model, (1, 28, 28))
+    assert f.fvcore == sum(macs.values()) and f.torch_2mac == 2 * sum(macs.values())
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))

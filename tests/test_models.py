@@ -46,6 +46,57 @@ def test_mlps(name, hidden, expected):
     assert len(relu_modules(m)) == 2
 
 
+@pytest.mark.parametrize("shape, flat", [((1, 28, 28), 16 * 4 * 4), ((3, 32, 32), 16 * 5 * 5)])
+def test_lenet5_parameters_relus_and_output_by_hand(shape, flat):
+    m = build_model(ModelConfig(name="lenet5"), shape, 10)
+    c = shape[0]
+    assert n_params(m) == (6 * c * 25 + 6) + (16 * 6 * 25 + 16) + (flat * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
+    assert [type(x).__name__ for x in m.features] == ["Conv2d", "ReLU", "MaxPool2d"] * 2
+    assert len(relu_modules(m)) == 4
+    assert m(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_lenet5_refuses_images_its_layers_cannot_take():
+    with pytest.raises(ValueError, match="LeNet-5 needs images of 16x16 or more, not 15x28"):
+        build_model(ModelConfig(name="lenet5"), (1, 15, 28), 10)
+    assert build_model(ModelConfig(name="lenet5"), (1, 16, 16), 10)(torch.zeros(1, 1, 16, 16)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("name, shape, neurons", [
+    ("lenet5", (1, 28, 28), [6 * 24 * 24, 16 * 8 * 8, 120, 84]),
+    ("lenet5", (3, 32, 32), [6 * 28 * 28, 16 * 10 * 10, 120, 84]),
+    ("lenet300", (1, 28, 28), [300, 100]),
+])
+def test_lenet_relu_counts_by_hand(name, shape, neurons):
+    """One counter per ReLU call site, one count per output element, each the number of samples whose input to
+    that ReLU is positive (read from hooks on the untraced model)."""
+    from dsd2.ops.relu_sites import count_relu_call_sites
+
+    model = build_model(ModelConfig(name=name), shape, 10).eval()
+    x = torch.randn(7, *shape, generator=torch.Generator().manual_seed(0))
+    inputs = []
+    hooks = [r.register_forward_hook(lambda mod, args, out: inputs.append(args[0].flatten(1)))
+             for r in relu_modules(model).values()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    traced, counters = count_relu_call_sites(model)
+    for counter in counters.values():
+        counter.counting = True
+    with torch.no_grad():
+        traced(x)
+    assert list(counters) == list(relu_modules(model)) and [c.counts.numel() for c in counters.values()] == neurons
+    for counter, pre in zip(counters.values(), inputs):
+        assert counter.observations == 7 and torch.equal(counter.counts.flatten(), (pre > 0).sum(0))
+
+
+@pytest.mark.parametrize("name, depth", [("lenet5", 5), ("vgg", 4), ("resnet18", 5)])
+def test_the_conv_nets_fmnist_admits_take_28x28_grey(name, depth):
+    m = build_model(ModelConfig(name=name, depth=depth, width=2), (1, 28, 28), 10)
+    assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_every_relu_is_a_distinct_module():
     m = build_model(ModelConfig(name="resnet18"), (3, 32, 32), 10)
     relus = list(relu_modules(m).values())
