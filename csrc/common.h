@@ -22,4 +22,8 @@ std::vector<at::Tensor> kd_loss_forward(const at::Tensor& student, const at::Ten
 
 at::Tensor kd_loss_backward(const at::Tensor& grad, const at::Tensor& grad_loss);
 
+// W⊙M (weight where mask, else +0) as a new tensor in the weight's layout; differentiable in the weight, whose
+// gradient comes back masked.
+at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask);
+
 }  // namespace dsd2

@@ -3,8 +3,8 @@
 // Each level's kernels live in their own translation unit (isa_default.cpp, isa_avx2.cpp, isa_avx512.cpp) that
 // includes kernels_impl.h under `#pragma GCC target(...)` inside a namespace of its own, so no inline function is
 // shared between levels and nothing compiled for AVX-512 can leak into code that runs on an AVX2 machine. Those
-// units include no torch header; the ops (masked_sgd.cpp, relu_count.cpp, kd_loss.cpp) call them through the
-// table below. The ops' own declarations, for bindings.cpp, are in common.h.
+// units include no torch header; the ops (masked_sgd.cpp, relu_count.cpp, kd_loss.cpp, masked_layers.cpp) call
+// them through the table below. The ops' own declarations, for bindings.cpp, are in common.h.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +44,9 @@ struct KernelTable {
   void (*kd_block)(const float* s, int64_t s_stride, const float* t, int64_t t_stride, float* g, int64_t g_stride,
                    int64_t rows, const int64_t* y, const float* valid, int64_t C, float invT, float a_ce,
                    float a_kl, float* scratch, float* ce, float* kl);
+  // out[i] = mask[i] ? w[i] : +0 over n elements (out may be w: in place); the 16-bit one for bf16 and fp16 bits
+  void (*mask_f32)(const float* w, const uint8_t* mask, float* out, int64_t n);
+  void (*mask_u16)(const uint16_t* w, const uint8_t* mask, uint16_t* out, int64_t n);
 };
 
 // counting: columns per task (relu_count.cpp) and per counter block of the kernels: 32 KiB of int32 counters, so

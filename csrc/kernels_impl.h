@@ -403,7 +403,26 @@ static void kd_block(const float* __restrict__ s, int64_t s_stride, const float*
   kd_block_store(S, G, g, g_stride, rows, C, y, valid, a_ce, ce);
 }
 
+// ---- masked layers --------------------------------------------------------------------------------------
+// out = w where the mask keeps it, else +0: the weight's bits and-ed with all ones or all zeros, so a pruned entry
+// is 0 even when w is inf or NaN, every load is unconditional (no masked moves) and the loop is integer-only. out
+// may be w itself (the weight gradient masked in place).
+
+static void mask_f32(const float* w, const uint8_t* __restrict__ mask, float* out, int64_t n) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(w);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = bits[i] & (0u - static_cast<uint32_t>(mask[i] != 0));
+}
+
+// 16-bit floats by their bit patterns: +0 is the pattern 0 in both bf16 and fp16
+static void mask_u16(const uint16_t* w, const uint8_t* __restrict__ mask, uint16_t* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<uint16_t>(w[i] & static_cast<uint16_t>(0u - static_cast<uint32_t>(mask[i] != 0)));
+}
+
 static const KernelTable kTable = {
     DSD2_ISA_NAME, sgd_f32, count_cols_f32, count_cols_u16, relu_rows_f32, relu_rows_u16, kd_row, kd_row_f64,
-    kd_block,
+    kd_block, mask_f32, mask_u16,
 };

@@ -2,15 +2,16 @@
 
     python -m dsd2.kernels.aot [--json FILE]
 
-The variants come from the launchers' own planners (`plan_kd`, `plan_counting`, `plan_sgd`) called on meta
-tensors: fp32, bf16 and fp16 inputs, the KD configurations picked for C from 10 to 32000 (every tile width, the
-split and the persistent chunked kernels) at a small and a large batch and the KD backward's scaling, every
-counting mode (per element or channel, NCHW or NHWC, counting alone or with the ReLU, > 0 or >= 0, with or without
-atomics) and every masked-SGD mode. Each goes through Triton's own JIT
-binder and argument packing, so it gets exactly the specialisation a launch would (integer arguments equal to 1
-become constants, 16-byte alignment and divisibility hints), and is compiled to a cubin (no GPU needed); its
-resources are read with the cuobjdump that ships with Triton: registers, stack, local memory (spills) and shared
-memory per kernel. Run without TRITON_INTERPRET.
+The variants come from the launchers' own planners (`plan_kd`, `plan_counting`, `plan_sgd`, `plan_matmul`,
+`plan_conv_*`) called on meta tensors: fp32, bf16 and fp16 inputs, the KD configurations picked for C from 10 to
+32000 (every tile width, the split and the persistent chunked kernels) at a small and a large batch and the KD
+backward's scaling, every counting mode (per element or channel, NCHW or NHWC, counting alone or with the ReLU,
+> 0 or >= 0, with or without atomics), every masked-SGD mode, and the masked layers' products (linear: forward, dX,
+dW; conv: forward, input and weight gradients, NCHW and channels_last, IEEE and TF32 fp32) on the MLP's, VGG-like's
+and ResNet-18's shapes. Each goes through Triton's own JIT binder and argument packing, so it gets exactly the
+specialisation a launch would (integer arguments equal to 1 become constants, 16-byte alignment and divisibility
+hints), and is compiled to a cubin (no GPU needed); its resources are read with the cuobjdump that ships with
+Triton: registers, stack, local memory (spills) and shared memory per kernel. Run without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from triton.runtime.jit import create_function_from_signature
 
 from .kd_loss import plan_kd, plan_kd_reductions, plan_kd_scale
 from .launch import Launch
+from .masked_conv2d import plan_conv_forward, plan_conv_input_grad, plan_conv_weight_grad
+from .masked_linear import dot_precision, plan_matmul
 from .masked_sgd import plan_sgd
 from .relu_count import plan_counting
 
@@ -44,7 +47,8 @@ KD_CLASSES = (10, 20, 40, 100, 200, 400, 1000, 2000, 4000, 32000)  # every tile 
 KD_BATCHES = (8, 8192)
 # tile kernels: every live array in registers; a spill there is a performance bug
 TILE_KERNELS = ("_kd_tile_kernel", "_kd_chunked_kernel", "_kd_split_stats_kernel", "_kd_split_grad_kernel",
-                "_count_cols_kernel", "_count_channels_kernel")
+                "_count_cols_kernel", "_count_channels_kernel", "_masked_matmul_kernel", "_conv_fwd_kernel",
+                "_conv_dgrad_kernel", "_conv_wgrad_kernel")
 META = torch.device("meta")
 # Per-SM limits that bound how many CTAs run at once: register file, threads, shared memory (the most one SM
 # offers to CTAs), resident CTAs. sm_80 (A100) and sm_90 (H100/H200) share all but shared memory.
@@ -134,6 +138,56 @@ def sgd_launches() -> list[Launch]:
     return out
 
 
+# the masked layers' shapes at batch 128: an MLP's linear layer; conv layers (in, out, kernel, stride, input size,
+# bias) of the VGG-like (3-channel stem: the narrow column tiles; 3x3 with bias) and of ResNet-18 (3x3 stride 2,
+# 1x1 stride-2 shortcut, no bias) at CIFAR size
+LINEAR_SHAPES = ((784, 300),)
+CONV_SHAPES = ((3, 32, 3, 1, 32, True), (64, 64, 3, 1, 16, True), (64, 128, 3, 2, 32, False),
+               (64, 128, 1, 2, 32, False))
+
+
+def _precisions(dtype: torch.dtype) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(dot_precision(dtype, tf32) for tf32 in (False, True)))
+
+
+def masked_linear_launches() -> list[Launch]:
+    """The three products of a masked linear layer (forward with and without bias, dX, dW) per dtype and dot
+    precision."""
+    out = []
+    for dtype, (i, o) in itertools.product(DTYPES, LINEAR_SHAPES):
+        x = torch.empty(128, i, dtype=dtype, device=META)
+        w = torch.empty(o, i, dtype=dtype, device=META)
+        m = torch.empty(o, i, dtype=torch.bool, device=META)
+        y = torch.empty(128, o, dtype=dtype, device=META)
+        for precision in _precisions(dtype):
+            for bias in (None, torch.empty(o, dtype=dtype, device=META)):
+                out.append(plan_matmul(x, w.t(), y, m.t(), mask_b=True, bias=bias, precision=precision))
+            out.append(plan_matmul(y, w, torch.empty_like(x), m, mask_b=True, precision=precision))
+            out.append(plan_matmul(y.t(), x, torch.empty_like(w), m, mask_c=True, precision=precision))
+    return out
+
+
+def masked_conv_launches() -> list[Launch]:
+    """Forward, input gradient and weight gradient of a masked conv per dtype, dot precision and layout (NCHW,
+    channels_last), over the VGG-like's and ResNet-18's conv shapes."""
+    out = []
+    for dtype, (c, oc, k, st, hw, has_bias), nhwc in itertools.product(DTYPES, CONV_SHAPES, (False, True)):
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
+        pad = k // 2
+        ohw = (hw + 2 * pad - k) // st + 1
+        x = torch.empty(128, c, hw, hw, dtype=dtype, device=META).contiguous(memory_format=fmt)
+        w = torch.empty(oc, c, k, k, dtype=dtype, device=META)
+        m = torch.empty(oc, c, k, k, dtype=torch.bool, device=META)
+        y = torch.empty(128, oc, ohw, ohw, dtype=dtype, device=META).contiguous(memory_format=fmt)
+        geometry = ((st, st), (pad, pad), (1, 1), 1)
+        for precision in _precisions(dtype):
+            bias = torch.empty(oc, dtype=dtype, device=META) if has_bias else None
+            out.append(plan_conv_forward(x, w, m, bias, y, *geometry, precision))
+            out.append(plan_conv_input_grad(y, w, m, torch.empty_like(x), *geometry, precision))
+            out.append(plan_conv_weight_grad(y, x, m, w.shape, *geometry, precision)[0])
+    return out
+
+
 def jit_source(launch: Launch, target: GPUTarget) -> tuple[ASTSource, dict, list]:
     """(the source, compile options, specialisation) that `kernel[grid](*args, ...)` would compile for `target`:
     Triton's own binder and argument packing, as in `JITFunction.run`, without a device."""
@@ -150,7 +204,8 @@ def variants() -> list[Launch]:
     """Every distinct specialisation (kernel, argument types and hints, constexprs, options) of the planned
     launches."""
     seen, out = set(), []
-    for launch in kd_launches() + counting_launches() + sgd_launches():
+    for launch in (kd_launches() + counting_launches() + sgd_launches() + masked_linear_launches()
+                   + masked_conv_launches()):
         _, _, specialization = jit_source(launch, TARGETS["sm_90"])
         key = (launch.name, str(specialization), json.dumps(launch.options, sort_keys=True))
         if key not in seen:

@@ -37,7 +37,8 @@ def test_every_variant_compiles_for_both_targets(records):
     kernels = {k[0] for k in by_arch["sm_90"]}
     assert kernels == {"_kd_tile_kernel", "_kd_chunked_kernel", "_kd_split_stats_kernel", "_kd_split_grad_kernel",
                        "_kd_scale_kernel", "_kd_count_kernel", "_kd_finish_kernel", "_count_cols_kernel",
-                       "_count_channels_kernel", "_masked_sgd_kernel"}
+                       "_count_channels_kernel", "_masked_sgd_kernel", "_masked_matmul_kernel", "_conv_fwd_kernel",
+                       "_conv_dgrad_kernel", "_conv_wgrad_kernel"}
 
 
 def test_kd_configurations_cover_every_dtype_and_class_count(records):
@@ -88,7 +89,7 @@ def test_no_kernel_spills(records):
     assert max(r["reg"] for r in records) <= 255
 
 
-@pytest.mark.parametrize("prefix", ["_kd_", "_count_", "_masked_sgd_"])
+@pytest.mark.parametrize("prefix", ["_kd_", "_count_", "_masked_sgd_", "_masked_matmul_", "_conv_"])
 def test_at_least_two_ctas_per_sm(records, prefix):
     """Registers x threads and shared memory of every configuration leave room for two CTAs on each SM of both
     targets, so one CTA's memory waits overlap another's work."""
@@ -119,6 +120,24 @@ def test_ctas_per_sm_refuses_an_unknown_arch_in_one_sentence():
 
     with pytest.raises(ValueError, match="arch 'sm_70' has no SM limits here; allowed: sm_80, sm_90"):
         ctas_per_sm(32, 4, 0, "sm_70")
+
+
+def test_masked_layer_products_cover_every_mode_dtype_and_precision(records):
+    """The masked linear kernel's three products (forward with and without bias, dX, dW) and the conv kernels on
+    NCHW and channels_last, each in fp32 (IEEE and TF32), bf16 and fp16, with the mask read as bytes."""
+    mm = [r for r in records if r["kernel"] == "_masked_matmul_kernel" and r["arch"] == "sm_90"]
+    modes = {(r["signature"]["a_ptr"], r["constexprs"]["PRECISION"], r["constexprs"]["MASK_B"],
+              r["constexprs"]["MASK_C"], r["constexprs"]["HAS_BIAS"]) for r in mm}
+    for dtype, precision in (("*fp32", "ieee"), ("*fp32", "tf32"), ("*bf16", "tf32"), ("*fp16", "tf32")):
+        assert {(dtype, precision, True, False, True), (dtype, precision, True, False, False),
+                (dtype, precision, False, True, False)} <= modes
+    for kernel, tensor in (("_conv_fwd_kernel", "x_ptr"), ("_conv_dgrad_kernel", "dy_ptr"),
+                           ("_conv_wgrad_kernel", "x_ptr")):
+        conv = [r for r in records if r["kernel"] == kernel and r["arch"] == "sm_90"]
+        assert {(r["signature"][tensor], r["constexprs"]["PRECISION"], r["constexprs"]["C_FAST"]) for r in conv} == {
+            (d, p, fast) for d, p in (("*fp32", "ieee"), ("*fp32", "tf32"), ("*bf16", "tf32"), ("*fp16", "tf32"))
+            for fast in (False, True)}
+        assert {r["signature"]["m_ptr"] for r in conv} == {"*u8"}
 
 
 def test_counting_atomics_are_relaxed(records):

@@ -105,6 +105,22 @@ def test_float64_kd_row_uses_nothing_wider_than_its_level(code, level):
         assert not any(f"%{wider}" in line for line in body), f"{level}::kd_row_f64 uses {wider} registers"
 
 
+@pytest.mark.parametrize("kernel", ["mask_f32", "mask_u16"])
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_mask_kernels_are_vectorised_at_their_level(code, level, kernel):
+    """The masked layers' select (bits and-ed with a mask of ones or zeros) is too short a loop for the counts
+    above: it must test the mask bytes with packed compares and store whole vectors of its level's width."""
+    body = code.get(f"{level}::{kernel}")
+    assert body, f"dsd2::isa_{level}::{kernel} is missing from the built extension"
+    reg = LEVELS[level]
+    compares = [line for line in body if re.search(r"\s(v?pcmp\w+|vptestn?m\w+)\s", line) and f"%{reg}" in line]
+    stores = [line for line in body if re.search(rf"\sv?mov\w*\s+%{reg}\d+,[^%]*\(", line)]
+    assert compares and stores, f"{level}::{kernel}: {len(compares)} packed compares, {len(stores)} vector stores"
+    assert not any("maskmov" in line for line in body), f"{level}::{kernel}: masked moves (a conditional load)"
+    for wider in WIDER[level]:
+        assert not any(f"%{wider}" in line for line in body), f"{level}::{kernel} uses {wider} registers"
+
+
 def test_sgd_kernels_have_no_fma(code):
     """The SGD update rounds each product on its own at every level (bit-identical results)."""
     for level in LEVELS:

@@ -21,10 +21,16 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "kd_loss": ("triton", "cpp", "reference"),
     "relu_count": ("triton", "cpp", "reference"),
     "masked_sgd": ("triton", "cpp", "foreach", "reference"),
+    "masked_linear": ("triton", "cpp", "reference"),
+    "masked_conv2d": ("triton", "cpp", "reference"),
 }
 FUSED_DEVICE = {"triton": "cuda", "cpp": "cpu"}  # the device type each fused backend runs on
 # the input dtypes of the fused kernels that do not take every dtype the op does: (op, backend) -> dtypes
-KERNEL_DTYPES = {("relu_count", "cpp"): (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+KERNEL_DTYPES = {("relu_count", "cpp"): (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+                 ("masked_linear", "triton"): (torch.float32, torch.float16, torch.bfloat16),
+                 ("masked_conv2d", "triton"): (torch.float32, torch.float16, torch.bfloat16),
+                 ("masked_linear", "cpp"): (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+                 ("masked_conv2d", "cpp"): (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 
 def pick(op: str, where: torch.Tensor | torch.device | str, backend: str | None = None, *,

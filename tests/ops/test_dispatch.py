@@ -19,11 +19,15 @@ from dsd2.ops import (
     count_positive_,
     cpu_isa,
     kd_loss,
+    masked_conv2d,
+    masked_linear,
     pick,
     relu_count,
 )
 
-PORTABLE = {"kd_loss": "reference", "relu_count": "reference", "masked_sgd": "foreach"}
+PORTABLE = {"kd_loss": "reference", "relu_count": "reference", "masked_sgd": "foreach", "masked_linear": "reference",
+            "masked_conv2d": "reference"}
+FLOAT_ONLY = {"relu_count", "masked_linear", "masked_conv2d"}  # ops whose C++ kernels refuse integer tensors
 # device, dsd2._C usable, Triton usable -> the fused backend picked (None: the op's portable path)
 CASES = [
     ("cpu", True, True, "cpp"),
@@ -55,17 +59,34 @@ def run_masked_sgd(device, backend=None):
     MaskedSGD([p], {p: torch.rand(5, device=device) < 0.5}, lr=0.1, backend=backend or "auto").step()
 
 
-RUN = {"kd_loss": run_kd_loss, "relu_count": run_relu_count, "masked_sgd": run_masked_sgd}
+def run_masked_linear(device, backend=None):
+    w = torch.randn(3, 6, device=device, requires_grad=True)
+    masked_linear(torch.randn(4, 6, device=device), w, torch.rand(3, 6, device=device) < 0.5,
+                  backend=backend).sum().backward()
+
+
+def run_masked_conv2d(device, backend=None):
+    w = torch.randn(2, 2, 3, 3, device=device, requires_grad=True)
+    masked_conv2d(torch.randn(1, 2, 5, 5, device=device), w, torch.rand(2, 2, 3, 3, device=device) < 0.5,
+                  backend=backend).sum().backward()
+
+
+RUN = {"kd_loss": run_kd_loss, "relu_count": run_relu_count, "masked_sgd": run_masked_sgd,
+       "masked_linear": run_masked_linear, "masked_conv2d": run_masked_conv2d}
 # the entry points of each op's non-C++ backends: (module, function name, backend)
 ENTRY_POINTS = [
     ("dsd2.kernels.kd_loss", "kd_loss_forward", "triton"),
     ("dsd2.kernels.relu_count", "count_positive_", "triton"),
     ("dsd2.kernels.relu_count", "relu_count", "triton"),
     ("dsd2.kernels.masked_sgd", "masked_sgd_step_", "triton"),
+    ("dsd2.kernels.masked_linear", "masked_linear_forward", "triton"),
+    ("dsd2.kernels.masked_conv2d", "masked_conv2d_forward", "triton"),
     ("dsd2.ops.kd_loss", "kd_loss_reference", "reference"),
     ("dsd2.ops.relu_count", "count_positive_reference", "reference"),
     ("dsd2.ops.masked_sgd", "masked_sgd_reference", "reference"),
     ("dsd2.ops.masked_sgd", "masked_sgd_foreach", "foreach"),
+    ("dsd2.ops.masked_linear", "masked_linear_reference", "reference"),
+    ("dsd2.ops.masked_conv2d", "masked_conv2d_reference", "reference"),
 ]
 
 
@@ -124,8 +145,8 @@ def test_picker_chooses_by_device_and_availability(op, device, cpp, triton, fuse
 def test_picker_takes_the_devices_of_tensors_and_the_dtypes_of_the_kernels(op):
     assert pick(op, torch.zeros(2, 3)) == "cpp"
     assert pick(op, torch.empty(2, 3, device="meta")) == PORTABLE[op]
-    integers = pick(op, torch.zeros(2, 3, dtype=torch.int32))  # only the C++ counting kernels refuse a dtype
-    assert integers == ("reference" if op == "relu_count" else "cpp")
+    integers = pick(op, torch.zeros(2, 3, dtype=torch.int32))  # the C++ counting and masking kernels refuse ints
+    assert integers == ("reference" if op in FLOAT_ONLY else "cpp")
 
 
 @pytest.mark.parametrize("op", list(OP_BACKENDS))

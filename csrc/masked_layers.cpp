@@ -1,0 +1,108 @@
+// Masked layers on the CPU: W⊙M (the weight where the mask keeps it, else +0) made in one vectorised pass for
+// oneDNN's convolutions and matrix products, as an autograd function whose backward masks the weight gradient,
+// in place when no other tensor holds it (no allocation, no page faults, for a large layer).
+#include "common.h"
+#include "isa.h"
+
+#include <ATen/Parallel.h>
+
+namespace dsd2 {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;
+
+// Whether b holds its elements in a's memory order (strides of size-1 dimensions are arbitrary: ignored).
+bool same_order(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
+// out = where(mask, w, 0) as one flat pass over memory: w, mask and out are dense in one memory order.
+void mask_flat(const at::Tensor& w, const at::Tensor& mask, const at::Tensor& out) {
+  const KernelTable& k = active_kernels();
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  const int64_t n = w.numel();
+  switch (w.scalar_type()) {
+    case at::kFloat: {
+      const float* src = w.data_ptr<float>();
+      float* dst = out.data_ptr<float>();
+      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { k.mask_f32(src + b, m + b, dst + b, e - b); });
+      return;
+    }
+    case at::kBFloat16:
+    case at::kHalf: {
+      const auto* src = static_cast<const uint16_t*>(w.data_ptr());
+      auto* dst = static_cast<uint16_t*>(out.data_ptr());
+      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { k.mask_u16(src + b, m + b, dst + b, e - b); });
+      return;
+    }
+    case at::kDouble: {
+      const double* src = w.data_ptr<double>();
+      double* dst = out.data_ptr<double>();
+      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) dst[i] = m[i] ? src[i] : 0.0;
+      });
+      return;
+    }
+    default:
+      TORCH_CHECK(false, "masked_weight: the weight must be float32, float64, float16 or bfloat16, not ",
+                  w.scalar_type());
+  }
+}
+
+// The mask in w's memory order: itself, or a copy laid out like w.
+at::Tensor mask_like(const at::Tensor& w, const at::Tensor& mask) {
+  if (same_order(w, mask) && mask.is_non_overlapping_and_dense()) return mask;
+  return at::empty_like(w, w.options().dtype(at::kBool)).copy_(mask);
+}
+
+void check(const at::Tensor& w, const at::Tensor& mask) {
+  TORCH_CHECK(w.device().is_cpu() && mask.device().is_cpu(), "masked_weight: CPU tensors only");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "masked_weight: the mask must be bool, not ", mask.scalar_type());
+  TORCH_CHECK(mask.sizes() == w.sizes(), "masked_weight: mask shape ", mask.sizes(), " differs from weight shape ",
+              w.sizes());
+}
+
+at::Tensor masked_copy(const at::Tensor& w, const at::Tensor& mask) {
+  if (!w.is_non_overlapping_and_dense()) return at::where(mask, w, at::zeros({}, w.options()));
+  at::Tensor out = at::empty_like(w);  // w's memory order (channels_last stays channels_last)
+  mask_flat(w, mask_like(w, mask), out);
+  return out;
+}
+
+struct MaskedWeightFunction : public torch::autograd::Function<MaskedWeightFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
+                            const at::Tensor& mask) {
+    ctx->save_for_backward({mask});
+    ctx->mark_non_differentiable({});
+    return masked_copy(weight, mask);
+  }
+
+  // `grads` by reference: the engine moved the gradient in, so a use count of 1 means nothing else holds it
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list& grads) {
+    const at::Tensor mask = ctx->get_saved_variables()[0];
+    at::Tensor& g = grads[0];
+    if (!g.defined()) return {at::Tensor(), at::Tensor()};
+    // The gradient of W⊙M comes from the one product that read it. When no other tensor shares its memory it is
+    // masked where it lies; otherwise (a hook kept it, or a double backward needs it) into a new tensor.
+    const bool own = g.use_count() == 1 && g.storage().use_count() == 1 && !g.requires_grad() &&
+                     g.is_non_overlapping_and_dense();
+    if (own) {
+      mask_flat(g, mask_like(g, mask), g);
+      return {g, at::Tensor()};
+    }
+    return {MaskedWeightFunction::apply(g, mask), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask) {
+  check(weight, mask);
+  return MaskedWeightFunction::apply(weight, mask);
+}
+
+}  // namespace dsd2

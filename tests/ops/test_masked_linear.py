@@ -1,0 +1,161 @@
+"""masked_linear on every backend against the float64 oracle: forward, dX, dW (pruned entries exactly 0.0) and db,
+at the stated product tolerance; gradcheck in float64; odd sizes, views, 0 % / 100 % masks, a pruned output row,
+non-finite pruned weights; the C++ path bit for bit against nn.Linear on the masked weight."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import triton_device
+from isa_levels import per_level
+from oracles import masked_linear_oracle
+
+from dsd2.ops import masked_linear
+from dsd2.ops.masked_linear import product_tolerance
+
+SHAPES = [((5, 7), 6), ((33, 70), 19), ((2, 3, 17), 4)]  # (x shape, out features): odd sizes, a 3-D input
+
+
+def device_of(backend):
+    return triton_device() if backend == "triton" else "cpu"
+
+
+def problem(x_shape, out_features, density=0.5, dtype=torch.float32, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(x_shape, generator=g).to(dtype)
+    w = torch.randn(out_features, x_shape[-1], generator=g).to(dtype)
+    mask = torch.rand(w.shape, generator=g) < density
+    b = torch.randn(out_features, generator=g).to(dtype) if bias else None
+    grad_out = torch.randn(*x_shape[:-1], out_features, generator=g).to(dtype)
+    return x, w, mask, b, grad_out
+
+
+def run(backend, x, w, mask, b, grad_out):
+    """Forward and backward on `backend`'s device: (y, dx, dw, db) back on the CPU."""
+    dev = device_of(backend)
+    x, w = (t.detach().to(dev, copy=True).requires_grad_() for t in (x, w))
+    b = b.detach().to(dev, copy=True).requires_grad_() if b is not None else None
+    y = masked_linear(x, w, mask.to(dev), b, backend=backend)
+    y.backward(grad_out.to(dev))
+    return y.detach().cpu(), x.grad.cpu(), w.grad.cpu(), (b.grad.cpu() if b is not None else None)
+
+
+def assert_within(got, oracle, key, dtype, reduction):
+    tol = product_tolerance(dtype, reduction) * oracle[f"{key}_terms"] + 1e-30
+    err = (got.double() - oracle[key]).abs()
+    assert bool((err <= tol).all()), f"{key}: worst error {float((err - tol).max()):.3g} over the bound"
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+@pytest.mark.parametrize("x_shape, out_features", SHAPES)
+def test_fp32_matches_the_oracle_within_reduction_order(backend, cpu_isa_level, x_shape, out_features):
+    x, w, mask, b, grad_out = problem(x_shape, out_features)
+    y, dx, dw, db = run(backend, x, w, mask, b, grad_out)
+    oracle = masked_linear_oracle(x, w, mask, b, grad_out)
+    rows = grad_out.numel() // out_features
+    assert_within(y, oracle, "y", torch.float32, x_shape[-1])
+    assert_within(dx, oracle, "dx", torch.float32, out_features)
+    assert_within(dw, oracle, "dw", torch.float32, rows)
+    assert_within(db, oracle, "db", torch.float32, rows)
+    assert bool((dw[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_the_oracle_within_its_tolerance(backend, cpu_isa_level, dtype):
+    x, w, mask, b, grad_out = problem((9, 40), 11, dtype=dtype)
+    y, dx, dw, db = run(backend, x, w, mask, b, grad_out)
+    assert y.dtype == dx.dtype == dw.dtype == dtype
+    oracle = masked_linear_oracle(x, w, mask, b, grad_out)
+    assert_within(y, oracle, "y", dtype, 40)
+    assert_within(dx, oracle, "dx", dtype, 11)
+    assert_within(dw, oracle, "dw", dtype, 9)
+    assert bool((dw[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "reference"))
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_in_float64(backend, cpu_isa_level, bias):
+    x, w, mask, b, _ = problem((4, 5), 3, dtype=torch.float64, bias=bias)
+    inputs = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_() if bias else None)
+    assert torch.autograd.gradcheck(lambda x, w, b: masked_linear(x, w, mask, b, backend=backend), inputs)
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+def test_views_of_other_layouts(backend, cpu_isa_level):
+    """A transposed input and a strided weight view give what their contiguous copies give."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 9, generator=g).t()  # [9, 13], column-major
+    w = torch.randn(7, 26, generator=g)[:, ::2]  # [7, 13], every other column
+    mask = torch.rand(7, 13, generator=g) < 0.6
+    grad_out = torch.randn(9, 7, generator=g)
+    y, dx, dw, _ = run(backend, x, w, mask, None, grad_out)
+    oracle = masked_linear_oracle(x, w, mask, None, grad_out)
+    assert_within(y, oracle, "y", torch.float32, 13)
+    assert_within(dx, oracle, "dx", torch.float32, 7)
+    assert_within(dw, oracle, "dw", torch.float32, 9)
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+def test_all_kept_all_pruned_and_a_pruned_output_row(backend, cpu_isa_level):
+    x, w, _, b, grad_out = problem((6, 10), 5)
+    full = torch.ones(5, 10, dtype=torch.bool)
+    y, *_ = run(backend, x, w, full, b, grad_out)
+    assert_within(y, masked_linear_oracle(x, w, full, b, grad_out), "y", torch.float32, 10)
+
+    y, dx, dw, db = run(backend, x, w, torch.zeros_like(full), b, grad_out)
+    assert torch.equal(y, b.expand(6, 5)) and bool((dx == 0).all()) and bool((dw == 0).all())
+    assert_within(db, masked_linear_oracle(x, w, full, b, grad_out), "db", torch.float32, 6)
+
+    row = full.clone()
+    row[2] = False  # output 2 wholly pruned: its output is its bias, its weight row takes no gradient
+    y, dx, dw, _ = run(backend, x, w, row, b, grad_out)
+    assert torch.equal(y[:, 2], b[2].expand(6)) and bool((dw[2] == 0).all())
+    assert_within(dx, masked_linear_oracle(x, w, row, b, grad_out), "dx", torch.float32, 5)
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+def test_pruned_weights_holding_inf_and_nan_contribute_nothing(backend, cpu_isa_level):
+    x, w, mask, b, grad_out = problem((4, 8), 3)
+    w[~mask] = float("nan")
+    w[~mask & (torch.arange(8) % 2 == 0)] = float("inf")
+    y, dx, dw, _ = run(backend, x, w, mask, b, grad_out)
+    assert bool(torch.isfinite(y).all() and torch.isfinite(dx).all()) and bool((dw[~mask] == 0).all())
+    assert_within(y, masked_linear_oracle(x, w, mask, b, grad_out), "y", torch.float32, 8)
+
+
+@pytest.mark.parametrize("cpu_isa_level", [None], ids=["process-level"])
+def test_cpp_is_nn_linear_on_the_masked_weight_bit_for_bit(cpu_isa_level):
+    """The C++ path computes with the same oneDNN/MKL products as nn.Linear: on a weight already zero where it is
+    pruned (the level loop's), its output and gradients are those of the plain layer, bit for bit."""
+    x, w, mask, b, grad_out = problem((32, 64), 48)
+    w = w * mask
+    y, dx, dw, db = run("cpp", x, w, mask, b, grad_out)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    yr = F.linear(xr, wr, br)
+    yr.backward(grad_out)
+    assert torch.equal(y, yr.detach()) and torch.equal(dx, xr.grad) and torch.equal(db, br.grad)
+    assert torch.equal(dw[mask], wr.grad[mask]) and bool((dw[~mask] == 0).all())
+
+
+def test_cpp_under_cpu_autocast_is_nn_linear_under_autocast():
+    x, w, mask, b, _ = problem((16, 24), 8)
+    w = (w * mask).requires_grad_()
+    plain = w.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = masked_linear(x, w, mask, b, backend="cpp")
+        yr = F.linear(x, plain, b)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, yr)
+    y.float().sum().backward()
+    yr.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and torch.equal(w.grad[mask], plain.grad[mask])
+    assert bool((w.grad[~mask] == 0).all())
+
+
+def test_bad_masks_are_refused_in_one_sentence():
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    with pytest.raises(TypeError, match="the mask must be a bool tensor \\(True = kept\\), not torch.float32"):
+        masked_linear(x, w, torch.ones(4, 3))
+    with pytest.raises(ValueError, match=r"mask shape \(3, 4\) differs from weight shape \(4, 3\)"):
+        masked_linear(x, w, torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="the mask is on meta but the weight on cpu"):
+        masked_linear(x, w, torch.ones(4, 3, dtype=torch.bool, device="meta"))
