@@ -14,6 +14,15 @@ from dsd2.ops._backend import (
 from dsd2.ops._backend import describe as backends
 from dsd2.ops.kd_loss import kd_loss, kd_loss_eager, kd_loss_reference
 from dsd2.ops.masked_conv2d import masked_conv2d, masked_conv2d_reference
+from dsd2.ops.masked_layers import (
+    MaskedConv2d,
+    MaskedLinear,
+    fuse_torch_prune,
+    masked_layers,
+    set_layer_masks,
+    swap_in_masked_layers,
+    unfuse_torch_prune,
+)
 from dsd2.ops.masked_linear import masked_linear, masked_linear_reference
 from dsd2.ops.masked_sgd import MaskedSGD, masked_sgd_reference
 from dsd2.ops.relu_count import (
@@ -27,10 +36,11 @@ from dsd2.ops.relu_sites import ReLUSiteError, ReLUSiteModule, count_relu_call_s
 from dsd2.pruning import masks_from_torch_prune, to_torch_prune
 
 __all__ = [
-    "OP_BACKENDS", "CountingReLU", "MaskedSGD", "ReLUSiteError", "ReLUSiteModule", "backends", "count_positive_",
-    "count_positive_reference", "count_relu_call_sites",
-    "cpp_extension", "cpu_isa", "cpu_isa_levels", "cpu_model", "kd_loss", "kd_loss_eager", "kd_loss_reference",
-    "masked_conv2d", "masked_conv2d_reference", "masked_linear", "masked_linear_reference", "masked_sgd_reference",
-    "masks_from_torch_prune", "pick", "relu_count", "set_cpu_isa", "swap_in_counting_relus", "to_torch_prune",
-    "use_cpu_isa",
+    "OP_BACKENDS", "CountingReLU", "MaskedConv2d", "MaskedLinear", "MaskedSGD", "ReLUSiteError", "ReLUSiteModule",
+    "backends", "count_positive_", "count_positive_reference", "count_relu_call_sites",
+    "cpp_extension", "cpu_isa", "cpu_isa_levels", "cpu_model", "fuse_torch_prune", "kd_loss", "kd_loss_eager",
+    "kd_loss_reference", "masked_conv2d", "masked_conv2d_reference", "masked_layers", "masked_linear",
+    "masked_linear_reference", "masked_sgd_reference",
+    "masks_from_torch_prune", "pick", "relu_count", "set_cpu_isa", "set_layer_masks", "swap_in_counting_relus",
+    "swap_in_masked_layers", "to_torch_prune", "unfuse_torch_prune", "use_cpu_isa",
 ]

@@ -153,28 +153,76 @@ def perturb(model: nn.Module, kind: str, masks: Masks, init_state: dict[str, tor
 
 
 # ---- interop with torch.nn.utils.prune ---------------------------------------------------------
+# A torch.nn.utils.prune reparametrisation of `weight`: a parameter `weight_orig`, a float buffer `weight_mask`, a
+# forward pre-hook (a BasePruningMethod, or a PruningContainer of several) that sets `weight = weight_orig *
+# weight_mask` as a plain attribute before every call. The helpers below read, strip and install it; the masked
+# layers' bridge (dsd2.ops.fuse_torch_prune / unfuse_torch_prune) is built on them.
+
+def torch_prune_mask(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
+    """The bool mask torch.nn.utils.prune holds for `module.<name>`, or None when it is not pruned that way."""
+    mask = module._buffers.get(f"{name}_mask")
+    return None if mask is None or f"{name}_orig" not in module._parameters else mask != 0
+
+
+def layer_mask(module: nn.Module) -> torch.Tensor | None:
+    """The bool mask of a layer's weight: torch.nn.utils.prune's, else a masked layer's own `mask` buffer (True =
+    kept), else None (a dense layer)."""
+    mask = torch_prune_mask(module)
+    if mask is None:
+        own = module._buffers.get("mask")
+        mask = own if own is not None and own.dtype == torch.bool else None
+    return mask
+
+
+def strip_torch_prune(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """Take torch.nn.utils.prune's reparametrisation of `module.<name>` off `module` in place, without folding the
+    mask in: `<name>` becomes the `<name>_orig` parameter itself (the same tensor, pruned entries as they were).
+    Returns the bool mask."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    mask = torch_prune_mask(module, name)
+    if mask is None:
+        raise ValueError(f"{type(module).__name__}.{name} has no torch.nn.utils.prune reparametrisation")
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, BasePruningMethod) and hook._tensor_name == name:
+            del module._forward_pre_hooks[key]
+    del module._buffers[f"{name}_mask"]
+    module.__dict__.pop(name, None)  # the hook's last `orig * mask`, a plain attribute
+    # `<name>` first again, as the layer registered it before pruning moved it behind the bias
+    orig = module._parameters.pop(f"{name}_orig")
+    rest = dict(module._parameters)
+    module._parameters.clear()
+    module._parameters.update({name: orig, **rest})
+    return mask
+
+
+def install_torch_prune(module: nn.Module, mask: torch.Tensor) -> None:
+    """Reparametrise `module.weight` by torch.nn.utils.prune with `mask` (replacing a pruning it already has);
+    `weight_orig` is the weight parameter itself."""
+    import torch.nn.utils.prune as tprune
+
+    if tprune.is_pruned(module):
+        tprune.remove(module, "weight")
+    tprune.custom_from_mask(module, "weight", mask.to(module.weight.device))
+
 
 def masks_from_torch_prune(model: nn.Module) -> Masks:
-    """Read `weight_mask` buffers left by torch.nn.utils.prune into our mask dictionary."""
+    """Our mask dictionary from a model's layers: torch.nn.utils.prune's `weight_mask` buffers, or a masked layer's
+    own mask (a model fused by `dsd2.ops.fuse_torch_prune`); all True for a dense layer."""
     masks = {}
     for mod_name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES):
             key = f"{mod_name}.weight" if mod_name else "weight"
-            mask = getattr(module, "weight_mask", None)
-            masks[key] = (mask != 0) if mask is not None else torch.ones_like(module.weight, dtype=torch.bool)
+            mask = layer_mask(module)
+            masks[key] = mask.clone() if mask is not None else torch.ones_like(module.weight, dtype=torch.bool)
     return masks
 
 
 def to_torch_prune(model: nn.Module, masks: Masks) -> None:
     """Install masks as torch.nn.utils.prune reparametrisations (weight_orig * weight_mask)."""
-    import torch.nn.utils.prune as tprune
-
     modules = dict(model.named_modules())
     for key, mask in masks.items():
-        module = modules[key.rsplit(".", 1)[0]] if "." in key else model
-        if tprune.is_pruned(module):
-            tprune.remove(module, "weight")
-        tprune.custom_from_mask(module, "weight", mask.to(module.weight.device))
+        install_torch_prune(modules[key.rsplit(".", 1)[0]] if "." in key else model, mask)
 
 
 def remove_torch_prune(model: nn.Module) -> Masks:

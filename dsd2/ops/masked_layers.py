@@ -1,0 +1,242 @@
+"""Masked layers: `MaskedLinear` and `MaskedConv2d`, and the bridge from and to torch.nn.utils.prune.
+
+A masked layer is its dense layer (a subclass: same parameters, `isinstance` checks and pruning code still see an
+`nn.Linear` / `nn.Conv2d`) plus a bool buffer `mask` (True = kept), and computes with W⊙M through
+`masked_linear` / `masked_conv2d`: the gradient of the weight comes back masked where it is made, so a pruned
+weight that is 0.0 stays 0.0 under any optimizer (SGD, Adam, weight decay) and nothing recomputes
+`weight_orig * weight_mask` per call. Its state dict is `weight`, `bias`, `mask`; `copy.deepcopy` and `pickle`
+work (no hooks).
+
+`fuse_torch_prune(model)` turns every torch.nn.utils.prune reparametrisation of a Linear or Conv2d weight into a
+masked layer whose `weight` is `weight_orig` itself (the same tensor: an optimizer built on the hooked model keeps
+working); `unfuse_torch_prune(model)` turns the masked layers back. Outputs are the same both ways.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from dsd2.ops.masked_conv2d import masked_conv2d
+from dsd2.ops.masked_linear import masked_linear
+from dsd2.pruning import install_torch_prune, prunable_weights, strip_torch_prune, torch_prune_mask
+
+DENSE_TYPE = "_dense_type"  # the class a masked layer was made from, when it is not plain nn.Linear / nn.Conv2d
+
+
+def _transplant(module: nn.Module, cls: type) -> nn.Module:
+    """A module of class `cls` holding what `module` holds (the same parameters, buffers, hooks and attributes),
+    in containers of its own, so changing one's parameters or hooks leaves the other as it was."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v
+                         for k, v in module.__dict__.items()})
+    if isinstance(new, fx.GraphModule):
+        new.recompile()  # an fx module's forward lives on a class of its own per instance: generate this one's
+    return new
+
+
+def _to_masked(layer: nn.Module, cls: type, mask: torch.Tensor | None) -> nn.Module:
+    base = nn.Linear if cls is MaskedLinear else nn.Conv2d
+    new = _transplant(layer, cls)
+    new.__dict__.pop(DENSE_TYPE, None)
+    if type(layer) is not base:
+        new.__dict__[DENSE_TYPE] = type(layer)
+    if mask is None:
+        mask = torch.ones_like(new.weight, dtype=torch.bool)
+    elif mask.shape != new.weight.shape or mask.dtype != torch.bool:
+        raise ValueError(f"the mask must be bool with the weight's shape {tuple(new.weight.shape)}, not "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    # in the weight's memory layout (a channels_last conv keeps a channels_last mask), on its device
+    new.register_buffer("mask", torch.empty_like(new.weight, dtype=torch.bool).copy_(mask))
+    return new
+
+
+def _to_dense(layer: nn.Module) -> nn.Module:
+    base = nn.Linear if isinstance(layer, MaskedLinear) else nn.Conv2d
+    new = _transplant(layer, layer.__dict__.get(DENSE_TYPE, base))
+    new.__dict__.pop(DENSE_TYPE, None)
+    del new._buffers["mask"]
+    return new
+
+
+class MaskedLinear(nn.Linear):
+    """`nn.Linear` that computes with weight⊙mask (`masked_linear`); `mask` is a bool buffer, True = kept."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear, mask: torch.Tensor | None = None) -> MaskedLinear:
+        """The masked layer over `layer`'s own parameters (shared, not copied) with `mask` (default: all kept)."""
+        return _to_masked(layer, cls, mask)
+
+    def to_dense(self) -> nn.Linear:
+        """The dense layer over the same parameters (the weight as it is, pruned entries included)."""
+        return _to_dense(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return masked_linear(x, self.weight, self.mask, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kept={int(self.mask.sum())}/{self.mask.numel()}"
+
+
+class MaskedConv2d(nn.Conv2d):
+    """`nn.Conv2d` that computes with weight⊙mask (`masked_conv2d`); `mask` is a bool buffer, True = kept. Every
+    padding mode of nn.Conv2d works (non-zero modes pad the input first, as nn.Conv2d does)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, mask: torch.Tensor | None = None) -> MaskedConv2d:
+        """The masked layer over `layer`'s own parameters (shared, not copied) with `mask` (default: all kept)."""
+        return _to_masked(layer, cls, mask)
+
+    def to_dense(self) -> nn.Conv2d:
+        """The dense layer over the same parameters (the weight as it is, pruned entries included)."""
+        return _to_dense(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return masked_conv2d(x, self.weight, self.mask, self.bias, self.stride, 0, self.dilation, self.groups)
+        return masked_conv2d(x, self.weight, self.mask, self.bias, self.stride, self.padding, self.dilation,
+                             self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kept={int(self.mask.sum())}/{self.mask.numel()}"
+
+
+MASKED_TYPES = (MaskedLinear, MaskedConv2d)
+
+
+def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The masked layers of `model`, keyed by the qualified name of their weight (the keys of our mask dicts)."""
+    return {f"{name}.weight" if name else "weight": m for name, m in model.named_modules()
+            if isinstance(m, MASKED_TYPES)}
+
+
+@torch.no_grad()
+def set_layer_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Copy `masks` (weight name -> bool tensor) into the model's masked layers, in place (their buffers keep
+    their addresses, so captured CUDA graphs and optimizer tables stay valid); names without a masked layer are
+    left to whoever masks them (the masked optimizer step)."""
+    for name, layer in masked_layers(model).items():
+        if name in masks:
+            if masks[name].shape != layer.mask.shape:
+                raise ValueError(f"the mask for {name} has shape {tuple(masks[name].shape)}, the layer's weight "
+                                 f"{tuple(layer.mask.shape)}")
+            layer.mask.copy_(masks[name])
+
+
+def _replace(root: nn.Module, path: str, new: nn.Module, copied: dict[str, nn.Module]) -> nn.Module:
+    """Put `new` at `path` under `root`, shallow-copying every container on the way (once, recorded in `copied`)
+    so the modules `root` was made from keep their children. Returns the (possibly copied) root."""
+    parts = path.split(".")
+    if "" not in copied:
+        copied[""] = _transplant(root, type(root))
+    parent, prefix = copied[""], ""
+    for part in parts[:-1]:
+        prefix = f"{prefix}.{part}" if prefix else part
+        if prefix not in copied:
+            copied[prefix] = _transplant(parent._modules[part], type(parent._modules[part]))
+            parent._modules[part] = copied[prefix]
+        parent = copied[prefix]
+    parent._modules[parts[-1]] = new
+    return copied[""]
+
+
+def swap_in_masked_layers(model: nn.Module, names: Iterable[str] | None = None, *,
+                          same_as: tuple[type, ...] = ()) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """The model with masked layers in place of the dense ones whose weights are `names` (default: every prunable
+    weight, `dsd2.pruning.prunable_weights`), each over the dense layer's own parameters and all kept.
+
+    Returns (model, the masked layers by weight name). The returned model shares every parameter, buffer and
+    untouched submodule with `model`; the containers on the way to a swapped layer are shallow copies, so `model`
+    itself keeps its layers (a module given by a user is trained in place, not restructured). Swapped: layers of
+    type nn.Linear or nn.Conv2d exactly, or of a type in `same_as` (subclasses known to compute what their base
+    does); any other layer (a subclass with its own forward, Conv1d, a torch.nn.utils.prune reparametrisation) is
+    left as it is."""
+    names = list(prunable_weights(model)) if names is None else list(names)
+    modules = dict(model.named_modules())
+    copied: dict[str, nn.Module] = {}
+    swapped: dict[str, nn.Module] = {}
+    root = model
+    for name in names:
+        path = name.rsplit(".", 1)[0] if "." in name else ""
+        layer = modules.get(path)
+        if isinstance(layer, MASKED_TYPES):
+            swapped[name] = layer
+            continue
+        if layer is None or not name.endswith("weight") or torch_prune_mask(layer) is not None:
+            continue
+        if type(layer) in (nn.Linear, *same_as) and isinstance(layer, nn.Linear):
+            new = MaskedLinear.from_dense(layer)
+        elif type(layer) in (nn.Conv2d, *same_as) and isinstance(layer, nn.Conv2d):
+            new = MaskedConv2d.from_dense(layer)
+        else:
+            continue
+        if not path:
+            return new, {name: new}  # the model is the layer
+        root = _replace(model, path, new, copied)
+        swapped[name] = new
+    return root, swapped
+
+
+def _refuse_unfusable(model: nn.Module) -> None:
+    """One sentence naming a pruning reparametrisation the masked layers cannot take over."""
+    for name, module in model.named_modules():
+        where = f"'{name}'" if name else "the model"
+        for tensor in ("bias", *(p[:-5] for p in module._parameters if p.endswith("_orig"))):
+            if tensor != "weight" and torch_prune_mask(module, tensor) is not None:
+                raise ValueError(f"{where} ({type(module).__name__}) has its {tensor} pruned by torch.nn.utils.prune; "
+                                 "masked layers mask weights only: remove that pruning first (prune.remove)")
+        if torch_prune_mask(module) is not None and not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"{where} ({type(module).__name__}) is pruned by torch.nn.utils.prune but only Linear and "
+                             "Conv2d have masked layers; remove its pruning first (prune.remove) or keep the model "
+                             "hooked")
+
+
+def fuse_torch_prune(model: nn.Module) -> nn.Module:
+    """Turn every torch.nn.utils.prune reparametrisation of a Linear or Conv2d weight in `model` into a
+    `MaskedLinear` / `MaskedConv2d` in place. The masked layer's weight is `weight_orig` itself (the same
+    parameter, pruned entries as they were) and its mask is `weight_mask`; no hook remains. Returns `model` (or the
+    masked layer, when `model` itself is the pruned layer). A pruned bias, or a pruned layer of another type, is
+    refused in one sentence before anything changes."""
+    _refuse_unfusable(model)
+    for name, module in list(model.named_modules()):
+        if torch_prune_mask(module) is None:
+            continue
+        cls = MaskedLinear if isinstance(module, nn.Linear) else MaskedConv2d
+        new = _transplant(module, type(module))
+        mask = strip_torch_prune(new)
+        new = _to_masked(new, cls, mask)
+        if not name:
+            return new
+        parent, _, child = name.rpartition(".")
+        model.get_submodule(parent)._modules[child] = new
+    return model
+
+
+def unfuse_torch_prune(model: nn.Module) -> nn.Module:
+    """Turn every masked layer of `model` back into its dense layer (the class it was fused from) reparametrised
+    by torch.nn.utils.prune with its mask (`weight_orig` is the weight parameter itself), in place. Returns `model`
+    (or the hooked layer, when `model` itself is a masked layer)."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, MASKED_TYPES):
+            continue
+        mask = module.mask
+        new = _to_dense(module)
+        install_torch_prune(new, mask)
+        if not name:
+            return new
+        parent, _, child = name.rpartition(".")
+        model.get_submodule(parent)._modules[child] = new
+    return model
