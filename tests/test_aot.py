@@ -25,6 +25,7 @@ def records(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_every_variant_compiles_for_both_targets(records):
     by_arch = {}
     for r in records:
@@ -41,6 +42,7 @@ def test_every_variant_compiles_for_both_targets(records):
                        "_conv_dgrad_kernel", "_conv_wgrad_kernel"}
 
 
+@pytest.mark.slow
 def test_kd_configurations_cover_every_dtype_and_class_count(records):
     kd = [r for r in records if r["kernel"].startswith("_kd_") and r["arch"] == "sm_90" and "s_ptr" in r["signature"]]
     dtypes = {r["signature"]["s_ptr"] for r in kd}
@@ -54,6 +56,7 @@ def test_kd_configurations_cover_every_dtype_and_class_count(records):
     assert split and all(rows * spans >= 132 for rows, spans in split)  # B = 8 rows still fill an H100's 132 SMs
 
 
+@pytest.mark.slow
 def test_kd_kernels_keep_two_ctas_per_sm_without_spills(records):
     """Every KD configuration on both targets: no stack or local memory, and registers low enough for at least two
     CTAs per SM (the C = 100 tile once took 139 registers per thread: one CTA of 8 warps per SM)."""
@@ -67,6 +70,7 @@ def test_kd_kernels_keep_two_ctas_per_sm_without_spills(records):
     assert c100 and all(r["ctas_per_sm"] >= 4 for r in c100)
 
 
+@pytest.mark.slow
 def test_masked_sgd_variants(records):
     sgd = [r["constexprs"] for r in records if r["kernel"] == "_masked_sgd_kernel" and r["arch"] == "sm_80"]
     modes = {(c["LR_FROM_PTR"], c["HAS_MOMENTUM"], c["NESTEROV"], c["ALIGNED"]) for c in sgd}
@@ -74,6 +78,7 @@ def test_masked_sgd_variants(records):
                      for a in (False, True)}
 
 
+@pytest.mark.slow
 def test_aligned_masked_sgd_moves_vectors(records):
     """With the tables' addresses known to be 16-byte aligned, the full blocks load and store vectors; without
     the hint every access of a table-read pointer is scalar."""
@@ -82,6 +87,7 @@ def test_aligned_masked_sgd_moves_vectors(records):
     assert all(r["vector_accesses"] == 0 for r in sgd if not r["constexprs"]["ALIGNED"])
 
 
+@pytest.mark.slow
 def test_no_kernel_spills(records):
     spills = [(r["kernel"], r["arch"], r["constexprs"], r["stack"], r["local"]) for r in records
               if r["stack"] or r["local"]]
@@ -89,6 +95,7 @@ def test_no_kernel_spills(records):
     assert max(r["reg"] for r in records) <= 255
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix", ["_kd_", "_count_", "_masked_sgd_", "_masked_matmul_", "_conv_"])
 def test_at_least_two_ctas_per_sm(records, prefix):
     """Registers x threads and shared memory of every configuration leave room for two CTAs on each SM of both
@@ -122,6 +129,7 @@ def test_ctas_per_sm_refuses_an_unknown_arch_in_one_sentence():
         ctas_per_sm(32, 4, 0, "sm_70")
 
 
+@pytest.mark.slow
 def test_masked_layer_products_cover_every_mode_dtype_and_precision(records):
     """The masked linear kernel's three products (forward with and without bias, dX, dW) and the conv kernels on
     NCHW and channels_last, each in fp32 (IEEE and TF32), bf16 and fp16, with the mask read as bytes."""
@@ -140,6 +148,7 @@ def test_masked_layer_products_cover_every_mode_dtype_and_precision(records):
         assert {r["signature"]["m_ptr"] for r in conv} == {"*u8"}
 
 
+@pytest.mark.slow
 def test_counting_atomics_are_relaxed(records):
     """Split counting adds partial counts atomically; only the sum matters, so no atomic may order memory."""
     atomic = [r for r in records if r["kernel"].startswith("_count_") and r["constexprs"].get("ATOMIC")]

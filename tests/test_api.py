@@ -48,6 +48,7 @@ def relu_states_by_hooks(model, images, mean, std):
     return [c.flatten().long() for _, c in calls]
 
 
+@pytest.mark.slow
 def test_resnet18_runs_two_levels_with_one_entropy_layer_per_relu_call_site(resnet_run):
     model, (images, _), out, summary = resnet_run
     assert summary["levels"] == 3 and len(summary["relu_layers"]) == 17  # BasicBlock's one ReLU is called twice
@@ -65,6 +66,7 @@ def test_resnet18_runs_two_levels_with_one_entropy_layer_per_relu_call_site(resn
                                                        abs=1e-6)
 
 
+@pytest.mark.slow
 def test_excluded_weights_stay_dense_and_the_rest_is_pruned(resnet_run):
     model, _, out, summary = resnet_run
     masks = {k[5:]: v for k, v in load_file(out / "checkpoints" / "level_02.safetensors").items()
@@ -76,6 +78,7 @@ def test_excluded_weights_stay_dense_and_the_rest_is_pruned(resnet_run):
     assert summary["final_sparsity"] == pytest.approx(0.36, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_a_second_call_resumes_and_another_model_is_refused_in_the_same_folder(resnet_run):
     model, train, out, summary = resnet_run
     test = random_images(32, 3)
@@ -88,6 +91,7 @@ def test_a_second_call_resumes_and_another_model_is_refused_in_the_same_folder(r
     assert json.loads((out / "summary.json").read_text())["run_hash"] == summary["run_hash"]
 
 
+@pytest.mark.slow
 def test_map_style_datasets_of_pil_images_and_a_teacher_module(tmp_path):
     from PIL import Image
 

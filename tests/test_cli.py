@@ -63,6 +63,7 @@ def test_missing_data_root_names_the_path(tmp_path, capsys):
     assert code == 2 and str(tmp_path / "nope") in err and "--download" in err
 
 
+@pytest.mark.slow
 def test_folder_with_a_different_run_is_left_untouched(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(out)]) == 0
@@ -81,6 +82,7 @@ def test_foreign_folder_is_refused(tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--levels", "2", "--out", str(out)]) == 0
@@ -92,6 +94,7 @@ def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, capsys):
     assert last.read_bytes() == b"\x00garbage" * 10
 
 
+@pytest.mark.slow
 def test_rerun_of_finished_run_reports_and_resume_flag(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(out)]) == 0
@@ -102,6 +105,7 @@ def test_rerun_of_finished_run_reports_and_resume_flag(tmp_path, capsys):
     assert RunDir(out).summary()["finished"]
 
 
+@pytest.mark.slow
 def test_info_lists_backends(tmp_path):
     out = subprocess.run([*ENGINE, "info"], capture_output=True, text=True, env=engine_env(), check=True,
                          cwd=tmp_path)
@@ -110,6 +114,7 @@ def test_info_lists_backends(tmp_path):
         assert words in out.stdout
 
 
+@pytest.mark.slow
 def test_default_run_dir_is_named_by_hash(tmp_path):
     proc = subprocess.run([*ENGINE, "train", *TINY], cwd=tmp_path, capture_output=True, text=True,
                           env=engine_env(), check=True)
@@ -118,6 +123,7 @@ def test_default_run_dir_is_named_by_hash(tmp_path):
     assert f"results: runs/{runs[0].name}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_foreign_checkpoint_is_refused(tmp_path, capsys):
     mine, other = tmp_path / "mine", tmp_path / "other"
     assert main(["train", *TINY, "--levels", "2", "--out", str(mine)]) == 0
@@ -130,6 +136,7 @@ def test_foreign_checkpoint_is_refused(tmp_path, capsys):
     assert code == 2 and "belongs to run" in err and str(last) in err
 
 
+@pytest.mark.slow
 def test_metrics_mark_the_best_level(tmp_path):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--levels", "2", "--out", str(out)]) == 0

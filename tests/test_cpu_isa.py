@@ -48,12 +48,14 @@ def run(code: str, cwd, **env) -> subprocess.CompletedProcess:
                           env={**engine_env(), **env}, timeout=120, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_environment_variable_chooses_the_level(tmp_path):
     out = run("from dsd2.ops import cpu_isa; print(cpu_isa())", tmp_path, DSD2_CPU_ISA="default")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "default"
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_bad_level_in_one_line_and_info_names_the_level(tmp_path):
     bad = subprocess.run([*ENGINE, "info"], capture_output=True, text=True, timeout=120,
                          env={**engine_env(), "DSD2_CPU_ISA": "avx9"}, cwd=tmp_path)
@@ -87,6 +89,7 @@ def test_every_level_gives_the_default_levels_answer(b, c):
         assert float((grad - grad0).abs().max()) <= 16 * 2.0**-24 * float(grad0.abs().max()), level
 
 
+@pytest.mark.slow
 def test_the_pruning_loop_gives_the_same_metrics_at_every_level(tmp_path):
     """A whole run with SGD and entropy counting: the SGD kernel is bit-identical across levels and counting is
     exact, so every metric of every level must be equal, not only close."""

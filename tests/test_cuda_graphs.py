@@ -351,6 +351,7 @@ def assert_rows_close(got, want):
                 assert g[key] == value, (w["level"], key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entropy", ["pass", "online"])
 def test_engine_run_with_graphs_equals_eager_run(tmp_path, tiny_config, reference_ops, entropy):
     cfg = tiny_config(analysis__entropy=entropy, optim__batch_size=64, optim__optimizer="sgd", optim__lr=0.05)
@@ -368,6 +369,7 @@ def test_engine_run_with_graphs_equals_eager_run(tmp_path, tiny_config, referenc
     assert all("entropy_mean" in r for r in graphed)
 
 
+@pytest.mark.slow
 def test_distilled_run_with_graphs_equals_eager_run(tmp_path, tiny_config, reference_ops):
     from dsd2.run import student_config
 
@@ -393,6 +395,7 @@ def load_bench_gpu(monkeypatch):
     return bench_gpu
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_every_variant_through_the_emulator(reference_ops, monkeypatch):
     """benchmarks/bench_gpu.py measures on a GPU only; its code paths are run here at toy size: the engine's
     eager epoch and its graph replays, augmentation included, and evaluation."""

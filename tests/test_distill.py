@@ -35,6 +35,7 @@ def teacher_run(tmp_path, tiny_config):
     return path
 
 
+@pytest.mark.slow
 def test_alpha_zero_reproduces_the_vanilla_student_exactly(tmp_path, tiny_config, teacher_run):
     cfg = tiny_config()
     vanilla = student_config(cfg, "vanilla", teacher_run, "h", 2)
@@ -63,6 +64,7 @@ def test_distillation_objective_is_the_kd_formula():
     assert float(kd_loss(s, t, y, alpha=0.7, temperature=3.0)) == pytest.approx(float(want), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_experiment_selects_the_teacher_and_students_load_it(tmp_path, tiny_config):
     cfg = tiny_config()
     root = RunDir(tmp_path / "exp")
@@ -88,6 +90,7 @@ def test_experiment_selects_the_teacher_and_students_load_it(tmp_path, tiny_conf
     assert json.loads((root.root / "students" / "vanilla" / "summary.json").read_text())["relu_layers"]
 
 
+@pytest.mark.slow
 def test_teacher_weights_are_checked(tmp_path, tiny_config, teacher_run):
     cfg = student_config(tiny_config(), "kd-sparse", teacher_run, "h", 1)
     engine = quiet(cfg, tmp_path / "s")
@@ -99,6 +102,7 @@ def test_teacher_weights_are_checked(tmp_path, tiny_config, teacher_run):
         engine.teacher.check_unchanged()
 
 
+@pytest.mark.slow
 def test_bad_teacher_is_one_line_and_exit_2(tmp_path, capsys, teacher_run, fake_cifar):
     code = main(["distill", "--teacher", str(tmp_path / "nowhere"), *TINY, "--out", str(tmp_path / "a")])
     err = capsys.readouterr().err
@@ -119,6 +123,7 @@ def test_bad_teacher_is_one_line_and_exit_2(tmp_path, capsys, teacher_run, fake_
 FLAGS = ["--epochs", "12", "--dense-epochs", "12", "--levels", "3", "--quiet", "--seed", "4"]
 
 
+@pytest.mark.slow
 def test_student_run_survives_sigkill_and_resumes(tmp_path, teacher_run):
     env = engine_env()
     cmd = [*ENGINE, "distill", "--teacher", f"{teacher_run}:best", *FLAGS]
@@ -144,6 +149,7 @@ def test_student_run_survives_sigkill_and_resumes(tmp_path, teacher_run):
     assert stable(read_jsonl(run / "epochs.jsonl")) == stable(read_jsonl(tmp_path / "ref" / "epochs.jsonl"))
 
 
+@pytest.mark.slow
 def test_main_job_runs_the_whole_experiment(tmp_path, capsys):
     out = tmp_path / "exp"
     assert main(["train", *TINY, "--out", str(out)]) == 0
@@ -172,6 +178,7 @@ def test_student_problems_are_found_before_the_teacher_trains(tmp_path, capsys, 
     assert code == 2 and words in err and not out.exists()
 
 
+@pytest.mark.slow
 def test_experiments_with_different_configs_are_not_pooled(tmp_path, capsys):
     from dsd2.report import write_experiment_report
     from dsd2.runs import RunError

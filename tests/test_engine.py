@@ -20,6 +20,7 @@ def stable(rows):
     return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
 
 
+@pytest.mark.slow
 def test_loop_writes_levels_and_keeps_pruned_weights_zero(tmp_path, tiny_config):
     cfg = tiny_config()
     engine = LevelLoop(cfg, RunDir(tmp_path / "run"), progress=False, log=lambda s: None)
@@ -38,6 +39,7 @@ def test_loop_writes_levels_and_keeps_pruned_weights_zero(tmp_path, tiny_config)
     assert (run / "summary.json").exists() and (run / "checkpoints" / "level_03.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path, tiny_config):
     a = LevelLoop(tiny_config(), RunDir(tmp_path / "a"), progress=False, log=lambda s: None).run()
     b = LevelLoop(tiny_config(), RunDir(tmp_path / "b"), progress=False, log=lambda s: None).run()
@@ -45,6 +47,7 @@ def test_same_seed_same_metrics(tmp_path, tiny_config):
     assert a["best_test_acc"] == b["best_test_acc"]
 
 
+@pytest.mark.slow
 def test_resume_in_process_after_partial_level(tmp_path, tiny_config):
     full = tmp_path / "full"
     LevelLoop(tiny_config(), RunDir(full), progress=False, log=lambda s: None).run()
@@ -70,6 +73,7 @@ def test_resume_in_process_after_partial_level(tmp_path, tiny_config):
 FLAGS = ["--epochs", "12", "--dense-epochs", "12", "--levels", "3", "--quiet", "--seed", "4", "--students", "none"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_level_then_resume_equals_uninterrupted(tmp_path):
     env = engine_env()
     ref = tmp_path / "ref"
@@ -99,6 +103,7 @@ def test_sigkill_mid_level_then_resume_equals_uninterrupted(tmp_path):
     assert summary["best_test_acc"] == json.loads((ref / "summary.json").read_text())["best_test_acc"]
 
 
+@pytest.mark.slow
 def test_cifar_run_from_fake_folder(tmp_path, fake_cifar, tiny_config):
     cfg = tiny_config(data__dataset="cifar10", data__data_root=str(fake_cifar), data__noise=0.2,
                       data__augment=True, model__name="vgg", model__depth=2, model__width=2,

@@ -16,6 +16,7 @@ def quiet_engine(cfg, path):
     return LevelLoop(cfg, RunDir(path), progress=False, log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_entropy_distances_and_flops_per_level(tmp_path, tiny_config):
     quiet_engine(tiny_config(), tmp_path / "run").run()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
@@ -33,12 +34,14 @@ def test_entropy_distances_and_flops_per_level(tmp_path, tiny_config):
     assert "describe" in summary["phases"]
 
 
+@pytest.mark.slow
 def test_online_entropy_counts_during_the_last_epoch(tmp_path, tiny_config):
     quiet_engine(tiny_config(analysis__entropy="online"), tmp_path / "run").run()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert all(0.0 < r["entropy_mean"] <= 1.0 for r in rows)
 
 
+@pytest.mark.slow
 def test_entropy_command_on_a_run_made_without_the_measure(tmp_path, tiny_config):
     with_measure = tmp_path / "with"
     without = tmp_path / "without"
@@ -54,6 +57,7 @@ def test_entropy_command_on_a_run_made_without_the_measure(tmp_path, tiny_config
     assert main(["entropy", str(without), "--granularity", "channel"]) == 0
 
 
+@pytest.mark.slow
 def test_engine_really_stops_and_a_rerun_does_not_continue(tmp_path, tiny_config, monkeypatch):
     def stop_at_two(rule, vals, ents, **kw):
         level = len(vals) - 1
@@ -109,6 +113,7 @@ def test_entropy_rule_without_the_measure_is_refused(capsys):
     assert "needs the entropy measure" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_online_counts_survive_a_kill_before_the_level_is_measured(tmp_path, tiny_config):
     cfg = tiny_config(analysis__entropy="online")
     quiet_engine(cfg, tmp_path / "ref").run()

@@ -89,6 +89,7 @@ def check_start(run: Path, lvl: int, expected_kept: dict[str, torch.Tensor]) -> 
 
 # ---- 1-3: perturbation after the prune -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_perturb_none_keeps_the_trained_weights(runs, one_thread):
     run = runs("none")
     init = split(ckpt(run, "init"), "model.")
@@ -100,6 +101,7 @@ def test_perturb_none_keeps_the_trained_weights(runs, one_thread):
         assert not torch.equal(trained[name], init[name])
 
 
+@pytest.mark.slow
 def test_perturb_rewind_restores_the_initial_weights(runs, one_thread):
     run = runs("rewind")
     init = split(ckpt(run, "init"), "model.")
@@ -111,6 +113,7 @@ def test_perturb_rewind_restores_the_initial_weights(runs, one_thread):
             assert (trained[name] != init[name])[mask[name]].float().mean() > 0.9  # inputs always 0 leave some
 
 
+@pytest.mark.slow
 def test_perturb_rewind_to_iteration_k_restores_the_weights_after_k_dense_epochs(runs, one_thread):
     run = runs("rewind_k")
     after_k = split(level(runs("dense_2"), 0), "model.")  # same seed and constant lr: epochs 0-1 are identical
@@ -122,6 +125,7 @@ def test_perturb_rewind_to_iteration_k_restores_the_weights_after_k_dense_epochs
         check_start(run, lvl, after_k)
 
 
+@pytest.mark.slow
 def test_perturb_reinit_draws_new_weights(runs, one_thread):
     run = runs("reinit")
     init = split(ckpt(run, "init"), "model.")
@@ -153,6 +157,7 @@ def lrs_by_level(run: Path) -> dict[int, list[float]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, dense, per_level", [
     ("none", COSINE_DENSE, [1e-3, 5e-4]),  # restart: cosine over the level's 2 epochs
     ("finetune", COSINE_DENSE, [1e-5, 1e-5]),  # fixed lr x finetune_lr_scale (0.01)
@@ -167,6 +172,7 @@ def test_retrain_rule_sets_the_learning_rates(runs, one_thread, name, dense, per
         assert got[lvl] == pytest.approx(per_level, rel=1e-9, abs=0)
 
 
+@pytest.mark.slow
 def test_a_level_retrains_its_own_number_of_epochs(runs, one_thread):
     rows = read_jsonl(runs("none") / "epochs.jsonl")
     assert [(r["level"], r["epoch"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (2, 0), (2, 1)]
@@ -183,6 +189,7 @@ def level_masks(run: Path, lvl: int) -> dict[str, torch.Tensor]:
     return masks_of(level(run, lvl))
 
 
+@pytest.mark.slow
 def test_magnitude_criterion_removes_the_smallest_weights(runs, one_thread):
     run = runs("none")
     prev = {n: torch.ones_like(m) for n, m in level_masks(run, 1).items()}
@@ -194,6 +201,7 @@ def test_magnitude_criterion_removes_the_smallest_weights(runs, one_thread):
         prev = got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["random", "gradient"])
 def test_other_criteria_choose_other_masks_than_magnitude(runs, one_thread, criterion):
     run = runs(criterion)

@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 from conftest import REPO
 
 
@@ -47,6 +48,7 @@ def test_layout_table_matches_the_tree():
             assert any((REPO / place).rglob(name.split("/")[-1])), f"{place} row names {name}, not in {place}"
 
 
+@pytest.mark.slow
 def test_the_python_api_example_runs_as_written(tmp_path, monkeypatch):
     """The README's example of `dsd2.prune`, executed verbatim (in a scratch folder)."""
     text = (REPO / "README.md").read_text().split("## Your own model and data: the Python API", 1)[1]

@@ -45,6 +45,7 @@ def test_report_files_hold_the_metrics(tmp_path):
     assert "dip 10.0 points" in md and "rise 30.0 points" in md
 
 
+@pytest.mark.slow
 def test_report_of_engine_runs_plots_and_tabulates_the_metrics(tmp_path, tiny_config):
     import json
     import statistics

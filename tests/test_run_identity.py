@@ -90,6 +90,7 @@ def checkpoint_hashes(run: Path) -> set[str]:
                                                        run / "noise.safetensors"]}
 
 
+@pytest.mark.slow
 def test_a_finished_0_1_0_experiment_is_found_renamed_and_not_run_again(old_runs, capsys):
     old = old_runs / "runs" / OLD_ROOT
     before = {p.relative_to(old): p.read_text() for p in old.rglob("metrics.jsonl")}
@@ -114,6 +115,7 @@ def test_a_finished_0_1_0_experiment_is_found_renamed_and_not_run_again(old_runs
     assert "run already complete" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_killed_0_1_0_run_resumes_and_keeps_what_it_had(old_runs, capsys):
     killed = old_runs / "killed"
     levels, epochs = read_jsonl(killed / "metrics.jsonl"), read_jsonl(killed / "epochs.jsonl")
@@ -129,6 +131,7 @@ def test_a_killed_0_1_0_run_resumes_and_keeps_what_it_had(old_runs, capsys):
     assert checkpoint_hashes(killed) == {stored["run_hash"]}
 
 
+@pytest.mark.slow
 def test_the_same_command_with_out_resumes_a_killed_0_1_0_run(old_runs, capsys):
     flags = ["--hidden", "16,16", "--levels", "2", "--epochs", "3", "--dense-epochs", "3", "--students", "none"]
     assert main(["train", *flags, "--quiet", "--out", "killed"]) == 0

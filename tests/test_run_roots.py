@@ -34,6 +34,7 @@ def parts(root):
     return [root / "teacher", *(root / "students" / k for k in KINDS)]
 
 
+@pytest.mark.slow
 def test_resolution_rules(root):
     assert [r.root for r in resolve_runs(root)] == parts(root)
     assert resolve_run(root, "teacher").root == root / "teacher"
@@ -55,6 +56,7 @@ def test_a_level_loop_run_whose_config_names_students_is_a_run(tmp_path):
     assert not run.is_experiment()
 
 
+@pytest.mark.slow
 def test_entropy_of_a_root_measures_the_teacher_and_every_student(root, capsys):
     code, out, _ = run_main(["entropy", str(root)], capsys)
     assert code == 0 and out.count("written:") == 4
@@ -65,6 +67,7 @@ def test_entropy_of_a_root_measures_the_teacher_and_every_student(root, capsys):
     assert code == 0 and out.count("written:") == 1
 
 
+@pytest.mark.slow
 def test_distill_from_a_root_takes_its_teacher(root, tmp_path, capsys):
     out = tmp_path / "student"
     code, printed, err = run_main(["distill", "--teacher", f"{root}:dense", *TINY,
@@ -76,6 +79,7 @@ def test_distill_from_a_root_takes_its_teacher(root, tmp_path, capsys):
     assert len(RunDir(out).levels()) == 3
 
 
+@pytest.mark.slow
 def test_report_of_a_root_is_the_experiment_report_with_readable_costs(root, tmp_path, capsys):
     out = tmp_path / "rep"
     code, printed, err = run_main(["report", str(root), "--out", str(out)], capsys)
@@ -93,6 +97,7 @@ def test_report_of_a_root_is_the_experiment_report_with_readable_costs(root, tmp
     assert (tmp_path / "students" / "compare.png").exists()  # the three students on one panel
 
 
+@pytest.mark.slow
 def test_resume_a_root_continues_the_experiment(root, capsys):
     (root / "summary.json").unlink()
     (root / "students" / "kd-sparse" / "summary.json").unlink()
@@ -104,6 +109,7 @@ def test_resume_a_root_continues_the_experiment(root, capsys):
     assert code == 0 and "already complete" in printed
 
 
+@pytest.mark.slow
 def test_a_folder_of_several_runs_where_one_is_needed_lists_them(root, tmp_path, capsys):
     both = tmp_path / "both"
     both.mkdir()

@@ -31,6 +31,7 @@ def run(cmd, cwd, **kw):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kw)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     """The MLP has no BatchNorm, so two ranks with half batches each differ from one process only by the
     order of floating-point sums: accuracies within 1 point, losses within 0.1 %, same sparsity."""
@@ -49,6 +50,7 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     assert two.stdout.count("best: best level") == 1  # one rank speaks
 
 
+@pytest.mark.slow
 def test_killing_one_worker_then_resuming(tmp_path):
     ref = run([*TORCHRUN, *FLAGS, "--out", str(tmp_path / "ref")], tmp_path)
     assert ref.returncode == 0, ref.stderr[-2000:]
@@ -80,6 +82,7 @@ def test_killing_one_worker_then_resuming(tmp_path):
     assert len(read_jsonl(partial / "metrics.jsonl")) == 4
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes(tmp_path, tiny_config, monkeypatch):
     cfg = tiny_config()
     path = tmp_path / "run"
@@ -122,6 +125,7 @@ def test_grid_expansion_and_hash_named_directories(tmp_path):
         parse_grid(["noise"])
 
 
+@pytest.mark.slow
 def test_sweep_skips_finished_runs_and_summarises_seeds(tmp_path):
     base = build_config(overrides={"optim": {"epochs": 1, "dense_epochs": 1}, "prune": {"levels": 1},
                                    "distill": {"students": []}})
@@ -138,6 +142,7 @@ def test_sweep_skips_finished_runs_and_summarises_seeds(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sw").rglob("metrics.jsonl")} == stamps
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher(tmp_path):
     base = build_config(overrides={"optim": {"epochs": 1, "dense_epochs": 1}, "prune": {"levels": 1},
                                    "distill": {"students": []}})
@@ -148,6 +153,7 @@ def test_submitit_local_launcher(tmp_path):
         run_sweep(base, ["seed=0"], tmp_path / "sw2", launcher="pbs", log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_a_failed_run_does_not_stop_the_sweep(tmp_path):
     from dsd2.runs import RunError
 

@@ -28,6 +28,7 @@ def seeds_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_each_seed_is_its_own_experiment(seeds_root):
     for seed in (0, 1):
         sub = RunDir(seeds_root / f"seed-{seed}")
@@ -36,6 +37,7 @@ def test_each_seed_is_its_own_experiment(seeds_root):
     assert RunDir(seeds_root).stored_config()["config"]["seeds"] == [0, 1]
 
 
+@pytest.mark.slow
 def test_the_summary_aggregates_every_curve_point(seeds_root):
     summary = RunDir(seeds_root).summary()
     assert summary["experiment"] == "seeds" and summary["seeds"] == [0, 1]
@@ -56,12 +58,14 @@ def test_the_summary_aggregates_every_curve_point(seeds_root):
     assert curve["verdict"]["seeds"] == 2 and curve["verdict"]["samples"] == rows[0][0]["test_images"]
 
 
+@pytest.mark.slow
 def test_outcomes_are_the_test_accuracy(seeds_root):
     for row in RunDir(seeds_root / "seed-0" / "teacher").levels():
         correct = unpack_outcomes(row["test_outcomes"], row["test_images"])
         assert correct.float().mean().item() == pytest.approx(row["test_acc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_finished_seed_is_not_run_again(seeds_root, capsys):
     seed0 = seeds_root / "seed-0" / "teacher" / "metrics.jsonl"
     before = seed0.stat().st_mtime_ns
@@ -76,6 +80,7 @@ def test_a_finished_seed_is_not_run_again(seeds_root, capsys):
     assert code == 0 and "already complete" in out.out
 
 
+@pytest.mark.slow
 def test_report_and_run_roles_of_a_seeds_root(seeds_root, capsys, tmp_path):
     assert [r.root for r in resolve_runs(seeds_root, "experiment")] == [seeds_root]
     levels = resolve_runs(seeds_root, "levels")
@@ -90,6 +95,7 @@ def test_report_and_run_roles_of_a_seeds_root(seeds_root, capsys, tmp_path):
     assert len(group["runs"]) == 2 and all(h >= 0 for h in group["test_ci95_half_pct"])
 
 
+@pytest.mark.slow
 def test_one_seed_experiment_prints_each_students_verdict(tmp_path, capsys):
     out = tmp_path / "one"
     code, printed = run_main(["train", *TINY, "--students", "vanilla", "--out", str(out)], capsys)
@@ -155,6 +161,7 @@ def study_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_the_study_runs_every_setting_on_every_seed(study_root):
     summary = json.loads((study_root / "study_summary.json").read_text())
     names = [r["setting"] for r in summary["settings"]]
@@ -177,6 +184,7 @@ def test_the_study_runs_every_setting_on_every_seed(study_root):
     assert (study_root / "study_heatmap.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_the_study_resumes_and_refuses_another_grid(study_root, capsys):
     metrics = study_root / "runs" / "best-w16-a1-t4" / "seed-1" / "metrics.jsonl"
     before = metrics.stat().st_mtime_ns

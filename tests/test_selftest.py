@@ -65,6 +65,7 @@ def slow_masked_sgd(monkeypatch) -> None:
     monkeypatch.setattr(MaskedSGD, "step", step)
 
 
+@pytest.mark.slow
 def test_quick_selftest_passes_on_the_cpu_at_every_level(tmp_path):
     out = tmp_path / "selftest.json"
     done = subprocess.run([*ENGINE, "selftest", "--quick", "--device", "cpu", "--strict", "--json", str(out)],
@@ -138,6 +139,7 @@ def test_every_op_timing_is_slow_when_its_op_is_slowed(monkeypatch):
     assert selftest.exit_code(checks) == 0 and selftest.exit_code(checks, strict=True) == 1
 
 
+@pytest.mark.slow
 def test_a_slowed_graph_replay_is_slow(monkeypatch):
     """The training step's graph-against-eager timing, through the CPU graph emulator (the fused ops'
     plain-PyTorch paths, which it can record), with each replay made to run 20 times (the emulator replays the
