@@ -27,7 +27,7 @@ def reference_ops(monkeypatch):
     """The fused ops' plain-PyTorch paths: C++ (pybind) work bypasses the dispatcher the emulator records."""
     import importlib
 
-    for name in ("kd_loss", "masked_sgd", "relu_count"):  # the package re-exports functions of these names
+    for name in ("kd_loss", "masked_sgd", "relu_count", "masked_linear", "masked_conv2d"):  # re-exported names
         monkeypatch.setattr(importlib.import_module(f"dsd2.ops.{name}"), "cpp_extension", lambda: None)
 
 

@@ -23,8 +23,8 @@ from dsd2.analysis.flops import measure_forward_flops, training_flops
 from dsd2.config import Config, ConfigError
 from dsd2.data import Splits, build_splits
 from dsd2.data.batching import train_batches
-from dsd2.models import build_model
-from dsd2.ops import ReLUSiteError, count_relu_call_sites
+from dsd2.models import Conv2d, build_model
+from dsd2.ops import ReLUSiteError, count_relu_call_sites, set_layer_masks, swap_in_masked_layers
 from dsd2.pruning import (
     CRITERIA,
     count_sparsity,
@@ -96,7 +96,10 @@ def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting:
     """The run's model on `device` (built from the config and seeded by the init stream, or `model`, a module
     given to the Python API; channels_last for conv nets), with the prunable weights the config's patterns
     choose, and, when `counting`, traced so that every ReLU call site counts its states (the traced module shares
-    the model's parameters and state dict; its counters hold no state, so checkpoints are unchanged)."""
+    the model's parameters and state dict; its counters hold no state, so checkpoints are unchanged). Its prunable
+    Linear and Conv2d layers are masked layers, swapped in once here: their weight gradient is masked where it is
+    made. The swap shares every parameter and copies only the containers on the way, so a given module is trained
+    in place but keeps its own layers."""
     torch.set_flush_denormal(True)  # denormal weights after pruning slow CPU retraining ~20x
     # the global generator is seeded too: code that draws from it (user objectives, dropout) is seeded by the run
     torch.manual_seed(rng.stream_seed("init", cfg.seed))
@@ -113,6 +116,7 @@ def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting:
         select_prunable(model, cfg.prune.include, cfg.prune.exclude)
     except (ReLUSiteError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+    model, _ = swap_in_masked_layers(model, same_as=(Conv2d,))  # dsd2's Conv2d computes nn.Conv2d's function
     return model, relus
 
 
@@ -312,6 +316,7 @@ class LevelLoop:
             saved = self.run_dir.ckpt_dir / "rewind.safetensors"
             rewind = self.checkpointer.weights(saved if saved.exists() else self.run_dir.init_path)
         perturb(self.model, p.perturb, self.masks, rewind, reinit_seed=rng.stream_seed("reinit", self.cfg.seed, level))
+        set_layer_masks(self.model, self.masks)  # the masked layers compute with the new masks from here on
 
     def _gradient_batches(self, level: int):
         feed = self.feed

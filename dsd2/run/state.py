@@ -1,8 +1,10 @@
 """A run's state in a checkpoint: the key schema, and saving, loading and restoring it.
 
 One safetensors file per checkpoint (`checkpoints/init`, `level_XX`, `last`, `rewind`). Keys:
-- `model.<name>`: the model's state dict;
-- `mask.<name>`: one bool per prunable weight;
+- `model.<name>`: the model's state dict, without the masked layers' `mask` buffers (the layout of a model of
+  plain layers: a checkpoint written before the loop ran on masked layers loads, and a teacher of plain layers
+  loads any);
+- `mask.<name>`: one bool per prunable weight, which is also what a masked layer's `mask` is loaded from;
 - `start.<name>`: the prunable weights at the start of the level, after prune and perturbation (the reference
   of the learning distance), only in checkpoints taken inside a level;
 - `optim.<param index>.<state name>`: the optimizer's tensor state (its scalars are in the metadata);
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsd2.ops import masked_layers
 from dsd2.pruning import Masks, prunable_weights
 from dsd2.runs import RunDir, RunError, load_checkpoint, save_checkpoint
 
@@ -79,10 +82,23 @@ class Checkpointer:
 
     def __init__(self, run_hash: str, model: nn.Module, relus: dict, device: torch.device):
         self.run_hash, self.model, self.relus, self.device = run_hash, model, relus, device
+        # state-dict key of each masked layer's mask -> the name of its weight (the key of its `mask.` entry)
+        self.layer_masks = {f"{weight[:-len('weight')]}mask": weight for weight in masked_layers(model)}
+
+    def model_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's state dict from a checkpoint's tensors: `model.*`, and each masked layer's mask from the
+        checkpoint's mask of its weight (all kept where the checkpoint has none)."""
+        state = with_prefix(tensors, "model")
+        for key, weight in self.layer_masks.items():
+            if key not in state:
+                saved = tensors.get(f"mask.{weight}")
+                state[key] = saved.bool() if saved is not None else torch.ones_like(
+                    self.model.get_parameter(weight), dtype=torch.bool)
+        return state
 
     def save(self, path: Path, masks: Masks, optimizer: torch.optim.Optimizer | None,
              level_start: dict[str, torch.Tensor], level: int, epoch: int, level_done: bool) -> None:
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items() if k not in self.layer_masks}
         tensors.update({f"mask.{k}": v for k, v in masks.items()})
         scalars: dict[str, Any] = {}
         if optimizer is not None:
@@ -105,7 +121,7 @@ class Checkpointer:
         """Load the model's weights, counters and generators; return the rest."""
         tensors, meta = load_checkpoint(path, self.run_hash)
         try:
-            self.model.load_state_dict(with_prefix(tensors, "model"))
+            self.model.load_state_dict(self.model_state(tensors))
         except RuntimeError:
             raise RunError(f"checkpoint '{path}' does not match the configured model") from None
         for name, obs in meta.get("relu_observations", {}).items():
@@ -122,9 +138,10 @@ class Checkpointer:
                         meta.get("optim_scalars", {}))
 
     def weights(self, path: Path, prunable_only: bool = False) -> dict[str, torch.Tensor]:
-        """The model weights saved in `path` (on this run's device), without loading them."""
+        """The model state saved in `path` (on this run's device, masked layers' masks included), or its prunable
+        weights alone, without loading them."""
         tensors, _ = load_checkpoint(path, self.run_hash)
-        weights = with_prefix(tensors, "model")
+        weights = self.model_state(tensors)
         if prunable_only:
             names = set(prunable_weights(self.model))
             weights = {k: v for k, v in weights.items() if k in names}

@@ -1,0 +1,131 @@
+"""The level loop on masked layers: the prunable layers are MaskedLinear / MaskedConv2d, the curves on the digits
+MLP and on a VGG-like (synthetic CIFAR, bf16 autocast where native, channels_last) equal the plain layers' bit for
+bit, a pruned weight is exactly 0.0 after every optimizer step, checkpoints keep the plain-layer layout, and a run
+killed by release 0.1.0 (plain layers) resumes on masked layers exactly as on plain ones."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsd2.run.loop as loop_module
+from dsd2.ops import MaskedConv2d, MaskedLinear, masked_layers
+from dsd2.pruning import prunable_weights
+from dsd2.run import LevelLoop
+from dsd2.runs import RunDir, load_checkpoint, read_jsonl
+
+VOLATILE = {"wall_time_s", "train_time_s", "images_per_s", "achieved_flop_per_s", "best"}
+KILLED = Path(__file__).parent / "fixtures" / "runs-0.1.0" / "killed"
+
+
+def stable(rows):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+def plain_layers(monkeypatch):
+    """The loop as it was before the switch: its layers stay the model's own."""
+    monkeypatch.setattr(loop_module, "swap_in_masked_layers", lambda model, **kwargs: (model, {}))
+
+
+def run(cfg, path):
+    engine = LevelLoop(cfg, RunDir(path), progress=False, log=lambda s: None)
+    engine.run()
+    return engine, stable(read_jsonl(path / "metrics.jsonl")), stable(read_jsonl(path / "epochs.jsonl"))
+
+
+def test_the_digits_curve_is_the_plain_layers_bit_for_bit(tmp_path, tiny_config, monkeypatch):
+    cfg = tiny_config()
+    masked, rows, epochs = run(cfg, tmp_path / "masked")
+    assert {type(m) for m in masked_layers(masked.model).values()} == {MaskedLinear}
+    assert set(masked_layers(masked.model)) == set(prunable_weights(masked.model))
+    plain_layers(monkeypatch)
+    plain, plain_rows, plain_epochs = run(cfg, tmp_path / "plain")
+    assert not masked_layers(plain.model)
+    assert rows == plain_rows and epochs == plain_epochs
+    assert [r["level"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_a_vgg_like_curve_on_synthetic_cifar_is_the_plain_layers_bit_for_bit(tmp_path, fake_cifar, tiny_config,
+                                                                          monkeypatch):
+    """Four blocks reach a 4x4 map (the CPU's small-map weight gradient); bf16 autocast where the CPU has it."""
+    cfg = tiny_config(data__dataset="cifar10", data__data_root=str(fake_cifar), data__noise=0.2,
+                      data__augment=True, model__name="vgg", model__depth=4, model__width=2,
+                      optim__optimizer="sgd", optim__lr=0.01, optim__batch_size=16, prune__levels=2)
+    masked, rows, epochs = run(cfg, tmp_path / "masked")
+    kinds = {type(m) for m in masked_layers(masked.model).values()}
+    assert kinds == {MaskedConv2d, MaskedLinear} and len(masked_layers(masked.model)) == 9
+    plain_layers(monkeypatch)
+    _, plain_rows, plain_epochs = run(cfg, tmp_path / "plain")
+    assert rows == plain_rows and epochs == plain_epochs
+    assert rows[-1]["sparsity"] == pytest.approx(0.36, abs=1e-3)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_pruned_weight_is_exactly_zero_after_every_optimizer_step(tmp_path, tiny_config, monkeypatch, optimizer):
+    steps = {"n": 0}
+    build = loop_module.build_optimizer
+
+    def checked(model, masks, cfg):
+        opt = build(model, masks, cfg)
+        step = opt.step
+
+        def step_and_check(*args, **kwargs):
+            out = step(*args, **kwargs)
+            for name, layer in masked_layers(model).items():
+                assert torch.equal(layer.mask, masks[name])
+                assert bool((layer.weight[~layer.mask] == 0).all())
+            steps["n"] += 1
+            return out
+
+        opt.step = step_and_check
+        return opt
+
+    monkeypatch.setattr(loop_module, "build_optimizer", checked)
+    run(tiny_config(optim__optimizer=optimizer, optim__lr=0.01), tmp_path / "run")
+    assert steps["n"] > 0
+
+
+def test_checkpoints_keep_the_plain_layer_layout(tmp_path, tiny_config, monkeypatch):
+    cfg = tiny_config(prune__levels=1)
+    run(cfg, tmp_path / "masked")
+    plain_layers(monkeypatch)
+    run(cfg, tmp_path / "plain")
+    for name in ("init", "level_00", "level_01", "last"):
+        masked, _ = load_checkpoint(tmp_path / "masked" / "checkpoints" / f"{name}.safetensors")
+        plain, _ = load_checkpoint(tmp_path / "plain" / "checkpoints" / f"{name}.safetensors")
+        assert masked.keys() == plain.keys() and not any(k.endswith(".mask") for k in masked)
+        assert all(torch.equal(masked[k], plain[k]) for k in masked if not k.startswith("rng."))
+
+
+def test_a_run_killed_with_plain_layers_resumes_on_masked_layers(tmp_path, monkeypatch):
+    """tests/fixtures/runs-0.1.0/killed was written by 0.1.0 (plain layers), stopped inside level 1 with a pruned
+    mask in its last checkpoint: its masks load into the masked layers, and the resumed run gives what resuming on
+    plain layers gives, bit for bit."""
+    from dsd2.cli import main
+    from dsd2.run.state import Checkpointer
+
+    loaded = []
+    load = Checkpointer.load
+
+    def load_and_check(self, path):
+        restored = load(self, path)
+        for name, layer in masked_layers(self.model).items():
+            assert torch.equal(layer.mask, restored.masks[name])
+            loaded.append(int((~layer.mask).sum()))
+        return restored
+
+    monkeypatch.setattr(Checkpointer, "load", load_and_check)
+    results = []
+    for layers in ("masked", "plain"):
+        if layers == "plain":
+            plain_layers(monkeypatch)
+        killed = tmp_path / layers
+        shutil.copytree(KILLED, killed)
+        assert main(["train", "--resume", str(killed), "--quiet"]) == 0
+        results.append((stable(read_jsonl(killed / "metrics.jsonl")), stable(read_jsonl(killed / "epochs.jsonl"))))
+    assert len(loaded) == 3 and sum(loaded) > 0  # the three masked layers took the checkpoint's pruned masks
+    assert results[0] == results[1]
+    assert [r["level"] for r in results[0][0]] == [0, 1, 2]
