@@ -9,7 +9,8 @@
 namespace dsd2 {
 namespace {
 
-constexpr int64_t kGrain = 1 << 15;
+// elements per task: a select streams memory, so below a few hundred KB one thread beats waking the pool
+constexpr int64_t kGrain = 1 << 17;
 
 // Whether b holds its elements in a's memory order (strides of size-1 dimensions are arbitrary: ignored).
 bool same_order(const at::Tensor& a, const at::Tensor& b) {
@@ -72,6 +73,15 @@ at::Tensor masked_copy(const at::Tensor& w, const at::Tensor& mask) {
   return out;
 }
 
+// Whether nothing but `g` can see its memory: one handle on it, and its storage held by it alone, or by it and its
+// base when it is a view whose base nothing else holds (F.linear's weight gradient is the transpose of a product).
+bool sole_owner(const at::Tensor& g) {
+  if (g.use_count() != 1 || g.requires_grad() || !g.is_non_overlapping_and_dense()) return false;
+  const auto holders = g.storage().use_count();
+  if (holders == 1) return true;
+  return holders == 2 && g.is_view() && g._base().use_count() == 1 && g._base().storage().is_alias_of(g.storage());
+}
+
 struct MaskedWeightFunction : public torch::autograd::Function<MaskedWeightFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
                             const at::Tensor& mask) {
@@ -88,9 +98,7 @@ struct MaskedWeightFunction : public torch::autograd::Function<MaskedWeightFunct
     if (!g.defined()) return {at::Tensor(), at::Tensor()};
     // The gradient of W⊙M comes from the one product that read it. When no other tensor shares its memory it is
     // masked where it lies; otherwise (a hook kept it, or a double backward needs it) into a new tensor.
-    const bool own = g.use_count() == 1 && g.storage().use_count() == 1 && !g.requires_grad() &&
-                     g.is_non_overlapping_and_dense();
-    if (own) {
+    if (sole_owner(g)) {
       mask_flat(g, mask_like(g, mask), g);
       return {g, at::Tensor()};
     }

@@ -62,10 +62,17 @@ def check_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:
         raise ValueError(f"the mask is on {mask.device} but the weight on {weight.device}; put them on one device")
 
 
+_PICKED: dict[tuple, str] = {}
+
+
 def pick_masked(op: str, x: torch.Tensor, backend: str | None, extension) -> str:
-    """The op's backend for x (`extension`: the op's loader of dsd2._C); the reference under torch.jit tracing
-    (fvcore's FLOP count), which records torch operators and cannot see into a C++ or custom autograd function."""
-    chosen = pick(op, x, backend, extension=extension)
+    """The op's backend for x (`extension`: the op's loader of dsd2._C), remembered per device type, dtype and
+    loader: a layer calls this every step and the answer cannot change within a process. The reference under
+    torch.jit tracing (fvcore's FLOP count), which records torch operators, not a C++ or custom autograd function."""
+    key = (op, x.device.type, x.dtype, backend, extension)
+    chosen = _PICKED.get(key)
+    if chosen is None:
+        chosen = _PICKED[key] = pick(op, x, backend, extension=extension)
     return "reference" if chosen == "cpp" and backend is None and torch.jit.is_tracing() else chosen
 
 

@@ -159,3 +159,18 @@ def test_bad_masks_are_refused_in_one_sentence():
         masked_linear(x, w, torch.ones(3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="the mask is on meta but the weight on cpu"):
         masked_linear(x, w, torch.ones(4, 3, dtype=torch.bool, device="meta"))
+
+
+@pytest.mark.parametrize("cpu_isa_level", [None], ids=["process-level"])
+def test_cpp_masks_the_weight_gradient_in_place_only_when_nothing_else_holds_it(cpu_isa_level):
+    """A gradient kept elsewhere (here by retain_grad on W⊙M) is not masked under its holder's feet."""
+    from dsd2.ops import cpp_extension
+
+    x, w, mask, _, grad_out = problem((6, 9), 5)
+    w.requires_grad_()
+    wm = cpp_extension().masked_weight(w, mask)
+    wm.retain_grad()
+    F.linear(x, wm).backward(grad_out)
+    unmasked = grad_out.t() @ x
+    torch.testing.assert_close(wm.grad, unmasked)
+    assert bool((w.grad[~mask] == 0).all()) and torch.equal(w.grad[mask], wm.grad[mask])
