@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from dsd2.ops._backend import cpp_extension
-from dsd2.ops.masked_linear import autocast_inputs, check_mask, masked_weight_reference, pick_masked
+from dsd2.ops.masked_linear import (
+    autocast_inputs,
+    check_mask,
+    check_same_dtype,
+    masked_weight_reference,
+    pick_masked,
+)
 
 SMALL_MAP = 16  # input positions per channel (4x4) up to which the CPU weight gradient is one matrix product
 INT32_MAX = 2**31 - 1
@@ -153,6 +159,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
         chosen = "reference"  # the kernels index in 32 bits
     if chosen == "triton":
         x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
+        check_same_dtype(x, weight)
         out = _TritonMaskedConv2d.apply(x, weight, mask, bias, stride, pad, dilation, groups)
     elif chosen == "cpp":
         wm = cpp_extension().masked_weight(weight, mask)

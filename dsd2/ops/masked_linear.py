@@ -76,6 +76,12 @@ def pick_masked(op: str, x: torch.Tensor, backend: str | None, extension) -> str
     return "reference" if chosen == "cpp" and backend is None and torch.jit.is_tracing() else chosen
 
 
+def check_same_dtype(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """The fused kernels multiply x by the weight as they are: refuse two dtypes, as torch's products do."""
+    if x.dtype != weight.dtype:
+        raise TypeError(f"the input is {x.dtype} but the weight {weight.dtype}; give both one dtype (or use autocast)")
+
+
 def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """The tensors in the autocast dtype when autocast is on for `device_type` (custom kernels see autocast but
     do not apply it), so a fused layer computes in the precision `nn.Linear`/`nn.Conv2d` would."""
@@ -118,6 +124,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
     chosen = pick_masked("masked_linear", x, backend, cpp_extension)
     if chosen == "triton":
         x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
+        check_same_dtype(x, weight)
         shape = x.shape
         out = _TritonMaskedLinear.apply(x.reshape(-1, shape[-1]), weight, mask, bias)
         return out.reshape(*shape[:-1], weight.shape[0])

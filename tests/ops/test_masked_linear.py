@@ -159,6 +159,10 @@ def test_bad_masks_are_refused_in_one_sentence():
         masked_linear(x, w, torch.ones(3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="the mask is on meta but the weight on cpu"):
         masked_linear(x, w, torch.ones(4, 3, dtype=torch.bool, device="meta"))
+    dev = triton_device()
+    with pytest.raises(TypeError, match="the input is torch.float32 but the weight torch.bfloat16; give both one"):
+        masked_linear(x.to(dev), w.to(dev, torch.bfloat16), torch.ones(4, 3, dtype=torch.bool, device=dev),
+                      backend="triton")
 
 
 @pytest.mark.parametrize("cpu_isa_level", [None], ids=["process-level"])
