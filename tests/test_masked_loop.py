@@ -36,6 +36,7 @@ def run(cfg, path):
     return engine, stable(read_jsonl(path / "metrics.jsonl")), stable(read_jsonl(path / "epochs.jsonl"))
 
 
+@pytest.mark.slow
 def test_the_digits_curve_is_the_plain_layers_bit_for_bit(tmp_path, tiny_config, monkeypatch):
     cfg = tiny_config()
     masked, rows, epochs = run(cfg, tmp_path / "masked")
@@ -48,6 +49,7 @@ def test_the_digits_curve_is_the_plain_layers_bit_for_bit(tmp_path, tiny_config,
     assert [r["level"] for r in rows] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_vgg_like_curve_on_synthetic_cifar_is_the_plain_layers_bit_for_bit(tmp_path, fake_cifar, tiny_config,
                                                                           monkeypatch):
     """Four blocks reach a 4x4 map (the CPU's small-map weight gradient); bf16 autocast where the CPU has it."""
@@ -63,6 +65,7 @@ def test_a_vgg_like_curve_on_synthetic_cifar_is_the_plain_layers_bit_for_bit(tmp
     assert rows[-1]["sparsity"] == pytest.approx(0.36, abs=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_a_pruned_weight_is_exactly_zero_after_every_optimizer_step(tmp_path, tiny_config, monkeypatch, optimizer):
     steps = {"n": 0}
@@ -88,6 +91,7 @@ def test_a_pruned_weight_is_exactly_zero_after_every_optimizer_step(tmp_path, ti
     assert steps["n"] > 0
 
 
+@pytest.mark.slow
 def test_checkpoints_keep_the_plain_layer_layout(tmp_path, tiny_config, monkeypatch):
     cfg = tiny_config(prune__levels=1)
     run(cfg, tmp_path / "masked")
@@ -100,6 +104,7 @@ def test_checkpoints_keep_the_plain_layer_layout(tmp_path, tiny_config, monkeypa
         assert all(torch.equal(masked[k], plain[k]) for k in masked if not k.startswith("rng."))
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_plain_layers_resumes_on_masked_layers(tmp_path, monkeypatch):
     """tests/fixtures/runs-0.1.0/killed was written by 0.1.0 (plain layers), stopped inside level 1 with a pruned
     mask in its last checkpoint: its masks load into the masked layers, and the resumed run gives what resuming on
