@@ -419,30 +419,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"dsd2-engine: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dsd2-engine", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = sub.add_parser("train", help="run the iterative pruning loop")
-    _add_train_flags(train)
-    train.set_defaults(func=cmd_train)
-    distill = sub.add_parser("distill", help="prune a student distilled from an existing run's checkpoint")
-    distill.add_argument("--teacher", required=True, metavar="RUN_DIR[:LEVEL]",
-                         help="teacher run (an experiment root: its teacher/) and level: best (default), dense or "
-                         "a number")
-    _add_train_flags(distill)
-    distill.set_defaults(func=cmd_distill)
-    sweep = sub.add_parser("sweep", help="a grid of runs named by their config hash (finished runs skipped)")
-    sweep.add_argument("config_file", nargs="?", metavar="CONFIG", help="base YAML config")
-    sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2",
-                       help="one axis: a flag's name (noise, seed, depth, lr, ...), delta/gamma for the "
-                       "VGG-like depth/width, or a dotted config path")
-    sweep.add_argument("--launcher", default="local", choices=LAUNCHERS)
-    sweep.add_argument("--slurm-partition")
-    sweep.add_argument("--slurm-gpus", type=int, help="GPUs per job")
-    sweep.add_argument("--slurm-cpus", type=int, help="CPUs per job")
-    sweep.add_argument("--slurm-timeout-min", type=int)
-    _add_train_flags(sweep)
-    sweep.set_defaults(func=cmd_sweep)
+def _add_study_parser(sub) -> None:
     study = sub.add_parser("study", help="kd: when does distillation dodge sparse double descent? a grid over "
                            "alpha, tau, student width and teacher; sdd: what causes sparse double descent? the "
                            "perturbation, width, depth and label noise of the IMP curve; both with seeds")
@@ -467,6 +444,33 @@ def build_parser() -> argparse.ArgumentParser:
                        "for sweep")
     _add_train_flags(study)
     study.set_defaults(func=cmd_study)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dsd2-engine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="run the iterative pruning loop")
+    _add_train_flags(train)
+    train.set_defaults(func=cmd_train)
+    distill = sub.add_parser("distill", help="prune a student distilled from an existing run's checkpoint")
+    distill.add_argument("--teacher", required=True, metavar="RUN_DIR[:LEVEL]",
+                         help="teacher run (an experiment root: its teacher/) and level: best (default), dense or "
+                         "a number")
+    _add_train_flags(distill)
+    distill.set_defaults(func=cmd_distill)
+    sweep = sub.add_parser("sweep", help="a grid of runs named by their config hash (finished runs skipped)")
+    sweep.add_argument("config_file", nargs="?", metavar="CONFIG", help="base YAML config")
+    sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                       help="one axis: a flag's name (noise, seed, depth, lr, ...), delta/gamma for the "
+                       "VGG-like depth/width, or a dotted config path")
+    sweep.add_argument("--launcher", default="local", choices=LAUNCHERS)
+    sweep.add_argument("--slurm-partition")
+    sweep.add_argument("--slurm-gpus", type=int, help="GPUs per job")
+    sweep.add_argument("--slurm-cpus", type=int, help="CPUs per job")
+    sweep.add_argument("--slurm-timeout-min", type=int)
+    _add_train_flags(sweep)
+    sweep.set_defaults(func=cmd_sweep)
+    _add_study_parser(sub)
     report = sub.add_parser("report", help="figures and tables from run directories (seeds aggregate)")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="runs, experiment roots, or folders of them")
