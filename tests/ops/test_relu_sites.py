@@ -211,8 +211,8 @@ def test_a_torch_layer_subclass_that_applies_a_relu_is_traced_into():
 
 # ---- dsd2's own models: the same layers as swap_in_counting_relus ---------------------------------------------
 
-@pytest.mark.parametrize("name, shape", [("mlp", (1, 28, 28)), ("lenet300", (1, 28, 28)), ("vgg", (3, 32, 32)),
-                                         ("resnet18", (3, 32, 32))])
+@pytest.mark.parametrize("name, shape", [("mlp", (1, 28, 28)), ("lenet300", (1, 28, 28)), ("lenet5", (1, 28, 28)),
+                                         ("vgg", (3, 32, 32)), ("resnet18", (3, 32, 32))])
 def test_dsd2_models_have_the_layer_names_of_swap_in_counting_relus(name, shape):
     """Every ReLU of dsd2's models is its own module called once: existing runs' `relu_layers` do not change."""
     model = build_model(ModelConfig(name=name), shape, 10).eval()
