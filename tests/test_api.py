@@ -8,6 +8,7 @@ import torchvision
 from safetensors.torch import load_file
 
 import dsd2
+import dsd2.api
 from dsd2.analysis.entropy import summarize
 from dsd2.runs import RunError, read_jsonl
 
