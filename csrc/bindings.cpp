@@ -9,7 +9,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("relu_count", &dsd2::relu_count, "ReLU forward that counts on-states in the same pass");
   m.def("kd_loss_forward", &dsd2::kd_loss_forward, "KD loss forward with its gradient, one pass per row");
   m.def("kd_loss_backward", &dsd2::kd_loss_backward, "KD loss backward: the saved gradient scaled (as is for 1)");
-  m.def("masked_weight", &dsd2::masked_weight, "W*M as a new tensor (one vectorised pass); its gradient masked");
+  m.def("masked_weight", &dsd2::masked_weight, "W*M (W itself where it is 0 wherever pruned); its gradient masked");
+  m.def("masked_linear", &dsd2::masked_linear, "linear on masked_weight(weight, mask)");
+  m.def("masked_conv2d", &dsd2::masked_conv2d, "conv2d on masked_weight(weight, mask)");
   m.def("cpu_isa", &dsd2::cpu_isa, "The instruction-set level of the kernels in use");
   m.def("cpu_isa_levels", &dsd2::cpu_isa_levels, "Levels this CPU runs, lowest first");
   m.def("set_cpu_isa", &dsd2::set_cpu_isa, "Run the kernels of this level (ValueError if the CPU lacks it)");

@@ -22,8 +22,15 @@ std::vector<at::Tensor> kd_loss_forward(const at::Tensor& student, const at::Ten
 
 at::Tensor kd_loss_backward(const at::Tensor& grad, const at::Tensor& grad_loss);
 
-// W⊙M (weight where mask, else +0) as a new tensor in the weight's layout; differentiable in the weight, whose
-// gradient comes back masked.
+// W⊙M (weight where mask, else +0): the weight itself when it is 0 wherever pruned, else a new tensor in its
+// layout; differentiable in the weight, whose gradient comes back masked.
 at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask);
+
+// torch's linear and conv2d (oneDNN / MKL) on masked_weight(weight, mask), in one call.
+at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                         const std::optional<at::Tensor>& bias);
+at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                         const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                         std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups);
 
 }  // namespace dsd2

@@ -47,6 +47,9 @@ struct KernelTable {
   // out[i] = mask[i] ? w[i] : +0 over n elements (out may be w: in place); the 16-bit one for bf16 and fp16 bits
   void (*mask_f32)(const float* w, const uint8_t* mask, float* out, int64_t n);
   void (*mask_u16)(const uint16_t* w, const uint8_t* mask, uint16_t* out, int64_t n);
+  // whether w[i] is +0 or -0 wherever mask[i] is 0 (w⊙m is then w itself)
+  bool (*pruned_zero_f32)(const float* w, const uint8_t* mask, int64_t n);
+  bool (*pruned_zero_u16)(const uint16_t* w, const uint8_t* mask, int64_t n);
 };
 
 // counting: columns per task (relu_count.cpp) and per counter block of the kernels: 32 KiB of int32 counters, so

@@ -422,7 +422,24 @@ static void mask_u16(const uint16_t* w, const uint8_t* __restrict__ mask, uint16
     out[i] = static_cast<uint16_t>(w[i] & static_cast<uint16_t>(0u - static_cast<uint32_t>(mask[i] != 0)));
 }
 
+// Whether every pruned entry (mask 0) is +0 or -0, so that w⊙m is w itself: the pruned entries' magnitude bits
+// or-ed together, one pass that reads and writes nothing else.
+static bool pruned_zero_f32(const float* w, const uint8_t* __restrict__ mask, int64_t n) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(w);
+  uint32_t acc = 0;
+#pragma omp simd reduction(| : acc)
+  for (int64_t i = 0; i < n; ++i) acc |= bits[i] & 0x7fffffffu & (static_cast<uint32_t>(mask[i] != 0) - 1u);
+  return acc == 0;
+}
+
+static bool pruned_zero_u16(const uint16_t* w, const uint8_t* __restrict__ mask, int64_t n) {
+  uint32_t acc = 0;
+#pragma omp simd reduction(| : acc)
+  for (int64_t i = 0; i < n; ++i) acc |= w[i] & 0x7fffu & (static_cast<uint32_t>(mask[i] != 0) - 1u);
+  return acc == 0;
+}
+
 static const KernelTable kTable = {
     DSD2_ISA_NAME, sgd_f32, count_cols_f32, count_cols_u16, relu_rows_f32, relu_rows_u16, kd_row, kd_row_f64,
-    kd_block, mask_f32, mask_u16,
+    kd_block, mask_f32, mask_u16, pruned_zero_f32, pruned_zero_u16,
 };

@@ -1,10 +1,15 @@
-// Masked layers on the CPU: W⊙M (the weight where the mask keeps it, else +0) made in one vectorised pass for
-// oneDNN's convolutions and matrix products, as an autograd function whose backward masks the weight gradient,
-// in place when no other tensor holds it (no allocation, no page faults, for a large layer).
+// Masked layers on the CPU: W⊙M (the weight where the mask keeps it, else +0) for oneDNN's convolutions and matrix
+// products, as an autograd function whose backward masks the weight gradient, in place when no other tensor holds
+// it (no allocation, no page faults, for a large layer). A weight already 0 wherever it is pruned (a masked layer's
+// weight under any optimizer, the level loop's always) is W⊙M itself: one read pass checks that and the weight is
+// used as it is; any other weight is masked into a new tensor by one vectorised pass.
 #include "common.h"
 #include "isa.h"
 
 #include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
 
 namespace dsd2 {
 namespace {
@@ -66,6 +71,30 @@ void check(const at::Tensor& w, const at::Tensor& mask) {
               w.sizes());
 }
 
+// Whether w is 0 wherever the mask prunes it, read in one pass (w and mask dense in one memory order).
+bool pruned_zero(const at::Tensor& w, const at::Tensor& mask) {
+  const KernelTable& k = active_kernels();
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  const int64_t n = w.numel();
+  const int64_t chunks = (n + kGrain - 1) / kGrain;
+  std::vector<uint8_t> clean(static_cast<size_t>(chunks), 1);
+  const auto scalar = w.scalar_type();
+  if (scalar != at::kFloat && scalar != at::kBFloat16 && scalar != at::kHalf) return false;
+  constexpr int64_t kBlock = 8192;  // a weight that is not clean is usually found out in its first block
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t end = std::min(n, (c + 1) * kGrain);
+      for (int64_t b = c * kGrain; b < end && clean[c]; b += kBlock) {
+        const int64_t len = std::min(kBlock, end - b);
+        clean[c] = scalar == at::kFloat
+                       ? k.pruned_zero_f32(w.data_ptr<float>() + b, m + b, len)
+                       : k.pruned_zero_u16(static_cast<const uint16_t*>(w.data_ptr()) + b, m + b, len);
+      }
+    }
+  });
+  return std::all_of(clean.begin(), clean.end(), [](uint8_t v) { return v != 0; });
+}
+
 at::Tensor masked_copy(const at::Tensor& w, const at::Tensor& mask) {
   if (!w.is_non_overlapping_and_dense()) return at::where(mask, w, at::zeros({}, w.options()));
   at::Tensor out = at::empty_like(w);  // w's memory order (channels_last stays channels_last)
@@ -86,7 +115,9 @@ struct MaskedWeightFunction : public torch::autograd::Function<MaskedWeightFunct
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
                             const at::Tensor& mask) {
     ctx->save_for_backward({mask});
-    ctx->mark_non_differentiable({});
+    if (weight.is_non_overlapping_and_dense() && same_order(weight, mask) && mask.is_non_overlapping_and_dense() &&
+        pruned_zero(weight, mask))
+      return weight;  // W⊙M is W: autograd hands it on as a view of the weight, no copy is made
     return masked_copy(weight, mask);
   }
 
@@ -110,7 +141,24 @@ struct MaskedWeightFunction : public torch::autograd::Function<MaskedWeightFunct
 
 at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask) {
   check(weight, mask);
+  if (!at::GradMode::is_enabled() || !weight.requires_grad()) {  // no gradient to mask: no autograd node either
+    const bool as_is = weight.is_non_overlapping_and_dense() && same_order(weight, mask) &&
+                       mask.is_non_overlapping_and_dense() && pruned_zero(weight, mask);
+    return as_is ? weight : masked_copy(weight, mask);
+  }
   return MaskedWeightFunction::apply(weight, mask);
+}
+
+// One call from Python per layer: a layer of a small network runs in microseconds, so the glue counts.
+at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                         const std::optional<at::Tensor>& bias) {
+  return at::linear(x, masked_weight(weight, mask), bias);
+}
+
+at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                         const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                         std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
+  return at::conv2d(x, masked_weight(weight, mask), bias, stride, padding, dilation, groups);
 }
 
 }  // namespace dsd2

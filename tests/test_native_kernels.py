@@ -121,6 +121,21 @@ def test_mask_kernels_are_vectorised_at_their_level(code, level, kernel):
         assert not any(f"%{wider}" in line for line in body), f"{level}::{kernel} uses {wider} registers"
 
 
+@pytest.mark.parametrize("kernel", ["pruned_zero_f32", "pruned_zero_u16"])
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_pruned_zero_checks_are_vectorised_at_their_level(code, level, kernel):
+    """The read-only check that a weight is 0 wherever pruned: packed compares of the mask bytes and packed ors
+    (or ternary logic) on the level's registers, nothing wider."""
+    body = code.get(f"{level}::{kernel}")
+    assert body, f"dsd2::isa_{level}::{kernel} is missing from the built extension"
+    reg = LEVELS[level]
+    compares = [line for line in body if re.search(r"\s(v?pcmp\w+|vptestn?m\w+)\s", line) and f"%{reg}" in line]
+    logic = [line for line in body if re.search(r"\s(v?por\w*|vpternlog\w+)\s", line) and f"%{reg}" in line]
+    assert compares and logic, f"{level}::{kernel}: {len(compares)} packed compares, {len(logic)} packed ors"
+    for wider in WIDER[level]:
+        assert not any(f"%{wider}" in line for line in body), f"{level}::{kernel} uses {wider} registers"
+
+
 def test_sgd_kernels_have_no_fma(code):
     """The SGD update rounds each product on its own at every level (bit-identical results)."""
     for level in LEVELS:

@@ -6,10 +6,12 @@ Autograd gives dX through W⊙M, dW already masked (pruned entries exactly 0.0) 
   (`dsd2.kernels.masked_conv2d`). The weight tile is masked as it is loaded, the weight-gradient tile before it is
   stored; no W⊙M tensor and no im2col buffer is in memory. fp32 runs TF32 where `torch.backends.cudnn.allow_tf32`
   allows it (as `nn.Conv2d` does on cuDNN), else IEEE. A tensor of 2**31 elements or more runs the reference.
-- **cpp** (CPU): oneDNN's convolution (torch's `conv2d`) on W⊙M made by one vectorised C++ pass
-  (`dsd2._C.masked_weight`), whose backward masks dW in place. On maps of at most 16 positions, where oneDNN's
-  backward-weights kernel is slow, dW is one matrix product over the unfolded input instead. The measurement
-  behind this choice is in `benchmarks/ops/bench_masked_layers.py` and the README's masked-layers section.
+- **cpp** (CPU): oneDNN's convolution (torch's `conv2d`) on W⊙M from `dsd2._C.masked_weight` (the weight
+  itself when it is already 0 wherever pruned, else a copy masked in one vectorised pass), whose backward masks dW
+  in place. On maps of at most 16 positions dW is one matrix product over the unfolded input, as dsd2's own
+  Conv2d computes it (so the loop's curves are unchanged by the switch). No C++ convolution: the masking is the
+  whole cost over the plain layer, measured in `benchmarks/ops/bench_masked_layers.py` and the README's
+  masked-layers section.
 - **reference**: `F.conv2d(x, torch.where(mask, weight, 0), bias, ...)`, the oracle.
 
 stride, padding (an int, a pair, "valid" or "same"), dilation and groups are `F.conv2d`'s.
@@ -161,12 +163,10 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
         x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
         check_same_dtype(x, weight)
         out = _TritonMaskedConv2d.apply(x, weight, mask, bias, stride, pad, dilation, groups)
+    elif chosen == "cpp" and _small_map(x, weight, groups):
+        out = _SmallMapConv.apply(x, cpp_extension().masked_weight(weight, mask), bias, stride, pad, dilation)
     elif chosen == "cpp":
-        wm = cpp_extension().masked_weight(weight, mask)
-        if _small_map(x, weight, groups):
-            out = _SmallMapConv.apply(x, wm, bias, stride, pad, dilation)
-        else:
-            out = F.conv2d(x, wm, bias, stride, pad, dilation, groups)
+        out = cpp_extension().masked_conv2d(x, weight, mask, bias, stride, pad, dilation, groups)
     else:
         out = masked_conv2d_reference(x, weight, mask, bias, stride, pad, dilation, groups)
     return out.squeeze(0) if unbatched else out

@@ -7,10 +7,12 @@ W⊙M is a select, not a product: a pruned entry contributes nothing even when i
 - **triton** (CUDA): one masked matrix-product kernel for the three products. The mask is applied to each weight
   tile as it is loaded, and the weight-gradient tile is masked before it is stored: no W⊙M tensor is ever in
   memory. fp32 runs TF32 where `torch.backends.cuda.matmul.allow_tf32` allows it (as `nn.Linear` does), else IEEE.
-- **cpp** (CPU): oneDNN/MKL's matrix products (torch's `linear`) on W⊙M made by one vectorised C++ pass
-  (`dsd2._C.masked_weight`), whose backward masks dW in place. That pass is the whole cost over the plain
-  layer; it was measured against the alternatives in `benchmarks/ops/bench_masked_layers.py` (the README's
-  masked-layers section has the table).
+- **cpp** (CPU): oneDNN/MKL's matrix products (torch's `linear`) on W⊙M from `dsd2._C.masked_weight`: the
+  weight itself when one vectorised read finds it 0 wherever it is pruned (a masked layer's weight stays so under
+  any optimizer: the level loop's always is), else a copy masked in one vectorised pass; its backward masks dW in
+  place. No C++ matrix product: the masking is the whole cost over the plain layer, measured in
+  `benchmarks/ops/bench_masked_layers.py` (the README's masked-layers section has the table), so a C++ product
+  could gain at most that against oneDNN's own.
 - **reference**: `F.linear(x, torch.where(mask, weight, 0), bias)`, the oracle.
 
 Inputs may be float32, float64 (reference and cpp), float16 or bfloat16. Under autocast the products run in the
@@ -129,6 +131,6 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
         out = _TritonMaskedLinear.apply(x.reshape(-1, shape[-1]), weight, mask, bias)
         return out.reshape(*shape[:-1], weight.shape[0])
     if chosen == "cpp":
-        # W⊙M by one vectorised C++ pass, in the weight's layout; its backward masks dW in place
-        return F.linear(x, cpp_extension().masked_weight(weight, mask), bias)
+        # oneDNN/MKL's product on W⊙M (the weight itself when it is already 0 where pruned); dW masked in place
+        return cpp_extension().masked_linear(x, weight, mask, bias)
     return masked_linear_reference(x, weight, mask, bias)

@@ -178,3 +178,25 @@ def test_cpp_masks_the_weight_gradient_in_place_only_when_nothing_else_holds_it(
     unmasked = grad_out.t() @ x
     torch.testing.assert_close(wm.grad, unmasked)
     assert bool((w.grad[~mask] == 0).all()) and torch.equal(w.grad[mask], wm.grad[mask])
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_uses_a_weight_already_zero_where_pruned_as_it_is(backend, cpu_isa_level, dtype):
+    """W⊙M is W when every pruned entry is +0 or -0 (the loop's weights): no copy is made, with or without
+    autograd; one nonzero pruned entry, even the last one, and the masked copy is made instead."""
+    from dsd2.ops import cpp_extension
+
+    ext = cpp_extension()
+    g = torch.Generator().manual_seed(7)
+    mask = torch.rand(300, 500, generator=g) < 0.3
+    clean = (torch.randn(300, 500, generator=g) * mask).to(dtype)
+    clean[~mask & (torch.arange(500) % 3 == 0)] = -0.0
+    dirty = clean.clone()
+    dirty.view(-1)[int((~mask).view(-1).nonzero()[-1])] = 1e-30 if dtype == torch.float32 else 1e-3
+    expected = torch.where(mask, dirty, torch.zeros((), dtype=dtype))
+    for grad in (False, True):
+        w_clean, w_dirty = clean.clone().requires_grad_(grad), dirty.clone().requires_grad_(grad)
+        got_clean, got_dirty = ext.masked_weight(w_clean, mask), ext.masked_weight(w_dirty, mask)
+        assert got_clean.data_ptr() == w_clean.data_ptr() and torch.equal(got_clean, clean)
+        assert got_dirty.data_ptr() != w_dirty.data_ptr() and torch.equal(got_dirty, expected)
