@@ -129,11 +129,20 @@ struct MaskedWeightFunction : public torch::autograd::Function<MaskedWeightFunct
     if (!g.defined()) return {at::Tensor(), at::Tensor()};
     // The gradient of W⊙M comes from the one product that read it. When no other tensor shares its memory it is
     // masked where it lies; otherwise (a hook kept it, or a double backward needs it) into a new tensor.
+    if (g.requires_grad()) return {MaskedWeightFunction::apply(g, mask), at::Tensor()};  // a double backward
+    if (!same_order(g, mask) && mask.is_non_overlapping_and_dense()) {
+      // a gradient in another layout than the weight's (dsd2's small-map weight gradient of a channels_last conv):
+      // copied once into the weight's layout and masked there, rather than the mask copied into the gradient's
+      // layout and the result copied again by the accumulation into .grad
+      at::Tensor out = at::empty_like(mask, g.options()).copy_(g);
+      mask_flat(out, mask, out);
+      return {out, at::Tensor()};
+    }
     if (sole_owner(g)) {
       mask_flat(g, mask_like(g, mask), g);
       return {g, at::Tensor()};
     }
-    return {MaskedWeightFunction::apply(g, mask), at::Tensor()};
+    return {masked_copy(g, mask), at::Tensor()};
   }
 };
 
