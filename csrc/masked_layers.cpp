@@ -7,6 +7,7 @@
 #include "isa.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
 
 #include <algorithm>
 #include <vector>
@@ -146,21 +147,72 @@ struct MaskedWeightFunction : public torch::autograd::Function<MaskedWeightFunct
   }
 };
 
+// W⊙M as the products read it: the weight itself when it is 0 wherever pruned, else a masked copy.
+at::Tensor masked_operand(const at::Tensor& weight, const at::Tensor& mask) {
+  const bool as_is = weight.is_non_overlapping_and_dense() && same_order(weight, mask) &&
+                     mask.is_non_overlapping_and_dense() && pruned_zero(weight, mask);
+  return as_is ? weight : masked_copy(weight, mask);
+}
+
+// A 2-D masked linear layer as one autograd node: the products autograd would run for `linear` (addmm, and in
+// backward grad @ W⊙M, grad^T @ x, the column sums), so the results are nn.Linear's bit for bit, with dW masked
+// where it is made. One node instead of linear's two and the mask's one: a small layer's step is mostly glue.
+struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunction> {
+  // `bias` empty for none: autograd functions take tensors, not optional ones, as inputs with gradients
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& mask, const at::Tensor& bias) {
+    const at::Tensor wm = masked_operand(weight, mask);
+    ctx->save_for_backward({x, wm, mask, weight});
+    const bool has_bias = bias.numel() > 0;
+    ctx->saved_data["bias"] = has_bias;
+    return has_bias ? at::addmm(bias, x, wm.t()) : at::mm(x, wm.t());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list& grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &mask = saved[2];
+    const at::Tensor& g = grads[0];
+    // A double backward records what runs here: then W⊙M and dW⊙M by torch's own select, from the inputs
+    const bool recorded = at::GradMode::is_enabled();
+    const at::Tensor zero = recorded ? at::zeros({}, g.options()) : at::Tensor();
+    const at::Tensor wm = recorded ? at::where(mask, saved[3], zero) : saved[1];
+    at::Tensor dx, dw, db;
+    if (ctx->needs_input_grad(0)) dx = g.mm(wm);
+    if (ctx->needs_input_grad(1)) {
+      dw = g.t().mm(x);  // [out, in], contiguous: the weight's own layout
+      if (recorded)
+        dw = at::where(mask, dw, zero);
+      else if (same_order(dw, mask))
+        mask_flat(dw, mask, dw);
+      else
+        dw = masked_copy(dw, mask);
+    }
+    if (ctx->needs_input_grad(3) && ctx->saved_data["bias"].toBool()) db = g.sum(0);
+    return {dx, dw, at::Tensor(), db};
+  }
+};
+
 }  // namespace
 
 at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask) {
   check(weight, mask);
-  if (!at::GradMode::is_enabled() || !weight.requires_grad()) {  // no gradient to mask: no autograd node either
-    const bool as_is = weight.is_non_overlapping_and_dense() && same_order(weight, mask) &&
-                       mask.is_non_overlapping_and_dense() && pruned_zero(weight, mask);
-    return as_is ? weight : masked_copy(weight, mask);
-  }
+  if (!at::GradMode::is_enabled() || !weight.requires_grad())  // no gradient to mask: no autograd node either
+    return masked_operand(weight, mask);
   return MaskedWeightFunction::apply(weight, mask);
 }
 
 // One call from Python per layer: a layer of a small network runs in microseconds, so the glue counts.
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                          const std::optional<at::Tensor>& bias) {
+  check(weight, mask);
+  const bool graph = at::GradMode::is_enabled() &&
+                     (x.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
+  if (x.dim() == 2 && graph && !x.is_mkldnn() && x.scalar_type() == weight.scalar_type() &&
+      (!bias.has_value() || bias->scalar_type() == weight.scalar_type()) &&
+      !at::autocast::is_autocast_enabled(at::kCPU))
+    return MaskedLinearFunction::apply(x, weight, mask,
+                                       bias.has_value() && bias->defined() ? *bias : at::empty({0}, x.options()));
   return at::linear(x, masked_weight(weight, mask), bias);
 }
 

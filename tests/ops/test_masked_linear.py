@@ -200,3 +200,10 @@ def test_cpp_uses_a_weight_already_zero_where_pruned_as_it_is(backend, cpu_isa_l
         got_clean, got_dirty = ext.masked_weight(w_clean, mask), ext.masked_weight(w_dirty, mask)
         assert got_clean.data_ptr() == w_clean.data_ptr() and torch.equal(got_clean, clean)
         assert got_dirty.data_ptr() != w_dirty.data_ptr() and torch.equal(got_dirty, expected)
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "reference"))
+def test_gradgradcheck_in_float64(backend, cpu_isa_level):
+    x, w, mask, b, _ = problem((3, 4), 2, dtype=torch.float64)
+    inputs = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+    assert torch.autograd.gradgradcheck(lambda x, w, b: masked_linear(x, w, mask, b, backend=backend), inputs)
