@@ -7,12 +7,13 @@ W⊙M is a select, not a product: a pruned entry contributes nothing even when i
 - **triton** (CUDA): one masked matrix-product kernel for the three products. The mask is applied to each weight
   tile as it is loaded, and the weight-gradient tile is masked before it is stored: no W⊙M tensor is ever in
   memory. fp32 runs TF32 where `torch.backends.cuda.matmul.allow_tf32` allows it (as `nn.Linear` does), else IEEE.
-- **cpp** (CPU): oneDNN/MKL's matrix products (torch's `linear`) on W⊙M from `dsd2._C.masked_weight`: the
-  weight itself when one vectorised read finds it 0 wherever it is pruned (a masked layer's weight stays so under
-  any optimizer: the level loop's always is), else a copy masked in one vectorised pass; its backward masks dW in
-  place. No C++ matrix product: the masking is the whole cost over the plain layer, measured in
-  `benchmarks/ops/bench_masked_layers.py` (the README's masked-layers section has the table), so a C++ product
-  could gain at most that against oneDNN's own.
+- **cpp** (CPU): MKL's matrix products (the ones `nn.Linear` runs, so the results are its own bit for bit) on
+  W⊙M from dsd2._C: the weight itself when one vectorised read finds it 0 wherever it is pruned (a masked layer's
+  weight stays so under any optimizer: the level loop's always is), else a copy masked in one vectorised pass; dW
+  is masked in place as it comes out of its product. A 2-D input is one autograd node in C++ (a small layer's
+  step is mostly glue). No C++ matrix product of our own: the masking and the glue are the whole cost over the
+  plain layer, measured in `benchmarks/ops/bench_masked_layers.py` (the README's masked-layers section has the
+  table), which bounds what one could gain against MKL's.
 - **reference**: `F.linear(x, torch.where(mask, weight, 0), bias)`, the oracle.
 
 Inputs may be float32, float64 (reference and cpp), float16 or bfloat16. Under autocast the products run in the
