@@ -99,14 +99,18 @@ def student_of(cfg: Config, setting: Setting, teacher_dir: Path, teacher_hash: s
 
 def claim_study(root: Path, cfg: Config, grid: dict[str, tuple], seeds: tuple[int, ...]) -> None:
     """Write ROOT/study.json, or check that the one there describes this study."""
-    record = {"study": "kd", "base_config_hash": cfg.run_hash(), "seeds": list(seeds),
-              "grid": {k: list(v) for k, v in grid.items()}}
+    claim_record(root, {"study": "kd", "base_config_hash": cfg.run_hash(), "seeds": list(seeds),
+                        "grid": {k: list(v) for k, v in grid.items()}})
+
+
+def claim_record(root: Path, record: dict[str, Any]) -> None:
+    """Write `record` as ROOT/study.json, or check that the one there is the same (every study kind's claim)."""
     path = root / "study.json"
     if path.exists():
         stored = json.loads(path.read_text())
         if stored != record:
-            raise RunError(f"'{root}' holds another study (its study.json differs: grid, seeds or base config); "
-                           "choose another --out")
+            raise RunError(f"'{root}' holds another study (its study.json differs: grid, design, seeds or base "
+                           "config); choose another --out")
         return
     if root.exists() and any(root.iterdir()):
         raise RunError(f"output folder '{root}' is not empty and holds no study; choose another --out")
@@ -243,6 +247,13 @@ def heatmap(rows: list[dict[str, Any]], grid: dict[str, tuple], stem: Path) -> N
     ax.set_title(f"dip (points) [95 % CI] and verdict (P present, D dodged, ? inconclusive)\nvanilla students: "
                  f"{vanilla or 'not run'}", fontsize=9)
     fig.colorbar(image, ax=ax, label="dip (points)")
+    save_figure(fig, stem)
+
+
+def save_figure(fig, stem: Path) -> None:
+    """`stem`.png and .svg, each written atomically, then the figure closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     for ext in ("png", "svg"):
         buf = io.BytesIO()

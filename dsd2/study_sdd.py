@@ -35,7 +35,8 @@ from dsd2.report.units import format_dip, format_pflops
 from dsd2.run.experiment import seed_config, teacher_config
 from dsd2.run.identity import upgrade_runs, upgraded_json
 from dsd2.run.summary import best_level, seed_curves
-from dsd2.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text, write_json
+from dsd2.runs import RunDir, RunError, atomic_write_text, write_json
+from dsd2.study import claim_record, save_figure
 from dsd2.sweep import launch, run_dir_for
 from dsd2.training.precision import concrete_precision
 
@@ -126,18 +127,6 @@ def setting_config(cfg: Config, s: SddSetting) -> Config:
         raise ConfigError(f"study setting {s.name}: {exc}") from None
 
 
-def claim_study(root: Path, record: dict[str, Any]) -> None:
-    path = root / "study.json"
-    if path.exists():
-        if json.loads(path.read_text()) != record:
-            raise RunError(f"'{root}' holds another study (its study.json differs: grid, design, seeds or base "
-                           "config); choose another --out")
-        return
-    if root.exists() and any(root.iterdir()):
-        raise RunError(f"output folder '{root}' is not empty and holds no study; choose another --out")
-    write_json(path, record)
-
-
 def run_sdd_study(cfg: Config, root: Path, grid: dict[str, tuple] | None = None, *, full: bool = False,
                   launcher: str = "local", slurm: dict[str, Any] | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -151,7 +140,7 @@ def run_sdd_study(cfg: Config, root: Path, grid: dict[str, tuple] | None = None,
     root = Path(root)
     renames = upgrade_runs(root, {cfg.legacy_run_hash(): cfg.run_hash()})  # a study an earlier release made
     upgraded_json(root / "study.json", "base_config_hash", renames)
-    claim_study(root, {"study": "sdd", "base_config_hash": cfg.run_hash(), "seeds": list(seeds),
+    claim_record(root, {"study": "sdd", "base_config_hash": cfg.run_hash(), "seeds": list(seeds),
                        "design": "full" if full else "one factor at a time",
                        "grid": {k: list(v) for k, v in grid.items()}})
     unique = list({c.run_hash(): c for c in configs.values()}.values())
@@ -294,12 +283,7 @@ def heatmap(rows: list[dict[str, Any]], base: SddSetting, full: bool, stem: Path
     ax.set_yticks(range(len(ys)), ylabels)
     ax.set_title("teacher curve's dip (points) [95 % CI] and verdict (P present, D dodged, ? inconclusive)", fontsize=9)
     fig.colorbar(image, ax=ax, label="dip (points)")
-    fig.tight_layout()
-    for ext in ("png", "svg"):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=120)
-        atomic_write_bytes(stem.with_suffix(f".{ext}"), buf.getvalue())
-    plt.close(fig)
+    save_figure(fig, stem)
 
 
 def _varies(row: dict[str, Any], base: SddSetting, factor: str) -> bool:
