@@ -10,8 +10,9 @@ from the Triton kernels' PTX.
    `plain` (the layer the loop trained before: dsd2's Conv2d, nn.Linear), `hooked` (the same layer under
    torch.nn.utils.prune.custom_from_mask), `masked` (our layer: oneDNN on W⊙M from the C++ pass), `masked-where`
    (the same with W⊙M made by torch.where, the alternative to the C++ pass). 80 % of each weight pruned.
-2. The loop, CPU: epochs of the digits MLP and of the VGG-like (bf16 autocast where native, as `auto` picks; 1024
-   random 32x32 images) with the plain layers and with the masked layers, runs alternated A B A B.
+2. The loop, CPU: one training step of the whole digits MLP and VGG-like (forward, backward, masked SGD; bf16
+   autocast where native, as `auto` picks) plain against masked, round-robin; and whole runs' epochs (the VGG-like
+   on 1024 random 32x32 images) with the plain layers and with the masked ones, runs ordered A B B A A B B A.
 3. GPU on paper (an estimate, not a measurement): per call, the bytes the masked kernels load per tile, read off
    the sm_90 PTX of their main loop, against the tile sizes (W and M once per tile), and the DRAM bytes of one
    forward + backward against the hooked layer's, which writes and reads W⊙M and dW⊙M in extra passes.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import re
@@ -106,17 +108,9 @@ def time_layers(kind: str, shape: tuple, autocast: bool, min_seconds: float) -> 
     layers, x = layer_variants(kind, shape)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         grad = torch.randn_like(layers["plain"](x))
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for v in VARIANTS:  # warm-up: oneDNN picks and caches its kernels on the first calls
-        for _ in range(2):
-            forward_backward(layers[v], x, grad, autocast)
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_seconds * len(VARIANTS) or len(times["plain"]) < 5:
-        for v in VARIANTS:
-            t0 = time.perf_counter()
-            forward_backward(layers[v], x, grad, autocast)
-            times[v].append(time.perf_counter() - t0)
-    return {v: statistics.median(t) for v, t in times.items()}
+    # warm-up inside: oneDNN picks and caches its kernels on the first calls
+    return _round_robin({v: functools.partial(forward_backward, layers[v], x, grad, autocast) for v in VARIANTS},
+                        min_seconds)
 
 
 def layer_table(quick: bool) -> list[dict]:
@@ -184,20 +178,92 @@ def vgg_run(epochs: int, images: int):
 
 
 def loop_table(quick: bool) -> list[dict]:
+    """Epoch times of whole runs, plain and masked, in the order A B B A A B B A (drift in the machine's speed
+    between runs then hits both alike); the spread of the runs' own medians is reported with the ratio."""
     rows = []
     runs = {"digits MLP": digits_run(3 if quick else 15), "VGG-like d5g5": vgg_run(1 if quick else 2,
                                                                                    256 if quick else 1024)}
     with tempfile.TemporaryDirectory() as tmp:
         for name, make_run in runs.items():
             epochs: dict[bool, list[float]] = {False: [], True: []}
-            for i in range(1 if quick else 3):
-                for masked in (False, True):
-                    epochs[masked] += loop_epochs(masked, make_run, Path(tmp) / f"{name}-{masked}-{i}")[1:]
+            runs_median: dict[bool, list[float]] = {False: [], True: []}
+            for i in range(1 if quick else 4):
+                for masked in ((False, True) if i % 2 == 0 else (True, False)):
+                    times = loop_epochs(masked, make_run, Path(tmp) / f"{name}-{masked}-{i}")[1:]
+                    epochs[masked] += times
+                    runs_median[masked].append(statistics.median(times))
             plain, ours = statistics.median(epochs[False]), statistics.median(epochs[True])
             rows.append({"run": name, "epochs_each": len(epochs[True]), "plain_epoch_s": round(plain, 4),
-                         "masked_epoch_s": round(ours, 4), "masked/plain": round(ours / plain, 3)})
+                         "masked_epoch_s": round(ours, 4), "masked/plain": round(ours / plain, 3),
+                         "run_medians_s": {k: [round(v, 4) for v in vs] for k, vs in
+                                           (("plain", runs_median[False]), ("masked", runs_median[True]))}})
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def training_steps(quick: bool) -> list[dict]:
+    """One training step of the whole model (forward, backward, the masked SGD step; the VGG-like in bf16
+    autocast and channels_last where the loop runs it so), plain layers against masked ones, round-robin in one
+    process: the loop's epoch without its data and evaluation noise."""
+    from dsd2.config import ModelConfig
+    from dsd2.models import build_model
+    from dsd2.ops import MaskedSGD, swap_in_masked_layers
+    from dsd2.pruning import full_masks, global_prune, magnitude_scores, prunable_weights
+    from dsd2.training.precision import native_bf16
+
+    rows = []
+    for name, cfg, shape in (("digits MLP", ModelConfig(name="mlp"), (1, 8, 8)),
+                             ("VGG-like d5g5", ModelConfig(name="vgg", depth=5, width=5), (3, 32, 32))):
+        conv = cfg.name == "vgg"
+        autocast = conv and native_bf16("cpu")
+        torch.manual_seed(0)
+        plain = build_model(cfg, shape, 10)
+        if conv:
+            plain = plain.to(memory_format=torch.channels_last)
+        masks = global_prune(magnitude_scores(plain), full_masks(plain), 0.8)
+        with torch.no_grad():
+            for k, w in prunable_weights(plain).items():
+                w.mul_(masks[k])
+        masked, layers = swap_in_masked_layers(copy.deepcopy(plain), same_as=(Conv2d,))
+        for k, layer in layers.items():
+            layer.mask.copy_(masks[k])
+        x = torch.randn(BATCH, *shape)
+        x = x.contiguous(memory_format=torch.channels_last) if conv else x
+        y = torch.randint(0, 10, (BATCH,))
+        steps = {}
+        for label, model in (("plain", plain), ("masked", masked)):
+            weights = prunable_weights(model)
+            opt = MaskedSGD(model.parameters(), {weights[k]: m for k, m in masks.items()}, lr=0.01)
+            steps[label] = functools.partial(_train_step, model, opt, x, y, autocast)
+        t = _round_robin(steps, 0.05 if quick else (2.0 if conv else 0.5))
+        rows.append({"model": name, "precision": "bf16 autocast" if autocast else "fp32", "batch": BATCH,
+                     "plain_ms": round(t["plain"] * 1e3, 3), "masked_ms": round(t["masked"] * 1e3, 3),
+                     "masked/plain": round(t["masked"] / t["plain"], 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _train_step(model, opt, x, y, autocast: bool) -> None:
+    opt.zero_grad(set_to_none=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+
+
+def _round_robin(fns: dict, min_seconds: float) -> dict[str, float]:
+    """Median seconds per call of each function, called in turn until each has had min_seconds (and 5 calls)."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_seconds * len(fns) or min(len(t) for t in times.values()) < 5:
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(t) for k, t in times.items()}
 
 
 # ---- 3. GPU on paper ---------------------------------------------------------------------------------------------
@@ -314,11 +380,16 @@ def markdown(out: dict) -> str:
         lines.append(f"| {r['layer']} | {r['precision']} | {r['plain_ms']:.2f} | {r['hooked_ms']:.2f} | "
                      f"{r['masked_ms']:.2f} | {r['masked/plain']:.3f} | {r['masked/hooked']:.3f} | "
                      f"{r['where/masked']:.3f} |")
+    lines += ["", "| training step (fwd, bwd, masked SGD), batch 128, 80 % pruned | precision | plain ms | masked ms "
+              "| masked / plain |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['precision']} | {r['plain_ms']:.2f} | {r['masked_ms']:.2f} | "
+              f"{r['masked/plain']:.3f} |" for r in out["steps"]]
     if "loop" in out:
-        lines += ["", "| loop run | epochs timed each | plain s / epoch | masked s / epoch | masked / plain |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| loop run (A B B A A B B A) | epochs timed each | plain s / epoch | masked s / epoch | "
+                  "masked / plain | medians of the runs, plain; masked |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['run']} | {r['epochs_each']} | {r['plain_epoch_s']:.4f} | {r['masked_epoch_s']:.4f} | "
-                  f"{r['masked/plain']:.3f} |" for r in out["loop"]]
+                  f"{r['masked/plain']:.3f} | {', '.join(map(str, r['run_medians_s']['plain']))}; "
+                  f"{', '.join(map(str, r['run_medians_s']['masked']))} |" for r in out["loop"]]
     if "gpu_estimate" in out:
         lines += ["", "| layer (estimate, sm_90 PTX) | loads per tile step, PTX = tiles (fwd, dX, dW) | "
                   "L2 loads MB | DRAM MB ours | DRAM MB hooked | W⊙M tensor MB hooked (ours 0) |",
@@ -344,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"cpu": cpu_model(), "cpu_isa": cpu_isa(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "load_at_start": round(load, 2)}
     print(json.dumps(machine), flush=True)
-    out = {"machine": machine, "layers": layer_table(args.quick)}
+    out = {"machine": machine, "layers": layer_table(args.quick), "steps": training_steps(args.quick)}
     if not args.no_loop:
         out["loop"] = loop_table(args.quick)
     if not args.no_gpu_estimate:
