@@ -120,7 +120,7 @@ def layer_table(quick: bool) -> list[dict]:
     if quick:
         cases = cases[:2] + cases[-2:]
     for kind, shape, autocast in cases:
-        t = time_layers(kind, shape, autocast, 0.05 if quick else 0.4)
+        t = time_layers(kind, shape, autocast, 0.05 if quick else 1.0)
         rows.append({"layer": shape[0], "precision": "bf16 autocast" if autocast else "fp32", **{
             f"{v}_ms": round(t[v] * 1e3, 3) for v in VARIANTS},
             "masked/plain": round(t["masked"] / t["plain"], 3), "masked/hooked": round(t["masked"] / t["hooked"], 3),
