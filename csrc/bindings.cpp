@@ -12,6 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_weight", &dsd2::masked_weight, "W*M (W itself where it is 0 wherever pruned); its gradient masked");
   m.def("masked_linear", &dsd2::masked_linear, "linear on masked_weight(weight, mask)");
   m.def("masked_conv2d", &dsd2::masked_conv2d, "conv2d on masked_weight(weight, mask)");
+  m.def("mlp_epoch", &dsd2::mlp_epoch, "One training epoch of a Linear/ReLU chain, the eager step's ops in C++");
+  m.def("mlp_forward", &dsd2::mlp_forward, "Logits of a Linear/ReLU chain for a split, in batches");
   m.def("cpu_isa", &dsd2::cpu_isa, "The instruction-set level of the kernels in use");
   m.def("cpu_isa_levels", &dsd2::cpu_isa_levels, "Levels this CPU runs, lowest first");
   m.def("set_cpu_isa", &dsd2::set_cpu_isa, "Run the kernels of this level (ValueError if the CPU lacks it)");

@@ -26,11 +26,36 @@ at::Tensor kd_loss_backward(const at::Tensor& grad, const at::Tensor& grad_loss)
 // layout; differentiable in the weight, whose gradient comes back masked.
 at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask);
 
+// The two halves of masked_weight, for the fused epoch (mlp_epoch.cpp): W⊙M as a product reads it, and
+// out = where(mask, src, 0) in one flat pass (src, mask and out dense in one memory order; out may be src).
+at::Tensor masked_operand(const at::Tensor& weight, const at::Tensor& mask);
+void mask_flat(const at::Tensor& src, const at::Tensor& mask, const at::Tensor& out);
+
 // torch's linear and conv2d (oneDNN / MKL) on masked_weight(weight, mask), in one call.
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                          const std::optional<at::Tensor>& bias);
 at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                          const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
                          std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups);
+
+// One training epoch of a Linear/ReLU chain (mlp_epoch.cpp): see there.
+std::vector<at::Tensor> mlp_epoch(const at::Tensor& inputs, const at::Tensor& labels, const at::Tensor& perm,
+                                  int64_t batch_size, std::vector<at::Tensor> weights,
+                                  std::vector<std::optional<at::Tensor>> biases,
+                                  std::vector<std::optional<at::Tensor>> layer_masks, std::vector<bool> relu_after,
+                                  std::vector<at::Tensor> params, std::vector<std::optional<at::Tensor>> grad_masks,
+                                  std::vector<std::optional<at::Tensor>> param_masks,
+                                  std::vector<std::optional<at::Tensor>> state1,
+                                  std::vector<std::optional<at::Tensor>> state2,
+                                  std::vector<std::optional<at::Tensor>> steps, const std::string& optimizer,
+                                  double lr, double beta1, double beta2, double eps, double weight_decay,
+                                  double momentum, bool nesterov, const std::optional<at::Tensor>& teacher,
+                                  double alpha, double temperature, const std::optional<at::Tensor>& kd_sums,
+                                  const std::optional<at::Tensor>& kd_one);
+
+// Logits of a Linear/ReLU chain for a whole split, in batches (mlp_epoch.cpp).
+at::Tensor mlp_forward(const at::Tensor& inputs, int64_t batch_size, std::vector<at::Tensor> weights,
+                       std::vector<std::optional<at::Tensor>> biases,
+                       std::vector<std::optional<at::Tensor>> layer_masks, std::vector<bool> relu_after);
 
 }  // namespace dsd2

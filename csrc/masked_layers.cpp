@@ -26,6 +26,8 @@ bool same_order(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
+}  // namespace
+
 // out = where(mask, w, 0) as one flat pass over memory: w, mask and out are dense in one memory order.
 void mask_flat(const at::Tensor& w, const at::Tensor& mask, const at::Tensor& out) {
   const KernelTable& k = active_kernels();
@@ -58,6 +60,8 @@ void mask_flat(const at::Tensor& w, const at::Tensor& mask, const at::Tensor& ou
                   w.scalar_type());
   }
 }
+
+namespace {
 
 // The mask in w's memory order: itself, or a copy laid out like w.
 at::Tensor mask_like(const at::Tensor& w, const at::Tensor& mask) {
@@ -147,12 +151,16 @@ struct MaskedWeightFunction : public torch::autograd::Function<MaskedWeightFunct
   }
 };
 
+}  // namespace
+
 // W⊙M as the products read it: the weight itself when it is 0 wherever pruned, else a masked copy.
 at::Tensor masked_operand(const at::Tensor& weight, const at::Tensor& mask) {
   const bool as_is = weight.is_non_overlapping_and_dense() && same_order(weight, mask) &&
                      mask.is_non_overlapping_and_dense() && pruned_zero(weight, mask);
   return as_is ? weight : masked_copy(weight, mask);
 }
+
+namespace {
 
 // A 2-D masked linear layer as one autograd node: the products autograd would run for `linear` (addmm, and in
 // backward grad @ W⊙M, grad^T @ x, the column sums), so the results are nn.Linear's bit for bit, with dW masked

@@ -206,6 +206,10 @@ class Config:
     channels_last: bool = option(True, "conv nets in the channels_last memory format")
     cuda_graphs: bool | None = option(None, "capture the training step, evaluation and the counting pass as CUDA "
                                       "graphs (default: on with CUDA in a single process)")
+    cpu_step: str = option("auto", "the CPU training step: auto (default) runs a whole epoch of a Linear/ReLU "
+                           "chain (the MLPs) as one C++ call, the eager epoch's ops bit for bit, and the eager step "
+                           "for anything else; eager keeps the eager step; fused refuses a run it cannot take",
+                           choices=("auto", "fused", "eager"))
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -237,9 +241,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# fields that say where a run's inputs live or how its results are judged, not what they are; the data root and the
+# fields that say where a run's inputs live, how its results are judged or how the same results are computed (the
+# fused CPU step is the eager step bit for bit), not what they are; the data root and the
 # folder-only fields name the data only for --dataset folder (an image folder is its own dataset)
-NOT_IDENTITY = ("data.download", "distill.teacher", "analysis.dodge_margin")
+NOT_IDENTITY = ("data.download", "distill.teacher", "analysis.dodge_margin", "cpu_step")
 FOLDER_IDENTITY = ("data.data_root", *(f"data.{name}" for name in FOLDER_ONLY))
 FIRST_RANDOM_STREAMS = "named-blake2b-v1"  # the draws every run before a change of RANDOM_STREAMS made
 

@@ -87,8 +87,27 @@ def test_a_pruned_weight_is_exactly_zero_after_every_optimizer_step(tmp_path, ti
         return opt
 
     monkeypatch.setattr(loop_module, "build_optimizer", checked)
-    run(tiny_config(optim__optimizer=optimizer, optim__lr=0.01), tmp_path / "run")
+    # the eager step, whose optimizer steps one by one (the fused CPU epoch equals it bit for bit: below)
+    run(tiny_config(optim__optimizer=optimizer, optim__lr=0.01, cpu_step="eager"), tmp_path / "run")
     assert steps["n"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_fused_cpu_epoch_gives_the_eager_curve_bit_for_bit(tmp_path, tiny_config, optimizer):
+    """The digits curve with the fused CPU epoch (the default here) equals --cpu-step eager's, every metric and
+    epoch row, the final weights and masks; pruned weights are 0.0 at the end of every epoch."""
+    cfg = tiny_config(optim__optimizer=optimizer, optim__lr=0.01)
+    fused, rows, epochs = run(cfg, tmp_path / "fused")
+    assert fused.executor.mode == "fused-cpu"
+    eager, eager_rows, eager_epochs = run(tiny_config(optim__optimizer=optimizer, optim__lr=0.01, cpu_step="eager"),
+                                          tmp_path / "eager")
+    assert eager.executor.mode == "eager" and fused.run_hash == eager.run_hash  # one run, two ways to compute it
+    assert rows == eager_rows and epochs == eager_epochs
+    a, b = fused.model.state_dict(), eager.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name, layer in masked_layers(fused.model).items():
+        assert bool((layer.weight[~layer.mask] == 0).all())
 
 
 @pytest.mark.slow

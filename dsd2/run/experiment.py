@@ -169,7 +169,8 @@ def entropy_of_run(run_dir: RunDir, *, data_root: str | None = None, granularity
     checkpointer = Checkpointer(stored["run_hash"], model, relus, device)
     fmt = input_format(cfg, splits, device, model)
     executor = make_executor(model, TrainFeed(splits.train, cfg.optim.batch_size, fmt), cross_entropy, relus, cfg.seed,
-                             splits.num_classes, dist_ctx=dist_context(), cuda_graphs=cfg.cuda_graphs)
+                             splits.num_classes, dist_ctx=dist_context(), cuda_graphs=cfg.cuda_graphs,
+                             cpu_step=cfg.cpu_step)
     rows = []
     for path in levels.values():
         restored = checkpointer.load(path)

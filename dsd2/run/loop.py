@@ -195,7 +195,8 @@ class LevelLoop:
         if cfg.distill.teacher or self.given_teacher is not None:
             self._setup_teacher()
         self.executor = make_executor(self.model, self.feed, self.objective, self.relus, cfg.seed, s.num_classes,
-                                      dist_ctx=self.ctx, graphs=self.graphs, cuda_graphs=cfg.cuda_graphs)
+                                      dist_ctx=self.ctx, graphs=self.graphs, cuda_graphs=cfg.cuda_graphs,
+                                      cpu_step=cfg.cpu_step)
         self.checkpointer = Checkpointer(self.run_hash, self.model, self.relus, self.device)
 
     def _check_shards(self) -> None:
@@ -247,6 +248,9 @@ class LevelLoop:
         self.log(line)
         if warning:
             self.log(f"warning: {warning}")
+        if self.executor.mode == "fused-cpu":
+            self.log("cpu step: fused (each epoch of the Linear/ReLU chain one C++ call, the eager step's ops bit "
+                     "for bit; --cpu-step eager turns it off)")
         if self.device.type == "cuda" or self.graphs is not None:
             self.log("graphs: " + ("training step, evaluation and counting pass captured"
                                    if self.executor.mode == "graphed" else

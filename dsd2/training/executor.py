@@ -1,4 +1,5 @@
-"""How epochs run: eagerly, as CUDA-graph replays, or data parallel. Chosen once per run (`make_executor`).
+"""How epochs run: eagerly, as one C++ call (a Linear/ReLU chain on the CPU), as CUDA-graph replays, or data
+parallel. Chosen once per run (`make_executor`).
 
 Every executor has one interface: `train_epoch` (one epoch of masked training, with the ReLUs counting when
 asked), `predict` (logits of a whole split), `count` (the counting pass: logits of a split with the ReLUs
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from dsd2 import rng
+from dsd2.config import ConfigError
 from dsd2.data import DeviceDataset
 from dsd2.data.batching import train_batches
 from dsd2.training.distributed import DistContext
@@ -157,6 +159,72 @@ class GraphedExecutor(EagerExecutor):
         return self.predictor.predict(data)
 
 
+class FusedCpuExecutor(EagerExecutor):
+    """Epochs of a Linear/ReLU chain on the CPU as one C++ call each (`dsd2.training.fused_step`), the eager
+    epochs bit for bit; evaluation likewise. The training split is normalised and flattened once. An epoch the
+    C++ call does not run (counting ReLUs, another optimizer or objective) is the eager one, unless `required`."""
+
+    mode = "fused-cpu"
+
+    def __init__(self, *args, chain, required: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chain, self.required = chain, required
+        self.flat: dict[int, tuple[DeviceDataset, torch.Tensor]] = {}
+        self.inputs = self.flat_inputs(self.feed.data)
+
+    def flat_inputs(self, data: DeviceDataset) -> torch.Tensor:
+        """A split's images normalised as each batch would be, flattened: [N, features], kept per split."""
+        held = self.flat.get(id(data))
+        if held is None or held[0] is not data:
+            held = self.flat[id(data)] = (data, self.feed.fmt.prepare(data.images).flatten(1).contiguous())
+        return held[1]
+
+    def _counting(self) -> bool:
+        return any(r.counting for r in self.relus.values())
+
+    def _epoch(self, optimizer, level: int, epoch: int, lr: float, counting: bool) -> dict[str, Any]:
+        from dsd2.training.fused_step import fused_epoch
+
+        if not counting:
+            self.model.train()
+            out = fused_epoch(self.chain, self.inputs, self.feed.data.labels, self.epoch_order(level, epoch),
+                              self.feed.batch_size, optimizer, self.objective)
+            if out is not None:
+                n = len(self.feed.data)
+                return {"train_loss": float(out[0]) / n, "train_acc": float(out[1]) / n}
+            if self.required:
+                raise ConfigError(f"--cpu-step fused runs MaskedAdam or MaskedSGD (C++ backend) with cross-entropy "
+                                  f"or KD to cached teacher logits, not {type(optimizer).__name__} with "
+                                  f"{type(self.objective).__name__}; use --cpu-step auto or eager")
+        return super()._epoch(optimizer, level, epoch, lr, counting)
+
+    def predict(self, data: DeviceDataset) -> torch.Tensor:
+        from dsd2.training.fused_step import fused_predict
+
+        if self._counting():
+            return super().predict(data)
+        self.model.eval()
+        return fused_predict(self.chain, self.flat_inputs(data), self.eval_batch)
+
+
+def fused_cpu_chain(model: nn.Module, feed: TrainFeed):
+    """The Linear/ReLU chain the fused CPU epoch can run for this model and feed, or None and why not."""
+    from dsd2.ops import cpp_extension
+    from dsd2.training.fused_step import linear_relu_chain
+
+    data = feed.data
+    if data.images.device.type != "cpu":
+        return None, f"the device is {data.images.device.type}"
+    if feed.fmt.precision != "fp32" or feed.augment:
+        return None, "it trains in bf16 or with augmentation"
+    ext = cpp_extension()
+    if ext is None or not hasattr(ext, "mlp_epoch"):
+        return None, "dsd2._C is not built"
+    if data.labels.dtype != torch.long:
+        return None, "the labels are not int64"
+    return linear_relu_chain(model, tuple(data.images.shape[1:]))
+
+
 class DataParallelExecutor(EagerExecutor):
     """One process per device under torchrun: each rank trains on its share of every global batch through
     DistributedDataParallel, predicts its shard of a split, and the ranks sum their counts."""
@@ -200,10 +268,11 @@ class DataParallelExecutor(EagerExecutor):
 
 def make_executor(model: nn.Module, feed: TrainFeed, objective: Objective, relus: dict, seed: int,
                   num_classes: int, *, dist_ctx: DistContext, graphs=None,
-                  cuda_graphs: bool | None = None) -> EagerExecutor:
+                  cuda_graphs: bool | None = None, cpu_step: str = "auto") -> EagerExecutor:
     """The executor of a run: data parallel under torchrun; graphed where graphs can be made (a CUDA device, or
-    a graph maker passed in), are not turned off, and an epoch has more full batches than warm-up steps;
-    eager otherwise."""
+    a graph maker passed in), are not turned off, and an epoch has more full batches than warm-up steps; the
+    fused CPU epoch for a Linear/ReLU chain on the CPU unless `cpu_step` is eager (`fused` refuses a model it
+    cannot take); eager otherwise."""
     from dsd2.training.graphs import WARMUP_STEPS
 
     args = (model, feed, objective, relus, seed, num_classes)
@@ -213,4 +282,11 @@ def make_executor(model: nn.Module, feed: TrainFeed, objective: Objective, relus
     enough = len(feed.data) // feed.batch_size > WARMUP_STEPS
     if cuda_graphs is not False and capturable and enough:
         return GraphedExecutor(*args, dist_ctx=dist_ctx, graphs=graphs)
+    if cpu_step != "eager":
+        chain, why = fused_cpu_chain(model, feed)
+        if chain is not None:
+            return FusedCpuExecutor(*args, dist_ctx=dist_ctx, chain=chain, required=cpu_step == "fused")
+        if cpu_step == "fused":
+            raise ConfigError(f"--cpu-step fused needs a chain of Flatten, Linear and ReLU modules trained on the "
+                              f"CPU in fp32 without augmentation, but {why}; use --cpu-step auto or eager")
     return EagerExecutor(*args, dist_ctx=dist_ctx)
