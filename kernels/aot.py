@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -232,33 +233,49 @@ def resources(cubin: bytes, tool: str) -> dict[str, int]:
     return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", line)}
 
 
-def compile_all(targets: dict[str, GPUTarget] = TARGETS) -> list[dict]:
+def compile_all(targets: dict[str, GPUTarget] = TARGETS, workers: int | None = None) -> list[dict]:
+    """Every variant's record, in `variants()` order. The compiles are independent and each runs on one core, so
+    they are shared out over `workers` forked processes (default: one per core; 1 compiles here)."""
+    workers = workers or len(os.sched_getaffinity(0))
+    if workers <= 1:
+        return _compile_share(targets, 0, 1)
+    ctx = multiprocessing.get_context("fork")  # the children inherit the imported kernels; no GPU is touched
+    with ctx.Pool(workers) as pool:
+        shares = pool.starmap(_compile_share, [(targets, rank, workers) for rank in range(workers)])
+    records: list[dict] = []
+    for i in range(max(len(share) for share in shares)):  # interleaved back into one order
+        records += [share[i] for share in shares if i < len(share)]
+    return records
+
+
+def _compile_share(targets: dict[str, GPUTarget], rank: int, workers: int) -> list[dict]:
+    """The records of every `workers`-th (launch, target) pair from `rank`."""
     tool = cuobjdump()
     records = []
-    for launch in variants():
-        for arch, target in targets.items():
-            t0 = time.perf_counter()
-            src, options, specialization = jit_source(launch, target)
-            compiled = triton.compile(src, target=target, options=options)
-            cubin, ptx = compiled.asm["cubin"], compiled.asm["ptx"]
-            names = [p.name for p in launch.kernel.params]
-            used = resources(cubin, tool)
-            warps = compiled.metadata.num_warps
-            shared = used["shared"] + compiled.metadata.shared  # static (cubin) and dynamic (Triton's) bytes
-            records.append({
-                "kernel": launch.name, "arch": arch, "grid_example": list(launch.grid),
-                "signature": {n: kind for n, (kind, _) in zip(names, specialization) if kind != "constexpr"},
-                "constexprs": {n: (v if isinstance(v, (bool, int, float)) else str(v))
-                               for n, (kind, v) in zip(names, specialization) if kind == "constexpr"},
-                "hints": {n: hint for n, (kind, hint) in zip(names, specialization) if kind != "constexpr" and hint},
-                "options": launch.options, "cubin_bytes": len(cubin), **used, "num_warps": warps,
-                "shared_total": shared, "ctas_per_sm": ctas_per_sm(used["reg"], warps, shared, arch),
-                # 16- and 8-byte global accesses (ld/st.global.v4.b32, .v2.b32, ...): what alignment hints buy
-                "vector_accesses": len(re.findall(r"\b(?:ld|st)\.global[\w:.]*?\.v[24]\b", ptx)),
-                # atomics with acquire/release ordering: each one waits on memory order it does not need
-                "ordered_atomics": len(re.findall(r"\batom\.[a-z.]*(acq_rel|acquire|release)", ptx)),
-                "compile_s": round(time.perf_counter() - t0, 3),
-            })
+    pairs = [(launch, arch, target) for launch in variants() for arch, target in targets.items()]
+    for launch, arch, target in pairs[rank::workers]:
+        t0 = time.perf_counter()
+        src, options, specialization = jit_source(launch, target)
+        compiled = triton.compile(src, target=target, options=options)
+        cubin, ptx = compiled.asm["cubin"], compiled.asm["ptx"]
+        names = [p.name for p in launch.kernel.params]
+        used = resources(cubin, tool)
+        warps = compiled.metadata.num_warps
+        shared = used["shared"] + compiled.metadata.shared  # static (cubin) and dynamic (Triton's) bytes
+        records.append({
+            "kernel": launch.name, "arch": arch, "grid_example": list(launch.grid),
+            "signature": {n: kind for n, (kind, _) in zip(names, specialization) if kind != "constexpr"},
+            "constexprs": {n: (v if isinstance(v, (bool, int, float)) else str(v))
+                           for n, (kind, v) in zip(names, specialization) if kind == "constexpr"},
+            "hints": {n: hint for n, (kind, hint) in zip(names, specialization) if kind != "constexpr" and hint},
+            "options": launch.options, "cubin_bytes": len(cubin), **used, "num_warps": warps,
+            "shared_total": shared, "ctas_per_sm": ctas_per_sm(used["reg"], warps, shared, arch),
+            # 16- and 8-byte global accesses (ld/st.global.v4.b32, .v2.b32, ...): what alignment hints buy
+            "vector_accesses": len(re.findall(r"\b(?:ld|st)\.global[\w:.]*?\.v[24]\b", ptx)),
+            # atomics with acquire/release ordering: each one waits on memory order it does not need
+            "ordered_atomics": len(re.findall(r"\batom\.[a-z.]*(acq_rel|acquire|release)", ptx)),
+            "compile_s": round(time.perf_counter() - t0, 3),
+        })
     return records
 
 
