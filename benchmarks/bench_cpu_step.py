@@ -12,24 +12,26 @@ batch 40), Adam lr 1e-3, 80 % of the weights masked (global magnitude), cross-en
 - floor: the epoch's multiply-adds (forward, and the two backward products but the first layer's input
   gradient) at the GEMM rate this machine measures for a 1024x1024x1024 fp32 product at the same thread count.
 
-    python benchmarks/bench_cpu_step.py            # median of 20 epochs per row after warm-up
+    python benchmarks/bench_cpu_step.py            # median of 20 epochs per row after a warm-up one; the table
+                                                   # goes into benchmarks/RESULTS.md
     python benchmarks/bench_cpu_step.py --no-compile
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_engine import machine, time_it  # benchmarks/, on the path of a script run from it
+from results_file import write_block
 
 from dsd2.config import ModelConfig, OptimConfig
 from dsd2.data import DeviceDataset
 from dsd2.models import build_model
-from dsd2.ops import cpu_isa, cpu_model
+from dsd2.ops import cpu_isa
 from dsd2.ops.masked_layers import set_layer_masks, swap_in_masked_layers
 from dsd2.pruning import full_masks, global_prune, magnitude_scores, prunable_weights
 from dsd2.training import InputFormat, TrainFeed, build_optimizer, cross_entropy
@@ -55,17 +57,6 @@ def pruned_model():
         for name, w in prunable_weights(model).items():
             w.mul_(masks[name])
     return model, masks
-
-
-def median_epoch(epoch) -> float:
-    for _ in range(3):
-        epoch()  # warm-up (and torch.compile's compile)
-    times = []
-    for _ in range(EPOCHS):
-        t0 = time.perf_counter()
-        epoch()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def ours(x, y, cpu_step: str):
@@ -134,25 +125,29 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     x, y = digits()
-    print(f"Machine: {cpu_model()}, ATen capability {torch.backends.cpu.get_cpu_capability()}, dsd2 kernels at "
-          f"{cpu_isa()}, torch {torch.__version__}")
-    print("| threads | ours, fused | ours, eager | plain eager loop (b) | (b) under torch.compile (c) | floor | "
-          "fused vs eager | fused vs (b) | fused vs (c) | fused / floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    table = ["| threads | ours, fused | ours, eager | plain eager loop (b) | (b) under torch.compile (c) | floor | "
+             "fused vs eager | fused vs (b) | fused vs (c) | fused / floor |", "|---|---|---|---|---|---|---|---|---|---|"]
     for threads in (1, 2):
         torch.set_num_threads(threads)
         mode, fused = ours(x, y, "auto")
         assert mode == "fused-cpu", mode
-        t_fused = median_epoch(fused)
-        t_eager = median_epoch(ours(x, y, "eager")[1])
-        t_plain = median_epoch(plain(x, y, compiled=False))
-        t_comp = None if args.no_compile else median_epoch(plain(x, y, compiled=True))
+        t_fused = time_it(fused, EPOCHS)
+        t_eager = time_it(ours(x, y, "eager")[1], EPOCHS)
+        t_plain = time_it(plain(x, y, compiled=False), EPOCHS)
+        t_comp = None if args.no_compile else time_it(plain(x, y, compiled=True), EPOCHS)
         floor = epoch_flops(len(y)) / gemm_rate()
         comp = f"{t_comp * 1e3:.1f} ms" if t_comp else "not run"
         vs_comp = f"{t_comp / t_fused:.2f}×" if t_comp else "–"
-        print(f"| {threads} | {t_fused * 1e3:.1f} ms | {t_eager * 1e3:.1f} ms | {t_plain * 1e3:.1f} ms | {comp} | "
-              f"{floor * 1e3:.1f} ms | {t_eager / t_fused:.2f}× | {t_plain / t_fused:.2f}× | {vs_comp} | "
-              f"{t_fused / floor:.1f}× |")
+        table.append(f"| {threads} | {t_fused * 1e3:.1f} ms | {t_eager * 1e3:.1f} ms | {t_plain * 1e3:.1f} ms | {comp} "
+                     f"| {floor * 1e3:.1f} ms | {t_eager / t_fused:.2f}× | {t_plain / t_fused:.2f}× | {vs_comp} | "
+                     f"{t_fused / floor:.1f}× |")
+    text = "\n".join(table)
+    torch.set_num_threads(2)
+    print(machine())
+    print(text)
+    write_block(f"bench_cpu_step-{cpu_isa()}", f"CPU step: the digits MLP's epoch, dsd2 kernels at {cpu_isa()}",
+                f"Machine: {machine()} (thread count per row).\nCommand: `python benchmarks/bench_cpu_step.py` (median "
+                f"of {EPOCHS} epochs per row after a warm-up one; every row in this one run).\n\n{text}")
 
 
 if __name__ == "__main__":
