@@ -210,6 +210,14 @@ class Config:
                            "chain (the MLPs) as one C++ call, the eager epoch's ops bit for bit, and the eager step "
                            "for anything else; eager keeps the eager step; fused refuses a run it cannot take",
                            choices=("auto", "fused", "eager"))
+    checkpoint_every: float = option(10.0, "seconds between a level's checkpoints for resume (default 10): an "
+                                     "epoch ends with one when this long has passed since the last, and a level's "
+                                     "last epoch always does; 0 = after every epoch. A killed run resumes from the "
+                                     "last one and recomputes the same epochs", metavar="S")
+    jobs: int = option(0, "independent runs side by side on the CPU (the seeds, the experiment's parts that do "
+                       "not wait for each other, a study's settings), each in its own process with its share of the "
+                       "threads: 0 (default) = one per thread for MLP runs and one at a time for anything else, "
+                       "1 = one after another", metavar="N")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -244,7 +252,8 @@ def _plain(value: Any) -> Any:
 # fields that say where a run's inputs live, how its results are judged or how the same results are computed (the
 # fused CPU step is the eager step bit for bit), not what they are; the data root and the
 # folder-only fields name the data only for --dataset folder (an image folder is its own dataset)
-NOT_IDENTITY = ("data.download", "distill.teacher", "analysis.dodge_margin", "cpu_step")
+NOT_IDENTITY = ("data.download", "distill.teacher", "analysis.dodge_margin", "cpu_step", "jobs",
+                "checkpoint_every")
 FOLDER_IDENTITY = ("data.data_root", *(f"data.{name}" for name in FOLDER_ONLY))
 FIRST_RANDOM_STREAMS = "named-blake2b-v1"  # the draws every run before a change of RANDOM_STREAMS made
 
@@ -516,6 +525,12 @@ def validate(cfg: Config) -> None:
     check_device(cfg.device)
     _validate_distill(cfg)
     _validate_seeds(cfg.seeds)
+    if not cfg.checkpoint_every >= 0:
+        raise ConfigError(f"checkpoint every {cfg.checkpoint_every} s must be a number of seconds >= 0 (0: after "
+                          "every epoch)")
+    if cfg.jobs < 0:
+        raise ConfigError(f"jobs {cfg.jobs} must be 0 (one per thread for MLP runs on the CPU) or a positive number "
+                          "of runs side by side")
 
 
 def _validate_seeds(seeds: tuple[int, ...]) -> None:

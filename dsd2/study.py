@@ -28,7 +28,8 @@ from typing import Any
 
 from dsd2.config import Config, ConfigError
 from dsd2.report.units import format_dip, format_pflops
-from dsd2.run.experiment import run_once, seed_config, student_config, teacher_config
+from dsd2.run.experiment import seed_config, student_config, teacher_config
+from dsd2.run.cores import Job, plan_workers, run_jobs
 from dsd2.run.identity import upgrade_runs, upgraded_json
 from dsd2.run.summary import seed_curves
 from dsd2.run.teacher import resolve_teacher_level
@@ -128,20 +129,21 @@ def run_kd_study(cfg: Config, root: Path, grid: dict[str, tuple] | None = None, 
     renames = upgrade_runs(root, {cfg.legacy_run_hash(): cfg.run_hash()})  # a study 0.1.0 made
     upgraded_json(root / "study.json", "base_config_hash", renames)
     claim_study(root, cfg, grid, seeds)
-    teachers = {}
-    for seed in seeds:
-        tcfg = teacher_config(seed_config(cfg, seed))
-        trun = RunDir(root / "teachers" / f"seed-{seed}")
-        log(f"== teacher, seed {seed}")
-        done = run_once(tcfg, trun, log, progress=progress)
-        teachers[seed] = (trun.root.resolve(), done["run_hash"], resolve_teacher_level(trun, "best"))
-    for setting in settings(grid):
-        for seed in seeds:
-            scfg = student_of(seed_config(cfg, seed), setting, *teachers[seed])
-            srun = RunDir(root / "runs" / setting.name / f"seed-{seed}")
-            if srun.finished(scfg.run_hash()) is None:
-                log(f"== {setting.name}, seed {seed}")
-            run_once(scfg, srun, log, progress=progress)
+    workers = plan_workers(cfg)
+    teacher_jobs = [Job(f"teacher, seed {seed}", teacher_config(seed_config(cfg, seed)),
+                        RunDir(root / "teachers" / f"seed-{seed}")) for seed in seeds]
+
+    def students(vanilla: bool, teachers: dict[int, tuple[Path, str, int]]) -> list[Job]:
+        return [Job(f"{setting.name}, seed {seed}", student_of(seed_config(cfg, seed), setting, *teachers[seed]),
+                    RunDir(root / "runs" / setting.name / f"seed-{seed}"))
+                for setting in settings(grid) if (setting.teacher == "none") == vanilla for seed in seeds]
+
+    # the teachers and the vanilla students (labels alone) side by side, then every distilled student
+    no_teacher = {seed: (Path(), "", 0) for seed in seeds}
+    done = run_jobs([*teacher_jobs, *students(True, no_teacher)], workers, progress=progress, log=log)
+    teachers = {seed: (job.run_dir.root.resolve(), summary["run_hash"], resolve_teacher_level(job.run_dir, "best"))
+                for seed, job, summary in zip(seeds, teacher_jobs, done)}
+    run_jobs(students(False, teachers), workers, progress=progress, log=log)
     return write_study(root, grid, seeds, cfg.analysis.dodge_margin)
 
 

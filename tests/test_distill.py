@@ -120,7 +120,7 @@ def test_bad_teacher_is_one_line_and_exit_2(tmp_path, capsys, teacher_run, fake_
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
-FLAGS = ["--epochs", "12", "--dense-epochs", "12", "--levels", "3", "--quiet", "--seed", "4"]
+FLAGS = ["--epochs", "12", "--dense-epochs", "12", "--levels", "3", "--quiet", "--seed", "4", "--checkpoint-every", "0"]
 
 
 @pytest.mark.slow

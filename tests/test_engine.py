@@ -52,7 +52,7 @@ def test_resume_in_process_after_partial_level(tmp_path, tiny_config):
     full = tmp_path / "full"
     LevelLoop(tiny_config(), RunDir(full), progress=False, log=lambda s: None).run()
     part = tmp_path / "part"
-    engine = LevelLoop(tiny_config(), RunDir(part), progress=False, log=lambda s: None)
+    engine = LevelLoop(tiny_config(checkpoint_every=0), RunDir(part), progress=False, log=lambda s: None)
     calls = {"n": 0}
     original = engine.save_state
 
@@ -70,7 +70,44 @@ def test_resume_in_process_after_partial_level(tmp_path, tiny_config):
     assert stable(read_jsonl(part / "epochs.jsonl")) == stable(read_jsonl(full / "epochs.jsonl"))
 
 
-FLAGS = ["--epochs", "12", "--dense-epochs", "12", "--levels", "3", "--quiet", "--seed", "4", "--students", "none"]
+@pytest.mark.slow
+def test_a_run_killed_between_checkpoints_recomputes_the_lost_epochs(tmp_path, tiny_config):
+    """With checkpoints minutes apart, a crash mid-level loses that level's epochs: the run resumes from the last
+    level's end, recomputes them, and ends as the uninterrupted run."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    LevelLoop(tiny_config(), RunDir(full), progress=False, log=lambda s: None).run()
+    engine = LevelLoop(tiny_config(checkpoint_every=3600), RunDir(part), progress=False, log=lambda s: None)
+    saves: list[tuple] = []
+    original_save, original_epoch = engine.save_state, None
+
+    def save(path, optimizer, level, epoch, done):
+        saves.append((path.name, level, epoch, done))
+        original_save(path, optimizer, level, epoch, done)
+
+    def crash_in_level_1(optimizer, level, epoch, *args, **kwargs):
+        if (level, epoch) == (1, 1):
+            raise KeyboardInterrupt
+        return original_epoch(optimizer, level, epoch, *args, **kwargs)
+
+    engine.save_state = save
+    engine.prepare()
+    original_epoch = engine.executor.train_epoch
+    engine.executor.train_epoch = crash_in_level_1
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    last = [s for s in saves if s[0] == "last.safetensors"]
+    assert last == [("last.safetensors", 0, 3, False), ("last.safetensors", 0, 3, True)]  # the level's end only
+    assert [r["level"] for r in read_jsonl(part / "epochs.jsonl")] == [0, 0, 0]
+    logs: list[str] = []
+    LevelLoop(tiny_config(), RunDir(part), progress=False, log=logs.append).run()
+    assert any("resuming" in line and "level 0, epoch 3 (level complete)" in line for line in logs)
+    assert stable(read_jsonl(part / "metrics.jsonl")) == stable(read_jsonl(full / "metrics.jsonl"))
+    assert stable(read_jsonl(part / "epochs.jsonl")) == stable(read_jsonl(full / "epochs.jsonl"))
+
+
+# every epoch checkpointed, so the kill lands mid-level after a saved epoch (the default saves every 10 s)
+FLAGS = ["--epochs", "12", "--dense-epochs", "12", "--levels", "3", "--quiet", "--seed", "4", "--students", "none",
+         "--checkpoint-every", "0"]
 
 
 @pytest.mark.slow

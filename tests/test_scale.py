@@ -17,7 +17,7 @@ from dsd2.sweep import expand, parse_grid, run_dir_for, run_sweep
 from dsd2.training import distributed
 
 FLAGS = ["train", "--epochs", "6", "--dense-epochs", "6", "--levels", "3", "--quiet", "--students", "none",
-         "--seed", "3"]
+         "--seed", "3", "--checkpoint-every", "0"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsd2"]
 VOLATILE = {"wall_time_s", "train_time_s", "images_per_s", "achieved_flop_per_s"}
 

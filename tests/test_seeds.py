@@ -74,7 +74,7 @@ def test_a_finished_seed_is_not_run_again(seeds_root, capsys):
     code, out = run_main(["train", *TINY, "--students", "vanilla", "--seeds", "0,1", "--early-stop", "val",
                           "--patience", "2", "--out", str(seeds_root)], capsys)
     assert code == 0 and seed0.stat().st_mtime_ns == before
-    assert "=== seed 1" in out.out and "=== seed 0" not in out.out
+    assert "== seed 1 " in out.out and "seed 0" not in out.out
     assert "| vanilla | 2 |" in out.out
     code, out = run_main(["train", "--resume", str(seeds_root)], capsys)
     assert code == 0 and "already complete" in out.out

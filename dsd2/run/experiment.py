@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from dsd2.models import build_model
 from dsd2.pruning import count_sparsity
 from dsd2.run import measure
 from dsd2.run.identity import upgrade_runs
+from dsd2.run.cores import Job, computing_threads, plan_workers, run_jobs
 from dsd2.run.loop import LevelLoop, build_run_model, check_levels, input_format, resolve_device
 from dsd2.run.state import Checkpointer, saved_levels
 from dsd2.run.summary import seed_curves, student_entry
@@ -60,51 +61,99 @@ def claim_experiment(cfg: Config, root: RunDir) -> None:
     ctx.barrier()
 
 
+@dataclass
+class Experiment:
+    """One DSD² experiment made ready to run: its bad input refused and its directory claimed. Its runs come in two
+    batches, each of runs that do not wait for each other: the teacher's curve and the vanilla student's, then
+    the distilled students (their teacher level is chosen from the finished teacher)."""
+
+    cfg: Config
+    root: RunDir
+    name: str = ""  # the log's prefix for its runs ("seed 1 "), empty for a lone experiment
+
+    @classmethod
+    def prepare(cls, cfg: Config, root: RunDir, name: str = "") -> Experiment:
+        tcfg, teacher_run = teacher_config(cfg), RunDir(root.root / "teacher")
+        teacher_loop = LevelLoop(tcfg, teacher_run, progress=False, log=lambda message: None)
+        teacher_loop.prepare()  # bad input fails here, before the experiment directory is claimed
+        # and so does the student's (its config, and the level count on its model), before the teacher trains
+        probe = student_config(cfg, "vanilla", teacher_run.root, "", 0)
+        with torch.random.fork_rng(devices=[]):
+            check_levels(probe, build_model(probe.model, teacher_loop.splits.input_shape,
+                                            teacher_loop.splits.num_classes))
+        claim_experiment(cfg, root)
+        return cls(cfg, root, name)
+
+    @property
+    def teacher(self) -> Job:
+        return Job(f"{self.name}teacher: the vanilla IMP curve", teacher_config(self.cfg), RunDir(self.root.root / "teacher"))
+
+    def _student(self, kind: str, teacher_hash: str, level: int) -> Job:
+        scfg = student_config(self.cfg, kind, self.teacher.run_dir.root.resolve(), teacher_hash, level)
+        return Job(f"{self.name}student {kind}", scfg, RunDir(self.root.root / "students" / kind))
+
+    def first_jobs(self) -> list[Job]:
+        """The teacher and, beside it, the vanilla student (it learns from the labels alone)."""
+        vanilla = [self._student("vanilla", "", 0)] if "vanilla" in self.cfg.distill.students else []
+        return [self.teacher, *vanilla]
+
+    def teacher_level(self, log: Callable[[str], None]) -> int:
+        level = resolve_teacher_level(self.teacher.run_dir, str(self.cfg.distill.teacher_level))
+        log(f"== {self.name}teacher level {level} selected ({self.cfg.distill.teacher_level})")
+        return level
+
+    def second_jobs(self, level: int) -> list[Job]:
+        """The distilled students, from the finished teacher at its level 0 and at the selected level."""
+        teacher = self.teacher
+        done = teacher.run_dir.finished(teacher.config.run_hash())
+        return [self._student(kind, done["run_hash"], level) for kind in self.cfg.distill.students if kind != "vanilla"]
+
+    def finish(self, level: int) -> dict[str, Any]:
+        """The experiment's summary.json, from its finished runs."""
+        cfg, teacher = self.cfg, self.teacher
+        done = teacher.run_dir.finished(teacher.config.run_hash())
+        students: dict[str, Any] = {}
+        for kind in cfg.distill.students:
+            srun = self._student(kind, done["run_hash"], level).run_dir
+            students[kind] = student_entry(srun.summary(), srun.levels(), str(srun.root), cfg.analysis.dodge_margin)
+        summary = {"run_hash": cfg.run_hash(), "finished": True, "experiment": "dsd2",
+                   "teacher": {"run": str(teacher.run_dir.root), "selected_level": level,
+                               "rule": str(cfg.distill.teacher_level), "best_test_acc": done["best_test_acc"],
+                               "dense_test_acc": done["dense_test_acc"],
+                               "train_pflops_dense": done["train_pflops_dense"]},
+                   "students": students,
+                   # keys shared with a single run's summary, so `train` prints one line either way
+                   **{k: done[k] for k in ("best_level", "best_sparsity", "best_val_acc", "best_test_acc",
+                                            "dense_test_acc")}}
+        if dist_context().is_main:
+            write_json(self.root.summary_path, summary)
+        dist_context().barrier()
+        return summary
+
+
+def run_experiments(experiments: list[Experiment], workers: int, *, progress: bool = True,
+                    log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Several experiments (the seeds of one configuration), each batch of all of them side by side."""
+    run_jobs([j for e in experiments for j in e.first_jobs()], workers, progress=progress, log=log)
+    levels = [e.teacher_level(log) for e in experiments]
+    run_jobs([j for e, level in zip(experiments, levels) for j in e.second_jobs(level)], workers,
+             progress=progress, log=log)
+    return [e.finish(level) for e, level in zip(experiments, levels)]
+
+
 def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """The DSD² experiment in one directory: the teacher's IMP curve (teacher/), the selection of the teacher
     level, then each student pruned by the same loop (students/<kind>/): vanilla, distilled from the dense
-    teacher, distilled from the selected sparse teacher. Every part is a resumable run of its own. With
-    `cfg.seeds`, one such experiment per seed (`run_seeds`)."""
+    teacher, distilled from the selected sparse teacher. Every part is a resumable run of its own; the parts that
+    do not wait for each other run side by side where `plan_workers` says so. With `cfg.seeds`, one such
+    experiment per seed (`run_seeds`)."""
     cfg = concrete_precision(cfg)  # students train in the teacher's precision, as the config names it
     if cfg.seeds:
         return run_seeds(cfg, root, progress=progress, log=log)
     if not cfg.distill.students:
         return LevelLoop(cfg, root, progress=progress, log=log).run()
-    tcfg, teacher_run = teacher_config(cfg), RunDir(root.root / "teacher")
-    teacher_loop = LevelLoop(tcfg, teacher_run, progress=progress, log=log)
-    teacher_loop.prepare()  # bad input fails here, before the experiment directory is claimed
-    # and so does the student's (its config, and the level count on its model), before the teacher trains
-    probe = student_config(cfg, "vanilla", teacher_run.root, "", 0)
-    with torch.random.fork_rng(devices=[]):
-        check_levels(probe, build_model(probe.model, teacher_loop.splits.input_shape, teacher_loop.splits.num_classes))
-    claim_experiment(cfg, root)
-    done = teacher_run.finished(tcfg.run_hash())
-    if done is None:
-        log("== teacher: the vanilla IMP curve")
-        done = teacher_loop.run()
-    level = resolve_teacher_level(teacher_run, str(cfg.distill.teacher_level))
-    log(f"== teacher level {level} selected ({cfg.distill.teacher_level})")
-    students: dict[str, Any] = {}
-    for kind in cfg.distill.students:
-        scfg = student_config(cfg, kind, teacher_run.root.resolve(), done["run_hash"], level)
-        srun = RunDir(root.root / "students" / kind)
-        if srun.finished(scfg.run_hash()) is None:
-            log(f"== student {kind}")
-        summary = run_once(scfg, srun, log, progress=progress)
-        students[kind] = student_entry(summary, srun.levels(), str(srun.root), cfg.analysis.dodge_margin)
-    summary = {"run_hash": cfg.run_hash(), "finished": True, "experiment": "dsd2",
-               "teacher": {"run": str(teacher_run.root), "selected_level": level,
-                           "rule": str(cfg.distill.teacher_level), "best_test_acc": done["best_test_acc"],
-                           "dense_test_acc": done["dense_test_acc"], "train_pflops_dense": done["train_pflops_dense"]},
-               "students": students,
-               # keys shared with a single run's summary, so `train` prints one line either way
-               **{k: done[k] for k in ("best_level", "best_sparsity", "best_val_acc", "best_test_acc",
-                                        "dense_test_acc")}}
-    if dist_context().is_main:
-        write_json(root.summary_path, summary)
-    dist_context().barrier()
-    return summary
+    return run_experiments([Experiment.prepare(cfg, root)], plan_workers(cfg), progress=progress, log=log)[0]
 
 
 def seed_config(cfg: Config, seed: int) -> Config:
@@ -119,13 +168,20 @@ def seed_dirs(root: RunDir, seeds: tuple[int, ...] | list[int]) -> list[RunDir]:
 def run_seeds(cfg: Config, root: RunDir, *, progress: bool = True,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every seed of `cfg.seeds` as its own resumable run (the experiment, or a run of the level loop) in
-    ROOT/seed-S, then their aggregate in ROOT/summary.json (`aggregate_seeds`)."""
+    ROOT/seed-S, side by side where `plan_workers` says so, then their aggregate in ROOT/summary.json
+    (`aggregate_seeds`)."""
     claim_experiment(cfg, root)
-    for seed, sub in zip(cfg.seeds, seed_dirs(root, cfg.seeds)):
-        scfg = seed_config(cfg, seed)
-        if sub.finished(scfg.run_hash()) is None:
-            log(f"=== seed {seed}")
-            run_experiment(scfg, sub, progress=progress, log=log)
+    workers = plan_workers(cfg)
+    todo = [(seed, sub) for seed, sub in zip(cfg.seeds, seed_dirs(root, cfg.seeds))
+            if sub.finished(seed_config(cfg, seed).run_hash()) is None]
+    if cfg.distill.students:
+        run_experiments([Experiment.prepare(seed_config(cfg, seed), sub, f"seed {seed} ") for seed, sub in todo],
+                        workers, progress=progress, log=log)
+    else:
+        for seed, sub in todo:  # bad input fails before any seed trains
+            LevelLoop(seed_config(cfg, seed), sub, progress=False, log=lambda message: None).prepare()
+        run_jobs([Job(f"seed {seed}", seed_config(cfg, seed), sub) for seed, sub in todo], workers,
+                 progress=progress, log=log)
     summary = aggregate_seeds(cfg, root)
     if dist_context().is_main:
         write_json(root.summary_path, summary)
@@ -160,13 +216,18 @@ def entropy_of_run(run_dir: RunDir, *, data_root: str | None = None, granularity
     cfg.data.data_root = data_root or cfg.data.data_root
     cfg.analysis.granularity = granularity or cfg.analysis.granularity
     cfg.analysis.inclusive = cfg.analysis.inclusive if inclusive is None else inclusive
-    levels = saved_levels(run_dir)
-    if not levels:
+    if not saved_levels(run_dir):
         raise RunError(f"'{run_dir.root}' has no level checkpoints yet")
+    with computing_threads(cfg):  # the thread count its training computed at
+        return _entropy_of_run(run_dir, stored["run_hash"], cfg, log)
+
+
+def _entropy_of_run(run_dir: RunDir, run_hash: str, cfg: Config, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    levels = saved_levels(run_dir)
     device = resolve_device(cfg.device)
     splits = build_splits(cfg.data, cfg.seed, device)
     model, relus = build_run_model(cfg, splits, device, counting=True)
-    checkpointer = Checkpointer(stored["run_hash"], model, relus, device)
+    checkpointer = Checkpointer(run_hash, model, relus, device)
     fmt = input_format(cfg, splits, device, model)
     executor = make_executor(model, TrainFeed(splits.train, cfg.optim.batch_size, fmt), cross_entropy, relus, cfg.seed,
                              splits.num_classes, dist_ctx=dist_context(), cuda_graphs=cfg.cuda_graphs,

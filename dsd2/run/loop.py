@@ -1,9 +1,10 @@
-"""The level loop: dense -> [prune -> perturb -> retrain -> measure] x L, resumable at every epoch.
+"""The level loop: dense -> [prune -> perturb -> retrain -> measure] x L, resumable at any checkpointed epoch.
 
 `LevelLoop.run` reads on one screen: resume, then per level prune → train epochs → measure → save → stop?
 State lives here and in the run directory; the science (noise, masks, scores, schedules, measures) lives in
-small pure functions elsewhere. A killed run restarts from `checkpoints/last.safetensors` and, since every
-random stream is derived from (seed, level, epoch), reproduces the uninterrupted run exactly.
+small pure functions elsewhere. A killed run restarts from `checkpoints/last.safetensors` (written at every level's
+end and every `checkpoint_every` seconds within one) and, since every random stream is derived from (seed,
+level, epoch), reproduces the uninterrupted run exactly.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dsd2.pruning import (
     select_prunable,
 )
 from dsd2.run import measure
+from dsd2.run.cores import computing_threads
 from dsd2.run.identity import upgrade_runs
 from dsd2.run.state import Checkpointer, restore_optimizer
 from dsd2.run.summary import best_level, early_stop_summary, run_summary
@@ -171,6 +173,7 @@ class LevelLoop:
         self.level_start: dict[str, torch.Tensor] = {}
         self.init_weights: dict[str, torch.Tensor] = {}
         self.stop: StopDecision | None = None
+        self.saved_at = 0.0  # time.monotonic() of the last checkpoint
 
     # ---- set-up: everything that can fail on bad input, before anything is written ----------------------
 
@@ -226,9 +229,14 @@ class LevelLoop:
     # ---- the loop ----------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        with computing_threads(self.cfg):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         self.prepare()
         self._announce()
         pos = self.resume()
+        self.saved_at = time.monotonic()
         while pos.level <= self.num_levels and not (self.stop and self.stop.stop):
             started = time.perf_counter()
             if pos.optimizer is None:
@@ -335,7 +343,8 @@ class LevelLoop:
                                                                               labels, idx, fmt)[1]
 
     def train_level(self, pos: Position) -> None:
-        """The level's remaining epochs, each checkpointed (`last`) as soon as it ends."""
+        """The level's remaining epochs, checkpointed (`last`, and their rows) at the level's last epoch and at the
+        first epoch end `checkpoint_every` seconds after the previous checkpoint."""
         cfg, s, level = self.cfg, self.splits, pos.level
         epochs = epochs_for(cfg, level)
         bar = self._bar(level, epochs, pos.epoch)
@@ -354,9 +363,13 @@ class LevelLoop:
             pos.epoch += 1
             if cfg.prune.perturb == "rewind" and level == 0 and pos.epoch == cfg.prune.rewind_iteration:
                 self.save_state(self.run_dir.ckpt_dir / "rewind.safetensors", None, 0, pos.epoch, False)
-            if self.ctx.is_main:
-                write_jsonl(self.run_dir.epochs_path, pos.epoch_rows)
-            self.save_state(self.run_dir.last_path, pos.optimizer, level, pos.epoch, False)
+            if pos.epoch == epochs or time.monotonic() - self.saved_at >= cfg.checkpoint_every:
+                # a fast epoch (milliseconds) is not slowed by two synced files; a killed run recomputes the epochs
+                # after the last checkpoint, which give the same rows
+                if self.ctx.is_main:
+                    write_jsonl(self.run_dir.epochs_path, pos.epoch_rows)
+                self.save_state(self.run_dir.last_path, pos.optimizer, level, pos.epoch, False)
+                self.saved_at = time.monotonic()
             if bar is not None:
                 bar.set_postfix(loss=f"{stats['train_loss']:.3f}", train=f"{stats['train_acc']:.3f}",
                                 val=f"{val['acc']:.3f}")
