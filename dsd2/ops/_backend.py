@@ -146,14 +146,21 @@ def describe() -> dict[str, str]:
 
 
 def cpu_model() -> str:
-    """The CPU's model name as the kernel reports it (for figures that must name their machine)."""
+    """The CPU's model name as the kernel reports it, with its family and model numbers (for figures that must
+    name their machine: a virtual machine's name may be as bare as "AMD EPYC", whose Zen 3 and Zen 4 differ)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break  # the first processor's block
     except OSError:
         pass
+    if "model name" in fields:
+        family, model = fields.get("cpu family"), fields.get("model")
+        return fields["model name"] + (f" (family {family}, model {model})" if family and model else "")
     import platform
 
     return platform.processor() or platform.machine()

@@ -1,9 +1,10 @@
 """How runs use the CPU's cores: the thread count a run computes at, and independent runs side by side.
 
-A small model cannot keep two cores busy. The digits MLP's epoch, fused or eager, is no faster on two threads than
-on one (benchmarks/bench_cpu_step.py), and its numbers depend on the thread count (a GEMM or a reduction splits
-its sums by thread). So a run of an MLP on the CPU computes at one thread (`run_threads`), whatever the machine
-has: its numbers are the same on a 2-core and a 64-core machine, and the other cores run other runs. The seeds of
+A small model cannot keep two cores busy. The digits MLP's fused epoch is 1.3x faster on two threads than on one
+on a Zen 4 and slower on a Zen 3 (benchmarks/bench_cpu_step.py), where two runs side by side, one thread each, do
+twice the work; and its numbers depend on the thread count (a GEMM or a reduction splits its sums by thread). So a
+run of an MLP on the CPU computes at one thread (`run_threads`), whatever the machine has: its numbers are the same
+on a 2-core and a 64-core machine, and the other cores run other runs. The seeds of
 `--seeds`, the parts of the experiment that do not wait for each other and the settings of a study or a sweep run
 side by side, one worker process per core (`plan_workers`, `run_jobs`). A run computes the same numbers in a worker
 as in the calling process (tests/test_cores.py), writes the same run directory and resumes the same way; a
@@ -108,8 +109,9 @@ def run_jobs(jobs: Sequence[Job], workers: int, *, progress: bool = True, log: C
                     raise
                 failed(i, exc)
         return summaries
+    names = [jobs[i].name for i in todo]
     log(f"== side by side, {workers} at a time (one thread each; --jobs 1: one after another): "
-        f"{', '.join(jobs[i].name for i in todo)}")
+        + (", ".join(names) if len(names) <= 4 else f"{len(names)} runs, {names[0]} ... {names[-1]}"))
     pool = _pool(workers)
     futures = {pool.submit(_run_in_worker, jobs[i].name, jobs[i].config.to_dict(), str(jobs[i].run_dir.root)): i
                for i in todo}
@@ -158,7 +160,8 @@ def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
 
 @atexit.register
 def shutdown_workers() -> None:
-    """Stop the worker processes (the queued runs are dropped; a run under way ends with its process)."""
+    """Stop the worker processes: queued runs are dropped and runs under way are waited for (a Ctrl-C reaches
+    the workers too and stops them; their runs resume like any killed run)."""
     while _POOL:
         _POOL.pop()[1].shutdown(wait=True, cancel_futures=True)
 
