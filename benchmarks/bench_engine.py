@@ -254,7 +254,12 @@ def measure(case: Case, precision: str, repeats: int, compile_: bool, floor_rate
     t_ours = at_threads(ours_threads, lambda: ours(case, precision)[1], repeats)
     t_ref = at_threads(THREADS, lambda: reference_loop(case), repeats)
     t_plain = best_threads(lambda: plain_loop(case, compiled=False), repeats)
-    t_comp = best_threads(lambda: plain_loop(case, compiled=True), repeats) if compile_ else None
+    t_comp = None
+    if compile_:
+        try:
+            t_comp = best_threads(lambda: plain_loop(case, compiled=True), repeats)
+        except Exception as exc:  # noqa: BLE001 - a compiler failure is a result of this row, not of the benchmark
+            t_comp = f"failed ({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:80]})"
     floor = epoch_macs(case) / floor_rate
     return {"case": case.name, "precision": precision, "mode": mode, "ours_threads": ours_threads, "ours": t_ours,
             "ref": t_ref, "plain": t_plain, "compiled": t_comp, "floor": floor}
@@ -269,8 +274,8 @@ def table(rows: list[dict]) -> str:
            "vs (c) | ours / floor |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         (tb, nb), comp = r["plain"], r["compiled"]
-        c_cell = f"{fmt_s(comp[0])} ({comp[1]} thr)" if comp else "not run"
-        c_ratio = f"{comp[0] / r['ours']:.2f}×" if comp else "–"
+        c_cell = f"{fmt_s(comp[0])} ({comp[1]} thr)" if isinstance(comp, tuple) else comp or "not run"
+        c_ratio = f"{comp[0] / r['ours']:.2f}×" if isinstance(comp, tuple) else "–"
         out.append(f"| {r['case']}, ours {r['precision']} ({r['mode']}, {r['ours_threads']} thr) | "
                    f"{fmt_s(r['ours'])} | {fmt_s(r['ref'])} ({THREADS} thr) | {fmt_s(tb)} ({nb} thr) | {c_cell} | "
                    f"{fmt_s(r['floor'])} | {r['ref'] / r['ours']:.2f}× | {tb / r['ours']:.2f}× | {c_ratio} | "
