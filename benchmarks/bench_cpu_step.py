@@ -35,7 +35,8 @@ def main() -> None:
     mlp = cases(quick=True)[0]
     threads_before = torch.get_num_threads()
     table = ["| threads | ours, fused | ours, eager | plain eager loop (b) | (b) under torch.compile (c) | floor | "
-             "fused vs eager | fused vs (b) | fused vs (c) | fused / floor |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "fused vs eager | fused vs (b) | fused vs (c) | fused / floor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for threads in (1, 2):
         torch.set_num_threads(threads)
         mode, fused = ours(mlp)

@@ -28,8 +28,8 @@ from typing import Any
 
 from dsd2.config import Config, ConfigError
 from dsd2.report.units import format_dip, format_pflops
-from dsd2.run.experiment import seed_config, student_config, teacher_config
 from dsd2.run.cores import Job, plan_workers, run_jobs
+from dsd2.run.experiment import seed_config, student_config, teacher_config
 from dsd2.run.identity import upgrade_runs, upgraded_json
 from dsd2.run.summary import seed_curves
 from dsd2.run.teacher import resolve_teacher_level

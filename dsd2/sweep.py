@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from dsd2.config import LAUNCHERS, Config, ConfigError, build_config, config_options, from_dict, merge
-from dsd2.run.identity import find_run_folder
 from dsd2.run.cores import Job, plan_workers, run_jobs
+from dsd2.run.identity import find_run_folder
 from dsd2.runs import RunDir, RunError, atomic_write_text, write_json
 from dsd2.training.precision import concrete_precision
 

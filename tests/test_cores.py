@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import engine_env
+
 from dsd2.config import ConfigError, validate
 from dsd2.run import run_experiment
 from dsd2.run.cores import Job, plan_workers, run_jobs, run_threads, shutdown_workers

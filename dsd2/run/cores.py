@@ -31,7 +31,6 @@ import torch
 from dsd2.config import Config
 from dsd2.runs import RunDir
 
-
 SMALL_MODELS = ("mlp", "lenet300")  # Linear/ReLU chains: a run cannot keep two cores busy
 
 

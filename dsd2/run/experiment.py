@@ -14,8 +14,8 @@ from dsd2.data import build_splits
 from dsd2.models import build_model
 from dsd2.pruning import count_sparsity
 from dsd2.run import measure
-from dsd2.run.identity import upgrade_runs
 from dsd2.run.cores import Job, computing_threads, plan_workers, run_jobs
+from dsd2.run.identity import upgrade_runs
 from dsd2.run.loop import LevelLoop, build_run_model, check_levels, input_format, resolve_device
 from dsd2.run.state import Checkpointer, saved_levels
 from dsd2.run.summary import seed_curves, student_entry
@@ -86,7 +86,8 @@ class Experiment:
 
     @property
     def teacher(self) -> Job:
-        return Job(f"{self.name}teacher: the vanilla IMP curve", teacher_config(self.cfg), RunDir(self.root.root / "teacher"))
+        return Job(f"{self.name}teacher: the vanilla IMP curve", teacher_config(self.cfg),
+                   RunDir(self.root.root / "teacher"))
 
     def _student(self, kind: str, teacher_hash: str, level: int) -> Job:
         scfg = student_config(self.cfg, kind, self.teacher.run_dir.root.resolve(), teacher_hash, level)
