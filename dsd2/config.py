@@ -215,9 +215,9 @@ class Config:
                                      "last epoch always does; 0 = after every epoch. A killed run resumes from the "
                                      "last one and recomputes the same epochs", metavar="S")
     jobs: int = option(0, "independent runs side by side on the CPU (the seeds, the experiment's parts that do "
-                       "not wait for each other, a study's settings), each in its own process with its share of the "
-                       "threads: 0 (default) = one per thread for MLP runs and one at a time for anything else, "
-                       "1 = one after another", metavar="N")
+                       "not wait for each other, a study's settings), each in its own process at one thread: 0 "
+                       "(default) = one per core for MLP runs and one at a time for anything else, 1 = one after "
+                       "another; the numbers do not depend on it", metavar="N")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

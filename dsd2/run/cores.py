@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,13 @@ SMALL_MODELS = ("mlp", "lenet300")  # Linear/ReLU chains: a run cannot keep two 
 
 @dataclass(frozen=True)
 class Job:
-    """One run of the level loop: its config, its directory and the name the log gives it."""
+    """One run of the level loop: its config, its directory and the name the log gives it; `loop`, that run's
+    LevelLoop already prepared (to check its input), which a run here reuses rather than preparing it again."""
 
     name: str
     config: Config
     run_dir: RunDir
+    loop: Any = field(default=None, compare=False, repr=False)
 
 
 def small_cpu_run(cfg: Config) -> bool:
@@ -102,7 +104,7 @@ def run_jobs(jobs: Sequence[Job], workers: int, *, progress: bool = True, log: C
         for i in todo:
             log(f"== {jobs[i].name}")
             try:
-                summaries[i] = run_job(jobs[i].config, jobs[i].run_dir, log, progress)
+                summaries[i] = run_job(jobs[i].config, jobs[i].run_dir, log, progress, jobs[i].loop)
             except Exception as exc:
                 if errors is None:
                     raise
@@ -133,13 +135,14 @@ def run_jobs(jobs: Sequence[Job], workers: int, *, progress: bool = True, log: C
     return summaries
 
 
-def run_job(cfg: Config, run_dir: RunDir, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
-    """One job, here: a run of the level loop, or a whole experiment when its config has students or seeds."""
+def run_job(cfg: Config, run_dir: RunDir, log: Callable[[str], None], progress: bool, loop=None) -> dict[str, Any]:
+    """One job, here: a run of the level loop (on `loop` when it is prepared), or a whole experiment when its
+    config has students or seeds."""
     from dsd2.run.experiment import run_experiment, run_once
 
     if cfg.distill.students or cfg.seeds:
         return run_experiment(cfg, run_dir, progress=progress, log=log)
-    return run_once(cfg, run_dir, log, progress=progress)
+    return run_once(cfg, run_dir, log, progress=progress, loop=loop)
 
 
 _POOL: list[tuple[int, concurrent.futures.ProcessPoolExecutor]] = []  # (size, workers), kept for the next batch

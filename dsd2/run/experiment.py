@@ -44,9 +44,11 @@ def teacher_config(cfg: Config) -> Config:
     return replace(cfg, distill=DistillConfig(students=(), teacher=None, teacher_id=None))
 
 
-def run_once(cfg: Config, run: RunDir, log: Callable[[str], None], **kwargs) -> dict[str, Any]:
-    """The run's summary: read when it has finished with this config, else from running (or resuming) it."""
-    return run.finished(cfg.run_hash()) or LevelLoop(cfg, run, log=log, **kwargs).run()
+def run_once(cfg: Config, run: RunDir, log: Callable[[str], None], loop: LevelLoop | None = None,
+             **kwargs) -> dict[str, Any]:
+    """The run's summary: read when it has finished with this config, else from running (or resuming) it, on
+    `loop` when one is given (already made for this config and directory)."""
+    return run.finished(cfg.run_hash()) or (loop or LevelLoop(cfg, run, log=log, **kwargs)).run()
 
 
 def claim_experiment(cfg: Config, root: RunDir) -> None:
@@ -70,11 +72,13 @@ class Experiment:
     cfg: Config
     root: RunDir
     name: str = ""  # the log's prefix for its runs ("seed 1 "), empty for a lone experiment
+    teacher_loop: LevelLoop | None = None  # prepared to check the input; the teacher's run here reuses it
 
     @classmethod
-    def prepare(cls, cfg: Config, root: RunDir, name: str = "") -> Experiment:
+    def prepare(cls, cfg: Config, root: RunDir, name: str = "", *, progress: bool = True,
+                log: Callable[[str], None] = print) -> Experiment:
         tcfg, teacher_run = teacher_config(cfg), RunDir(root.root / "teacher")
-        teacher_loop = LevelLoop(tcfg, teacher_run, progress=False, log=lambda message: None)
+        teacher_loop = LevelLoop(tcfg, teacher_run, progress=progress, log=log)
         teacher_loop.prepare()  # bad input fails here, before the experiment directory is claimed
         # and so does the student's (its config, and the level count on its model), before the teacher trains
         probe = student_config(cfg, "vanilla", teacher_run.root, "", 0)
@@ -82,7 +86,7 @@ class Experiment:
             check_levels(probe, build_model(probe.model, teacher_loop.splits.input_shape,
                                             teacher_loop.splits.num_classes))
         claim_experiment(cfg, root)
-        return cls(cfg, root, name)
+        return cls(cfg, root, name, teacher_loop)
 
     @property
     def teacher(self) -> Job:
@@ -96,7 +100,7 @@ class Experiment:
     def first_jobs(self) -> list[Job]:
         """The teacher and, beside it, the vanilla student (it learns from the labels alone)."""
         vanilla = [self._student("vanilla", "", 0)] if "vanilla" in self.cfg.distill.students else []
-        return [self.teacher, *vanilla]
+        return [replace(self.teacher, loop=self.teacher_loop), *vanilla]
 
     def teacher_level(self, log: Callable[[str], None]) -> int:
         level = resolve_teacher_level(self.teacher.run_dir, str(self.cfg.distill.teacher_level))
@@ -154,7 +158,8 @@ def run_experiment(cfg: Config, root: RunDir, *, progress: bool = True,
         return run_seeds(cfg, root, progress=progress, log=log)
     if not cfg.distill.students:
         return LevelLoop(cfg, root, progress=progress, log=log).run()
-    return run_experiments([Experiment.prepare(cfg, root)], plan_workers(cfg), progress=progress, log=log)[0]
+    experiment = Experiment.prepare(cfg, root, progress=progress, log=log)
+    return run_experiments([experiment], plan_workers(cfg), progress=progress, log=log)[0]
 
 
 def seed_config(cfg: Config, seed: int) -> Config:
@@ -175,13 +180,18 @@ def run_seeds(cfg: Config, root: RunDir, *, progress: bool = True,
     workers = plan_workers(cfg)
     todo = [(seed, sub) for seed, sub in zip(cfg.seeds, seed_dirs(root, cfg.seeds))
             if sub.finished(seed_config(cfg, seed).run_hash()) is None]
-    if cfg.distill.students:
-        run_experiments([Experiment.prepare(seed_config(cfg, seed), sub, f"seed {seed} ") for seed, sub in todo],
-                        workers, progress=progress, log=log)
-    else:
-        for seed, sub in todo:  # bad input fails before any seed trains
-            LevelLoop(seed_config(cfg, seed), sub, progress=False, log=lambda message: None).prepare()
-        run_jobs([Job(f"seed {seed}", seed_config(cfg, seed), sub) for seed, sub in todo], workers,
+    # side by side, every seed is made ready (its input checked) before any trains; one after another, each when
+    # its turn comes, and the loop made ready is the one that runs
+    batches = [todo] if workers > 1 else [[one] for one in todo]
+    for batch in batches:
+        if cfg.distill.students:
+            run_experiments([Experiment.prepare(seed_config(cfg, seed), sub, f"seed {seed} ", progress=progress,
+                                                log=log) for seed, sub in batch], workers, progress=progress, log=log)
+            continue
+        loops = [LevelLoop(seed_config(cfg, seed), sub, progress=progress, log=log) for seed, sub in batch]
+        for loop in loops:
+            loop.prepare()
+        run_jobs([Job(f"seed {seed}", loop.cfg, sub, loop) for (seed, sub), loop in zip(batch, loops)], workers,
                  progress=progress, log=log)
     summary = aggregate_seeds(cfg, root)
     if dist_context().is_main:
@@ -217,14 +227,15 @@ def entropy_of_run(run_dir: RunDir, *, data_root: str | None = None, granularity
     cfg.data.data_root = data_root or cfg.data.data_root
     cfg.analysis.granularity = granularity or cfg.analysis.granularity
     cfg.analysis.inclusive = cfg.analysis.inclusive if inclusive is None else inclusive
-    if not saved_levels(run_dir):
+    levels = saved_levels(run_dir)
+    if not levels:
         raise RunError(f"'{run_dir.root}' has no level checkpoints yet")
     with computing_threads(cfg):  # the thread count its training computed at
-        return _entropy_of_run(run_dir, stored["run_hash"], cfg, log)
+        return _entropy_of_run(run_dir, stored["run_hash"], cfg, levels, log)
 
 
-def _entropy_of_run(run_dir: RunDir, run_hash: str, cfg: Config, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    levels = saved_levels(run_dir)
+def _entropy_of_run(run_dir: RunDir, run_hash: str, cfg: Config, levels: dict[int, Path],
+                    log: Callable[[str], None]) -> list[dict[str, Any]]:
     device = resolve_device(cfg.device)
     splits = build_splits(cfg.data, cfg.seed, device)
     model, relus = build_run_model(cfg, splits, device, counting=True)
