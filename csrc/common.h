@@ -38,6 +38,13 @@ at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const at
                          const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
                          std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups);
 
+// Products over kept weights only (sparse_layers.cpp): out[r, i] = sum_k val[k] * x[col[k], off[k] + i] over
+// the entries k of row r (rowptr), i in [0, n); and dval[k] = sum_i a[r(k), i] * x[col[k], off[k] + i].
+void sparse_rows_(at::Tensor out, int64_t n, const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
+                  const at::Tensor& off, const at::Tensor& val);
+void sparse_dots_(at::Tensor dval, const at::Tensor& a, int64_t n, const at::Tensor& x, const at::Tensor& rowptr,
+                  const at::Tensor& col, const at::Tensor& off);
+
 // One training epoch of a Linear/ReLU chain (mlp_epoch.cpp): see there.
 std::vector<at::Tensor> mlp_epoch(const at::Tensor& inputs, const at::Tensor& labels, const at::Tensor& perm,
                                   int64_t batch_size, std::vector<at::Tensor> weights,

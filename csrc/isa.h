@@ -3,8 +3,8 @@
 // Each level's kernels live in their own translation unit (isa_default.cpp, isa_avx2.cpp, isa_avx512.cpp) that
 // includes kernels_impl.h under `#pragma GCC target(...)` inside a namespace of its own, so no inline function is
 // shared between levels and nothing compiled for AVX-512 can leak into code that runs on an AVX2 machine. Those
-// units include no torch header; the ops (masked_sgd.cpp, relu_count.cpp, kd_loss.cpp, masked_layers.cpp) call
-// them through the table below. The ops' own declarations, for bindings.cpp, are in common.h.
+// units include no torch header; the ops (masked_sgd.cpp, relu_count.cpp, kd_loss.cpp, masked_layers.cpp,
+// sparse_layers.cpp) call them through the table below. The ops' own declarations, for bindings.cpp, are in common.h.
 #pragma once
 
 #include <cstdint>
@@ -50,6 +50,10 @@ struct KernelTable {
   // whether w[i] is +0 or -0 wherever mask[i] is 0 (w⊙m is then w itself)
   bool (*pruned_zero_f32)(const float* w, const uint8_t* mask, int64_t n);
   bool (*pruned_zero_u16)(const uint16_t* w, const uint8_t* mask, int64_t n);
+  // out[i] = sum_k val[k] * x[base[k] + i], i in [0, n), terms in k order: a tile of a product over kept weights
+  void (*sparse_row_f32)(const float* x, const int64_t* base, const float* val, int64_t nnz, float* out, int64_t n);
+  // sum_i a[i] * b[i] over n elements, in an order that does not depend on the vector width
+  float (*sparse_dot_f32)(const float* a, const float* b, int64_t n);
 };
 
 // counting: columns per task (relu_count.cpp) and per counter block of the kernels: 32 KiB of int32 counters, so

@@ -3,6 +3,10 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // the vector types of sparse_row_f32 / sparse_dot_f32 (kernels_impl.h)
+#endif
+
 #include "isa.h"
 
 namespace dsd2 {
@@ -11,6 +15,7 @@ namespace dsd2 {
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
 #define DSD2_ISA_NAME "avx2"
+#define DSD2_VEC_BITS 256
 #define DSD2_HAS_FMA 1
 #include "kernels_impl.h"
 }  // namespace isa_avx2

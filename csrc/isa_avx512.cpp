@@ -2,6 +2,10 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // the vector types of sparse_row_f32 / sparse_dot_f32 (kernels_impl.h)
+#endif
+
 #include "isa.h"
 
 namespace dsd2 {
@@ -10,6 +14,7 @@ namespace dsd2 {
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
 namespace isa_avx512 {
 #define DSD2_ISA_NAME "avx512"
+#define DSD2_VEC_BITS 512
 #define DSD2_HAS_FMA 1
 #include "kernels_impl.h"
 }  // namespace isa_avx512

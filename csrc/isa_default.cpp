@@ -7,6 +7,7 @@
 namespace dsd2 {
 namespace isa_default {
 #define DSD2_ISA_NAME "default"
+#define DSD2_VEC_BITS 0
 #define DSD2_HAS_FMA 0
 #include "kernels_impl.h"
 }  // namespace isa_default

@@ -439,7 +439,121 @@ static bool pruned_zero_u16(const uint16_t* w, const uint8_t* __restrict__ mask,
   return acc == 0;
 }
 
+// ---- products over the kept weights only (sparse_layers.cpp) --------------------------------------------------
+
+// One vector of floats at this level: the including file names its width (DSD2_VEC_BITS; 0 for the portable
+// 128-bit GCC vector) and includes <immintrin.h> for the x86 ones. Every lane computes what the scalar madd()
+// computes, so a product's bits do not depend on which of the vector, blocked or scalar tail paths took it.
+#if DSD2_VEC_BITS == 512
+typedef __m512 vecf;
+constexpr int64_t kVec = 16;
+DSD2_INLINE vecf vzero() { return _mm512_setzero_ps(); }
+DSD2_INLINE vecf vbroadcast(float v) { return _mm512_set1_ps(v); }
+DSD2_INLINE vecf vload(const float* p) { return _mm512_loadu_ps(p); }
+DSD2_INLINE void vstore(float* p, vecf v) { _mm512_storeu_ps(p, v); }
+DSD2_INLINE vecf vmadd(vecf a, vecf b, vecf c) { return _mm512_fmadd_ps(a, b, c); }
+DSD2_INLINE vecf vadd(vecf a, vecf b) { return _mm512_add_ps(a, b); }
+#elif DSD2_VEC_BITS == 256
+typedef __m256 vecf;
+constexpr int64_t kVec = 8;
+DSD2_INLINE vecf vzero() { return _mm256_setzero_ps(); }
+DSD2_INLINE vecf vbroadcast(float v) { return _mm256_set1_ps(v); }
+DSD2_INLINE vecf vload(const float* p) { return _mm256_loadu_ps(p); }
+DSD2_INLINE void vstore(float* p, vecf v) { _mm256_storeu_ps(p, v); }
+DSD2_INLINE vecf vmadd(vecf a, vecf b, vecf c) { return _mm256_fmadd_ps(a, b, c); }
+DSD2_INLINE vecf vadd(vecf a, vecf b) { return _mm256_add_ps(a, b); }
+#elif DSD2_VEC_BITS == 0
+typedef float vecf __attribute__((vector_size(16)));
+constexpr int64_t kVec = 4;
+DSD2_INLINE vecf vzero() { return vecf{0.0f, 0.0f, 0.0f, 0.0f}; }
+DSD2_INLINE vecf vbroadcast(float v) { return vecf{v, v, v, v}; }
+DSD2_INLINE vecf vload(const float* p) {
+  vecf v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+DSD2_INLINE void vstore(float* p, vecf v) { __builtin_memcpy(p, &v, sizeof(v)); }
+DSD2_INLINE vecf vmadd(vecf a, vecf b, vecf c) { return a * b + c; }  // DSD2_HAS_FMA is 0 at this level
+DSD2_INLINE vecf vadd(vecf a, vecf b) { return a + b; }
+#else
+#error "define DSD2_VEC_BITS (0, 256 or 512) before including kernels_impl.h"
+#endif
+
+constexpr int64_t kSparseBlock = 64;  // lanes of a dot product's partial sums, at every level
+constexpr int64_t kRowVecs = 8;       // accumulators a row kernel keeps in registers while the kept weights stream
+
+// `kRowVecs` vectors of one output row: acc[u] += v * s[u] for each kept entry, in entry order.
+DSD2_INLINE void sparse_row_block(const float* __restrict__ x, const int64_t* __restrict__ base,
+                                  const float* __restrict__ val, int64_t nnz, float* __restrict__ out) {
+  vecf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero(), a4 = vzero(), a5 = vzero(), a6 = vzero(),
+       a7 = vzero();
+  for (int64_t k = 0; k < nnz; ++k) {
+    const vecf v = vbroadcast(val[k]);
+    const float* __restrict__ s = x + base[k];
+    a0 = vmadd(v, vload(s), a0);
+    a1 = vmadd(v, vload(s + kVec), a1);
+    a2 = vmadd(v, vload(s + 2 * kVec), a2);
+    a3 = vmadd(v, vload(s + 3 * kVec), a3);
+    a4 = vmadd(v, vload(s + 4 * kVec), a4);
+    a5 = vmadd(v, vload(s + 5 * kVec), a5);
+    a6 = vmadd(v, vload(s + 6 * kVec), a6);
+    a7 = vmadd(v, vload(s + 7 * kVec), a7);
+  }
+  vstore(out, a0);
+  vstore(out + kVec, a1);
+  vstore(out + 2 * kVec, a2);
+  vstore(out + 3 * kVec, a3);
+  vstore(out + 4 * kVec, a4);
+  vstore(out + 5 * kVec, a5);
+  vstore(out + 6 * kVec, a6);
+  vstore(out + 7 * kVec, a7);
+}
+
+// out[i] = sum_k val[k] * x[base[k] + i] for i in [0, n): one tile of one output row, each element's terms added
+// in k order by madd (the same bits on every path and at every vector width of a level with FMA).
+static void sparse_row_f32(const float* __restrict__ x, const int64_t* __restrict__ base,
+                           const float* __restrict__ val, int64_t nnz, float* __restrict__ out, int64_t n) {
+  int64_t i0 = 0;
+  for (; i0 + kRowVecs * kVec <= n; i0 += kRowVecs * kVec) sparse_row_block(x + i0, base, val, nnz, out + i0);
+  for (; i0 + kVec <= n; i0 += kVec) {
+    vecf acc = vzero();
+    for (int64_t k = 0; k < nnz; ++k) acc = vmadd(vbroadcast(val[k]), vload(x + base[k] + i0), acc);
+    vstore(out + i0, acc);
+  }
+  for (; i0 < n; ++i0) {
+    float acc = 0.0f;
+    for (int64_t k = 0; k < nnz; ++k) acc = madd(val[k], x[base[k] + i0], acc);
+    out[i0] = acc;
+  }
+}
+
+// sum_i a[i] * b[i] over n elements: element i goes to partial sum i % kSparseBlock and the partials are folded
+// in a fixed tree (lane i += lane i + w for w = 32, 16, ..., 1), so the sum's order does not depend on the vector
+// width: the first folds add whole vectors, the last ones the lanes of one.
+static float sparse_dot_f32(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  constexpr int64_t kAcc = kSparseBlock / kVec;
+  vecf acc[kAcc];
+  for (int64_t u = 0; u < kAcc; ++u) acc[u] = vzero();
+  int64_t i0 = 0;
+  for (; i0 + kSparseBlock <= n; i0 += kSparseBlock) {
+    for (int64_t u = 0; u < kAcc; ++u) acc[u] = vmadd(vload(a + i0 + u * kVec), vload(b + i0 + u * kVec), acc[u]);
+  }
+  if (i0 < n) {  // the tail: lanes beyond it add nothing
+    float lanes[kSparseBlock];
+    for (int64_t u = 0; u < kAcc; ++u) vstore(lanes + u * kVec, acc[u]);
+    for (int64_t i = 0; i < n - i0; ++i) lanes[i] = madd(a[i0 + i], b[i0 + i], lanes[i]);
+    for (int64_t u = 0; u < kAcc; ++u) acc[u] = vload(lanes + u * kVec);
+  }
+  for (int64_t count = kAcc / 2; count > 0; count /= 2)
+    for (int64_t u = 0; u < count; ++u) acc[u] = vadd(acc[u], acc[u + count]);
+  float lanes[kVec];
+  vstore(lanes, acc[0]);
+  for (int64_t width = kVec / 2; width > 0; width /= 2)
+    for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  return lanes[0];
+}
+
 static const KernelTable kTable = {
     DSD2_ISA_NAME, sgd_f32, count_cols_f32, count_cols_u16, relu_rows_f32, relu_rows_u16, kd_row, kd_row_f64,
-    kd_block, mask_f32, mask_u16, pruned_zero_f32, pruned_zero_u16,
+    kd_block, mask_f32, mask_u16, pruned_zero_f32, pruned_zero_u16, sparse_row_f32, sparse_dot_f32,
 };

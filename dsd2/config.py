@@ -210,6 +210,11 @@ class Config:
                            "chain (the MLPs) as one C++ call, the eager epoch's ops bit for bit, and the eager step "
                            "for anything else; eager keeps the eager step; fused refuses a run it cannot take",
                            choices=("auto", "fused", "eager"))
+    sparse_kernels: str = option("auto", "the masked layers' products over their kept weights only (fp32 on the "
+                                 "CPU, dsd2/ops/sparse_layers.py): auto (default) takes them on a layer at least "
+                                 "as sparse as the crossover measured for its shape on this machine and cached, "
+                                 "on takes them on every layer, off keeps the dense masked products; the results "
+                                 "differ by fp32 reduction order only", choices=("auto", "on", "off"))
     checkpoint_every: float = option(10.0, "seconds between a level's checkpoints for resume (default 10): an "
                                      "epoch ends with one when this long has passed since the last, and a level's "
                                      "last epoch always does; 0 = after every epoch. A killed run resumes from the "
@@ -250,10 +255,11 @@ def _plain(value: Any) -> Any:
 
 
 # fields that say where a run's inputs live, how its results are judged or how the same results are computed (the
-# fused CPU step is the eager step bit for bit), not what they are; the data root and the
+# fused CPU step is the eager step bit for bit; the sparse kernels compute the masked layers' function in another
+# fp32 reduction order, as another CPU kernel level does), not what they are; the data root and the
 # folder-only fields name the data only for --dataset folder (an image folder is its own dataset)
 NOT_IDENTITY = ("data.download", "distill.teacher", "analysis.dodge_margin", "cpu_step", "jobs",
-                "checkpoint_every")
+                "checkpoint_every", "sparse_kernels")
 FOLDER_IDENTITY = ("data.data_root", *(f"data.{name}" for name in FOLDER_ONLY))
 FIRST_RANDOM_STREAMS = "named-blake2b-v1"  # the draws every run before a change of RANDOM_STREAMS made
 

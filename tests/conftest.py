@@ -15,6 +15,11 @@ if os.environ.get("TRITON_INTERPRET") is None:
         os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib.util
+import tempfile
+
+# measurements the suite makes (the sparse kernels' crossovers) go to a folder of its own, never the user's cache;
+# engine subprocesses inherit it
+os.environ["DSD2_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsd2-test-cache-")
 
 import pytest
 import torch

@@ -20,6 +20,8 @@ from dsd2.ops.masked_layers import (
     fuse_torch_prune,
     masked_layers,
     set_layer_masks,
+    set_sparse_kernels,
+    sparse_paths,
     swap_in_masked_layers,
     unfuse_torch_prune,
 )
@@ -33,14 +35,17 @@ from dsd2.ops.relu_count import (
     swap_in_counting_relus,
 )
 from dsd2.ops.relu_sites import ReLUSiteError, ReLUSiteModule, count_relu_call_sites
+from dsd2.ops.sparse_layers import SparsePlan, sparse_conv2d, sparse_linear
 from dsd2.pruning import masks_from_torch_prune, to_torch_prune
 
 __all__ = [
     "OP_BACKENDS", "CountingReLU", "MaskedConv2d", "MaskedLinear", "MaskedSGD", "ReLUSiteError", "ReLUSiteModule",
+    "SparsePlan",
     "backends", "count_positive_", "count_positive_reference", "count_relu_call_sites",
     "cpp_extension", "cpu_isa", "cpu_isa_levels", "cpu_model", "fuse_torch_prune", "kd_loss", "kd_loss_eager",
     "kd_loss_reference", "masked_conv2d", "masked_conv2d_reference", "masked_layers", "masked_linear",
     "masked_linear_reference", "masked_sgd_reference",
-    "masks_from_torch_prune", "pick", "relu_count", "set_cpu_isa", "set_layer_masks", "swap_in_counting_relus",
-    "swap_in_masked_layers", "to_torch_prune", "unfuse_torch_prune", "use_cpu_isa",
+    "masks_from_torch_prune", "pick", "relu_count", "set_cpu_isa", "set_layer_masks", "set_sparse_kernels",
+    "sparse_conv2d", "sparse_linear", "sparse_paths", "swap_in_counting_relus", "swap_in_masked_layers",
+    "to_torch_prune", "unfuse_torch_prune", "use_cpu_isa",
 ]

@@ -7,6 +7,12 @@ weight that is 0.0 stays 0.0 under any optimizer (SGD, Adam, weight decay) and n
 `weight_orig * weight_mask` per call. Its state dict is `weight`, `bias`, `mask`; `copy.deepcopy` and `pickle`
 work (no hooks).
 
+A masked layer's `sparse_kernels` ("off" by default, "on", "auto"; `set_sparse_kernels(model, mode)`) lets it
+compute over its kept weights only (`dsd2.ops.sparse_layers`): "on" wherever the sparse path applies (fp32 on
+the CPU, outside autocast and tracing), "auto" where the layer is at least as sparse as the crossover measured
+for its shape on this machine (`dsd2.ops.sparse_tune`). The kept entries are listed once per mask, when the mask
+changes, never per call. `sparse_path` says which path the last call took.
+
 `fuse_torch_prune(model)` turns every torch.nn.utils.prune reparametrisation of a Linear or Conv2d weight into a
 masked layer whose `weight` is `weight_orig` itself (the same tensor: an optimizer built on the hooked model keeps
 working); `unfuse_torch_prune(model)` turns the masked layers back. Outputs are the same both ways.
@@ -21,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dsd2.ops.masked_conv2d import masked_conv2d
+from dsd2.ops.masked_conv2d import conv_padding, masked_conv2d
 from dsd2.ops.masked_linear import masked_linear
+from dsd2.ops.sparse_layers import SparsePlan, sparse_conv2d, sparse_linear
 from dsd2.pruning import install_torch_prune, prunable_weights, strip_torch_prune, torch_prune_mask
 
 DENSE_TYPE = "_dense_type"  # the class a masked layer was made from, when it is not plain nn.Linear / nn.Conv2d
@@ -63,7 +70,85 @@ def _to_dense(layer: nn.Module) -> nn.Module:
     return new
 
 
-class MaskedLinear(nn.Linear):
+SPARSE_MODES = ("auto", "on", "off")
+
+
+def _batch_bucket(shape: torch.Size) -> tuple[int, ...]:
+    """The input shape with its batch rounded up to a power of two: the shape a crossover is measured at (a
+    level's last, partial batch shares its full batches' decision)."""
+    return (1 << max(int(shape[0]) - 1, 0).bit_length(), *shape[1:])
+
+
+class _SparseDispatch:
+    """What MaskedLinear and MaskedConv2d share: which path a call takes, and the plan of the kept weights."""
+
+    sparse_kernels = "off"
+    sparse_path = "dense"
+
+    def _sparse_plan(self, x) -> SparsePlan | None:
+        if self.sparse_kernels == "off" or not _sparse_applies(x, self.weight) or \
+                (isinstance(self, nn.Conv2d) and x.dim() != 4):
+            self.sparse_path = "dense"
+            return None
+        plan = self.__dict__.get("_plan")
+        if plan is None or not plan.valid_for(self.mask):
+            plan = SparsePlan(self.mask, getattr(self, "groups", 1))
+            self.__dict__["_plan"], self.__dict__["_choices"] = plan, {}
+        if self.sparse_kernels == "auto":
+            training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+            key = (_batch_bucket(x.shape), training, x.is_contiguous())
+            choices = self.__dict__["_choices"]
+            if key not in choices:
+                from dsd2.ops.sparse_tune import crossover
+
+                probe = torch.empty(key[0], dtype=x.dtype)
+                if x.dim() == 4 and not x.is_contiguous():
+                    probe = probe.to(memory_format=torch.channels_last)
+                choices[key] = plan.sparsity >= crossover(self, probe, training)
+            if not choices[key]:
+                self.sparse_path = "dense"
+                return None
+        self.sparse_path = "sparse"
+        return plan
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_plan", None)  # rebuilt from the mask on the first call
+        state.pop("_choices", None)
+        return state
+
+
+def _sparse_applies(x, weight: torch.Tensor) -> bool:
+    """Whether the sparse kernels can compute this call: fp32 CPU tensors, outside autocast, the TorchScript
+    tracer (fvcore's FLOP count) and torch.compile, with dsd2._C built."""
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or weight.device.type != "cpu":
+        return False
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    from dsd2.ops._backend import cpp_extension
+
+    ext = cpp_extension()
+    return ext is not None and hasattr(ext, "sparse_rows_")
+
+
+def set_sparse_kernels(model: nn.Module, mode: str) -> dict[str, nn.Module]:
+    """Set `sparse_kernels` ("auto", "on" or "off") on every masked layer of `model`; the layers by weight name."""
+    if mode not in SPARSE_MODES:
+        raise ValueError(f"sparse kernels '{mode}' is not known; allowed: {', '.join(SPARSE_MODES)}")
+    layers = masked_layers(model)
+    for layer in layers.values():
+        layer.sparse_kernels = mode
+    return layers
+
+
+def sparse_paths(model: nn.Module) -> dict[str, str]:
+    """The path ("sparse" or "dense") each masked layer's last call took, by weight name."""
+    return {name: layer.sparse_path for name, layer in masked_layers(model).items()}
+
+
+class MaskedLinear(_SparseDispatch, nn.Linear):
     """`nn.Linear` that computes with weight⊙mask (`masked_linear`); `mask` is a bool buffer, True = kept."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
@@ -80,13 +165,16 @@ class MaskedLinear(nn.Linear):
         return _to_dense(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._sparse_plan(x)
+        if plan is not None:
+            return sparse_linear(x, self.weight, plan, self.bias)
         return masked_linear(x, self.weight, self.mask, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kept={int(self.mask.sum())}/{self.mask.numel()}"
 
 
-class MaskedConv2d(nn.Conv2d):
+class MaskedConv2d(_SparseDispatch, nn.Conv2d):
     """`nn.Conv2d` that computes with weight⊙mask (`masked_conv2d`); `mask` is a bool buffer, True = kept. Every
     padding mode of nn.Conv2d works (non-zero modes pad the input first, as nn.Conv2d does)."""
 
@@ -104,11 +192,15 @@ class MaskedConv2d(nn.Conv2d):
         return _to_dense(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._sparse_plan(x)
+        padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return masked_conv2d(x, self.weight, self.mask, self.bias, self.stride, 0, self.dilation, self.groups)
-        return masked_conv2d(x, self.weight, self.mask, self.bias, self.stride, self.padding, self.dilation,
-                             self.groups)
+            padding = 0
+        if plan is not None:
+            x, pair = conv_padding(x, self.kernel_size, padding, self.stride, self.dilation)
+            return sparse_conv2d(x, self.weight, plan, self.bias, self.stride, pair, self.dilation)
+        return masked_conv2d(x, self.weight, self.mask, self.bias, self.stride, padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kept={int(self.mask.sum())}/{self.mask.numel()}"

@@ -25,7 +25,14 @@ from dsd2.config import Config, ConfigError
 from dsd2.data import Splits, build_splits
 from dsd2.data.batching import train_batches
 from dsd2.models import Conv2d, build_model
-from dsd2.ops import ReLUSiteError, count_relu_call_sites, set_layer_masks, swap_in_masked_layers
+from dsd2.ops import (
+    ReLUSiteError,
+    count_relu_call_sites,
+    set_layer_masks,
+    set_sparse_kernels,
+    sparse_paths,
+    swap_in_masked_layers,
+)
 from dsd2.pruning import (
     CRITERIA,
     count_sparsity,
@@ -174,6 +181,7 @@ class LevelLoop:
         self.init_weights: dict[str, torch.Tensor] = {}
         self.stop: StopDecision | None = None
         self.saved_at = 0.0  # time.monotonic() of the last checkpoint
+        self.train_paths: dict[str, str] = {}  # the masked layers' paths in the level's training (`_paths`)
 
     # ---- set-up: everything that can fail on bad input, before anything is written ----------------------
 
@@ -199,8 +207,26 @@ class LevelLoop:
             self._setup_teacher()
         self.executor = make_executor(self.model, self.feed, self.objective, self.relus, cfg.seed, s.num_classes,
                                       dist_ctx=self.ctx, graphs=self.graphs, cuda_graphs=cfg.cuda_graphs,
-                                      cpu_step=cfg.cpu_step)
+                                      cpu_step=self._sparse_kernels())
         self.checkpointer = Checkpointer(self.run_hash, self.model, self.relus, self.device)
+
+    def _sparse_kernels(self) -> str:
+        """Set the masked layers' sparse kernels from the config; the CPU step that leaves them to compute (the
+        fused epoch of a Linear/ReLU chain is dense: `on` trains such a chain in the eager step)."""
+        mode, cpu_step = self.cfg.sparse_kernels, self.cfg.cpu_step
+        if mode == "on":
+            if self.device.type != "cpu":
+                raise ConfigError(f"--sparse-kernels on runs on the CPU, but the device is {self.device.type}; there "
+                                  "the masked layers stay dense: use --sparse-kernels auto or off")
+            if self.precision != "fp32":
+                raise ConfigError(f"--sparse-kernels on computes in fp32, but this run's precision is "
+                                  f"{self.precision}; add --precision fp32, or use --sparse-kernels auto")
+            if cpu_step == "fused":
+                raise ConfigError("--cpu-step fused runs a dense C++ epoch, which --sparse-kernels on would bypass; "
+                                  "use --cpu-step auto or eager with it")
+            cpu_step = "eager"
+        set_sparse_kernels(self.model, mode)
+        return cpu_step
 
     def _check_shards(self) -> None:
         if not self.ctx.enabled:
@@ -376,6 +402,14 @@ class LevelLoop:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        self.train_paths = self._paths()
+
+    def _paths(self) -> dict[str, str]:
+        """The path each masked layer's last call took: sparse, dense, or fused (the dense C++ epoch of a
+        Linear/ReLU chain, which computes without the layers' own forward)."""
+        if getattr(self.executor, "mode", None) == "fused-cpu":
+            return {name: "fused" for name in sparse_paths(self.model)}
+        return sparse_paths(self.model)
 
     def save_state(self, path, optimizer, level: int, epoch: int, level_done: bool) -> None:
         if self.ctx.is_main:
@@ -405,7 +439,8 @@ class LevelLoop:
                **measure.entropy_metrics(self.relus),
                **measure.learning_distances(weights, self.masks, self.level_start, self.init_weights),
                **measure.flop_metrics(self.flops, weights, epochs * len(s.train),
-                                      sum(r["train_time_s"] for r in level_rows))}
+                                      sum(r["train_time_s"] for r in level_rows)),
+               "kernels": {"train": self.train_paths, "eval": self._paths()}}
         if self.teacher is not None:
             self.teacher.check_unchanged()
             row["teacher_flops"] = self.teacher.flops_of_level(level, epochs, len(s.train))

@@ -1,0 +1,283 @@
+"""Sparse layers: a masked layer's forward and both gradients over its kept weights only, on the CPU.
+
+A layer pruned to 99 % computes 1 % of the dense products here, where `masked_linear` / `masked_conv2d` compute
+all of them on W⊙M. The kept entries of a mask are listed once per mask (a pruning level), never per step
+(`SparsePlan`); each call gathers their current values from the weight and runs two C++ kernels of dsd2._C
+(csrc/sparse_layers.cpp):
+
+- `sparse_rows_`: out[r, i] = sum over row r's kept entries of w * x[operand row, shift + i], vectorised along i
+  (the batch for a linear layer; the batch and the spatial positions for a convolution). It is the forward on
+  the list grouped by output row and the input gradient on the same list grouped by operand row.
+- `sparse_dots_`: the weight gradient at the kept entries only (one dot product each); pruned entries of dW are
+  exactly 0.0, as the masked layers' are.
+
+A linear layer's operand is x transposed, [in, batch]. A convolution's is one of two layouts:
+
+- **grid** (stride 1, maps of 8x8 and larger): the padded input as [C, N * Hp * Wp]; a tap (kh, kw) is a shift
+  of kh * dh * Wp + kw * dw along that row, so the products are long contiguous runs and no im2col buffer is
+  made. Outputs are computed on the padded grid and the border columns dropped (at most 1.6x the outputs).
+- **unfold** (stride > 1, small maps): the unfolded input (F.unfold) as [C * kh * kw, N * Ho * Wo], shift 0;
+  the input gradient is folded back (F.fold).
+
+Every output element's terms are added in a fixed order, so results do not depend on the thread count; against
+the dense products they differ by reduction order only (`product_tolerance`). fp32 only: other dtypes, CUDA
+tensors and the torch.jit tracer (fvcore's FLOP count) take the dense masked path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsd2.ops._backend import cpp_extension
+
+GRID_WASTE = 4.0  # most padded-grid outputs per real output for which a convolution takes the grid layout
+
+
+class SparsePlan:
+    """The kept entries of one mask ([out, in] or [out, in / groups, kh, kw]), listed by output row and by operand
+    row, with where each one's value lies in the weight. Built once per mask; `valid_for` says whether a mask is
+    still the one it was built from."""
+
+    def __init__(self, mask: torch.Tensor, groups: int = 1):
+        if mask.dtype != torch.bool or mask.dim() not in (2, 4):
+            raise ValueError(f"a sparse plan needs a 2-D or 4-D bool mask, not {mask.dtype} {tuple(mask.shape)}")
+        self.shape = tuple(mask.shape)
+        self.groups = groups
+        self.version = (mask._version, mask.data_ptr())
+        out = self.shape[0]
+        per_out = mask[0].numel() if out else 0
+        self.taps = 1 if mask.dim() == 2 else self.shape[2] * self.shape[3]
+        in_per_group = self.shape[1]
+        flat = mask.detach().cpu().reshape(out, per_out)
+        rows, rest = flat.nonzero(as_tuple=True)
+        self.nnz = int(rows.numel())
+        self.numel = out * per_out
+        self.sparsity = 1.0 - self.nnz / self.numel if self.numel else 0.0
+        self.rowptr = _pointers(rows, out)
+        group = rows // (out // groups) if groups > 1 else torch.zeros_like(rows)
+        # operand rows: of the unfolded input (c * taps + tap; a linear layer's input feature), and of the grid (c)
+        self.unfold_row = group * in_per_group * self.taps + rest
+        self.channel = self.unfold_row // self.taps
+        tap = rest % self.taps
+        kw = self.shape[3] if mask.dim() == 4 else 1
+        self.tap_h, self.tap_w = tap // kw, tap % kw
+        self.logical = rows * per_out + rest  # index in the weight's contiguous layout
+        in_rows = in_per_group * groups
+        self.t_order = torch.argsort(self.unfold_row, stable=True)  # by operand row, then output row
+        self.t_col = rows[self.t_order].contiguous()
+        self.t_rowptr_unfold = _pointers(self.unfold_row[self.t_order], in_rows * self.taps)
+        self.t_rowptr_grid = _pointers(self.channel[self.t_order], in_rows)
+        self.zero = torch.zeros(self.nnz, dtype=torch.int64)
+        self._positions: dict[tuple, torch.Tensor] = {}
+        self._shifts: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def valid_for(self, mask: torch.Tensor) -> bool:
+        return self.version == (mask._version, mask.data_ptr()) and tuple(mask.shape) == self.shape
+
+    def _position(self, weight: torch.Tensor) -> torch.Tensor:
+        """Where each kept entry's value lies in the weight's storage (any dense layout: channels_last too)."""
+        key = tuple(weight.stride())
+        pos = self._positions.get(key)
+        if pos is None:
+            index = torch.unravel_index(self.logical, self.shape)
+            pos = sum(i * s for i, s in zip(index, weight.stride()))
+            pos = self._positions[key] = torch.as_tensor(pos, dtype=torch.int64).contiguous()
+        return pos
+
+    def values(self, weight: torch.Tensor) -> torch.Tensor:
+        """The kept entries' current values, in output-row order."""
+        return weight.detach().as_strided((weight.numel(),), (1,)).index_select(0, self._position(weight))
+
+    def gradient(self, weight: torch.Tensor, dval: torch.Tensor) -> torch.Tensor:
+        """A dense weight gradient in the weight's layout: dval at the kept entries, exactly 0.0 elsewhere."""
+        grad = torch.zeros_like(weight, memory_format=torch.preserve_format)
+        grad.as_strided((grad.numel(),), (1,)).index_copy_(0, self._position(weight), dval)
+        return grad
+
+    def shifts(self, width: int, dilation: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Grid layout on rows of padded width `width`: each kept entry's shift in output-row order, in
+        operand-row order, and the largest shift a tap can have."""
+        key = (width, dilation)
+        if key not in self._shifts:
+            kh, kw = self.shape[2:]
+            forward = (self.tap_h * dilation[0] * width + self.tap_w * dilation[1]).contiguous()
+            most = (kh - 1) * dilation[0] * width + (kw - 1) * dilation[1]
+            self._shifts[key] = forward, (most - forward[self.t_order]).contiguous(), most
+        return self._shifts[key]
+
+
+def _pointers(sorted_rows: torch.Tensor, rows: int) -> torch.Tensor:
+    if sorted_rows.numel() == 0:
+        return torch.zeros(rows + 1, dtype=torch.int64)
+    counts = torch.bincount(sorted_rows, minlength=rows)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).contiguous()
+
+
+def _rows(out: torch.Tensor, n: int, operand: torch.Tensor, rowptr, col, shift, val) -> torch.Tensor:
+    cpp_extension().sparse_rows_(out, n, operand, rowptr, col, shift, val)
+    return out
+
+
+def _dots(plan: SparsePlan, grad_rows: torch.Tensor, n: int, operand: torch.Tensor, col, shift) -> torch.Tensor:
+    dval = torch.empty(plan.nnz, dtype=torch.float32)
+    cpp_extension().sparse_dots_(dval, grad_rows, n, operand, plan.rowptr, col, shift)
+    return dval
+
+
+class _SparseLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, weight, bias, plan: SparsePlan):
+        batch, out_features = x2.shape[0], plan.shape[0]
+        x_t = x2.t().contiguous()  # [in, batch]: the batch is the vector axis
+        out_t = _rows(x2.new_empty(out_features, batch), batch, x_t, plan.rowptr, plan.unfold_row, plan.zero,
+                      plan.values(weight))
+        out = torch.empty(batch, out_features, dtype=x2.dtype).copy_(out_t.t())
+        if bias is not None:
+            out += bias
+        ctx.save_for_backward(x_t, weight)
+        ctx.plan, ctx.has_bias = plan, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_t, weight = ctx.saved_tensors
+        plan: SparsePlan = ctx.plan
+        batch = x_t.shape[1]
+        g_t = grad_out.t().contiguous()  # [out, batch]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            val_t = plan.values(weight)[plan.t_order]
+            grad_x = _rows(g_t.new_empty(x_t.shape[0], batch), batch, g_t, plan.t_rowptr_unfold, plan.t_col,
+                           plan.zero, val_t).t().contiguous()
+        if ctx.needs_input_grad[1]:
+            grad_w = plan.gradient(weight, _dots(plan, g_t, batch, x_t, plan.unfold_row, plan.zero))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, plan: SparsePlan,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, W⊙M, bias)` over the kept weights of `plan` (built from M) only; fp32 CPU tensors."""
+    shape = x.shape
+    out = _SparseLinear.apply(x.reshape(-1, shape[-1]), weight, bias, plan)
+    return out.reshape(*shape[:-1], plan.shape[0])
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+
+
+def _output_size(size: int, pad: int, dilation: int, kernel: int, stride: int) -> int:
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def grid_layout(x_hw: tuple[int, int], kernel: tuple[int, int], stride, padding, dilation) -> bool:
+    """Whether a convolution takes the grid layout: stride 1 and at most GRID_WASTE grid outputs per output."""
+    if tuple(stride) != (1, 1):
+        return False
+    hp, wp = x_hw[0] + 2 * padding[0], x_hw[1] + 2 * padding[1]
+    ho = _output_size(x_hw[0], padding[0], dilation[0], kernel[0], 1)
+    wo = _output_size(x_hw[1], padding[1], dilation[1], kernel[1], 1)
+    return ho > 0 and wo > 0 and hp * wp <= GRID_WASTE * ho * wo
+
+
+class _SparseConvGrid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan: SparsePlan, padding, dilation):
+        n, c, h, w = x.shape
+        (ph, pw), out_c = padding, plan.shape[0]
+        hp, wp = h + 2 * ph, w + 2 * pw
+        shift, shift_t, most = plan.shifts(wp, dilation)
+        length = n * hp * wp
+        grid = x.new_zeros(c, length + most)  # the padded input, channel-major, and room for the largest shift
+        grid[:, :length].view(c, n, hp, wp)[:, :, ph:ph + h, pw:pw + w] = x.transpose(0, 1)
+        out_grid = _rows(x.new_empty(out_c, length), length, grid, plan.rowptr, plan.channel, shift,
+                         plan.values(weight))
+        ho, wo = hp - dilation[0] * (plan.shape[2] - 1), wp - dilation[1] * (plan.shape[3] - 1)
+        layout = _layout(x)
+        out = torch.empty((n, out_c, ho, wo), dtype=x.dtype, memory_format=layout)
+        out.copy_(out_grid.view(out_c, n, hp, wp)[:, :, :ho, :wo].transpose(0, 1))
+        if bias is not None:
+            out += bias.view(1, -1, 1, 1)
+        ctx.save_for_backward(grid, weight)
+        ctx.conf = (plan, x.shape, padding, dilation, bias is not None, layout)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grid, weight = ctx.saved_tensors
+        plan, (n, c, h, w), (ph, pw), dilation, has_bias, layout = ctx.conf
+        out_c, hp, wp = plan.shape[0], h + 2 * ph, w + 2 * pw
+        shift, shift_t, most = plan.shifts(wp, dilation)
+        length = n * hp * wp
+        ho, wo = grad_out.shape[2:]
+        # the output gradient on the padded grid, 0 at the dropped border outputs, after room for the largest shift
+        g = grad_out.new_zeros(out_c, most + length)
+        g[:, most:].view(out_c, n, hp, wp)[:, :, :ho, :wo] = grad_out.transpose(0, 1)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            val_t = plan.values(weight)[plan.t_order]
+            dgrid = _rows(g.new_empty(c, length), length, g, plan.t_rowptr_grid, plan.t_col, shift_t, val_t)
+            grad_x = torch.empty((n, c, h, w), dtype=g.dtype, memory_format=layout)
+            grad_x.copy_(dgrid.view(c, n, hp, wp)[:, :, ph:ph + h, pw:pw + w].transpose(0, 1))
+        if ctx.needs_input_grad[1]:
+            grad_w = plan.gradient(weight, _dots(plan, g[:, most:], length, grid, plan.channel, shift))
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class _SparseConvUnfold(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan: SparsePlan, stride, padding, dilation):
+        n, c, h, w = x.shape
+        kernel, out_c = plan.shape[2:], plan.shape[0]
+        ho = _output_size(h, padding[0], dilation[0], kernel[0], stride[0])
+        wo = _output_size(w, padding[1], dilation[1], kernel[1], stride[1])
+        cols = F.unfold(x, kernel, dilation, padding, stride)  # [n, c * taps, ho * wo]
+        length = n * ho * wo
+        cols_t = cols.transpose(0, 1).reshape(cols.shape[1], length)
+        out_rows = _rows(x.new_empty(out_c, length), length, cols_t, plan.rowptr, plan.unfold_row, plan.zero,
+                         plan.values(weight))
+        layout = _layout(x)
+        out = torch.empty((n, out_c, ho, wo), dtype=x.dtype, memory_format=layout)
+        out.copy_(out_rows.view(out_c, n, ho, wo).transpose(0, 1))
+        if bias is not None:
+            out += bias.view(1, -1, 1, 1)
+        ctx.save_for_backward(cols_t, weight)
+        ctx.conf = (plan, x.shape, stride, padding, dilation, bias is not None, layout)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cols_t, weight = ctx.saved_tensors
+        plan, (n, c, h, w), stride, padding, dilation, has_bias, layout = ctx.conf
+        out_c = plan.shape[0]
+        length = cols_t.shape[1]
+        g = grad_out.transpose(0, 1).reshape(out_c, length)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            val_t = plan.values(weight)[plan.t_order]
+            dcols = _rows(g.new_empty(cols_t.shape[0], length), length, g, plan.t_rowptr_unfold, plan.t_col,
+                          plan.zero, val_t)
+            folded = F.fold(dcols.view(cols_t.shape[0], n, -1).transpose(0, 1), (h, w), plan.shape[2:], dilation,
+                            padding, stride)
+            grad_x = torch.empty((n, c, h, w), dtype=g.dtype, memory_format=layout).copy_(folded)
+        if ctx.needs_input_grad[1]:
+            grad_w = plan.gradient(weight, _dots(plan, g, length, cols_t, plan.unfold_row, plan.zero))
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, plan: SparsePlan, bias: torch.Tensor | None = None,
+                  stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> torch.Tensor:
+    """`F.conv2d(x, W⊙M, bias, stride, padding, dilation, groups)` over the kept weights of `plan` only (its
+    groups are the plan's); x: [N, C, H, W] fp32 on the CPU, padding a pair of ints."""
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    if grid_layout(x.shape[-2:], plan.shape[2:], stride, padding, dilation):
+        return _SparseConvGrid.apply(x, weight, bias, plan, padding, dilation)
+    return _SparseConvUnfold.apply(x, weight, bias, plan, stride, padding, dilation)

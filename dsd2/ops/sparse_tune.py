@@ -1,0 +1,136 @@
+"""The crossover: from which sparsity on a masked layer's sparse path (`dsd2.ops.sparse_layers`) is faster than its
+dense masked path, measured on this machine for one layer shape, input shape, dtype and thread count.
+
+`crossover(layer, x, training)` times the dense masked call once and the sparse call at falling sparsities
+(99.8 % down to 50 %), forward and backward when training, forward only for inference, until the sparse call is
+no longer faster. The crossover is the lowest sparsity measured at which it still was, and never below 50 %:
+`auto` takes the sparse path on a layer at least that sparse, so a level below the crossover runs dense. Results
+are cached in `$DSD2_CACHE_DIR/sparse_crossover.json` (default `~/.cache/dsd2`; `DSD2_CACHE_DIR=off` keeps them
+in memory only), keyed by the CPU, the kernel level, torch's version and the thread count as well, under a file
+lock: runs side by side share the measurements.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+SPARSITIES = (0.998, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.65, 0.5)  # measured from the sparsest down
+FLOOR = 0.5  # auto never takes the sparse path below this sparsity
+NEVER = 1.0  # a crossover that no layer reaches: the sparse path was slower even at 99.8 %
+KERNELS_VERSION = 2  # bump when the sparse kernels change: older measurements are then measured again
+CACHE_FILE = "sparse_crossover.json"
+
+_memory: dict[str, float] = {}
+
+
+def _cache_path() -> Path | None:
+    from dsd2.data.folder import cache_dir
+
+    folder = cache_dir()
+    return None if folder is None else folder / CACHE_FILE
+
+
+def layer_key(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> str:
+    """What a crossover depends on: the machine, the layer's shape and arguments, the input's shape and layout."""
+    from dsd2.ops._backend import cpp_extension, cpu_model
+
+    ext = cpp_extension()
+    parts = [cpu_model(), ext.cpu_isa() if ext is not None else "none", f"torch {torch.__version__}",
+             f"kernels {KERNELS_VERSION}", f"threads {torch.get_num_threads()}", type(layer).__name__,
+             str(tuple(layer.weight.shape)), str(x.dtype), str(tuple(x.shape)),
+             "channels_last" if _channels_last(x) else "contiguous", "train" if training else "infer"]
+    if isinstance(layer, torch.nn.Conv2d):
+        parts += [f"stride {layer.stride}", f"padding {layer.padding}", f"dilation {layer.dilation}",
+                  f"groups {layer.groups}"]
+    return " | ".join(parts)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _time(fn, repeats: int = 2) -> float:
+    fn()  # warm-up: plans, allocations, oneDNN primitives
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> float:
+    """Time the dense and the sparse call of `layer`'s shape on random data shaped like `x`; the crossover."""
+    from dsd2.ops.masked_layers import MaskedConv2d, MaskedLinear
+
+    gen = torch.Generator().manual_seed(0)
+    bias = layer.bias is not None
+    if isinstance(layer, MaskedConv2d):
+        probe = MaskedConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                             layer.dilation, layer.groups, bias, layer.padding_mode)
+    elif isinstance(layer, MaskedLinear):
+        probe = MaskedLinear(layer.in_features, layer.out_features, bias)
+    else:
+        raise TypeError(f"a crossover is measured for MaskedLinear and MaskedConv2d, not {type(layer).__name__}")
+    if layer.weight.dim() == 4 and _channels_last(layer.weight):
+        probe = probe.to(memory_format=torch.channels_last)
+    inputs = torch.randn(x.shape, generator=gen)
+    if _channels_last(x):
+        inputs = inputs.to(memory_format=torch.channels_last)
+    inputs.requires_grad_(training)
+
+    def call():
+        if training:
+            out = probe(inputs)
+            out.backward(torch.ones_like(out))
+            probe.weight.grad = inputs.grad = None
+        else:
+            with torch.no_grad():
+                probe(inputs)
+
+    probe.sparse_kernels = "off"
+    dense = _time(call)
+    probe.sparse_kernels = "on"
+    found = NEVER
+    for sparsity in SPARSITIES:
+        probe.mask.copy_(torch.rand(layer.weight.shape, generator=gen) >= sparsity)
+        if _time(call) >= dense:
+            break
+        found = sparsity
+    return max(found, FLOOR) if found < NEVER else NEVER
+
+
+def crossover(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> float:
+    """The sparsity from which `layer` runs sparse under `auto`, measured once per key and cached on disk."""
+    key = layer_key(layer, x, training)
+    if key in _memory:
+        return _memory[key]
+    path = _cache_path()
+    if path is None:
+        _memory[key] = measure(layer, x, training)
+        return _memory[key]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one measurement per key, even with runs side by side
+        table = _read(path)
+        if key not in table:
+            table[key] = measure(layer, x, training)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+    _memory[key] = table[key]
+    return table[key]
+
+
+def _read(path: Path) -> dict[str, float]:
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # no cache yet, or a damaged one: measured again
+    return {k: float(v) for k, v in table.items() if isinstance(v, (int, float))} if isinstance(table, dict) else {}

@@ -1,0 +1,220 @@
+"""The sparse path of the masked layers (dsd2.ops.sparse_layers) against the float64 oracle, at every CPU level:
+forward, dX and dW (pruned entries exactly 0.0) and db within the product tolerance the dense masked path is held
+to, over odd shapes, stride, padding, dilation and groups, NCHW and channels_last, sparsity 0 %, 50 %, 97 %,
+100 %, one kept weight and an empty output channel, at batch 1 and at a training batch. Then the layers' modes:
+`on` / `off` / `auto`, the plan listed once per mask, the crossover cached on disk, bad modes refused."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from oracles import masked_conv2d_oracle, masked_linear_oracle
+
+from dsd2.ops import (
+    MaskedConv2d,
+    MaskedLinear,
+    SparsePlan,
+    set_sparse_kernels,
+    sparse_conv2d,
+    sparse_linear,
+    sparse_tune,
+)
+from dsd2.ops.masked_linear import product_tolerance
+
+# (x shape, weight shape, stride, padding, dilation, groups)
+CONV_CASES = [
+    ((2, 3, 7, 6), (5, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),     # odd sizes, grid layout
+    ((2, 4, 9, 8), (6, 2, 3, 2), (2, 1), (1, 0), (2, 1), 2),     # every knob at once: unfold layout
+    ((1, 8, 5, 5), (8, 1, 3, 3), (1, 1), (1, 1), (1, 1), 8),     # depthwise
+    ((3, 4, 2, 2), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1),     # a 2x2 map (the VGG-like's last block)
+    ((2, 5, 6, 7), (4, 5, 1, 1), (2, 2), (0, 0), (1, 1), 1),     # a 1x1 stride-2 shortcut
+    ((2, 3, 8, 8), (4, 3, 3, 3), (1, 1), (2, 2), (2, 2), 1),     # dilation 2 on the grid
+    ((128, 3, 6, 6), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),   # a training batch
+]
+CONV_IDS = ["odd", "all-knobs", "depthwise", "2x2-map", "1x1-s2", "dilated", "batch-128"]
+DENSITIES = [0.0, 0.03, 0.5, 1.0]
+
+
+def assert_within(got, oracle, key, reduction):
+    tol = product_tolerance(torch.float32, reduction) * oracle[f"{key}_terms"] + 1e-30
+    err = (got.double() - oracle[key]).abs()
+    assert bool((err <= tol).all()), f"{key}: worst error {float((err - tol).max()):.3g} over the bound"
+
+
+def conv_problem(case, density, layout, seed=0):
+    x_shape, w_shape, stride, padding, dilation, groups = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(x_shape, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(w_shape, generator=g)
+    mask = torch.rand(w_shape, generator=g) < density
+    b = torch.randn(w_shape[0], generator=g)
+    out_hw = [(s + 2 * p - d * (k - 1) - 1) // st + 1
+              for s, k, st, p, d in zip(x_shape[2:], w_shape[2:], stride, padding, dilation)]
+    grad_out = torch.randn(x_shape[0], w_shape[0], *out_hw, generator=g)
+    return x, w, mask, b, grad_out
+
+
+def run_conv(case, x, w, mask, b, grad_out):
+    _, _, stride, padding, dilation, groups = case
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = sparse_conv2d(x, w, SparsePlan(mask, groups), b, stride, padding, dilation)
+    y.backward(grad_out)
+    return y.detach(), x.grad, w.grad, b.grad
+
+
+def check_conv(case, x, w, mask, b, grad_out, got):
+    y, dx, dw, db = got
+    _, w_shape, stride, padding, dilation, groups = case
+    oracle = masked_conv2d_oracle(x, w, mask, b, grad_out, stride, padding, dilation, groups)
+    taps = w_shape[2] * w_shape[3]
+    positions = grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]
+    assert_within(y, oracle, "y", w_shape[1] * taps)
+    assert_within(dx, oracle, "dx", w_shape[0] // groups * taps)
+    assert_within(dw, oracle, "dw", positions)
+    assert_within(db, oracle, "db", positions)
+    assert bool((dw[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_sparse_conv_matches_the_oracle(case, density, layout, cpu_isa_level):
+    x, w, mask, b, grad_out = conv_problem(case, density, layout)
+    got = run_conv(case, x, w, mask, b, grad_out)
+    check_conv(case, x, w, mask, b, grad_out, got)
+    if layout == "channels_last":
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+        assert got[1].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:2], ids=CONV_IDS[:2])
+def test_one_kept_weight_and_an_empty_output_channel(case, cpu_isa_level):
+    x, w, mask, b, grad_out = conv_problem(case, 0.5, "nchw")
+    one = torch.zeros_like(mask)
+    one.view(-1)[one.numel() // 2] = True
+    check_conv(case, x, w, one, b, grad_out, run_conv(case, x, w, one, b, grad_out))
+    mask[1] = False
+    check_conv(case, x, w, mask, b, grad_out, run_conv(case, x, w, mask, b, grad_out))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 128])
+@pytest.mark.parametrize("density", DENSITIES)
+def test_sparse_linear_matches_the_oracle(batch, density, cpu_isa_level):
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 37, generator=g, requires_grad=True)
+    w = torch.randn(19, 37, generator=g, requires_grad=True)
+    b = torch.randn(19, generator=g, requires_grad=True)
+    mask = torch.rand(19, 37, generator=g) < density
+    mask[3] = False  # an empty output row
+    grad_out = torch.randn(batch, 19, generator=g)
+    y = sparse_linear(x, w, SparsePlan(mask), b)
+    y.backward(grad_out)
+    oracle = masked_linear_oracle(x.detach(), w.detach(), mask, b.detach(), grad_out)
+    assert_within(y.detach(), oracle, "y", 37)
+    assert_within(x.grad, oracle, "dx", 19)
+    assert_within(w.grad, oracle, "dw", batch)
+    assert_within(b.grad, oracle, "db", batch)
+    assert bool((w.grad[~mask] == 0).all())
+
+
+def test_pruned_weights_holding_inf_and_nan_are_never_read():
+    x, w, mask, b, grad_out = conv_problem(CONV_CASES[0], 0.5, "nchw")
+    w[~mask] = float("nan")
+    w.view(-1)[(~mask).view(-1).nonzero()[0]] = float("inf")
+    y, dx, dw, _ = run_conv(CONV_CASES[0], x, w, mask, b, grad_out)
+    assert bool(torch.isfinite(y).all() and torch.isfinite(dx).all() and torch.isfinite(dw).all())
+
+
+def layers():
+    torch.manual_seed(0)
+    conv = MaskedConv2d(6, 8, 3, padding=1)
+    lin = MaskedLinear(20, 7)
+    for layer in (conv, lin):
+        layer.mask.copy_(torch.rand_like(layer.weight) > 0.9)
+    return [(conv, torch.randn(4, 6, 9, 9)), (lin, torch.randn(5, 20))]
+
+
+def outputs(layer, x):
+    xi = x.clone().requires_grad_()
+    y = layer(xi)
+    y.square().sum().backward()
+    grads = (xi.grad, layer.weight.grad.clone())
+    layer.weight.grad = None
+    return y.detach(), *grads
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["conv", "linear"])
+def test_on_and_off_compute_the_same_layer(index):
+    layer, x = layers()[index]
+    layer.sparse_kernels = "off"
+    dense = outputs(layer, x)
+    assert layer.sparse_path == "dense"
+    layer.sparse_kernels = "on"
+    sparse = outputs(layer, x)
+    assert layer.sparse_path == "sparse"
+    for a, b in zip(dense, sparse):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the sparse kernels are fp32: autocast stays dense
+        layer(x)
+    assert layer.sparse_path == "dense"
+    again = pickle.loads(pickle.dumps(layer))  # the plan is not pickled, and rebuilt from the mask
+    assert "_plan" not in again.__dict__ and torch.equal(again(x), layer(x))
+
+
+def test_the_plan_is_listed_once_per_mask(monkeypatch):
+    layer, x = layers()[0]
+    layer.sparse_kernels = "on"
+    built = []
+    init = SparsePlan.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(SparsePlan, "__init__", counted)
+    for _ in range(3):
+        outputs(layer, x)
+    assert len(built) == 1
+    with torch.no_grad():
+        layer.mask[0] = False  # a new level's mask: listed again, and used
+    y = layer(x)
+    assert len(built) == 2
+    layer.sparse_kernels = "off"
+    torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_measures_the_crossover_once_and_caches_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSD2_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(sparse_tune, "_memory", {})
+    calls = []
+    measure = sparse_tune.measure
+
+    def counted(*args):
+        calls.append(1)
+        return measure(*args)
+
+    monkeypatch.setattr(sparse_tune, "measure", counted)
+    (conv, x), _ = layers()
+    set_sparse_kernels(conv, "auto")
+    outputs(conv, x)
+    table = json.loads((tmp_path / sparse_tune.CACHE_FILE).read_text())
+    assert len(calls) == 1 and len(table) == 1
+    (value,) = table.values()
+    assert value == sparse_tune.NEVER or sparse_tune.FLOOR <= value < 1
+    assert conv.sparse_path == ("sparse" if 0.9 >= value else "dense")
+    monkeypatch.setattr(sparse_tune, "_memory", {})
+    fresh, _ = layers()
+    set_sparse_kernels(fresh[0], "auto")
+    outputs(fresh[0], x)  # another layer of the same shape, another process: read from the file
+    assert len(calls) == 1
+    conv.mask.fill_(True)  # 0 % sparse: below the floor, dense whatever the crossover
+    outputs(conv, x)
+    assert conv.sparse_path == "dense"
+
+
+def test_a_bad_mode_is_refused_in_one_sentence():
+    with pytest.raises(ValueError, match=r"^sparse kernels 'fast' is not known; allowed: auto, on, off$"):
+        set_sparse_kernels(layers()[0][0], "fast")
