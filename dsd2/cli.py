@@ -354,6 +354,18 @@ def cmd_entropy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dsd2.export import export_level
+
+    done = export_level(args.target, args.out, data_root=args.data_root)
+    mib = 2**20
+    print(f"exported level {done['level']} of {done['run']} ({done['sparsity']:.2%} sparse): {done['path']}")
+    print(f"size: {done['bytes'] / mib:.3f} MiB; the dense model's weights: {done['dense_bytes'] / mib:.3f} MiB "
+          f"({done['dense_bytes'] / done['bytes']:.1f}x smaller); the level's checkpoint (weights, masks, optimizer "
+          f"state): {done['checkpoint_bytes'] / mib:.3f} MiB")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import platform
 
@@ -484,6 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
     ent.add_argument("--granularity", choices=GRANULARITIES)
     ent.add_argument("--inclusive", action="store_true", default=None, help="on-state is x >= 0")
     ent.set_defaults(func=cmd_entropy)
+    export = sub.add_parser("export", help="a pruned level as a compressed model file (kept weights and their "
+                            "positions; load it with dsd2.load_compressed)")
+    export.add_argument("target", metavar="RUN_DIR[:LEVEL]", help="a run (e.g. ROOT/teacher) and the level to "
+                        "export (default: its last saved level)")
+    export.add_argument("--out", required=True, metavar="FILE.safetensors", help="the file to write")
+    export.add_argument("--data-root", help="where the run's dataset lives, if not where it was (the input "
+                        "statistics are the training split's)")
+    export.set_defaults(func=cmd_export)
     info = sub.add_parser("info", help="versions, device and op backends")
     info.set_defaults(func=cmd_info)
     selftest = sub.add_parser("selftest", help="check every op, CUDA graphs and a short run on this machine")
@@ -498,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from dsd2.data import DataError
+    from dsd2.export import ExportError
     from dsd2.runs import RunError
 
     args = build_parser().parse_args(argv)
@@ -515,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
 
             init_from_env()
         return args.func(args)
-    except (ConfigError, DataError, RunError) as exc:
+    except (ConfigError, DataError, RunError, ExportError) as exc:
         print(f"dsd2-engine: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
