@@ -14,6 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_conv2d", &dsd2::masked_conv2d, "conv2d on masked_weight(weight, mask)");
   m.def("sparse_rows_", &dsd2::sparse_rows_, "out[r, i] = sum over row r's kept entries of val * x[col, off + i]");
   m.def("sparse_dots_", &dsd2::sparse_dots_, "dval[k] = sum_i a[row of k, i] * x[col[k], off[k] + i]");
+  m.def("grid_copy_", &dsd2::grid_copy_, "a map into / out of a padded grid [C, N * Hp * Wp]");
   m.def("mlp_epoch", &dsd2::mlp_epoch, "One training epoch of a Linear/ReLU chain, the eager step's ops in C++");
   m.def("mlp_forward", &dsd2::mlp_forward, "Logits of a Linear/ReLU chain for a split, in batches");
   m.def("cpu_isa", &dsd2::cpu_isa, "The instruction-set level of the kernels in use");

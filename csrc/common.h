@@ -44,6 +44,8 @@ void sparse_rows_(at::Tensor out, int64_t n, const at::Tensor& x, const at::Tens
                   const at::Tensor& off, const at::Tensor& val);
 void sparse_dots_(at::Tensor dval, const at::Tensor& a, int64_t n, const at::Tensor& x, const at::Tensor& rowptr,
                   const at::Tensor& col, const at::Tensor& off);
+// grid[c, (n * hp + h + oh) * wp + w + ow] = t[n, c, h, w] (to_grid), or back; t of any strides (channels_last too)
+void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t oh, int64_t ow, bool to_grid);
 
 // One training epoch of a Linear/ReLU chain (mlp_epoch.cpp): see there.
 std::vector<at::Tensor> mlp_epoch(const at::Tensor& inputs, const at::Tensor& labels, const at::Tensor& perm,

@@ -136,4 +136,40 @@ void sparse_dots_(at::Tensor dval, const at::Tensor& a, int64_t n, const at::Ten
   });
 }
 
+void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t oh, int64_t ow, bool to_grid) {
+  check_matrix(grid, "grid");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4,
+              "sparse kernels: the map must be a 4-D float32 CPU tensor");
+  const int64_t n = t.size(0), c = t.size(1), h = t.size(2), w = t.size(3);
+  TORCH_CHECK(grid.size(0) == c && n * hp * wp <= grid.size(1) && oh >= 0 && ow >= 0 && h + oh <= hp &&
+                  w + ow <= wp,
+              "sparse kernels: a map of ", n, "x", c, "x", h, "x", w, " does not fit the grid at (", oh, ", ", ow,
+              ")");
+  float* g = grid.data_ptr<float>();
+  float* m = t.data_ptr<float>();
+  const int64_t ldg = grid.stride(0);
+  const int64_t sn = t.stride(0), sc = t.stride(1), sh = t.stride(2), sw = t.stride(3);
+  constexpr int64_t kBlock = 16;  // a 16x16 tile of (channel, column) is read and written within L1
+  at::parallel_for(0, n * h, 1, [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      const int64_t in = row / h, ih = row % h;
+      const int64_t base = (in * hp + ih + oh) * wp + ow;
+      float* mr = m + in * sn + ih * sh;
+      for (int64_t c0 = 0; c0 < c; c0 += kBlock) {
+        const int64_t c1 = std::min(c, c0 + kBlock);
+        for (int64_t w0 = 0; w0 < w; w0 += kBlock) {
+          const int64_t w1 = std::min(w, w0 + kBlock);
+          if (to_grid) {
+            for (int64_t ic = c0; ic < c1; ++ic)
+              for (int64_t iw = w0; iw < w1; ++iw) g[ic * ldg + base + iw] = mr[ic * sc + iw * sw];
+          } else {
+            for (int64_t ic = c0; ic < c1; ++ic)
+              for (int64_t iw = w0; iw < w1; ++iw) mr[ic * sc + iw * sw] = g[ic * ldg + base + iw];
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace dsd2

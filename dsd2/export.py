@@ -9,8 +9,9 @@ the architecture (the run's model options, input shape and classes), the input p
 channel, in pixel units, of the run's training split) and where the model came from (run hash, level,
 sparsity, dsd2 version). Loading never executes code.
 
-`load_compressed` returns a `CompressedModel`: uint8 (or pixel-unit float) images in, logits out, the masked
-layers on the sparse path (`sparse_kernels="on"`, fp32 on the CPU; elsewhere they run dense on W⊙M).
+`load_compressed` returns a `CompressedModel`: uint8 (or pixel-unit float) images in, logits out, each masked
+layer on the sparse path where this machine's crossover for its shape and batch says it is faster
+(`sparse_kernels="auto"`, fp32 on the CPU; set "on" to force it), else dense on W⊙M.
 """
 
 from __future__ import annotations
@@ -117,10 +118,8 @@ def export_level(target: str, out: str | Path, data_root: str | None = None) -> 
     sparsity) for the command to print."""
     from safetensors.torch import save
 
-    from dsd2 import __version__
     from dsd2.config import from_dict
     from dsd2.data import build_splits
-    from dsd2.ops import masked_layers
     from dsd2.run.cores import computing_threads
     from dsd2.run.loop import build_run_model
     from dsd2.run.state import Checkpointer, saved_levels
@@ -152,6 +151,26 @@ def export_level(target: str, out: str | Path, data_root: str | None = None) -> 
         splits = build_splits(cfg.data, cfg.seed, device)
         model, relus = build_run_model(cfg, splits, device, counting=False)
         Checkpointer(stored["run_hash"], model, relus, device).load(levels[level])
+    channels_last = bool(cfg.channels_last and is_conv_net(model))
+    origin = {"run_hash": stored["run_hash"], "level": level, "dataset": cfg.data.dataset}
+    data, meta = compressed_bytes(model, cfg.model, splits.input_shape, splits.num_classes, splits.mean, splits.std,
+                                  channels_last, origin)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, data)
+    full = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.endswith(".mask")}
+    return {"path": out, "bytes": len(data), "dense_bytes": len(save(full)), "checkpoint_bytes":
+            levels[level].stat().st_size, "level": level, "sparsity": meta["sparsity"], "run": run.root}
+
+
+def compressed_bytes(model: nn.Module, model_cfg, input_shape, num_classes: int, mean: torch.Tensor,
+                     std: torch.Tensor, channels_last: bool, origin: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """The file of a built-in model (`model_cfg`: its ModelConfig) whose prunable layers are masked layers:
+    (its bytes, its metadata). `origin`: where it came from, kept in the metadata."""
+    from safetensors.torch import save
+
+    from dsd2 import __version__
+    from dsd2.ops import masked_layers
+
     layers = masked_layers(model)
     tensors: dict[str, torch.Tensor] = {}
     encodings: dict[str, Any] = {}
@@ -164,23 +183,17 @@ def export_level(target: str, out: str | Path, data_root: str | None = None) -> 
     skip = {f"{name[:-len('weight')]}{suffix}" for name in layers for suffix in ("weight", "mask")}
     dense_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in skip}
     tensors.update({f"dense.{k}": v for k, v in dense_state.items()})
-    meta = {"model": {"name": cfg.model.name, "hidden": list(cfg.model.hidden), "depth": cfg.model.depth,
-                      "width": cfg.model.width},
-            "input_shape": list(splits.input_shape), "num_classes": splits.num_classes,
-            "mean": splits.mean.cpu().tolist(), "std": splits.std.cpu().tolist(),
-            "channels_last": bool(cfg.channels_last and is_conv_net(model)), "layers": encodings,
-            "run_hash": stored["run_hash"], "level": level, "sparsity": 1 - kept / total if total else 0.0,
-            "dataset": cfg.data.dataset, "dsd2": __version__}
-    data = save(tensors, metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True)})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, data)
-    full = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.endswith(".mask")}
-    return {"path": out, "bytes": len(data), "dense_bytes": len(save(full)), "checkpoint_bytes":
-            levels[level].stat().st_size, "level": level, "sparsity": meta["sparsity"], "run": run.root}
+    meta = {"model": {"name": model_cfg.name, "hidden": list(model_cfg.hidden), "depth": model_cfg.depth,
+                      "width": model_cfg.width},
+            "input_shape": list(input_shape), "num_classes": num_classes,
+            "mean": mean.cpu().tolist(), "std": std.cpu().tolist(), "channels_last": channels_last,
+            "layers": encodings, **origin, "sparsity": 1 - kept / total if total else 0.0, "dsd2": __version__}
+    return save(tensors, metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True)}), meta
 
 
 def load_compressed(path: str | Path) -> CompressedModel:
-    """The model a `dsd2-engine export` file holds, on the CPU, in eval mode, its pruned layers sparse."""
+    """The model a `dsd2-engine export` file holds, on the CPU, in eval mode, its pruned layers sparse where that
+    measures faster (`sparse_kernels="auto"`)."""
     from safetensors import safe_open
 
     from dsd2.config import ModelConfig
@@ -225,6 +238,6 @@ def load_compressed(path: str | Path) -> CompressedModel:
         raise ExportError(f"'{path}' does not match its architecture {m['name']}: {first}") from None
     if meta["channels_last"]:
         net = net.to(memory_format=torch.channels_last)
-    set_sparse_kernels(net, "on")
+    set_sparse_kernels(net, "auto")
     model = CompressedModel(net, torch.tensor(meta["mean"]), torch.tensor(meta["std"]), meta["channels_last"], meta)
     return model.eval()

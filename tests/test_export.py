@@ -45,6 +45,8 @@ def dense_logits(run_path, level):
 def check_same_logits(run_path, level, out):
     export_level(f"{run_path}:{level}", out)
     loaded = dsd2.load_compressed(out)
+    assert {layer.sparse_kernels for layer in masked_layers(loaded.net).values()} == {"auto"}
+    set_sparse_kernels(loaded.net, "on")  # the sparse path itself, whatever this machine's crossover
     expected, images = dense_logits(run_path, level)
     with torch.no_grad():
         got = loaded(images)

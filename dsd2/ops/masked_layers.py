@@ -90,32 +90,39 @@ class _SparseDispatch:
                 (isinstance(self, nn.Conv2d) and x.dim() != 4):
             self.sparse_path = "dense"
             return None
-        plan = self.__dict__.get("_plan")
-        if plan is None or not plan.valid_for(self.mask):
-            plan = SparsePlan(self.mask, getattr(self, "groups", 1))
-            self.__dict__["_plan"], self.__dict__["_choices"] = plan, {}
+        version = (self.mask._version, self.mask.data_ptr())
+        if self.__dict__.get("_mask_version") != version:  # a new mask (a new level): decide and list again
+            self.__dict__.update(_mask_version=version, _plan=None, _choices={},
+                                 _sparsity=1.0 - int(self.mask.count_nonzero()) / max(self.mask.numel(), 1))
         if self.sparse_kernels == "auto":
             training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
             key = (_batch_bucket(x.shape), training, x.is_contiguous())
             choices = self.__dict__["_choices"]
             if key not in choices:
-                from dsd2.ops.sparse_tune import crossover
+                from dsd2.ops.sparse_tune import FLOOR, crossover
 
-                probe = torch.empty(key[0], dtype=x.dtype)
-                if x.dim() == 4 and not x.is_contiguous():
-                    probe = probe.to(memory_format=torch.channels_last)
-                choices[key] = plan.sparsity >= crossover(self, probe, training)
+                choices[key] = self._sparsity >= FLOOR and self._sparsity >= crossover(self, _probe(x, key[0]),
+                                                                                      training)
             if not choices[key]:
                 self.sparse_path = "dense"
                 return None
+        plan = self.__dict__["_plan"]
+        if plan is None:  # listed only for a layer that takes the sparse path
+            plan = self.__dict__["_plan"] = SparsePlan(self.mask, getattr(self, "groups", 1))
         self.sparse_path = "sparse"
         return plan
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop("_plan", None)  # rebuilt from the mask on the first call
-        state.pop("_choices", None)
+        for key in ("_plan", "_choices", "_mask_version", "_sparsity"):  # decided again on the first call
+            state.pop(key, None)
         return state
+
+
+def _probe(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An input of `shape` in x's dtype and memory format: what a crossover is measured on."""
+    probe = torch.empty(shape, dtype=x.dtype)
+    return probe.to(memory_format=torch.channels_last) if x.dim() == 4 and not x.is_contiguous() else probe
 
 
 def _sparse_applies(x, weight: torch.Tensor) -> bool:

@@ -193,13 +193,13 @@ class _SparseConvGrid(torch.autograd.Function):
         shift, shift_t, most = plan.shifts(wp, dilation)
         length = n * hp * wp
         grid = x.new_zeros(c, length + most)  # the padded input, channel-major, and room for the largest shift
-        grid[:, :length].view(c, n, hp, wp)[:, :, ph:ph + h, pw:pw + w] = x.transpose(0, 1)
+        cpp_extension().grid_copy_(grid, x, hp, wp, ph, pw, True)
         out_grid = _rows(x.new_empty(out_c, length), length, grid, plan.rowptr, plan.channel, shift,
                          plan.values(weight))
         ho, wo = hp - dilation[0] * (plan.shape[2] - 1), wp - dilation[1] * (plan.shape[3] - 1)
         layout = _layout(x)
         out = torch.empty((n, out_c, ho, wo), dtype=x.dtype, memory_format=layout)
-        out.copy_(out_grid.view(out_c, n, hp, wp)[:, :, :ho, :wo].transpose(0, 1))
+        cpp_extension().grid_copy_(out_grid, out, hp, wp, 0, 0, False)
         if bias is not None:
             out += bias.view(1, -1, 1, 1)
         ctx.save_for_backward(grid, weight)
@@ -213,16 +213,15 @@ class _SparseConvGrid(torch.autograd.Function):
         out_c, hp, wp = plan.shape[0], h + 2 * ph, w + 2 * pw
         shift, shift_t, most = plan.shifts(wp, dilation)
         length = n * hp * wp
-        ho, wo = grad_out.shape[2:]
         # the output gradient on the padded grid, 0 at the dropped border outputs, after room for the largest shift
         g = grad_out.new_zeros(out_c, most + length)
-        g[:, most:].view(out_c, n, hp, wp)[:, :, :ho, :wo] = grad_out.transpose(0, 1)
+        cpp_extension().grid_copy_(g[:, most:], grad_out, hp, wp, 0, 0, True)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             val_t = plan.values(weight)[plan.t_order]
             dgrid = _rows(g.new_empty(c, length), length, g, plan.t_rowptr_grid, plan.t_col, shift_t, val_t)
             grad_x = torch.empty((n, c, h, w), dtype=g.dtype, memory_format=layout)
-            grad_x.copy_(dgrid.view(c, n, hp, wp)[:, :, ph:ph + h, pw:pw + w].transpose(0, 1))
+            cpp_extension().grid_copy_(dgrid, grad_x, hp, wp, ph, pw, False)
         if ctx.needs_input_grad[1]:
             grad_w = plan.gradient(weight, _dots(plan, g[:, most:], length, grid, plan.channel, shift))
         if has_bias and ctx.needs_input_grad[2]:
@@ -257,7 +256,7 @@ class _SparseConvUnfold(torch.autograd.Function):
         plan, (n, c, h, w), stride, padding, dilation, has_bias, layout = ctx.conf
         out_c = plan.shape[0]
         length = cols_t.shape[1]
-        g = grad_out.transpose(0, 1).reshape(out_c, length)
+        g = grad_out.transpose(0, 1).reshape(out_c, length).contiguous()  # rows contiguous whatever the layout
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             val_t = plan.values(weight)[plan.t_order]

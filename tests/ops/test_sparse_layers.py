@@ -54,6 +54,8 @@ def conv_problem(case, density, layout, seed=0):
     out_hw = [(s + 2 * p - d * (k - 1) - 1) // st + 1
               for s, k, st, p, d in zip(x_shape[2:], w_shape[2:], stride, padding, dilation)]
     grad_out = torch.randn(x_shape[0], w_shape[0], *out_hw, generator=g)
+    if layout == "channels_last":  # as a channels_last network's backward hands it over
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     return x, w, mask, b, grad_out
 
 
