@@ -7,11 +7,11 @@
   within 5 % of the plain layer), and the plain nn.Conv2d / nn.Linear on a weight with the zeros in it, what a
   user of torch.nn.utils.prune would run at best. Sparse: `--sparse-kernels on`.
 - (b) a whole VGG-like training epoch (the engine's executor, SGD, batch 128, crop + flip, synthetic CIFAR-shaped
-  data) at the sparsity of levels 5, 10, 15, 20 and 25 (global magnitude masks): `off` against `auto` (the
-  crossover measured here, then cached), fp32; where this CPU computes bf16 natively, the dense epoch in bf16
-  (what `--precision auto` trains there) too. The bound: the dense epoch's time outside the conv/linear
-  products (BatchNorm, ReLU, pooling, the loss, the optimizer, data), from torch.profiler; no sparsity of the
-  products can make the epoch faster than that.
+  data) at the sparsity of levels 5, 10, 15, 20 and 25 (every prunable layer at that sparsity, by magnitude):
+  `off` against `auto` (the crossover measured here, then cached), fp32, timed in turn; where this CPU computes
+  bf16 natively, the dense epoch in bf16 (what `--precision auto` trains there) too. The bound: the dense
+  epoch's time outside the conv/linear products (BatchNorm, ReLU, pooling, the loss, the optimizer, data), from
+  torch.profiler; no sparsity of the products can make the epoch faster than that.
 - (c) inference latency at batch 1 and 128 of a model `dsd2.load_compressed` returns (written by the exporter's
   own function; its layers on `auto`, the crossover measured for inference at that batch) against the same model
   dense (the plain layers, eval, no_grad): the VGG-like at 98.8 % and the digits MLP at 98.8 %; and the file's
@@ -42,7 +42,7 @@ from dsd2.export import compressed_bytes
 from dsd2.models import Conv2d, build_model
 from dsd2.ops import MaskedConv2d, MaskedLinear, cpu_isa, cpu_model, set_sparse_kernels, sparse_paths
 from dsd2.ops.masked_layers import set_layer_masks, swap_in_masked_layers
-from dsd2.pruning import full_masks, global_prune, magnitude_scores, prunable_weights
+from dsd2.pruning import full_masks, prunable_weights
 from dsd2.training import InputFormat, TrainFeed, build_optimizer, cross_entropy
 from dsd2.training.distributed import DistContext
 from dsd2.training.executor import make_executor
@@ -82,6 +82,18 @@ def time_it(fn, repeats: int) -> float:
     """The median of `repeats` calls after a warm-up one."""
     fn()
     return statistics.median(_timed(fn) for _ in range(repeats))
+
+
+def time_together(fns: list, repeats: int) -> list[float]:
+    """The median of `repeats` calls of each, after a warm-up call of each, taken in turn (a, b, c, a, b, c, ...):
+    a drift of the machine's speed during the run moves every column alike."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, times):
+            t.append(_timed(fn))
+    return [statistics.median(t) for t in times]
 
 
 def fmt(t: float) -> str:
@@ -148,12 +160,19 @@ def vgg_data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pruned(cfg: ModelConfig, shape, sparsity: float) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The model with `sparsity` of its prunable weights zero (global magnitude at its init), masked layers."""
+    """The model with `sparsity` of each prunable layer's weights zero (the smallest magnitudes of that layer).
+    Layer by layer, not global: a global threshold at initialisation would empty the last blocks entirely (their
+    fan-in is largest, so their initial weights are smallest), which masks after training do not."""
     torch.manual_seed(0)
     model = build_model(cfg, shape, 10)
-    masks = global_prune(magnitude_scores(model), full_masks(model), sparsity) if sparsity else full_masks(model)
+    masks = full_masks(model)
     with torch.no_grad():
         for name, w in prunable_weights(model).items():
+            keep = max(1, round((1 - sparsity) * w.numel()))
+            order = w.abs().flatten().argsort(descending=True)
+            mask = torch.zeros(w.numel(), dtype=torch.bool)
+            mask[order[:keep]] = True
+            masks[name] = mask.view_as(w)
             w.mul_(masks[name])
     return model, masks
 
@@ -201,16 +220,16 @@ def bench_epochs(n: int, repeats: int) -> str:
     print(bound, flush=True)
     for level, sparsity in [(0, 0.0), *LEVELS.items()]:
         _, dense = vgg_epoch(images, labels, sparsity, "off", "fp32")
-        t_dense = time_it(dense, repeats)
         model, ours = vgg_epoch(images, labels, sparsity, "auto", "fp32")
-        t_ours = time_it(ours, repeats)
+        variants = [dense, ours]
+        if native_bf16("cpu"):
+            variants.append(vgg_epoch(images, labels, sparsity, "off", "bf16")[1])
+        t_dense, t_ours, *t_bf16 = time_together(variants, repeats)
         paths = sparse_paths(model)
         row = (f"| {level} | {sparsity:.1%} | {fmt(t_dense)} | {fmt(t_ours)} | {t_dense / t_ours:.2f}× | "
                f"{sum(p == 'sparse' for p in paths.values())} of {len(paths)} |")
-        if native_bf16("cpu"):
-            _, bf16 = vgg_epoch(images, labels, sparsity, "off", "bf16")
-            t_bf16 = time_it(bf16, repeats)
-            row += f" {fmt(t_bf16)} | {t_bf16 / t_ours:.2f}× |"
+        if t_bf16:
+            row += f" {fmt(t_bf16[0])} | {t_bf16[0] / t_ours:.2f}× |"
         rows.append(row)
         print(row, flush=True)
     return "\n".join(rows) + f"\n\nThe bound: {bound}."
@@ -255,8 +274,8 @@ def bench_inference(repeats: int) -> str:
                 images = torch.randint(0, 256, (batch, *shape), generator=g, dtype=torch.uint8)
                 with torch.no_grad():
                     torch.testing.assert_close(loaded(images), dense_call(images), rtol=1e-4, atol=1e-4)
-                    t_dense = time_it(lambda f=dense_call, x=images: f(x), repeats * 10)
-                    t_ours = time_it(lambda f=loaded, x=images: f(x), repeats * 10)
+                    t_dense, t_ours = time_together([lambda f=dense_call, x=images: f(x),
+                                                     lambda f=loaded, x=images: f(x)], repeats * 10)
                 paths = sparse_paths(loaded.net)
                 rows.append(f"| {name} | {LEVELS[20]:.1%} | {size / 2**10:.1f} KiB | {dense_size / 2**10:.1f} KiB "
                             f"({dense_size / size:.1f}×) | {batch} | {fmt(t_dense)} | {fmt(t_ours)} | "
@@ -269,20 +288,23 @@ def bench_inference(repeats: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, shapes and images; prints only")
+    parser.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run, e.g. bc (default abc; "
+                        "RESULTS.md is written only for all three)")
     args = parser.parse_args()
     repeats = 3 if args.quick else 5
     print(machine(), flush=True)
     started = time.perf_counter()
-    a = bench_layers(args.quick, repeats)
-    b = bench_epochs(256 if args.quick else 1024, 1 if args.quick else 3)
-    c = bench_inference(repeats)
+    a = bench_layers(args.quick, repeats) if "a" in args.parts else "not run"
+    b = bench_epochs(256 if args.quick else 1024, 1 if args.quick else 5) if "b" in args.parts else "not run"
+    c = bench_inference(repeats) if "c" in args.parts else "not run"
     took = time.perf_counter() - started
     body = (f"Machine: {machine()}. `python benchmarks/bench_sparse.py`, {took / 60:.1f} min.\n\n"
             f"**(a) One layer, forward + backward** (median of {repeats}; in brackets the dense masked layer's time "
             "over ours):\n\n" + a +
-            "\n\n**(b) A VGG-like training epoch** (1,024 synthetic CIFAR images, batch 128; median of 3):\n\n" + b +
+            "\n\n**(b) A VGG-like training epoch** (1,024 synthetic CIFAR images, batch 128; median of 5, the "
+            "columns timed in turn):\n\n" + b +
             f"\n\n**(c) Inference** (median of {repeats * 10}):\n\n" + c)
-    if args.quick:
+    if args.quick or args.parts != "abc":
         print(body)
     else:
         write_block("bench_sparse", "Sparse kernels (bench_sparse.py)", body)

@@ -12,9 +12,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_weight", &dsd2::masked_weight, "W*M (W itself where it is 0 wherever pruned); its gradient masked");
   m.def("masked_linear", &dsd2::masked_linear, "linear on masked_weight(weight, mask)");
   m.def("masked_conv2d", &dsd2::masked_conv2d, "conv2d on masked_weight(weight, mask)");
-  m.def("sparse_rows_", &dsd2::sparse_rows_, "out[r, i] = sum over row r's kept entries of val * x[col, off + i]");
+  m.def("sparse_rows_", &dsd2::sparse_rows_, "out[r, i] = bias[r] + sum over row r's kept entries of val * x[col, off + i]",
+        py::arg("out"), py::arg("n"), py::arg("x"), py::arg("rowptr"), py::arg("col"), py::arg("off"), py::arg("val"),
+        py::arg("bias") = py::none());
   m.def("sparse_dots_", &dsd2::sparse_dots_, "dval[k] = sum_i a[row of k, i] * x[col[k], off[k] + i]");
-  m.def("grid_copy_", &dsd2::grid_copy_, "a map into / out of a padded grid [C, N * Hp * Wp]");
+  m.def("grid_copy_", &dsd2::grid_copy_, "a map into / out of a padded grid [C, N * Hp * Wp]", py::arg("grid"),
+        py::arg("t"), py::arg("hp"), py::arg("wp"), py::arg("oh"), py::arg("ow"), py::arg("to_grid"),
+        py::arg("sy") = 1, py::arg("sx") = 1);
   m.def("mlp_epoch", &dsd2::mlp_epoch, "One training epoch of a Linear/ReLU chain, the eager step's ops in C++");
   m.def("mlp_forward", &dsd2::mlp_forward, "Logits of a Linear/ReLU chain for a split, in batches");
   m.def("cpu_isa", &dsd2::cpu_isa, "The instruction-set level of the kernels in use");

@@ -38,14 +38,17 @@ at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const at
                          const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
                          std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups);
 
-// Products over kept weights only (sparse_layers.cpp): out[r, i] = sum_k val[k] * x[col[k], off[k] + i] over
-// the entries k of row r (rowptr), i in [0, n); and dval[k] = sum_i a[r(k), i] * x[col[k], off[k] + i].
+// Products over kept weights only (sparse_layers.cpp): out[r, i] = bias[r] + sum_k val[k] * x[col[k], off[k] + i]
+// over the entries k of row r (rowptr), i in [0, n), bias optional; and dval[k] = sum_i a[r(k), i] *
+// x[col[k], off[k] + i].
 void sparse_rows_(at::Tensor out, int64_t n, const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
-                  const at::Tensor& off, const at::Tensor& val);
+                  const at::Tensor& off, const at::Tensor& val, const std::optional<at::Tensor>& bias);
 void sparse_dots_(at::Tensor dval, const at::Tensor& a, int64_t n, const at::Tensor& x, const at::Tensor& rowptr,
                   const at::Tensor& col, const at::Tensor& off);
-// grid[c, (n * hp + h + oh) * wp + w + ow] = t[n, c, h, w] (to_grid), or back; t of any strides (channels_last too)
-void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t oh, int64_t ow, bool to_grid);
+// grid[c, (n * hp + h * sy + oh) * wp + w * sx + ow] = t[n, c, h, w] (to_grid), or back; t of any strides
+// (channels_last too); sy, sx: a strided convolution's output positions on its stride-1 grid (1 for an input)
+void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t oh, int64_t ow, bool to_grid,
+                int64_t sy, int64_t sx);
 
 // One training epoch of a Linear/ReLU chain (mlp_epoch.cpp): see there.
 std::vector<at::Tensor> mlp_epoch(const at::Tensor& inputs, const at::Tensor& labels, const at::Tensor& perm,

@@ -51,7 +51,8 @@ struct KernelTable {
   bool (*pruned_zero_f32)(const float* w, const uint8_t* mask, int64_t n);
   bool (*pruned_zero_u16)(const uint16_t* w, const uint8_t* mask, int64_t n);
   // out[i] = sum_k val[k] * x[base[k] + i], i in [0, n), terms in k order: a tile of a product over kept weights
-  void (*sparse_row_f32)(const float* x, const int64_t* base, const float* val, int64_t nnz, float* out, int64_t n);
+  void (*sparse_row_f32)(const float* x, const int64_t* base, const float* val, int64_t nnz, float* out, int64_t n,
+                         float init);
   // sum_i a[i] * b[i] over n elements, in an order that does not depend on the vector width
   float (*sparse_dot_f32)(const float* a, const float* b, int64_t n);
 };

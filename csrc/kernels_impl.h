@@ -484,9 +484,9 @@ constexpr int64_t kRowVecs = 8;       // accumulators a row kernel keeps in regi
 
 // `kRowVecs` vectors of one output row: acc[u] += v * s[u] for each kept entry, in entry order.
 DSD2_INLINE void sparse_row_block(const float* __restrict__ x, const int64_t* __restrict__ base,
-                                  const float* __restrict__ val, int64_t nnz, float* __restrict__ out) {
-  vecf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero(), a4 = vzero(), a5 = vzero(), a6 = vzero(),
-       a7 = vzero();
+                                  const float* __restrict__ val, int64_t nnz, float* __restrict__ out, float init) {
+  const vecf b = vbroadcast(init);
+  vecf a0 = b, a1 = b, a2 = b, a3 = b, a4 = b, a5 = b, a6 = b, a7 = b;
   for (int64_t k = 0; k < nnz; ++k) {
     const vecf v = vbroadcast(val[k]);
     const float* __restrict__ s = x + base[k];
@@ -509,19 +509,21 @@ DSD2_INLINE void sparse_row_block(const float* __restrict__ x, const int64_t* __
   vstore(out + 7 * kVec, a7);
 }
 
-// out[i] = sum_k val[k] * x[base[k] + i] for i in [0, n): one tile of one output row, each element's terms added
-// in k order by madd (the same bits on every path and at every vector width of a level with FMA).
+// out[i] = init + sum_k val[k] * x[base[k] + i] for i in [0, n): one tile of one output row (init: its bias, or
+// 0), each element's terms added in k order by madd (the same bits on every path and at every vector width of a
+// level with FMA).
 static void sparse_row_f32(const float* __restrict__ x, const int64_t* __restrict__ base,
-                           const float* __restrict__ val, int64_t nnz, float* __restrict__ out, int64_t n) {
+                           const float* __restrict__ val, int64_t nnz, float* __restrict__ out, int64_t n,
+                           float init) {
   int64_t i0 = 0;
-  for (; i0 + kRowVecs * kVec <= n; i0 += kRowVecs * kVec) sparse_row_block(x + i0, base, val, nnz, out + i0);
+  for (; i0 + kRowVecs * kVec <= n; i0 += kRowVecs * kVec) sparse_row_block(x + i0, base, val, nnz, out + i0, init);
   for (; i0 + kVec <= n; i0 += kVec) {
-    vecf acc = vzero();
+    vecf acc = vbroadcast(init);
     for (int64_t k = 0; k < nnz; ++k) acc = vmadd(vbroadcast(val[k]), vload(x + base[k] + i0), acc);
     vstore(out + i0, acc);
   }
   for (; i0 < n; ++i0) {
-    float acc = 0.0f;
+    float acc = init;
     for (int64_t k = 0; k < nnz; ++k) acc = madd(val[k], x[base[k] + i0], acc);
     out[i0] = acc;
   }

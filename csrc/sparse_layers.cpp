@@ -3,8 +3,8 @@
 // grouped by output row: row r, entries k in [rowptr[r], rowptr[r+1]), each reading operand row col[k] shifted
 // by off[k] (a convolution tap's shift on the padded input grid; 0 for a linear layer or unfolded input).
 //
-//   sparse_rows_: out[r, i] = sum_k val[k] * x[col[k], off[k] + i]      (forward; input gradient on the
-//                                                                        transposed list)
+//   sparse_rows_: out[r, i] = b[r] + sum_k val[k] * x[col[k], off[k] + i]   (forward, b the bias or 0; input
+//                                                                          gradient on the transposed list)
 //   sparse_dots_: dval[k]   = sum_i a[r(k), i] * x[col[k], off[k] + i]  (weight gradient at kept entries only)
 //
 // Each output element is one thread's, its terms added in a fixed order: results do not depend on the thread
@@ -66,7 +66,7 @@ std::vector<int64_t> bases(const at::Tensor& col, const at::Tensor& off, const a
 }  // namespace
 
 void sparse_rows_(at::Tensor out, int64_t n, const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
-                  const at::Tensor& off, const at::Tensor& val) {
+                  const at::Tensor& off, const at::Tensor& val, const std::optional<at::Tensor>& bias) {
   check_matrix(out, "out");
   check_matrix(x, "x");
   const int64_t rows = out.size(0);
@@ -74,7 +74,11 @@ void sparse_rows_(at::Tensor out, int64_t n, const at::Tensor& x, const at::Tens
   TORCH_CHECK(val.scalar_type() == at::kFloat && val.is_contiguous() && val.numel() == col.numel(),
               "sparse kernels: val must be contiguous float32, one value per entry");
   TORCH_CHECK(n >= 0 && n <= out.size(1), "sparse kernels: ", n, " outputs per row do not fit out");
+  TORCH_CHECK(!bias || (bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                        bias->numel() == rows && bias->is_contiguous()),
+              "sparse kernels: bias must be a contiguous float32 CPU vector, one value per row");
   if (rows == 0 || n == 0) return;
+  const float* bs = bias ? bias->data_ptr<float>() : nullptr;
   const std::vector<int64_t> base = bases(col, off, x, n);
   const KernelTable& k = active_kernels();
   const int64_t* rp = rowptr.data_ptr<int64_t>();
@@ -89,7 +93,7 @@ void sparse_rows_(at::Tensor out, int64_t n, const at::Tensor& x, const at::Tens
       const int64_t t = task / rows, r = task % rows;
       const int64_t i0 = t * kTile, len = std::min(kTile, n - i0);
       const int64_t k0 = rp[r], k1 = rp[r + 1];
-      k.sparse_row_f32(xs + i0, base.data() + k0, v + k0, k1 - k0, o + r * ldo + i0, len);
+      k.sparse_row_f32(xs + i0, base.data() + k0, v + k0, k1 - k0, o + r * ldo + i0, len, bs ? bs[r] : 0.0f);
     }
   });
 }
@@ -136,38 +140,100 @@ void sparse_dots_(at::Tensor dval, const at::Tensor& a, int64_t n, const at::Ten
   });
 }
 
-void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t oh, int64_t ow, bool to_grid) {
+namespace {
+
+typedef float v4 __attribute__((vector_size(16)));  // GCC's portable 128-bit vector (SSE2, NEON)
+
+inline v4 load4(const float* p) {
+  v4 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store4(float* p, v4 v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// dst[j * ldd + i] = src[i * lds + j] for a 4x4 block
+inline void transpose4(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  const v4 r0 = load4(src), r1 = load4(src + lds), r2 = load4(src + 2 * lds), r3 = load4(src + 3 * lds);
+  typedef int i4 __attribute__((vector_size(16)));
+  const v4 t0 = __builtin_shuffle(r0, r1, i4{0, 4, 1, 5}), t1 = __builtin_shuffle(r0, r1, i4{2, 6, 3, 7});
+  const v4 t2 = __builtin_shuffle(r2, r3, i4{0, 4, 1, 5}), t3 = __builtin_shuffle(r2, r3, i4{2, 6, 3, 7});
+  store4(dst, __builtin_shuffle(t0, t2, i4{0, 1, 4, 5}));
+  store4(dst + ldd, __builtin_shuffle(t0, t2, i4{2, 3, 6, 7}));
+  store4(dst + 2 * ldd, __builtin_shuffle(t1, t3, i4{0, 1, 4, 5}));
+  store4(dst + 3 * ldd, __builtin_shuffle(t1, t3, i4{2, 3, 6, 7}));
+}
+
+// one image row: grid[ic * ldg + iw * step] <-> m[ic * sc + iw * sw] for ic < c, iw < w (step: the
+// convolution's stride along the row, 1 for an input)
+void copy_row(float* __restrict__ g, int64_t ldg, float* __restrict__ m, int64_t sc, int64_t sw, int64_t c,
+              int64_t w, bool to_grid, int64_t step) {
+  if (step != 1) {
+    for (int64_t ic = 0; ic < c; ++ic)
+      for (int64_t iw = 0; iw < w; ++iw) {
+        if (to_grid)
+          g[ic * ldg + iw * step] = m[ic * sc + iw * sw];
+        else
+          m[ic * sc + iw * sw] = g[ic * ldg + iw * step];
+      }
+    return;
+  }
+  if (sw == 1) {  // NCHW: a run of w floats per channel, contiguous on both sides
+    for (int64_t ic = 0; ic < c; ++ic) {
+      if (to_grid)
+        std::copy(m + ic * sc, m + ic * sc + w, g + ic * ldg);
+      else
+        std::copy(g + ic * ldg, g + ic * ldg + w, m + ic * sc);
+    }
+    return;
+  }
+  int64_t c4 = 0, w4 = 0;
+  if (sc == 1) {  // channels_last: [w, c] <-> [c, w], in 4x4 blocks, 16 columns at a time (a whole cache line of
+                  // each channel's run, and 16 pixels' channels, in L1 at once)
+    c4 = c - c % 4;
+    w4 = w - w % 4;
+    for (int64_t iw0 = 0; iw0 < w4; iw0 += 16) {
+      const int64_t iw1 = std::min(w4, iw0 + 16);
+      for (int64_t ic = 0; ic < c4; ic += 4)
+        for (int64_t iw = iw0; iw < iw1; iw += 4) {
+          if (to_grid)
+            transpose4(m + iw * sw + ic, sw, g + ic * ldg + iw, ldg);
+          else
+            transpose4(g + ic * ldg + iw, ldg, m + iw * sw + ic, sw);
+        }
+    }
+  }
+  // what the blocks left: the channels past c4 for every column, the columns past w4 for the first c4 channels
+  for (int64_t ic = 0; ic < c; ++ic)
+    for (int64_t iw = ic < c4 ? w4 : 0; iw < w; ++iw) {
+      if (to_grid)
+        g[ic * ldg + iw] = m[ic * sc + iw * sw];
+      else
+        m[ic * sc + iw * sw] = g[ic * ldg + iw];
+    }
+}
+
+}  // namespace
+
+void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t oh, int64_t ow, bool to_grid,
+                int64_t sy, int64_t sx) {
   check_matrix(grid, "grid");
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4,
               "sparse kernels: the map must be a 4-D float32 CPU tensor");
   const int64_t n = t.size(0), c = t.size(1), h = t.size(2), w = t.size(3);
-  TORCH_CHECK(grid.size(0) == c && n * hp * wp <= grid.size(1) && oh >= 0 && ow >= 0 && h + oh <= hp &&
-                  w + ow <= wp,
+  TORCH_CHECK(sy >= 1 && sx >= 1, "sparse kernels: strides must be at least 1");
+  TORCH_CHECK(grid.size(0) == c && n * hp * wp <= grid.size(1) && oh >= 0 && ow >= 0 &&
+                  (h - 1) * sy + oh < hp && (w - 1) * sx + ow < wp,
               "sparse kernels: a map of ", n, "x", c, "x", h, "x", w, " does not fit the grid at (", oh, ", ", ow,
               ")");
   float* g = grid.data_ptr<float>();
   float* m = t.data_ptr<float>();
   const int64_t ldg = grid.stride(0);
   const int64_t sn = t.stride(0), sc = t.stride(1), sh = t.stride(2), sw = t.stride(3);
-  constexpr int64_t kBlock = 16;  // a 16x16 tile of (channel, column) is read and written within L1
   at::parallel_for(0, n * h, 1, [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
       const int64_t in = row / h, ih = row % h;
-      const int64_t base = (in * hp + ih + oh) * wp + ow;
-      float* mr = m + in * sn + ih * sh;
-      for (int64_t c0 = 0; c0 < c; c0 += kBlock) {
-        const int64_t c1 = std::min(c, c0 + kBlock);
-        for (int64_t w0 = 0; w0 < w; w0 += kBlock) {
-          const int64_t w1 = std::min(w, w0 + kBlock);
-          if (to_grid) {
-            for (int64_t ic = c0; ic < c1; ++ic)
-              for (int64_t iw = w0; iw < w1; ++iw) g[ic * ldg + base + iw] = mr[ic * sc + iw * sw];
-          } else {
-            for (int64_t ic = c0; ic < c1; ++ic)
-              for (int64_t iw = w0; iw < w1; ++iw) mr[ic * sc + iw * sw] = g[ic * ldg + base + iw];
-          }
-        }
-      }
+      copy_row(g + (in * hp + ih * sy + oh) * wp + ow, ldg, m + in * sn + ih * sh, sc, sw, c, w, to_grid, sx);
     }
   });
 }

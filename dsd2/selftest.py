@@ -208,6 +208,50 @@ def sgd_checks(device: torch.device, tag: str) -> list[Check]:
     return out
 
 
+def sparse_checks(device: torch.device, tag: str) -> list[Check]:
+    """The masked layers' sparse path (forward, dX, dW) against float64 on W⊙M, elementwise within the product
+    tolerance of the dense path; CPU only (a CUDA run's masked layers stay dense)."""
+    from dsd2.ops import SparsePlan, sparse_conv2d, sparse_linear
+    from dsd2.ops.masked_linear import product_tolerance
+
+    if device.type != "cpu":
+        return [Check(f"sparse layers{tag}", "skipped", "the sparse kernels run on the CPU")]
+    out = []
+    cases = [("conv 3x3 s1", (4, 6, 9, 9), (8, 6, 3, 3), 1, 1), ("conv 3x3 s2", (3, 5, 8, 8), (4, 5, 3, 3), 2, 1),
+             ("linear", (7, 33), (19, 33), None, None)]
+    for name, x_shape, w_shape, stride, pad in cases:
+        for density in (0.02, 0.3):
+            g = torch.Generator().manual_seed(3)
+            x = torch.randn(x_shape, generator=g, requires_grad=True)
+            w = torch.randn(w_shape, generator=g, requires_grad=True)
+            mask = torch.rand(w_shape, generator=g) < density
+            plan = SparsePlan(mask)
+            if stride is None:
+                y = sparse_linear(x, w, plan)
+                ref = lambda a, b: F.linear(a, b)  # noqa: E731
+                k = w_shape[1]
+            else:
+                y = sparse_conv2d(x, w, plan, None, (stride, stride), (pad, pad))
+                ref = lambda a, b, s=stride, p=pad: F.conv2d(a, b, None, s, p)  # noqa: E731
+                k = w_shape[1] * w_shape[2] * w_shape[3]
+            grad = torch.randn(y.shape, generator=g)
+            y.backward(grad)
+            wm = torch.where(mask, w.detach(), 0.0).double()
+            x64 = x.detach().double().requires_grad_()
+            w64 = wm.clone().requires_grad_()
+            y64 = ref(x64, w64)
+            y64.backward(grad.double())
+            terms = ref(x.detach().double().abs(), wm.abs())
+            ok = bool(((y.detach().double() - y64).abs() <= product_tolerance(torch.float32, k) * terms + 1e-30).all())
+            err_dx = float((x.grad.double() - x64.grad).abs().max())
+            err_dw = float((w.grad.double() - torch.where(mask, w64.grad, 0.0)).abs().max())
+            scale = float(x64.grad.abs().max() + w64.grad.abs().max()) + 1e-12
+            ok = ok and max(err_dx, err_dw) <= 1e-4 * scale and bool((w.grad[~mask] == 0).all())
+            out.append(Check(f"sparse {name} {density:.0%} kept{tag}", _verdict(ok),
+                             f"dX/dW max error {max(err_dx, err_dw):.1e} (scale {scale:.1e})"))
+    return out
+
+
 def op_checks(device: torch.device, quick: bool) -> list[Check]:
     kd_sizes = [(37, 10), (129, 100), (5, 4097)] if quick else [(37, 10), (1031, 100), (17, 1000), (3, 32768)]
     shapes = [(5, 3, 7, 7), (9, 1030)] if quick else [(5, 3, 7, 7), (9, 1030), (6, 16, 32, 32), (3, 8200)]
@@ -220,6 +264,7 @@ def op_checks(device: torch.device, quick: bool) -> list[Check]:
             out += kd_checks(device, kd_sizes, dtypes, tag)
             out += counting_checks(device, shapes, dtypes, tag)
             out += sgd_checks(device, tag)
+            out += sparse_checks(device, tag)
     return out
 
 

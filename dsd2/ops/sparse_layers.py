@@ -13,11 +13,13 @@ all of them on W⊙M. The kept entries of a mask are listed once per mask (a pru
 
 A linear layer's operand is x transposed, [in, batch]. A convolution's is one of two layouts:
 
-- **grid** (stride 1, maps of 8x8 and larger): the padded input as [C, N * Hp * Wp]; a tap (kh, kw) is a shift
-  of kh * dh * Wp + kw * dw along that row, so the products are long contiguous runs and no im2col buffer is
-  made. Outputs are computed on the padded grid and the border columns dropped (at most 1.6x the outputs).
-- **unfold** (stride > 1, small maps): the unfolded input (F.unfold) as [C * kh * kw, N * Ho * Wo], shift 0;
-  the input gradient is folded back (F.fold).
+- **grid** (most convolutions): the padded input as [C, N * Hp * Wp] (`grid_copy_`: one blocked transpose
+  from NCHW or channels_last); a tap (kh, kw) is a shift of kh * dh * Wp + kw * dw along that row, so the
+  products are long contiguous runs and no im2col buffer is made. Outputs are computed at every position of the
+  padded grid and those of the convolution taken (the border dropped, and for a stride s every s-th position),
+  when that is at most GRID_WASTE grid positions per output (a 2x2 map padded by 1: 4; stride 2: about 4.5).
+- **unfold** (the rest): the unfolded input (F.unfold) as [C * kh * kw, N * Ho * Wo], shift 0; the input
+  gradient is folded back (F.fold).
 
 Every output element's terms are added in a fixed order, so results do not depend on the thread count; against
 the dense products they differ by reduction order only (`product_tolerance`). fp32 only: other dtypes, CUDA
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 from dsd2.ops._backend import cpp_extension
 
-GRID_WASTE = 4.0  # most padded-grid outputs per real output for which a convolution takes the grid layout
+GRID_WASTE = 8.0  # most padded-grid positions per real output for which a convolution takes the grid layout
 
 
 class SparsePlan:
@@ -71,6 +73,21 @@ class SparsePlan:
         self.zero = torch.zeros(self.nnz, dtype=torch.int64)
         self._positions: dict[tuple, torch.Tensor] = {}
         self._shifts: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._scratch: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self.grid_token: object | None = None  # the forward whose input the scratch grid holds
+
+    def scratch(self, name: str, shape: tuple[int, ...], geometry: tuple, zero: bool, keep: bool) -> torch.Tensor:
+        """A work buffer: with `keep` (training calls, whose maps have one shape step after step) the one of the
+        last call of the same geometry, kept between calls (a fresh allocation of tens of MB per call costs its
+        page faults, more than the products at high sparsity); a zeroed one stays zero wherever no call writes,
+        since every call of one geometry writes the same positions. Without `keep`, a new one each call."""
+        held = self._scratch.get(name)
+        if keep and held is not None and held[0] == (shape, geometry):
+            return held[1]
+        buf = torch.zeros(shape) if zero else torch.empty(shape)
+        if keep:
+            self._scratch[name] = ((shape, geometry), buf)
+        return buf
 
     def valid_for(self, mask: torch.Tensor) -> bool:
         return self.version == (mask._version, mask.data_ptr()) and tuple(mask.shape) == self.shape
@@ -85,9 +102,12 @@ class SparsePlan:
             pos = self._positions[key] = torch.as_tensor(pos, dtype=torch.int64).contiguous()
         return pos
 
-    def values(self, weight: torch.Tensor) -> torch.Tensor:
-        """The kept entries' current values, in output-row order."""
-        return weight.detach().as_strided((weight.numel(),), (1,)).index_select(0, self._position(weight))
+    def values(self, weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """The kept entries' current values, in output-row order (or in operand-row order, `transposed`). Gathered
+        every call: an optimizer step in C++ (MaskedSGD) writes the weight without bumping its version counter, so
+        no cache keyed on it could tell a changed weight from an unchanged one."""
+        vals = weight.detach().as_strided((weight.numel(),), (1,)).index_select(0, self._position(weight))
+        return vals[self.t_order] if transposed else vals
 
     def gradient(self, weight: torch.Tensor, dval: torch.Tensor) -> torch.Tensor:
         """A dense weight gradient in the weight's layout: dval at the kept entries, exactly 0.0 elsewhere."""
@@ -114,8 +134,9 @@ def _pointers(sorted_rows: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).contiguous()
 
 
-def _rows(out: torch.Tensor, n: int, operand: torch.Tensor, rowptr, col, shift, val) -> torch.Tensor:
-    cpp_extension().sparse_rows_(out, n, operand, rowptr, col, shift, val)
+def _rows(out: torch.Tensor, n: int, operand: torch.Tensor, rowptr, col, shift, val, bias=None) -> torch.Tensor:
+    cpp_extension().sparse_rows_(out, n, operand, rowptr, col, shift, val,
+                                 None if bias is None else bias.detach().float().contiguous())
     return out
 
 
@@ -147,7 +168,7 @@ class _SparseLinear(torch.autograd.Function):
         g_t = grad_out.t().contiguous()  # [out, batch]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            val_t = plan.values(weight)[plan.t_order]
+            val_t = plan.values(weight, transposed=True)
             grad_x = _rows(g_t.new_empty(x_t.shape[0], batch), batch, g_t, plan.t_rowptr_unfold, plan.t_col,
                            plan.zero, val_t).t().contiguous()
         if ctx.needs_input_grad[1]:
@@ -175,58 +196,78 @@ def _output_size(size: int, pad: int, dilation: int, kernel: int, stride: int) -
 
 
 def grid_layout(x_hw: tuple[int, int], kernel: tuple[int, int], stride, padding, dilation) -> bool:
-    """Whether a convolution takes the grid layout: stride 1 and at most GRID_WASTE grid outputs per output."""
-    if tuple(stride) != (1, 1):
-        return False
+    """Whether a convolution takes the grid layout: at most GRID_WASTE stride-1 grid positions per output (a
+    strided convolution is computed at every position of the grid and its outputs taken at the stride)."""
     hp, wp = x_hw[0] + 2 * padding[0], x_hw[1] + 2 * padding[1]
-    ho = _output_size(x_hw[0], padding[0], dilation[0], kernel[0], 1)
-    wo = _output_size(x_hw[1], padding[1], dilation[1], kernel[1], 1)
+    ho = _output_size(x_hw[0], padding[0], dilation[0], kernel[0], stride[0])
+    wo = _output_size(x_hw[1], padding[1], dilation[1], kernel[1], stride[1])
     return ho > 0 and wo > 0 and hp * wp <= GRID_WASTE * ho * wo
 
 
 class _SparseConvGrid(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, plan: SparsePlan, padding, dilation):
+    def forward(ctx, x, weight, bias, plan: SparsePlan, stride, padding, dilation, keep):
         n, c, h, w = x.shape
         (ph, pw), out_c = padding, plan.shape[0]
         hp, wp = h + 2 * ph, w + 2 * pw
         shift, shift_t, most = plan.shifts(wp, dilation)
         length = n * hp * wp
-        grid = x.new_zeros(c, length + most)  # the padded input, channel-major, and room for the largest shift
-        cpp_extension().grid_copy_(grid, x, hp, wp, ph, pw, True)
-        out_grid = _rows(x.new_empty(out_c, length), length, grid, plan.rowptr, plan.channel, shift,
-                         plan.values(weight))
-        ho, wo = hp - dilation[0] * (plan.shape[2] - 1), wp - dilation[1] * (plan.shape[3] - 1)
+        geometry = (tuple(x.shape), padding, dilation, stride)
+        grid = _fill_grid(plan, x, geometry, keep)
+        out_grid = _rows(plan.scratch("out", (out_c, length), geometry, False, keep), length, grid, plan.rowptr,
+                         plan.channel, shift, plan.values(weight), bias)  # the bias added first, in the kernel
+        ho = _output_size(h, ph, dilation[0], plan.shape[2], stride[0])
+        wo = _output_size(w, pw, dilation[1], plan.shape[3], stride[1])
         layout = _layout(x)
         out = torch.empty((n, out_c, ho, wo), dtype=x.dtype, memory_format=layout)
-        cpp_extension().grid_copy_(out_grid, out, hp, wp, 0, 0, False)
-        if bias is not None:
-            out += bias.view(1, -1, 1, 1)
-        ctx.save_for_backward(grid, weight)
-        ctx.conf = (plan, x.shape, padding, dilation, bias is not None, layout)
+        cpp_extension().grid_copy_(out_grid, out, hp, wp, 0, 0, False, *stride)
+        ctx.save_for_backward(x, weight)
+        ctx.token = plan.grid_token = object()  # the scratch grid holds this call's input until another call
+        ctx.grid = None if keep else grid
+        ctx.conf = (plan, stride, padding, dilation, bias is not None, layout, keep)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        grid, weight = ctx.saved_tensors
-        plan, (n, c, h, w), (ph, pw), dilation, has_bias, layout = ctx.conf
+        x, weight = ctx.saved_tensors
+        plan, stride, (ph, pw), dilation, has_bias, layout, keep = ctx.conf
+        n, c, h, w = x.shape
         out_c, hp, wp = plan.shape[0], h + 2 * ph, w + 2 * pw
         shift, shift_t, most = plan.shifts(wp, dilation)
         length = n * hp * wp
-        # the output gradient on the padded grid, 0 at the dropped border outputs, after room for the largest shift
-        g = grad_out.new_zeros(out_c, most + length)
-        cpp_extension().grid_copy_(g[:, most:], grad_out, hp, wp, 0, 0, True)
+        geometry = (tuple(x.shape), (ph, pw), dilation, stride)
+        grid = ctx.grid
+        if grid is None:  # kept: still this call's input unless another call of the layer came in between
+            grid = plan.scratch("grid", (c, length + most), geometry, True, True)
+            if plan.grid_token is not ctx.token:
+                grid = _fill_grid(plan, x, geometry, True)
+        # the output gradient on the padded grid, 0 at the dropped border outputs (and between a stride's outputs),
+        # after room for the largest shift
+        g = plan.scratch("g", (out_c, most + length), geometry, True, keep)
+        cpp_extension().grid_copy_(g[:, most:], grad_out, hp, wp, 0, 0, True, *stride)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            val_t = plan.values(weight)[plan.t_order]
-            dgrid = _rows(g.new_empty(c, length), length, g, plan.t_rowptr_grid, plan.t_col, shift_t, val_t)
+            val_t = plan.values(weight, transposed=True)
+            dgrid = _rows(plan.scratch("dgrid", (c, length), geometry, False, keep), length, g, plan.t_rowptr_grid,
+                          plan.t_col, shift_t, val_t)
             grad_x = torch.empty((n, c, h, w), dtype=g.dtype, memory_format=layout)
             cpp_extension().grid_copy_(dgrid, grad_x, hp, wp, ph, pw, False)
         if ctx.needs_input_grad[1]:
             grad_w = plan.gradient(weight, _dots(plan, g[:, most:], length, grid, plan.channel, shift))
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _fill_grid(plan: SparsePlan, x: torch.Tensor, geometry: tuple, keep: bool) -> torch.Tensor:
+    """x on its padded grid, channel-major, zero at the padding and in the room for the largest shift after it."""
+    n, c, h, w = x.shape
+    (ph, pw), dilation = geometry[1], geometry[2]
+    hp, wp = h + 2 * ph, w + 2 * pw
+    most = plan.shifts(wp, dilation)[2]
+    grid = plan.scratch("grid", (c, n * hp * wp + most), geometry, True, keep)
+    cpp_extension().grid_copy_(grid, x, hp, wp, ph, pw, True)
+    return grid
 
 
 class _SparseConvUnfold(torch.autograd.Function):
@@ -259,7 +300,7 @@ class _SparseConvUnfold(torch.autograd.Function):
         g = grad_out.transpose(0, 1).reshape(out_c, length).contiguous()  # rows contiguous whatever the layout
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            val_t = plan.values(weight)[plan.t_order]
+            val_t = plan.values(weight, transposed=True)
             dcols = _rows(g.new_empty(cols_t.shape[0], length), length, g, plan.t_rowptr_unfold, plan.t_col,
                           plan.zero, val_t)
             folded = F.fold(dcols.view(cols_t.shape[0], n, -1).transpose(0, 1), (h, w), plan.shape[2:], dilation,
@@ -278,5 +319,6 @@ def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, plan: SparsePlan, bias:
     groups are the plan's); x: [N, C, H, W] fp32 on the CPU, padding a pair of ints."""
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     if grid_layout(x.shape[-2:], plan.shape[2:], stride, padding, dilation):
-        return _SparseConvGrid.apply(x, weight, bias, plan, padding, dilation)
+        keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)  # a training call
+        return _SparseConvGrid.apply(x, weight, bias, plan, stride, padding, dilation, keep)
     return _SparseConvUnfold.apply(x, weight, bias, plan, stride, padding, dilation)

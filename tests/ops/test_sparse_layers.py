@@ -21,6 +21,7 @@ from dsd2.ops import (
     sparse_tune,
 )
 from dsd2.ops.masked_linear import product_tolerance
+from dsd2.ops.sparse_layers import grid_layout
 
 # (x shape, weight shape, stride, padding, dilation, groups)
 CONV_CASES = [
@@ -31,8 +32,15 @@ CONV_CASES = [
     ((2, 5, 6, 7), (4, 5, 1, 1), (2, 2), (0, 0), (1, 1), 1),     # a 1x1 stride-2 shortcut
     ((2, 3, 8, 8), (4, 3, 3, 3), (1, 1), (2, 2), (2, 2), 1),     # dilation 2 on the grid
     ((128, 3, 6, 6), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),   # a training batch
+    ((2, 4, 8, 8), (6, 4, 3, 3), (2, 2), (1, 1), (1, 1), 1),     # ResNet's stride-2 3x3, on the grid
+    ((2, 3, 10, 10), (4, 3, 3, 3), (3, 3), (0, 0), (1, 1), 1),   # stride 3: unfolded
 ]
-CONV_IDS = ["odd", "all-knobs", "depthwise", "2x2-map", "1x1-s2", "dilated", "batch-128"]
+CONV_IDS = ["odd", "all-knobs", "depthwise", "2x2-map", "1x1-s2", "dilated", "batch-128", "s2-grid", "s3-unfold"]
+
+
+def test_both_layouts_are_covered():
+    layouts = [grid_layout(c[0][2:], c[1][2:], c[2], c[3], c[4]) for c in CONV_CASES]
+    assert layouts[CONV_IDS.index("s2-grid")] and not layouts[CONV_IDS.index("s3-unfold")]
 DENSITIES = [0.0, 0.03, 0.5, 1.0]
 
 
