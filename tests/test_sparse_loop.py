@@ -3,7 +3,8 @@ digits default and on a small VGG-like (synthetic CIFAR, fp32), and each level's
 layer took. A step's products differ from the dense ones in the last bits only (tests/ops/test_sparse_layers.py);
 training carries those bits forward, and magnitude pruning at a near-tie may keep the other of two weights, so
 the bound is on the curve: accuracies within two samples of their split, losses within 2 %, the masks agreeing
-on all but 1 % of the kept weights, far below what a change of seed moves (tests/test_seeds.py)."""
+on all but 1 % of the kept weights. The VGG-like trains gently (lr 1e-3, no label noise): at lr 1e-2 on its 60
+images the last bits grow into 5 % of the masks flipping by level 3, while one step agrees to 1e-6 relative."""
 
 from __future__ import annotations
 
