@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +43,7 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as tprune
 from PIL import Image
 from results_file import write_block  # benchmarks/, on the path of a script run from it
+from timing import time_it, timed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -202,7 +201,7 @@ def gemm_rate() -> float:
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     for _ in range(3):
         a @ b
-    t = min(_timed(lambda: a @ b) for _ in range(10))
+    t = min(timed(lambda: a @ b) for _ in range(10))
     return 1024**3 / t
 
 
@@ -212,18 +211,6 @@ def epoch_macs(case: Case) -> float:
     model, _ = pruned_model(case)
     per_layer = list(layer_macs(model, tuple(case.images.shape[1:])).values())
     return len(case.labels) * (3 * sum(per_layer) - per_layer[0])
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def time_it(fn, repeats: int) -> float:
-    """The median of `repeats` calls after a warm-up one."""
-    fn()
-    return statistics.median(_timed(fn) for _ in range(repeats))
 
 
 def at_threads(threads: int, make, repeats: int) -> float:

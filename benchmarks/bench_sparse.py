@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from results_file import write_block  # benchmarks/, on the path of a script run from it
+from timing import time_it, time_together
 from torch import nn
 
 import dsd2
@@ -70,30 +70,6 @@ LINEARS = [("digits MLP 64→256", 64, 256, 64), ("digits MLP 256→256", 256, 2
 def machine() -> str:
     return (f"{cpu_model()}, {THREADS} threads, torch {torch.__version__}, dsd2 kernels at {cpu_isa()}, "
             f"ATen capability {torch.backends.cpu.get_cpu_capability()}")
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def time_it(fn, repeats: int) -> float:
-    """The median of `repeats` calls after a warm-up one."""
-    fn()
-    return statistics.median(_timed(fn) for _ in range(repeats))
-
-
-def time_together(fns: list, repeats: int) -> list[float]:
-    """The median of `repeats` calls of each, after a warm-up call of each, taken in turn (a, b, c, a, b, c, ...):
-    a drift of the machine's speed during the run moves every column alike."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, t in zip(fns, times):
-            t.append(_timed(fn))
-    return [statistics.median(t) for t in times]
 
 
 def fmt(t: float) -> str:

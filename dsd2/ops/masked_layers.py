@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from dsd2.ops.masked_conv2d import conv_padding, masked_conv2d
 from dsd2.ops.masked_linear import masked_linear
-from dsd2.ops.sparse_layers import SparsePlan, sparse_conv2d, sparse_linear
+from dsd2.ops.sparse_layers import SparsePlan, is_channels_last, sparse_conv2d, sparse_linear
 from dsd2.pruning import install_torch_prune, prunable_weights, strip_torch_prune, torch_prune_mask
 
 DENSE_TYPE = "_dense_type"  # the class a masked layer was made from, when it is not plain nn.Linear / nn.Conv2d
@@ -122,7 +122,7 @@ class _SparseDispatch:
 def _probe(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """An input of `shape` in x's dtype and memory format: what a crossover is measured on."""
     probe = torch.empty(shape, dtype=x.dtype)
-    return probe.to(memory_format=torch.channels_last) if x.dim() == 4 and not x.is_contiguous() else probe
+    return probe.to(memory_format=torch.channels_last) if is_channels_last(x) else probe
 
 
 def _sparse_applies(x, weight: torch.Tensor) -> bool:

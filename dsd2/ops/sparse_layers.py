@@ -92,22 +92,26 @@ class SparsePlan:
     def valid_for(self, mask: torch.Tensor) -> bool:
         return self.version == (mask._version, mask.data_ptr()) and tuple(mask.shape) == self.shape
 
-    def _position(self, weight: torch.Tensor) -> torch.Tensor:
-        """Where each kept entry's value lies in the weight's storage (any dense layout: channels_last too)."""
-        key = tuple(weight.stride())
+    def _position(self, weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """Where each kept entry's value lies in the weight's storage (any dense layout: channels_last too), in
+        output-row order or, `transposed`, in operand-row order."""
+        key = (tuple(weight.stride()), transposed)
         pos = self._positions.get(key)
         if pos is None:
-            index = torch.unravel_index(self.logical, self.shape)
-            pos = sum(i * s for i, s in zip(index, weight.stride()))
-            pos = self._positions[key] = torch.as_tensor(pos, dtype=torch.int64).contiguous()
+            if transposed:
+                pos = self._position(weight)[self.t_order].contiguous()
+            else:
+                index = torch.unravel_index(self.logical, self.shape)
+                pos = torch.as_tensor(sum(i * s for i, s in zip(index, weight.stride())), dtype=torch.int64)
+                pos = pos.contiguous()
+            self._positions[key] = pos
         return pos
 
     def values(self, weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-        """The kept entries' current values, in output-row order (or in operand-row order, `transposed`). Gathered
-        every call: an optimizer step in C++ (MaskedSGD) writes the weight without bumping its version counter, so
-        no cache keyed on it could tell a changed weight from an unchanged one."""
-        vals = weight.detach().as_strided((weight.numel(),), (1,)).index_select(0, self._position(weight))
-        return vals[self.t_order] if transposed else vals
+        """The kept entries' current values, in output-row order (or in operand-row order, `transposed`), in one
+        gather. Gathered every call: an optimizer step in C++ (MaskedSGD) writes the weight without bumping its
+        version counter, so no cache keyed on it could tell a changed weight from an unchanged one."""
+        return weight.detach().as_strided((weight.numel(),), (1,)).index_select(0, self._position(weight, transposed))
 
     def gradient(self, weight: torch.Tensor, dval: torch.Tensor) -> torch.Tensor:
         """A dense weight gradient in the weight's layout: dval at the kept entries, exactly 0.0 elsewhere."""
@@ -186,9 +190,13 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, plan: SparsePlan,
     return out.reshape(*shape[:-1], plan.shape[0])
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor in the channels_last layout (and not also contiguous, as a 1x1 map or one channel is)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def _layout(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 def _output_size(size: int, pad: int, dilation: int, kernel: int, stride: int) -> int:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from dsd2.ops.sparse_layers import is_channels_last
+
 SPARSITIES = (0.998, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.65, 0.5)  # measured from the sparsest down
 FLOOR = 0.5  # auto never takes the sparse path below this sparsity
 MARGIN = 0.9  # the sparse call must take at most this fraction of the dense call's time: within a whole epoch the
@@ -47,15 +49,11 @@ def layer_key(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> str:
     parts = [cpu_model(), ext.cpu_isa() if ext is not None else "none", f"torch {torch.__version__}",
              f"kernels {KERNELS_VERSION}", f"threads {torch.get_num_threads()}", type(layer).__name__,
              str(tuple(layer.weight.shape)), str(x.dtype), str(tuple(x.shape)),
-             "channels_last" if _channels_last(x) else "contiguous", "train" if training else "infer"]
+             "channels_last" if is_channels_last(x) else "contiguous", "train" if training else "infer"]
     if isinstance(layer, torch.nn.Conv2d):
         parts += [f"stride {layer.stride}", f"padding {layer.padding}", f"dilation {layer.dilation}",
                   f"groups {layer.groups}"]
     return " | ".join(parts)
-
-
-def _channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _time(fn, repeats: int = 2) -> float:
@@ -81,10 +79,10 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> float:
         probe = MaskedLinear(layer.in_features, layer.out_features, bias)
     else:
         raise TypeError(f"a crossover is measured for MaskedLinear and MaskedConv2d, not {type(layer).__name__}")
-    if layer.weight.dim() == 4 and _channels_last(layer.weight):
+    if layer.weight.dim() == 4 and is_channels_last(layer.weight):
         probe = probe.to(memory_format=torch.channels_last)
     inputs = torch.randn(x.shape, generator=gen)
-    if _channels_last(x):
+    if is_channels_last(x):
         inputs = inputs.to(memory_format=torch.channels_last)
     inputs.requires_grad_(training)
 
