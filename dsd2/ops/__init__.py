@@ -29,18 +29,20 @@ from dsd2.ops.masked_linear import masked_linear, masked_linear_reference
 from dsd2.ops.masked_sgd import MaskedSGD, masked_sgd_reference
 from dsd2.ops.relu_count import (
     CountingReLU,
+    StateCounter,
     count_positive_,
     count_positive_reference,
     relu_count,
     swap_in_counting_relus,
 )
+from dsd2.ops.relu_sites import SUPPORTED as SUPPORTED_ACTIVATIONS
 from dsd2.ops.relu_sites import ReLUSiteError, ReLUSiteModule, count_relu_call_sites
 from dsd2.ops.sparse_layers import SparsePlan, sparse_conv2d, sparse_linear
 from dsd2.pruning import masks_from_torch_prune, to_torch_prune
 
 __all__ = [
     "OP_BACKENDS", "CountingReLU", "MaskedConv2d", "MaskedLinear", "MaskedSGD", "ReLUSiteError", "ReLUSiteModule",
-    "SparsePlan",
+    "SUPPORTED_ACTIVATIONS", "SparsePlan", "StateCounter",
     "backends", "count_positive_", "count_positive_reference", "count_relu_call_sites",
     "cpp_extension", "cpu_isa", "cpu_isa_levels", "cpu_model", "fuse_torch_prune", "kd_loss", "kd_loss_eager",
     "kd_loss_reference", "masked_conv2d", "masked_conv2d_reference", "masked_layers", "masked_linear",

@@ -1,16 +1,22 @@
-"""ReLU call sites: one `CountingReLU` per place the forward pass applies a ReLU, found by tracing with torch.fx.
+"""Activation call sites: one counter per place the forward pass applies a ReLU or another supported activation,
+found by tracing with torch.fx.
 
 `swap_in_counting_relus` swaps ReLU *modules*: a module called twice (torchvision's BasicBlock calls its one
-`self.relu` twice) merges two layers into one counter, and functional ReLUs are not seen. Here the forward is
-traced once with `torch.fx.symbolic_trace` rules and every execution site of a ReLU becomes its own counter:
-each call of an `nn.ReLU` module (inplace or not), `F.relu`, `F.relu_`, `torch.relu`, `torch.relu_`,
-`x.relu()`, `x.relu_()`, and `clamp_min` / `clamp` / `clip` (function, method or in-place method) with a
-lower bound of exactly 0 and no upper bound.
+`self.relu` twice) would merge two layers into one counter (it refuses that), and functional ReLUs are not seen.
+Here the forward is traced once with `torch.fx.symbolic_trace` rules and every execution site becomes its own
+counter. ReLU sites: each call of an `nn.ReLU` module (inplace or not), `F.relu`, `F.relu_`, `torch.relu`,
+`torch.relu_`, `x.relu()`, `x.relu_()`, and `clamp_min` / `clamp` / `clip` (function, method or in-place method)
+with a lower bound of exactly 0 and no upper bound; each becomes a `CountingReLU`, which applies the ReLU and
+counts in one read. Other activations get a `StateCounter` in front of them, which counts the states of their
+input with the same exact kernels: GELU, SiLU, Hardswish and LeakyReLU (`nn` modules or `F.gelu`, `F.silu`,
+`F.hardswish`, `F.leaky_relu`, `F.leaky_relu_`) have two states, the sign of their input, as ReLU does; ReLU6 and
+Hardtanh (`nn.ReLU6`, `nn.Hardtanh`, `F.relu6`, `F.hardtanh`, `F.hardtanh_`) have three: below the lower bound,
+between the bounds, above the upper one.
 
 What is traced: the model's own code and `nn.Sequential` containers. torch.nn layers (Conv2d, BatchNorm, ...)
-and subclasses of them are called whole, unless a subclass's own code names a ReLU (then it is traced too). A
-torch.nn layer that applies a ReLU inside torch code (an RNN with nonlinearity="relu", a Transformer layer
-with a ReLU feed-forward) is refused, as is any code torch.fx cannot trace: never a silent merge or miss.
+and subclasses of them are called whole, unless a subclass's own code names an activation (then it is traced
+too). A torch.nn layer that applies an activation inside torch code (an RNN with nonlinearity="relu", a
+Transformer layer's feed-forward) is refused, as is any code torch.fx cannot trace: never a silent merge or miss.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ import traceback
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from dsd2.config import GRANULARITIES
-from dsd2.ops.relu_count import CountingReLU
+from dsd2.ops.relu_count import CountingReLU, ReLUSiteError, StateCounter
 
 SITES = "relu_sites"  # the returned module's ModuleList of counters, in execution order
 
@@ -37,14 +44,18 @@ CLAMP_FUNCTIONS = {torch.clamp: False, torch.clip: False, torch.clamp_min: False
                    torch.clip_: True, torch.clamp_min_: True}
 CLAMP_METHODS = {"clamp": False, "clip": False, "clamp_min": False, "clamp_": True, "clip_": True,
                  "clamp_min_": True}
-# names whose presence in a torch.nn subclass's own code means it may apply a ReLU: trace into it
-RELU_NAMES = {"relu", "relu_", "ReLU", *CLAMP_METHODS}
+# activations counted by a StateCounter in front of them: on/off by the sign of their input...
+SIGN_MODULES = (nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU)
+SIGN_FUNCTIONS = (F.gelu, F.silu, F.hardswish, F.leaky_relu, F.leaky_relu_)
+# ...or three regimes split at their two bounds (nn.ReLU6 is an nn.Hardtanh from 0 to 6)
+BAND_FUNCTIONS = {F.hardtanh: None, F.hardtanh_: None, F.relu6: (0.0, 6.0)}  # None: the bounds are arguments
+HARDTANH_DEFAULTS = (-1.0, 1.0)
+SUPPORTED = "ReLU, ReLU6, Hardtanh, GELU, SiLU, Hardswish, LeakyReLU"
+# names whose presence in a torch.nn subclass's own code means it may apply an activation: trace into it
+RELU_NAMES = {"relu", "relu_", "ReLU", *CLAMP_METHODS, "gelu", "silu", "hardswish", "leaky_relu", "leaky_relu_",
+              "relu6", "hardtanh", "hardtanh_", "GELU", "SiLU", "Hardswish", "LeakyReLU", "ReLU6", "Hardtanh"}
 TORCH_NN = ("torch.nn.", "torch.ao.nn.")
 TORCH_DIR = str(Path(torch.__file__).parent)
-
-
-class ReLUSiteError(RuntimeError):
-    """The ReLU call sites of a model cannot be found exactly (untraceable code, or a ReLU hidden in torch)."""
 
 
 class ReLUSiteModule(fx.GraphModule):
@@ -60,16 +71,18 @@ class ReLUSiteModule(fx.GraphModule):
 
 
 def count_relu_call_sites(model: nn.Module, *, granularity: str = "element",
-                          inclusive: bool = False) -> tuple[nn.Module, dict[str, CountingReLU]]:
-    """Trace `model` and give every ReLU call site its own `CountingReLU`.
+                          inclusive: bool = False) -> tuple[nn.Module, dict[str, CountingReLU | StateCounter]]:
+    """Trace `model` and give every activation call site its own counter: a `CountingReLU` for a ReLU, a
+    `StateCounter` in front of the other supported activations (`SUPPORTED`, see the module's docstring).
 
     Returns the traced module, which computes what `model` computes and shares its submodules, parameters and
     buffers (same `state_dict()` keys and tensors), and the counters by layer name in execution order:
     a module's qualified name for its first call, `name#2`, `name#3`... for later calls of the same module;
-    `owner.relu()` (or `relu_()`, `clamp_min()`, `clamp()`, ...; `relu()` at the top) for a functional call in
-    the forward of submodule `owner`, `#2`, `#3`... for later ones of the same owner and function. In-place
-    sites stay in place. Raises `ReLUSiteError`, naming the submodule and code, when the forward cannot be
-    traced or applies a ReLU that cannot be separated.
+    `owner.relu()` (or `relu_()`, `clamp_min()`, `gelu()`, `hardtanh()`, ...; `relu()` at the top) for a
+    functional call in the forward of submodule `owner`, `#2`, `#3`... for later ones of the same owner and
+    function. In-place sites stay in place. Empty when the model applies none of them. Raises `ReLUSiteError`,
+    naming the submodule and code, when the forward cannot be traced or applies an activation that cannot be
+    separated.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity '{granularity}' is not known; allowed: {', '.join(GRANULARITIES)}")
@@ -88,16 +101,24 @@ def count_relu_call_sites(model: nn.Module, *, granularity: str = "element",
     sites = nn.ModuleList()
     traced.add_module(sites_name, sites)
     graph = traced.graph
-    counters: dict[str, CountingReLU] = {}
-    for node, name, inplace in _relu_sites(traced, graph):
-        counter = CountingReLU(inplace=inplace, granularity=granularity, inclusive=inclusive)
+    counters: dict[str, CountingReLU | StateCounter] = {}
+    for node, name, site in _relu_sites(traced, graph):
+        x = _relu_input(node)
+        if isinstance(site, bool):  # a ReLU, in place or not: replaced by a counting one
+            counter = CountingReLU(inplace=site, granularity=granularity, inclusive=inclusive)
+        else:  # another activation: counted in front of it, which then runs as before
+            activation, thresholds = site
+            counter = StateCounter(thresholds, granularity=granularity, inclusive=inclusive, activation=activation)
         counter.call_site = name
         sites.append(counter)
         with graph.inserting_before(node):
-            call = graph.call_module(f"{sites_name}.{len(sites) - 1}", (_relu_input(node),))
+            call = graph.call_module(f"{sites_name}.{len(sites) - 1}", (x,))
         call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
+        if isinstance(counter, CountingReLU):
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
+        else:
+            node.replace_input_with(x, call)
         counters[name] = counter
     graph.lint()
     traced.recompile()
@@ -114,7 +135,7 @@ class _SiteTracer(fx.Tracer):
         self.owners: list[str] = [""]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if _is_relu_module(m):
+        if _is_relu_module(m) or _activation_site(m) is not None:
             return True
         if isinstance(m, nn.Sequential):
             return False
@@ -126,7 +147,8 @@ class _SiteTracer(fx.Tracer):
         hidden = _hidden_relu(m)
         if hidden:
             raise ReLUSiteError(f"submodule '{module_qualified_name}' ({type(m).__name__}) {hidden} inside torch "
-                                f"code that is called whole, so that ReLU call site cannot be counted on its own")
+                                f"code that is called whole, so that activation call site cannot be counted on "
+                                f"its own")
         return True
 
     def call_module(self, m, forward, args, kwargs):
@@ -150,6 +172,16 @@ class _SiteTracer(fx.Tracer):
 def _is_relu_module(m: nn.Module) -> bool:
     """An `nn.ReLU` (or a subclass that keeps its forward, such as `CountingReLU`): one call, one site."""
     return isinstance(m, nn.ReLU) and type(m).forward in (nn.ReLU.forward, CountingReLU.forward)
+
+
+def _activation_site(m: nn.Module) -> tuple[str, tuple[float, ...]] | None:
+    """(activation, thresholds) when `m` is a supported activation module other than ReLU that runs torch's own
+    forward, else None."""
+    if isinstance(m, SIGN_MODULES) and type(m).forward is _torch_layer_class(type(m)).forward:
+        return type(m).__name__, (0.0,)
+    if isinstance(m, nn.Hardtanh) and type(m).forward is nn.Hardtanh.forward:
+        return type(m).__name__, (float(m.min_val), float(m.max_val))
+    return None
 
 
 def _torch_layer_class(cls: type) -> type | None:
@@ -184,12 +216,14 @@ def _hidden_relu(m: nn.Module) -> str | None:
     """How a torch.nn layer called whole applies a ReLU inside torch code, if it does."""
     for name, sub in m.named_modules():
         where = f"holds '{name}', which " if name else ""
-        if isinstance(sub, nn.ReLU):  # not m itself: a ReLU module is a site, never asked here
-            return f"holds a ReLU module ('{name}')"
+        if isinstance(sub, nn.ReLU) or _activation_site(sub):  # not m itself: an activation module is a site
+            return f"holds an activation module ('{name}', {type(sub).__name__})"
         if isinstance(sub, (nn.RNNBase, nn.RNNCellBase)) and getattr(sub, "nonlinearity", None) == "relu":
             return f"{where}applies a ReLU in its recurrence (nonlinearity='relu')"
-        if isinstance(sub, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and sub.activation is F.relu:
-            return f"{where}applies a ReLU in its feed-forward block"
+        if isinstance(sub, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and (
+                sub.activation in (F.relu, *SIGN_FUNCTIONS, *BAND_FUNCTIONS)):
+            name = "a ReLU" if sub.activation is F.relu else sub.activation.__name__
+            return f"{where}applies {name} in its feed-forward block"
     return None
 
 
@@ -218,8 +252,9 @@ def _share_module_tree(traced: fx.GraphModule, model: nn.Module) -> None:
     traced._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
 
 
-def _relu_sites(traced: fx.GraphModule, graph: fx.Graph) -> Iterator[tuple[fx.Node, str, bool]]:
-    """Every ReLU node in execution order, with its layer name and whether it is in place."""
+def _relu_sites(traced: fx.GraphModule, graph: fx.Graph) -> Iterator[tuple[fx.Node, str, Any]]:
+    """Every activation node in execution order, with its layer name and, for a ReLU, whether it is in place,
+    for another activation, (its name, its state thresholds)."""
     seen: dict[str, int] = {}
     for node in list(graph.nodes):
         site = _site_kind(traced, node)
@@ -230,13 +265,26 @@ def _relu_sites(traced: fx.GraphModule, graph: fx.Graph) -> Iterator[tuple[fx.No
         yield node, base if seen[base] == 1 else f"{base}#{seen[base]}", inplace
 
 
-def _site_kind(traced: fx.GraphModule, node: fx.Node) -> tuple[str, bool] | None:
-    """(base layer name, in place) when `node` applies a ReLU, else None."""
+def _site_kind(traced: fx.GraphModule, node: fx.Node) -> tuple[str, Any] | None:
+    """(base layer name, in place) when `node` applies a ReLU, (base layer name, (activation, thresholds)) when
+    it applies another supported activation, else None."""
     owner = node.meta.get("relu_site_owner", "")
     prefix = f"{owner}." if owner else ""
     if node.op == "call_module":
         m = traced.get_submodule(node.target)
-        return (node.target, m.inplace) if _is_relu_module(m) else None
+        if _is_relu_module(m):
+            return node.target, m.inplace
+        other = _activation_site(m)
+        return (node.target, other) if other else None
+    if node.op == "call_function" and node.target in SIGN_FUNCTIONS:
+        return f"{prefix}{node.target.__name__}()", (node.target.__name__, (0.0,))
+    if node.op == "call_function" and node.target in BAND_FUNCTIONS:
+        bounds = BAND_FUNCTIONS[node.target] or (_argument(node, 1, "min_val", HARDTANH_DEFAULTS[0]),
+                                                 _argument(node, 2, "max_val", HARDTANH_DEFAULTS[1]))
+        if not all(type(b) in (int, float) for b in bounds):
+            raise ReLUSiteError(f"{prefix}{node.target.__name__}() in '{owner or type(traced).__name__}' takes "
+                                f"bounds computed in the forward, so its three regimes cannot be counted")
+        return f"{prefix}{node.target.__name__}()", (node.target.__name__, tuple(float(b) for b in bounds))
     if node.op == "call_function" and node.target in RELU_FUNCTIONS:
         inplace = RELU_FUNCTIONS[node.target] or bool(_argument(node, 1, "inplace", False))
         return f"{prefix}{node.target.__name__}()", inplace

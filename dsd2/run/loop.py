@@ -26,6 +26,7 @@ from dsd2.data import Splits, build_splits
 from dsd2.data.batching import train_batches
 from dsd2.models import Conv2d, build_model
 from dsd2.ops import (
+    SUPPORTED_ACTIVATIONS,
     ReLUSiteError,
     count_relu_call_sites,
     set_layer_masks,
@@ -197,6 +198,9 @@ class LevelLoop:
         self._check_shards()
         self.model, self.relus = build_run_model(cfg, self.splits, self.device, cfg.analysis.entropy != "off",
                                                  self.given_model)
+        if cfg.analysis.entropy != "off" and not self.relus:
+            self.log(f"entropy and the entropy early stop are off: the model applies none of the activations "
+                     f"whose states dsd2 counts ({SUPPORTED_ACTIVATIONS}), so there are no states to count")
         check_levels(cfg, self.model)
         self.masks = full_masks(self.model)
         self.flops = measure_forward_flops(self.model, self.splits.input_shape)
