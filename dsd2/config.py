@@ -219,6 +219,11 @@ class Config:
                                      "epoch ends with one when this long has passed since the last, and a level's "
                                      "last epoch always does; 0 = after every epoch. A killed run resumes from the "
                                      "last one and recomputes the same epochs", metavar="S")
+    epoch_eval: str = option("every", "every (default): each epoch's row in epochs.jsonl carries validation "
+                             "and test accuracy and loss, one pass over both splits per epoch; level: only the "
+                             "level's row measures them (metrics.jsonl is the same), which saves that pass: about "
+                             "half an epoch's time for a conv net on the 10,000 Fashion-MNIST test images",
+                             choices=("every", "level"))
     jobs: int = option(0, "independent runs side by side on the CPU (the seeds, the experiment's parts that do "
                        "not wait for each other, a study's settings), each in its own process at one thread: 0 "
                        "(default) = one per core for MLP runs and one at a time for anything else, 1 = one after "
@@ -254,12 +259,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# fields that say where a run's inputs live, how its results are judged or how the same results are computed (the
+# fields that say where a run's inputs live, how its results are judged, what is logged beside them (epoch_eval)
+# or how the same results are computed (the
 # fused CPU step is the eager step bit for bit; the sparse kernels compute the masked layers' function in another
 # fp32 reduction order, as another CPU kernel level does), not what they are; the data root and the
 # folder-only fields name the data only for --dataset folder (an image folder is its own dataset)
 NOT_IDENTITY = ("data.download", "distill.teacher", "analysis.dodge_margin", "cpu_step", "jobs",
-                "checkpoint_every", "sparse_kernels")
+                "checkpoint_every", "sparse_kernels", "epoch_eval")
 FOLDER_IDENTITY = ("data.data_root", *(f"data.{name}" for name in FOLDER_ONLY))
 FIRST_RANDOM_STREAMS = "named-blake2b-v1"  # the draws every run before a change of RANDOM_STREAMS made
 

@@ -48,6 +48,22 @@ def test_same_seed_same_metrics(tmp_path, tiny_config):
 
 
 @pytest.mark.slow
+def test_epoch_eval_level_skips_the_per_epoch_pass_and_changes_no_result(tmp_path, tiny_config):
+    every = LevelLoop(tiny_config(), RunDir(tmp_path / "every"), progress=False, log=lambda s: None)
+    every.run()
+    level = LevelLoop(tiny_config(epoch_eval="level"), RunDir(tmp_path / "level"), progress=False, log=lambda s: None)
+    level.run()
+    assert level.run_hash == every.run_hash
+    assert stable(read_jsonl(tmp_path / "level" / "metrics.jsonl")) == stable(read_jsonl(tmp_path / "every" /
+                                                                                        "metrics.jsonl"))
+    measured = ("val_acc", "val_loss", "test_acc", "test_loss")
+    rows_every, rows_level = read_jsonl(tmp_path / "every" / "epochs.jsonl"), read_jsonl(tmp_path / "level" /
+                                                                                         "epochs.jsonl")
+    assert all(k in r for r in rows_every for k in measured) and not any(k in r for r in rows_level for k in measured)
+    assert [{k: v for k, v in r.items() if k not in measured} for r in stable(rows_every)] == stable(rows_level)
+
+
+@pytest.mark.slow
 def test_resume_in_process_after_partial_level(tmp_path, tiny_config):
     full = tmp_path / "full"
     LevelLoop(tiny_config(), RunDir(full), progress=False, log=lambda s: None).run()

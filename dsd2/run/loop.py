@@ -384,11 +384,13 @@ class LevelLoop:
             t0 = time.perf_counter()
             stats = self.executor.train_epoch(pos.optimizer, level, pos.epoch, lr, counting=online)
             train_time = time.perf_counter() - t0
-            val = measure.split_metrics(self.executor.predict(s.val), s.val.labels)
-            test = measure.split_metrics(self.executor.predict(s.test), s.test.labels)
-            pos.epoch_rows.append({"level": level, "epoch": pos.epoch, "lr": lr, **stats,
-                                   "val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
-                                   "test_loss": test["loss"], "train_time_s": train_time,
+            row = {"level": level, "epoch": pos.epoch, "lr": lr, **stats}
+            if cfg.epoch_eval == "every":  # else the level's row alone measures them (`measure`)
+                val = measure.split_metrics(self.executor.predict(s.val), s.val.labels)
+                test = measure.split_metrics(self.executor.predict(s.test), s.test.labels)
+                row.update({"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
+                            "test_loss": test["loss"]})
+            pos.epoch_rows.append({**row, "train_time_s": train_time,
                                    "images_per_s": len(s.train) / max(train_time, 1e-9)})
             pos.epoch += 1
             if cfg.prune.perturb == "rewind" and level == 0 and pos.epoch == cfg.prune.rewind_iteration:
@@ -401,8 +403,8 @@ class LevelLoop:
                 self.save_state(self.run_dir.last_path, pos.optimizer, level, pos.epoch, False)
                 self.saved_at = time.monotonic()
             if bar is not None:
-                bar.set_postfix(loss=f"{stats['train_loss']:.3f}", train=f"{stats['train_acc']:.3f}",
-                                val=f"{val['acc']:.3f}")
+                shown = {"val": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}
+                bar.set_postfix(loss=f"{stats['train_loss']:.3f}", train=f"{stats['train_acc']:.3f}", **shown)
                 bar.update(1)
         if bar is not None:
             bar.close()
