@@ -28,7 +28,7 @@ from typing import Any
 
 from dsd2.config import Config, ConfigError
 from dsd2.report.units import format_dip, format_pflops
-from dsd2.run.cores import Job, plan_workers, run_jobs
+from dsd2.run.cores import Job, phase_workers, run_jobs
 from dsd2.run.experiment import seed_config, student_config, teacher_config
 from dsd2.run.identity import upgrade_runs, upgraded_json
 from dsd2.run.summary import seed_curves
@@ -129,7 +129,6 @@ def run_kd_study(cfg: Config, root: Path, grid: dict[str, tuple] | None = None, 
     renames = upgrade_runs(root, {cfg.legacy_run_hash(): cfg.run_hash()})  # a study 0.1.0 made
     upgraded_json(root / "study.json", "base_config_hash", renames)
     claim_study(root, cfg, grid, seeds)
-    workers = plan_workers(cfg)
     teacher_jobs = [Job(f"teacher, seed {seed}", teacher_config(seed_config(cfg, seed)),
                         RunDir(root / "teachers" / f"seed-{seed}")) for seed in seeds]
 
@@ -140,10 +139,13 @@ def run_kd_study(cfg: Config, root: Path, grid: dict[str, tuple] | None = None, 
 
     # the teachers and the vanilla students (labels alone) side by side, then every distilled student
     no_teacher = {seed: (Path(), "", 0) for seed in seeds}
-    done = run_jobs([*teacher_jobs, *students(True, no_teacher)], workers, progress=progress, log=log)
+    # each phase side by side as its own runs allow: a conv teacher's phase one at a time, its MLP students' not
+    first = [*teacher_jobs, *students(True, no_teacher)]
+    done = run_jobs(first, phase_workers(first), progress=progress, log=log)
     teachers = {seed: (job.run_dir.root.resolve(), summary["run_hash"], resolve_teacher_level(job.run_dir, "best"))
                 for seed, job, summary in zip(seeds, teacher_jobs, done)}
-    run_jobs(students(False, teachers), workers, progress=progress, log=log)
+    distilled = students(False, teachers)
+    run_jobs(distilled, phase_workers(distilled), progress=progress, log=log)
     return write_study(root, grid, seeds, cfg.analysis.dodge_margin)
 
 

@@ -15,6 +15,19 @@ def test_presets_validate(name):
     assert isinstance(cfg, Config)
 
 
+def test_fmnist_lenet5_pairs_a_conv_teacher_with_a_smaller_mlp_student(tmp_path):
+    from dsd2.models import build_model
+    from dsd2.run.experiment import student_config
+
+    cfg = build_config("fmnist-lenet5")
+    assert (cfg.data.dataset, cfg.data.train_size, cfg.model.name, cfg.precision) == ("fmnist", 2000, "lenet5", "fp32")
+    student = student_config(cfg, "kd-sparse", tmp_path, "0" * 12, 3)
+    assert student.model.name == "mlp" and student.model.hidden == (32, 32)
+    teacher_n = sum(p.numel() for p in build_model(cfg.model, (1, 28, 28), 10).parameters())
+    student_n = sum(p.numel() for p in build_model(student.model, (1, 28, 28), 10).parameters())
+    assert student_n == 784 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10 == 26506 < teacher_n == 44426
+
+
 def test_paper_cifar_recipe():
     o = build_config("cifar10-resnet18").optim
     assert (o.optimizer, o.lr, o.momentum, o.weight_decay, o.batch_size, o.epochs) == ("sgd", 0.1, 0.9, 1e-4, 128, 160)

@@ -16,7 +16,7 @@ from conftest import engine_env
 
 from dsd2.config import ConfigError, validate
 from dsd2.run import run_experiment
-from dsd2.run.cores import Job, plan_workers, run_jobs, run_threads, shutdown_workers
+from dsd2.run.cores import Job, phase_workers, plan_workers, run_jobs, run_threads, shutdown_workers
 from dsd2.runs import VOLATILE_METRICS, RunDir
 from dsd2.training.precision import concrete_precision
 
@@ -59,6 +59,21 @@ def test_workers_are_one_per_core_and_capped_by_jobs(tiny_config):
 
 
 @TWO_CORES
+def test_a_phase_goes_side_by_side_as_far_as_its_runs_still_to_run_allow(tmp_path, tiny_config):
+    torch.set_num_threads(2)
+    cfg = tiny_config()
+    conv = replace(cfg, model=replace(cfg.model, name="lenet5"), distill=replace(cfg.distill, students=()))
+    student = replace(cfg, distill=replace(cfg.distill, students=()))
+    teacher_job = Job("teacher", conv, RunDir(tmp_path / "teacher"))
+    students = [Job(f"s{i}", replace(student, seed=i), RunDir(tmp_path / f"s{i}")) for i in range(3)]
+    assert phase_workers(students) == 2 and phase_workers([teacher_job, *students]) == 1
+    assert phase_workers([]) == 1
+    (tmp_path / "teacher").mkdir()  # the conv teacher finished (as `finished` reads a run): its students' turn
+    (tmp_path / "teacher" / "summary.json").write_text(json.dumps({"finished": True, "run_hash": conv.run_hash()}))
+    assert teacher_job.run_dir.finished(conv.run_hash()) is not None
+    assert phase_workers([teacher_job, *students]) == 2
+
+
 def test_an_mlp_run_does_not_depend_on_the_thread_count(tmp_path, tiny_config):
     cfg = tiny_config(distill__students=())
     for threads in (1, 2):

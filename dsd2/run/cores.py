@@ -81,6 +81,13 @@ def plan_workers(cfg: Config) -> int:
     return min(cfg.jobs, cores) if cfg.jobs else cores
 
 
+def phase_workers(jobs: Sequence[Job]) -> int:
+    """How many of `jobs` go side by side: as many as the least parallel of those still to run allows
+    (`plan_workers`), so MLP students run one per core once their conv teacher is done, or in a phase of their own."""
+    todo = [j for j in jobs if j.run_dir.finished(j.config.run_hash()) is None]
+    return min((plan_workers(j.config) for j in todo), default=1)
+
+
 def run_jobs(jobs: Sequence[Job], workers: int, *, progress: bool = True, log: Callable[[str], None] = print,
              errors: list[str] | None = None) -> list[dict[str, Any] | None]:
     """Each job's summary, in the order given: a finished run's is read, the others are run (or resumed),
