@@ -51,20 +51,24 @@ SIZED_MODELS = ("mlp", "vgg")  # the models whose width and depth the study can 
 class SddSetting:
     perturb: str
     noise: float
-    width: int
-    depth: int
+    width: int | None  # None: a model whose size the study cannot vary (LeNet-5, ResNet-18)
+    depth: int | None
 
     @property
     def name(self) -> str:
-        return f"{self.perturb}-n{self.noise:g}-w{self.width}-d{self.depth}"
+        size = "" if self.width is None else f"-w{self.width}-d{self.depth}"
+        return f"{self.perturb}-n{self.noise:g}{size}"
 
 
 def base_setting(cfg: Config) -> SddSetting:
-    """The base configuration's value of every factor (an MLP's width is its first hidden layer's)."""
+    """The base configuration's value of every factor (an MLP's width is its first hidden layer's; a model of
+    fixed size has none)."""
     perturb = "lr-rewind" if cfg.prune.retrain == "lr-rewind" else cfg.prune.perturb
     if cfg.model.name == "mlp":
         return SddSetting(perturb, cfg.data.noise, cfg.model.hidden[0], len(cfg.model.hidden))
-    return SddSetting(perturb, cfg.data.noise, cfg.model.width, cfg.model.depth)
+    if cfg.model.name == "vgg":
+        return SddSetting(perturb, cfg.data.noise, cfg.model.width, cfg.model.depth)
+    return SddSetting(perturb, cfg.data.noise, None, None)
 
 
 def default_grid(cfg: Config) -> dict[str, tuple]:
@@ -76,7 +80,7 @@ def default_grid(cfg: Config) -> dict[str, tuple]:
     elif cfg.model.name == "vgg":
         widths, depths = (base.width - 1, base.width, base.width + 1), (base.depth - 1, base.depth, base.depth + 1)
     else:
-        widths, depths = (base.width,), (base.depth,)
+        return {"perturb": PERTURBATION_CHOICES, "noise": DEFAULT_NOISES, "width": (None,), "depth": (None,)}
     return {"perturb": PERTURBATION_CHOICES, "noise": DEFAULT_NOISES, "width": tuple(sorted(set(widths))),
             "depth": tuple(sorted({d for d in depths if d >= 1}))}
 
@@ -106,7 +110,7 @@ def check_grid(grid: dict[str, tuple], cfg: Config) -> None:
                                                set(grid["depth"]) != {base.depth}):
         raise ConfigError(f"model '{cfg.model.name}' has no width or depth the study can vary; use mlp or vgg, or "
                           "leave --widths and --depths out")
-    if any(w < 1 for w in grid["width"]) or any(d < 1 for d in grid["depth"]):
+    if any(w is not None and w < 1 for w in grid["width"]) or any(d is not None and d < 1 for d in grid["depth"]):
         raise ConfigError(f"study widths {list(grid['width'])} and depths {list(grid['depth'])} must be positive")
 
 
@@ -127,6 +131,17 @@ def setting_config(cfg: Config, s: SddSetting) -> Config:
         raise ConfigError(f"study setting {s.name}: {exc}") from None
 
 
+def upgrade_fixed_size_grid(path: Path, cfg: Config) -> None:
+    """A study of a fixed-size model (LeNet-5, ResNet-18) that dsd2 0.2 made recorded the unused width and depth of
+    the model config as one-value axes; record them as none, as this release does, so the study resumes."""
+    if cfg.model.name in SIZED_MODELS or not path.is_file():
+        return
+    record = json.loads(path.read_text())
+    grid = record.get("grid", {})
+    if grid.get("width") == [cfg.model.width] and grid.get("depth") == [cfg.model.depth]:
+        write_json(path, {**record, "grid": {**grid, "width": [None], "depth": [None]}})
+
+
 def run_sdd_study(cfg: Config, root: Path, grid: dict[str, tuple] | None = None, *, full: bool = False,
                   launcher: str = "local", slurm: dict[str, Any] | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -140,6 +155,7 @@ def run_sdd_study(cfg: Config, root: Path, grid: dict[str, tuple] | None = None,
     root = Path(root)
     renames = upgrade_runs(root, {cfg.legacy_run_hash(): cfg.run_hash()})  # a study an earlier release made
     upgraded_json(root / "study.json", "base_config_hash", renames)
+    upgrade_fixed_size_grid(root / "study.json", cfg)
     claim_record(root, {"study": "sdd", "base_config_hash": cfg.run_hash(), "seeds": list(seeds),
                        "design": "full" if full else "one factor at a time",
                        "grid": {k: list(v) for k, v in grid.items()}})
@@ -252,19 +268,19 @@ def heatmap(rows: list[dict[str, Any]], base: SddSetting, full: bool, stem: Path
         ys = sorted({(r["perturb"], r["width"], r["depth"]) for r in rows})
         xs = sorted({r["noise"] for r in rows})
         cell = {((r["perturb"], r["width"], r["depth"]), r["noise"]): r for r in rows}
-        ylabels = [f"{p}, w{w}, d{d}" for p, w, d in ys]
+        ylabels = [p if w is None else f"{p}, w{w}, d{d}" for p, w, d in ys]
         xlabels = [f"noise {x:g}" for x in xs]
     else:
-        ys = list(FACTORS)
-        width = max(sum(1 for r in rows if _varies(r, base, f)) for f in FACTORS) + 1
+        ys = varied_factors(rows, base)
+        width = max(sum(1 for r in rows if _varies(r, base, f)) for f in ys) + 1
         xs = list(range(width))
         cell = {}
-        for f in FACTORS:
+        for f in ys:
             mine = [r for r in rows if _varies(r, base, f) or r["setting"] == base.name]
             for i, r in enumerate(sorted(mine, key=lambda r: PERTURBATION_CHOICES.index(r[f]) if f == "perturb"
                                          else r[f])):
                 cell[(f, i)] = r
-        ylabels = [f"{f} (base {getattr(base, f)})" for f in FACTORS]
+        ylabels = [f"{f} (base {getattr(base, f)})" for f in ys]
         xlabels = ["" for _ in xs]
     letter = {"SDD present": "P", "dodged": "D", "inconclusive": "?", None: "-"}
     values = [[(cell[(y, x)]["dip"] or 0.0) * 100 if (y, x) in cell else float("nan") for x in xs] for y in ys]
@@ -284,6 +300,11 @@ def heatmap(rows: list[dict[str, Any]], base: SddSetting, full: bool, stem: Path
     ax.set_title("teacher curve's dip (points) [95 % CI] and verdict (P present, D dodged, ? inconclusive)", fontsize=9)
     fig.colorbar(image, ax=ax, label="dip (points)")
     save_figure(fig, stem)
+
+
+def varied_factors(rows: list[dict[str, Any]], base: SddSetting) -> list[str]:
+    """The factors some row changes alone (one heatmap row each); the perturbation's when none does."""
+    return [f for f in FACTORS if any(_varies(r, base, f) for r in rows)] or ["perturb"]
 
 
 def _varies(row: dict[str, Any], base: SddSetting, factor: str) -> bool:

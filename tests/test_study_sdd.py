@@ -8,7 +8,16 @@ import pytest
 
 from dsd2.cli import main
 from dsd2.config import ConfigError, build_config
-from dsd2.study_sdd import SddSetting, base_setting, check_grid, default_grid, entropy_stop, setting_config, settings
+from dsd2.study_sdd import (
+    SddSetting,
+    base_setting,
+    check_grid,
+    default_grid,
+    entropy_stop,
+    setting_config,
+    settings,
+    varied_factors,
+)
 
 TINY = ["--hidden", "16,16", "--levels", "3", "--epochs", "2", "--dense-epochs", "3", "--seeds", "0,1", "--quiet"]
 
@@ -106,3 +115,35 @@ def test_an_unknown_factor_and_a_kd_axis_are_refused_in_one_line(tmp_path, capsy
     assert main(["study", "kd", *TINY, "--noises", "0.1", "--out", str(tmp_path / "k")]) == 2
     assert "--noises belongs to study sdd" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "k").exists()
+
+
+def test_a_model_of_fixed_size_varies_perturbation_and_noise_only():
+    cfg = build_config("fmnist-lenet5")
+    base = base_setting(cfg)
+    assert base == SddSetting("none", 0.2, None, None) and base.name == "none-n0.2"
+    grid = default_grid(cfg)
+    assert grid["width"] == (None,) and grid["depth"] == (None,)
+    check_grid(grid, cfg)
+    chosen = settings(grid, base, full=False)
+    assert [s.name for s in chosen] == ["none-n0.2", "rewind-n0.2", "reinit-n0.2", "lr-rewind-n0.2", "none-n0",
+                                        "none-n0.1", "none-n0.5"]
+    assert len(settings(grid, base, full=True)) == 4 * 4
+    rows = [{"setting": s.name, **s.__dict__} for s in chosen]
+    assert varied_factors(rows, base) == ["perturb", "noise"]  # the heatmap's rows: no width or depth row
+    assert varied_factors(rows[:1], base) == ["perturb"]
+    assert setting_config(cfg, chosen[1]).model.name == "lenet5"
+
+
+def test_a_fixed_size_study_from_the_last_release_is_upgraded_to_resume(tmp_path):
+    from dsd2.study_sdd import upgrade_fixed_size_grid
+
+    cfg = build_config("fmnist-lenet5")
+    old = {"study": "sdd", "grid": {"perturb": ["none"], "noise": [0.2], "width": [5], "depth": [5]}, "seeds": [0]}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(old))
+    upgrade_fixed_size_grid(path, cfg)
+    assert json.loads(path.read_text()) == {**old, "grid": {**old["grid"], "width": [None], "depth": [None]}}
+    mlp = {**old, "grid": {**old["grid"], "width": [256], "depth": [2]}}
+    path.write_text(json.dumps(mlp))
+    upgrade_fixed_size_grid(path, build_config())  # an MLP's axes are its own: left as they are
+    assert json.loads(path.read_text()) == mlp
