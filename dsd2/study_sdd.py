@@ -132,8 +132,8 @@ def setting_config(cfg: Config, s: SddSetting) -> Config:
 
 
 def upgrade_fixed_size_grid(path: Path, cfg: Config) -> None:
-    """A study of a fixed-size model (LeNet-5, ResNet-18) that dsd2 0.2 made recorded the unused width and depth of
-    the model config as one-value axes; record them as none, as this release does, so the study resumes."""
+    """A study of a fixed-size model (LeNet-5, ResNet-18) that an earlier version made recorded the unused width and
+    depth of the model config as one-value axes; record them as none, as this version does, so the study resumes."""
     if cfg.model.name in SIZED_MODELS or not path.is_file():
         return
     record = json.loads(path.read_text())
