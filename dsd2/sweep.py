@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dsd2.config import LAUNCHERS, Config, ConfigError, build_config, config_options, from_dict, merge
-from dsd2.run.cores import Job, plan_workers, run_jobs
+from dsd2.run.cores import Job, phase_workers, run_jobs
 from dsd2.run.identity import find_run_folder
 from dsd2.runs import RunDir, RunError, atomic_write_text, write_json
 from dsd2.training.precision import concrete_precision
@@ -114,9 +114,10 @@ def launch(configs: list[Config], root: Path, launcher: str, log=print,
         gpus = _gpu_count()
         if gpus > 1:
             return _local_per_gpu(todo, gpus, log)
-        workers = min(plan_workers(cfg) for cfg, _ in todo)
+        jobs = [Job(path.name, cfg, RunDir(path)) for cfg, path in todo]
+        workers = phase_workers(jobs)
         if workers > 1:  # small CPU runs: one per core, each in its own process
-            run_jobs([Job(path.name, cfg, RunDir(path)) for cfg, path in todo], workers, log=log, errors=failures)
+            run_jobs(jobs, workers, log=log, errors=failures)
             return failures
         for cfg, path in todo:
             log(f"  run {path.name}")
