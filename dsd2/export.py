@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsd2.ops.bitmask import pack_bits, unpack_bits
+
 FORMAT = "dsd2-compressed-1"
 
 
@@ -57,11 +59,8 @@ def _encode(weight: torch.Tensor, mask: torch.Tensor) -> tuple[dict[str, torch.T
         rowptr = torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0, dtype=torch.int32)])
         cols_of = flat_m.nonzero()[:, 1].to(index_dtype)
         return {"values": values, "rowptr": rowptr, "cols": cols_of}, {**info, "encoding": "csr"}
-    bits = m.reshape(-1)
-    pad = (-bits.numel()) % 8
-    bits = torch.cat([bits, torch.zeros(pad, dtype=torch.bool)]).view(-1, 8).to(torch.uint8)
-    packed = (bits << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)  # bit j of byte i: weight 8i+j
-    return {"values": values, "bitmask": packed}, {**info, "encoding": "bitmask"}
+    # bit j of byte i: weight 8i+j, the masked ops' own packing
+    return {"values": values, "bitmask": pack_bits(m)}, {**info, "encoding": "bitmask"}
 
 
 def _decode(tensors: dict[str, torch.Tensor], info: dict[str, Any], name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +78,9 @@ def _decode(tensors: dict[str, torch.Tensor], info: dict[str, Any], name: str) -
         mask[row_of, col] = True
     elif info["encoding"] == "bitmask":
         packed = tensors[f"{name}.bitmask"]
-        bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
-        mask = bits.reshape(-1)[:numel].bool().reshape(rows, cols)
+        if packed.dtype != torch.uint8 or packed.numel() != math.ceil(numel / 8):
+            raise ExportError(f"layer '{name}' in the file is damaged: its bitmask does not match its shape")
+        mask = unpack_bits(packed, (rows, cols))
     else:
         raise ExportError(f"layer '{name}' has encoding '{info['encoding']}'; allowed: csr, bitmask")
     if int(mask.sum()) != values.numel():

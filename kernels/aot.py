@@ -7,11 +7,12 @@ The variants come from the launchers' own planners (`plan_kd`, `plan_counting`, 
 32000 (every tile width, the split and the persistent chunked kernels) at a small and a large batch and the KD
 backward's scaling, every counting mode (per element or channel, NCHW or NHWC, counting alone or with the ReLU,
 > 0 or >= 0, with or without atomics), every masked-SGD mode, and the masked layers' products (linear: forward, dX,
-dW; conv: forward, input and weight gradients, NCHW and channels_last, IEEE and TF32 fp32) on the MLP's, VGG-like's
-and ResNet-18's shapes. Each goes through Triton's own JIT binder and argument packing, so it gets exactly the
-specialisation a launch would (integer arguments equal to 1 become constants, 16-byte alignment and divisibility
-hints), and is compiled to a cubin (no GPU needed); its resources are read with the cuobjdump that ships with
-Triton: registers, stack, local memory (spills) and shared memory per kernel. Run without TRITON_INTERPRET.
+dW; conv: forward, input and weight gradients, NCHW and channels_last, IEEE and TF32 fp32; the mask as bool bytes
+and bit-packed) on the MLP's, VGG-like's and ResNet-18's shapes. Each goes through Triton's own JIT binder and
+argument packing, so it gets exactly the specialisation a launch would (integer arguments equal to 1 become
+constants, 16-byte alignment and divisibility hints), and is compiled to a cubin (no GPU needed); its resources
+are read with the cuobjdump that ships with Triton: registers, stack, local memory (spills) and shared memory per
+kernel. Run without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def sgd_launches() -> list[Launch]:
 LINEAR_SHAPES = ((784, 300),)
 CONV_SHAPES = ((3, 32, 3, 1, 32, True), (64, 64, 3, 1, 16, True), (64, 128, 3, 2, 32, False),
                (64, 128, 1, 2, 32, False))
+PACKED_CONV_SHAPE = (64, 64, 3, 1, 16, True)  # the kernels' bit-packed mask variants, compiled on one shape
 
 
 def _precisions(dtype: torch.dtype) -> tuple[str, ...]:
@@ -153,32 +155,43 @@ def _precisions(dtype: torch.dtype) -> tuple[str, ...]:
 
 def masked_linear_launches() -> list[Launch]:
     """The three products of a masked linear layer (forward with and without bias, dX, dW) per dtype and dot
-    precision."""
+    precision, with a bool mask and with a bit-packed one."""
     out = []
     for dtype, (i, o) in itertools.product(DTYPES, LINEAR_SHAPES):
         x = torch.empty(128, i, dtype=dtype, device=META)
         w = torch.empty(o, i, dtype=dtype, device=META)
         m = torch.empty(o, i, dtype=torch.bool, device=META)
+        bits = torch.empty(-(-o * i // 8), dtype=torch.uint8, device=META)
         y = torch.empty(128, o, dtype=dtype, device=META)
         for precision in _precisions(dtype):
             for bias in (None, torch.empty(o, dtype=dtype, device=META)):
                 out.append(plan_matmul(x, w.t(), y, m.t(), mask_b=True, bias=bias, precision=precision))
+                out.append(plan_matmul(x, w.t(), y, bits, mask_b=True, bias=bias, precision=precision,
+                                       mask_strides=(1, i)))
             out.append(plan_matmul(y, w, torch.empty_like(x), m, mask_b=True, precision=precision))
             out.append(plan_matmul(y.t(), x, torch.empty_like(w), m, mask_c=True, precision=precision))
+            out.append(plan_matmul(y, w, torch.empty_like(x), bits, mask_b=True, precision=precision,
+                                   mask_strides=(i, 1)))
+            out.append(plan_matmul(y.t(), x, torch.empty_like(w), bits, mask_c=True, precision=precision,
+                                   mask_strides=(i, 1)))
     return out
 
 
 def masked_conv_launches() -> list[Launch]:
     """Forward, input gradient and weight gradient of a masked conv per dtype, dot precision and layout (NCHW,
-    channels_last), over the VGG-like's and ResNet-18's conv shapes."""
+    channels_last), over the VGG-like's and ResNet-18's conv shapes with a bool mask, and on one of them with a
+    bit-packed mask."""
     out = []
-    for dtype, (c, oc, k, st, hw, has_bias), nhwc in itertools.product(DTYPES, CONV_SHAPES, (False, True)):
+    shapes = [(shape, False) for shape in CONV_SHAPES] + [(PACKED_CONV_SHAPE, True)]
+    for dtype, ((c, oc, k, st, hw, has_bias), packed), nhwc in itertools.product(DTYPES, shapes, (False, True)):
         fmt = torch.channels_last if nhwc else torch.contiguous_format
         pad = k // 2
         ohw = (hw + 2 * pad - k) // st + 1
         x = torch.empty(128, c, hw, hw, dtype=dtype, device=META).contiguous(memory_format=fmt)
         w = torch.empty(oc, c, k, k, dtype=dtype, device=META)
         m = torch.empty(oc, c, k, k, dtype=torch.bool, device=META)
+        if packed:
+            m = torch.empty(-(-m.numel() // 8), dtype=torch.uint8, device=META)
         y = torch.empty(128, oc, ohw, ohw, dtype=dtype, device=META).contiguous(memory_format=fmt)
         geometry = ((st, st), (pad, pad), (1, 1), 1)
         for precision in _precisions(dtype):

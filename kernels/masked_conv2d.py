@@ -1,6 +1,7 @@
 """Masked 2-D convolution as implicit GEMMs: forward, input gradient and weight gradient, the mask on each tile.
 
-Per group g, with the weight W [OC, C/g, KH, KW] and its bool mask M:
+Per group g, with the weight W [OC, C/g, KH, KW] and its mask M (bool, or bit-packed: one bit per weight in
+row-major order, `dsd2.ops.pack_mask`; each weight's bit is read as its tile is loaded):
 
     forward   Y[n, oc, oh, ow]  = sum_(c, kh, kw) X[n, c, ih, iw] (W⊙M)[oc, c, kh, kw]       the W tile masked as
                                   ih = oh*sh - ph + kh*dh, iw = ow*sw - pw + kw*dw           it is loaded
@@ -24,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .launch import Launch
+from .masked_linear import load_keep, mask_operand
 
 # The interpreter's tl.dot multiplies bf16 tiles as raw 16-bit integers; there (only) bf16 operands are widened to
 # fp32 first, which gives the same products (a bf16 product is exact in fp32).
@@ -50,6 +52,17 @@ def _tile_ids(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _keep(m_ptr, t_n, t_k, ok, PACKED: tl.constexpr):
+    # the mask at offsets t_n + t_k, the channel term and the (c or oc, kh, kw) term summed first as a vector: bool
+    # bytes through pointers (as the kernels first read them: ptxas keeps them without spills), or packed bits
+    if PACKED:
+        keep = load_keep(m_ptr, t_k + t_n, ok, True)
+    else:
+        keep = tl.load(m_ptr + t_n + t_k, mask=ok, other=0) != 0
+    return keep
+
+
+@triton.jit
 def _split_k(rk, C, KH, KW, C_FAST: tl.constexpr):
     # a reduction index -> (channel, kernel row, kernel column)
     if C_FAST:
@@ -65,8 +78,9 @@ def _split_k(rk, C, KH, KW, C_FAST: tl.constexpr):
 def _conv_fwd_kernel(x_ptr, w_ptr, m_ptr, y_ptr, bias_ptr,
                      N, C, H, W, OC, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw, Cg, OCg,
                      sxn, sxc, sxh, sxw, swo, swc, swh, sww, smo, smc, smh, smw, syn, syc, syh, syw,
-                     HAS_BIAS: tl.constexpr, C_FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, C_FAST: tl.constexpr, PACKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+                     WIDEN: tl.constexpr):
     # GEMM rows: output pixels (n, oh, ow); columns: the group's output channels; reduction: (c, kh, kw)
     g = tl.program_id(1)
     P = N * OH * OW
@@ -94,9 +108,8 @@ def _conv_fwd_kernel(x_ptr, w_ptr, m_ptr, y_ptr, bias_ptr,
         b_ok = k_ok[:, None] & n_ok[None, :]
         b = tl.load(w_ptr + oc[None, :] * swo + c[:, None] * swc + kh[:, None] * swh + kw[:, None] * sww, mask=b_ok,
                     other=0.0)
-        keep = tl.load(m_ptr + oc[None, :] * smo + c[:, None] * smc + kh[:, None] * smh + kw[:, None] * smw,
-                       mask=b_ok, other=0)
-        b = tl.where(keep != 0, b, tl.zeros_like(b))  # a select: a pruned inf or NaN contributes nothing
+        keep = _keep(m_ptr, oc[None, :] * smo, (c * smc + kh * smh + kw * smw)[:, None], b_ok, PACKED)
+        b = tl.where(keep, b, tl.zeros_like(b))  # a select: a pruned inf or NaN contributes nothing
         acc = _mma(a, b, acc, PRECISION, WIDEN)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -108,8 +121,8 @@ def _conv_fwd_kernel(x_ptr, w_ptr, m_ptr, y_ptr, bias_ptr,
 def _conv_dgrad_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr,
                        N, C, H, W, OC, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw, Cg, OCg,
                        sdn, sdc, sdh, sdw, swo, swc, swh, sww, smo, smc, smh, smw, sxn, sxc, sxh, sxw,
-                       C_FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+                       C_FAST: tl.constexpr, PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     # GEMM rows: input pixels (n, ih, iw); columns: the group's input channels; reduction: (oc, kh, kw), of which
     # only the (oh, ow) that land exactly on an output position contribute
     g = tl.program_id(1)
@@ -146,9 +159,8 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr,
         # the weight's channel axis is the channel within the group (rn), the input's the global one (c)
         b = tl.load(w_ptr + occ[:, None] * swo + rn[None, :] * swc + kh[:, None] * swh + kw[:, None] * sww,
                     mask=b_ok, other=0.0)
-        keep = tl.load(m_ptr + occ[:, None] * smo + rn[None, :] * smc + kh[:, None] * smh + kw[:, None] * smw,
-                       mask=b_ok, other=0)
-        b = tl.where(keep != 0, b, tl.zeros_like(b))
+        keep = _keep(m_ptr, rn[None, :] * smc, (occ * smo + kh * smh + kw * smw)[:, None], b_ok, PACKED)
+        b = tl.where(keep, b, tl.zeros_like(b))
         acc = _mma(a, b, acc, PRECISION, WIDEN)
     dx_off = (n_img * sxn + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -158,8 +170,8 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr,
 def _conv_wgrad_kernel(dy_ptr, x_ptr, m_ptr, out_ptr,
                        N, C, H, W, OC, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw, Cg, OCg, span, splits,
                        sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, smo, smc, smh, smw, s_os, s_oo, s_ok,
-                       C_FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+                       C_FAST: tl.constexpr, PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     # GEMM rows: the group's output channels; columns: (c, kh, kw); reduction: (n, oh, ow), this program's span of
     # it. out[split, oc, col] receives the masked partial sum (s_os, s_oo, s_ok: its strides).
     g = tl.program_id(1) // splits
@@ -192,8 +204,8 @@ def _conv_wgrad_kernel(dy_ptr, x_ptr, m_ptr, out_ptr,
         b = tl.load(x_ptr + (n_img * sxn)[:, None] + cc[None, :] * sxc + ih * sxh + iw * sxw, mask=b_ok, other=0.0)
         acc = _mma(a, b, acc, PRECISION, WIDEN)
     c_ok = m_ok[:, None] & n_ok[None, :]
-    keep = tl.load(m_ptr + oc[:, None] * smo + (c * smc + kh * smh + kw * smw)[None, :], mask=c_ok, other=0)
-    acc = tl.where(keep != 0, acc, 0.0)  # the weight-gradient tile masked before it is stored
+    keep = _keep(m_ptr, oc[:, None] * smo, (c * smc + kh * smh + kw * smw)[None, :], c_ok, PACKED)
+    acc = tl.where(keep, acc, 0.0)  # the weight-gradient tile masked before it is stored
     col = c * (KH * KW) + kh * KW + kw  # the weight's own (c, kh, kw) order, whichever order the columns ran in
     tl.store(out_ptr + split * s_os + oc[:, None] * s_oo + col[None, :] * s_ok, acc.to(out_ptr.dtype.element_ty),
              mask=c_ok)
@@ -228,10 +240,6 @@ def _widen(dtype: torch.dtype) -> bool:
     return INTERPRETED and dtype == torch.bfloat16
 
 
-def _as_bytes(mask: torch.Tensor) -> torch.Tensor:
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-
-
 def _channels_fast(t: torch.Tensor) -> bool:
     """Whether t [N, C, H, W] holds its channels contiguously (channels_last), so reductions take c fastest."""
     return t.shape[1] > 1 and t.stride(1) == 1
@@ -250,14 +258,16 @@ def plan_conv_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
     geo = _geometry(x, weight, y.shape[2:], stride, padding, dilation, groups)
     ocg = geo[-1]
     bm, bn, bk, warps, stages = _config(_CONV_CONFIGS, x.element_size(), precision, ocg)
-    m = _as_bytes(mask)
+    m, m_strides, packed = mask_operand(mask, weight.shape)
+    if packed and precision == "ieee" and not _channels_fast(x):
+        stages = min(stages, 2)  # the bits' offsets and shifts on top of the IEEE tiles: 3 stages spilled on sm_90
     P = y.shape[0] * y.shape[2] * y.shape[3]
     grid = (triton.cdiv(P, bm) * triton.cdiv(ocg, bn), groups)
     return Launch(_conv_fwd_kernel, grid,
                   (x, weight, m, y, bias if bias is not None else y, *geo, *x.stride(), *weight.stride(),
-                   *m.stride(), *y.stride()),
-                  dict(HAS_BIAS=bias is not None, C_FAST=_channels_fast(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                       GROUP_M=_GROUP_M, PRECISION=precision, WIDEN=_widen(x.dtype)),
+                   *m_strides, *y.stride()),
+                  dict(HAS_BIAS=bias is not None, C_FAST=_channels_fast(x), PACKED=packed, BLOCK_M=bm, BLOCK_N=bn,
+                       BLOCK_K=bk, GROUP_M=_GROUP_M, PRECISION=precision, WIDEN=_widen(x.dtype)),
                   dict(num_warps=warps, num_stages=stages))
 
 
@@ -268,14 +278,14 @@ def plan_conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, mask: tor
     geo = _geometry(grad_x, weight, grad_out.shape[2:], stride, padding, dilation, groups)
     cg = weight.shape[1]
     bm, bn, bk, warps, stages = _config(_CONV_CONFIGS, grad_out.element_size(), precision, cg)
-    m = _as_bytes(mask)
+    m, m_strides, packed = mask_operand(mask, weight.shape)
     P = grad_x.shape[0] * grad_x.shape[2] * grad_x.shape[3]
     grid = (triton.cdiv(P, bm) * triton.cdiv(cg, bn), groups)
     return Launch(_conv_dgrad_kernel, grid,
-                  (grad_out, weight, m, grad_x, *geo, *grad_out.stride(), *weight.stride(), *m.stride(),
+                  (grad_out, weight, m, grad_x, *geo, *grad_out.stride(), *weight.stride(), *m_strides,
                    *grad_x.stride()),
-                  dict(C_FAST=_channels_fast(grad_out), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M,
-                       PRECISION=precision, WIDEN=_widen(grad_out.dtype)),
+                  dict(C_FAST=_channels_fast(grad_out), PACKED=packed, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                       GROUP_M=_GROUP_M, PRECISION=precision, WIDEN=_widen(grad_out.dtype)),
                   dict(num_warps=warps, num_stages=stages))
 
 
@@ -302,13 +312,13 @@ def plan_conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.T
     splits, span = wgrad_splits(tiles, P, bk, _sm_count(x.device))
     if out is None:
         out = torch.empty((splits, OC, Cg * KH * KW), dtype=torch.float32, device=x.device)
-    m = _as_bytes(mask)
+    m, m_strides, packed = mask_operand(mask, weight_shape)
     geo = (*x.shape, OC, *grad_out.shape[2:], KH, KW, *stride, *padding, *dilation, Cg, ocg)
     launch = Launch(_conv_wgrad_kernel, (triton.cdiv(ocg, bm) * triton.cdiv(Cg * KH * KW, bn), groups * splits),
-                    (grad_out, x, m, out, *geo, span, splits, *grad_out.stride(), *x.stride(), *m.stride(),
+                    (grad_out, x, m, out, *geo, span, splits, *grad_out.stride(), *x.stride(), *m_strides,
                      *out.stride()),
-                    dict(C_FAST=_channels_fast(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M,
-                         PRECISION=precision, WIDEN=_widen(x.dtype)),
+                    dict(C_FAST=_channels_fast(x), PACKED=packed, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                         GROUP_M=_GROUP_M, PRECISION=precision, WIDEN=_widen(x.dtype)),
                     dict(num_warps=warps, num_stages=stages))
     return launch, out
 

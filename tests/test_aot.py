@@ -5,6 +5,7 @@ same dsd2 as the tests (tests/conftest.py puts a source tree tested in place on 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -132,19 +133,22 @@ def test_ctas_per_sm_refuses_an_unknown_arch_in_one_sentence():
 @pytest.mark.slow
 def test_masked_layer_products_cover_every_mode_dtype_and_precision(records):
     """The masked linear kernel's three products (forward with and without bias, dX, dW) and the conv kernels on
-    NCHW and channels_last, each in fp32 (IEEE and TF32), bf16 and fp16, with the mask read as bytes."""
+    NCHW and channels_last, each in fp32 (IEEE and TF32), bf16 and fp16, with the mask read as bool bytes and as
+    packed bits."""
     mm = [r for r in records if r["kernel"] == "_masked_matmul_kernel" and r["arch"] == "sm_90"]
     modes = {(r["signature"]["a_ptr"], r["constexprs"]["PRECISION"], r["constexprs"]["MASK_B"],
-              r["constexprs"]["MASK_C"], r["constexprs"]["HAS_BIAS"]) for r in mm}
-    for dtype, precision in (("*fp32", "ieee"), ("*fp32", "tf32"), ("*bf16", "tf32"), ("*fp16", "tf32")):
-        assert {(dtype, precision, True, False, True), (dtype, precision, True, False, False),
-                (dtype, precision, False, True, False)} <= modes
+              r["constexprs"]["MASK_C"], r["constexprs"]["HAS_BIAS"], r["constexprs"]["PACKED"]) for r in mm}
+    for (dtype, precision), packed in itertools.product(
+            (("*fp32", "ieee"), ("*fp32", "tf32"), ("*bf16", "tf32"), ("*fp16", "tf32")), (False, True)):
+        assert {(dtype, precision, True, False, True, packed), (dtype, precision, True, False, False, packed),
+                (dtype, precision, False, True, False, packed)} <= modes
     for kernel, tensor in (("_conv_fwd_kernel", "x_ptr"), ("_conv_dgrad_kernel", "dy_ptr"),
                            ("_conv_wgrad_kernel", "x_ptr")):
         conv = [r for r in records if r["kernel"] == kernel and r["arch"] == "sm_90"]
-        assert {(r["signature"][tensor], r["constexprs"]["PRECISION"], r["constexprs"]["C_FAST"]) for r in conv} == {
-            (d, p, fast) for d, p in (("*fp32", "ieee"), ("*fp32", "tf32"), ("*bf16", "tf32"), ("*fp16", "tf32"))
-            for fast in (False, True)}
+        assert {(r["signature"][tensor], r["constexprs"]["PRECISION"], r["constexprs"]["C_FAST"],
+                 r["constexprs"]["PACKED"]) for r in conv} == {
+            (d, p, fast, packed) for d, p in (("*fp32", "ieee"), ("*fp32", "tf32"), ("*bf16", "tf32"),
+                                              ("*fp16", "tf32")) for fast in (False, True) for packed in (False, True)}
         assert {r["signature"]["m_ptr"] for r in conv} == {"*u8"}
 
 

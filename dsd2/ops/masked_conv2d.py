@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from dsd2.ops._backend import cpp_extension
+from dsd2.ops.bitmask import PackedMask
 from dsd2.ops.masked_linear import (
     autocast_inputs,
     check_mask,
     check_same_dtype,
+    mask_for,
     masked_weight_reference,
     pick_masked,
 )
@@ -143,11 +145,13 @@ def _small_map(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
             and (x.requires_grad or weight.requires_grad))
 
 
-def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
-                  stride=1, padding=0, dilation=1, groups: int = 1, *, backend: str | None = None) -> torch.Tensor:
+def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | PackedMask,
+                  bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1, *,
+                  backend: str | None = None) -> torch.Tensor:
     """`F.conv2d(x, W⊙M, bias, stride, padding, dilation, groups)` without W⊙M in memory on the GPU; dW comes
-    back masked (pruned entries 0.0). mask: bool, the weight's shape (True = kept). `backend`: triton, cpp or
-    reference, else the one `dsd2.ops.pick` chooses for x."""
+    back masked (pruned entries 0.0). mask: bool, the weight's shape (True = kept), or a `PackedMask` of that
+    shape (`dsd2.ops.pack_mask`: one bit per weight, read bit by bit by the Triton kernels). `backend`: triton,
+    cpp or reference, else the one `dsd2.ops.pick` chooses for x."""
     check_mask(weight, mask)
     unbatched = x.dim() == 3
     if unbatched:
@@ -159,6 +163,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
     if chosen == "triton" and max(x.numel(), weight.numel()) * max(1, weight.shape[0] // max(x.shape[1], 1)) \
             > INT32_MAX:
         chosen = "reference"  # the kernels index in 32 bits
+    mask = mask_for(chosen, mask)
     if chosen == "triton":
         x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
         check_same_dtype(x, weight)

@@ -16,6 +16,9 @@ W⊙M is a select, not a product: a pruned entry contributes nothing even when i
   table), which bounds what one could gain against MKL's.
 - **reference**: `F.linear(x, torch.where(mask, weight, 0), bias)`, the oracle.
 
+The mask is bool (True = kept) or bit-packed (`dsd2.ops.pack_mask`, a `PackedMask`: one bit per weight, an eighth
+of the bytes), which the Triton kernels read bit by bit and the other backends unpack once per call.
+
 Inputs may be float32, float64 (reference and cpp), float16 or bfloat16. Under autocast the products run in the
 autocast dtype, as `nn.Linear`'s do.
 """
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dsd2.ops._backend import cpp_extension, pick
+from dsd2.ops.bitmask import PackedMask
 
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 TF32_ROUNDOFF = 2.0**-11
@@ -54,11 +58,14 @@ def masked_linear_reference(x: torch.Tensor, weight: torch.Tensor, mask: torch.T
     return F.linear(x, masked_weight_reference(weight, mask), bias)
 
 
-def check_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:
-    """Refuse, in one sentence, a mask that is not a bool tensor of the weight's shape on the weight's device."""
-    if not torch.is_tensor(mask) or mask.dtype != torch.bool:
+def check_mask(weight: torch.Tensor, mask: torch.Tensor | PackedMask) -> None:
+    """Refuse, in one sentence, a mask that is not a bool tensor (or a `PackedMask`) of the weight's shape on the
+    weight's device."""
+    if isinstance(mask, PackedMask):
+        pass
+    elif not torch.is_tensor(mask) or mask.dtype != torch.bool:
         what = mask.dtype if torch.is_tensor(mask) else type(mask).__name__
-        raise TypeError(f"the mask must be a bool tensor (True = kept), not {what}")
+        raise TypeError(f"the mask must be a bool tensor (True = kept) or a dsd2.ops.PackedMask, not {what}")
     if mask.shape != weight.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(weight.shape)}")
     if mask.device != weight.device:
@@ -77,6 +84,23 @@ def pick_masked(op: str, x: torch.Tensor, backend: str | None, extension) -> str
     if chosen is None:
         chosen = _PICKED[key] = pick(op, x, backend, extension=extension)
     return "reference" if chosen == "cpp" and backend is None and torch.jit.is_tracing() else chosen
+
+
+_CPP_BY_DTYPE: dict[torch.dtype, object] = {}
+
+
+def cpp_linear_for(x) -> object | None:
+    """dsd2._C when `masked_linear` would take its cpp path for x with a bool mask (a CPU tensor of a dtype the
+    extension takes, not under torch.jit tracing), else None: a masked layer's per-call shortcut past the checks
+    and the choice, which a small layer's step would otherwise spend a tenth of its time on (the C++ checks the
+    mask's dtype, shape and device itself)."""
+    if not isinstance(x, torch.Tensor) or not x.is_cpu or torch.jit.is_tracing():
+        return None
+    ext = _CPP_BY_DTYPE.get(x.dtype, False)
+    if ext is False:
+        ext = _CPP_BY_DTYPE[x.dtype] = cpp_extension() if pick_masked("masked_linear", x, None,
+                                                                      cpp_extension) == "cpp" else None
+    return ext
 
 
 def check_same_dtype(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -117,14 +141,24 @@ class _TritonMaskedLinear(torch.autograd.Function):
         return grad_x, grad_w, None, grad_b
 
 
-def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  backend: str | None = None) -> torch.Tensor:
+def mask_for(chosen: str, mask: torch.Tensor | PackedMask) -> torch.Tensor:
+    """The mask as the `chosen` backend takes it: Triton reads packed bits as they are, the others a bool mask
+    (a `PackedMask` unpacked once per call)."""
+    if not isinstance(mask, PackedMask):
+        return mask
+    return mask.bits if chosen == "triton" else mask.unpack()
+
+
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | PackedMask,
+                  bias: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
     """`F.linear(x, W⊙M, bias)` without W⊙M in memory on the GPU; dW comes back masked (pruned entries 0.0).
 
-    x: [..., in_features]; weight and mask: [out_features, in_features] (mask bool, True = kept); bias:
+    x: [..., in_features]; weight: [out_features, in_features]; mask: bool of the weight's shape (True = kept), or
+    a `PackedMask` (`dsd2.ops.pack_mask`: one bit per weight, read bit by bit by the Triton kernels); bias:
     [out_features] or None. `backend`: triton, cpp or reference, else the one `dsd2.ops.pick` chooses for x."""
     check_mask(weight, mask)
     chosen = pick_masked("masked_linear", x, backend, cpp_extension)
+    mask = mask_for(chosen, mask)
     if chosen == "triton":
         x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
         check_same_dtype(x, weight)

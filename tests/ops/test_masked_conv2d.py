@@ -11,7 +11,7 @@ from isa_levels import per_level
 from oracles import masked_conv2d_oracle
 
 from dsd2.models import Conv2d as SmallMapConv2d
-from dsd2.ops import masked_conv2d
+from dsd2.ops import masked_conv2d, pack_mask
 from dsd2.ops.masked_linear import product_tolerance
 
 # (x shape, weight shape, stride, padding, dilation, groups)
@@ -204,3 +204,16 @@ def test_bad_arguments_are_refused_in_one_sentence():
         masked_conv2d(x, w, m, groups=2, padding="full")
     with pytest.raises(ValueError, match=r"the input must be \[N, C, H, W\] or \[C, H, W\]"):
         masked_conv2d(torch.randn(4, 5), w, m)
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_a_bit_packed_mask_gives_the_bool_masks_results_bit_for_bit(backend, cpu_isa_level, case, layout):
+    """Forward, input and weight gradients read each weight's bit (row-major over (oc, c, kh, kw)) as its tile is
+    loaded on Triton; the other backends unpack: the bool mask's results, bit for bit."""
+    x, w, mask, b, grad_out = problem(case, layout, seed=5)
+    want = run(backend, case, x, w, mask, b, grad_out)
+    got = run(backend, case, x, w, pack_mask(mask), b, grad_out)
+    for name, g, e in zip(("y", "dx", "dw", "db"), got, want):
+        assert torch.equal(g, e), name

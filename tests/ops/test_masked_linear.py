@@ -9,7 +9,7 @@ from conftest import triton_device
 from isa_levels import per_level
 from oracles import masked_linear_oracle
 
-from dsd2.ops import masked_linear
+from dsd2.ops import masked_linear, pack_mask
 from dsd2.ops.masked_linear import product_tolerance
 
 SHAPES = [((5, 7), 6), ((33, 70), 19), ((2, 3, 17), 4)]  # (x shape, out features): odd sizes, a 3-D input
@@ -153,10 +153,13 @@ def test_cpp_under_cpu_autocast_is_nn_linear_under_autocast():
 
 def test_bad_masks_are_refused_in_one_sentence():
     x, w = torch.randn(2, 3), torch.randn(4, 3)
-    with pytest.raises(TypeError, match="the mask must be a bool tensor \\(True = kept\\), not torch.float32"):
+    with pytest.raises(TypeError, match="the mask must be a bool tensor \\(True = kept\\) or a dsd2.ops.PackedMask, "
+                                        "not torch.float32"):
         masked_linear(x, w, torch.ones(4, 3))
     with pytest.raises(ValueError, match=r"mask shape \(3, 4\) differs from weight shape \(4, 3\)"):
         masked_linear(x, w, torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask shape \(2, 6\) differs from weight shape \(4, 3\)"):
+        masked_linear(x, w, pack_mask(torch.ones(2, 6, dtype=torch.bool)))
     with pytest.raises(ValueError, match="the mask is on meta but the weight on cpu"):
         masked_linear(x, w, torch.ones(4, 3, dtype=torch.bool, device="meta"))
     dev = triton_device()
@@ -207,3 +210,15 @@ def test_gradgradcheck_in_float64(backend, cpu_isa_level):
     x, w, mask, b, _ = problem((3, 4), 2, dtype=torch.float64)
     inputs = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
     assert torch.autograd.gradgradcheck(lambda x, w, b: masked_linear(x, w, mask, b, backend=backend), inputs)
+
+
+@pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "triton", "reference"))
+@pytest.mark.parametrize("x_shape, out_features", SHAPES)
+def test_a_bit_packed_mask_gives_the_bool_masks_results_bit_for_bit(backend, cpu_isa_level, x_shape, out_features):
+    """The Triton kernels read each weight's bit as its tile is loaded (the forward through the transposed bit
+    strides); the other backends unpack. Same tiles, same products: the same bits as with the bool mask."""
+    x, w, mask, b, grad_out = problem(x_shape, out_features, seed=3)
+    want = run(backend, x, w, mask, b, grad_out)
+    got = run(backend, x, w, pack_mask(mask), b, grad_out)
+    for name, g, e in zip(("y", "dx", "dw", "db"), got, want):
+        assert torch.equal(g, e), name
