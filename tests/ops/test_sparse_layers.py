@@ -170,6 +170,10 @@ def test_on_and_off_compute_the_same_layer(index):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the sparse kernels are fp32: autocast stays dense
         layer(x)
     assert layer.sparse_path == "dense"
+    layer.sparse_kernels = "on"
+    layer(x)
+    layer.sparse_kernels = "off"  # the linear layer's one-call CPU path says so too
+    assert torch.equal(layer(x), dense[0]) and layer.sparse_path == "dense"
     again = pickle.loads(pickle.dumps(layer))  # the plan is not pickled, and rebuilt from the mask
     assert "_plan" not in again.__dict__ and torch.equal(again(x), layer(x))
 
