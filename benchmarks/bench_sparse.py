@@ -13,9 +13,10 @@
   epoch's time outside the conv/linear products (BatchNorm, ReLU, pooling, the loss, the optimizer, data), from
   torch.profiler; no sparsity of the products can make the epoch faster than that.
 - (c) inference latency at batch 1 and 128 of a model `dsd2.load_compressed` returns (written by the exporter's
-  own function; its layers on `auto`, the crossover measured for inference at that batch) against the same model
-  dense (the plain layers, eval, no_grad): the VGG-like at 98.8 % and the digits MLP at 98.8 %; and the file's
-  size against the dense weights'.
+  own function; its layers on `auto`, the crossover measured for inference at that batch, and the VGG-like's
+  feature stack on grids where it measures faster, `SparseStack`) against the same model dense (the plain
+  layers, eval, no_grad), and against our model layer by layer (its stack off): the VGG-like at 98.8 % and the
+  digits MLP at 98.8 %; and the file's size against the dense weights'.
 
     python benchmarks/bench_sparse.py           # writes the tables into benchmarks/RESULTS.md
     python benchmarks/bench_sparse.py --quick   # fewer repeats and shapes, prints only
@@ -238,9 +239,18 @@ def exported(cfg: ModelConfig, shape, sparsity: float, folder: Path):
     return loaded, dense_call, len(data), dense_bytes
 
 
+def layer_by_layer(loaded, images):
+    """The loaded model with its feature stack off: each layer a call of its own (the way before SparseStack)."""
+    mode, loaded.stack = loaded.stack, "off"
+    try:
+        return loaded(images)
+    finally:
+        loaded.stack = mode
+
+
 def bench_inference(repeats: int) -> str:
-    rows = ["| model | sparsity | file | dense weights | batch | dense | ours (`auto`) | layers sparse | speed-up |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | sparsity | file | dense weights | batch | dense | ours, layer by layer | ours (`auto`) | "
+            "way taken | layers sparse | speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         for cfg, shape, name in [(ModelConfig(name="vgg", depth=5, width=5), (3, 32, 32), "VGG-like d=5 g=5"),
@@ -250,11 +260,14 @@ def bench_inference(repeats: int) -> str:
                 images = torch.randint(0, 256, (batch, *shape), generator=g, dtype=torch.uint8)
                 with torch.no_grad():
                     torch.testing.assert_close(loaded(images), dense_call(images), rtol=1e-4, atol=1e-4)
-                    t_dense, t_ours = time_together([lambda f=dense_call, x=images: f(x),
-                                                     lambda f=loaded, x=images: f(x)], repeats * 10)
+                    t_dense, t_layers, t_ours = time_together(
+                        [lambda f=dense_call, x=images: f(x), lambda x=images: layer_by_layer(loaded, x),
+                         lambda f=loaded, x=images: f(x)], repeats * 10)
+                    loaded(images)
                 paths = sparse_paths(loaded.net)
                 rows.append(f"| {name} | {LEVELS[20]:.1%} | {size / 2**10:.1f} KiB | {dense_size / 2**10:.1f} KiB "
-                            f"({dense_size / size:.1f}×) | {batch} | {fmt(t_dense)} | {fmt(t_ours)} | "
+                            f"({dense_size / size:.1f}×) | {batch} | {fmt(t_dense)} | {fmt(t_layers)} | "
+                            f"{fmt(t_ours)} | {loaded.inference_path} | "
                             f"{sum(p == 'sparse' for p in paths.values())} of {len(paths)} | "
                             f"{t_dense / t_ours:.2f}× |")
                 print(rows[-1], flush=True)

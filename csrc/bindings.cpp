@@ -19,6 +19,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grid_copy_", &dsd2::grid_copy_, "a map into / out of a padded grid [C, N * Hp * Wp]", py::arg("grid"),
         py::arg("t"), py::arg("hp"), py::arg("wp"), py::arg("oh"), py::arg("ow"), py::arg("to_grid"),
         py::arg("sy") = 1, py::arg("sx") = 1);
+  m.def("grid_epilogue_", &dsd2::grid_epilogue_, "relu, scale and shift at a grid's map positions, 0 elsewhere",
+        py::arg("grid"), py::arg("n"), py::arg("hp"), py::arg("wp"), py::arg("ph"), py::arg("pw"), py::arg("h"),
+        py::arg("w"), py::arg("relu"), py::arg("scale") = py::none(), py::arg("shift") = py::none());
+  m.def("grid_maxpool2_", &dsd2::grid_maxpool2_, "2x2 max pool of a grid's map into the next grid", py::arg("src"),
+        py::arg("n"), py::arg("hs"), py::arg("ws"), py::arg("h"), py::arg("w"), py::arg("dst"), py::arg("hd"),
+        py::arg("wd"), py::arg("ph"), py::arg("pw"), py::arg("relu") = false, py::arg("scale") = py::none(),
+        py::arg("shift") = py::none());
+  m.def("sparse_stack", &dsd2::sparse_stack, "a stack of sparse conv / ReLU / BatchNorm / pool stages on grids");
   m.def("mlp_epoch", &dsd2::mlp_epoch, "One training epoch of a Linear/ReLU chain, the eager step's ops in C++");
   m.def("mlp_forward", &dsd2::mlp_forward, "Logits of a Linear/ReLU chain for a split, in batches");
   m.def("cpu_isa", &dsd2::cpu_isa, "The instruction-set level of the kernels in use");

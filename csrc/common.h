@@ -49,6 +49,20 @@ void sparse_dots_(at::Tensor dval, const at::Tensor& a, int64_t n, const at::Ten
 // (channels_last too); sy, sx: a strided convolution's output positions on its stride-1 grid (1 for an input)
 void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t oh, int64_t ow, bool to_grid,
                 int64_t sy, int64_t sx);
+// Chained inference on grids (sparse_layers.cpp): a conv output's ReLU, BatchNorm and zero padding in place, and a
+// 2x2 max pool from one grid into the next.
+void grid_epilogue_(at::Tensor grid, int64_t n, int64_t hp, int64_t wp, int64_t ph, int64_t pw, int64_t h, int64_t w,
+                    bool relu, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift);
+void grid_maxpool2_(const at::Tensor& src, int64_t n, int64_t hs, int64_t ws, int64_t h, int64_t w, at::Tensor dst,
+                    int64_t hd, int64_t wd, int64_t ph, int64_t pw, bool relu, const std::optional<at::Tensor>& scale,
+                    const std::optional<at::Tensor>& shift);
+at::Tensor sparse_stack(const at::Tensor& x, int64_t kernel, const std::vector<at::Tensor>& rowptr,
+                        const std::vector<at::Tensor>& channel, const std::vector<at::Tensor>& shifts,
+                        const std::vector<at::Tensor>& values,
+                        const std::vector<std::optional<at::Tensor>>& bias, const std::vector<bool>& relu,
+                        const std::vector<std::optional<at::Tensor>>& scale,
+                        const std::vector<std::optional<at::Tensor>>& shift, const std::vector<bool>& pool,
+                        const std::vector<int64_t>& out_channels, bool channels_last);
 
 // One training epoch of a Linear/ReLU chain (mlp_epoch.cpp): see there.
 std::vector<at::Tensor> mlp_epoch(const at::Tensor& inputs, const at::Tensor& labels, const at::Tensor& perm,

@@ -512,9 +512,49 @@ DSD2_INLINE void sparse_row_block(const float* __restrict__ x, const int64_t* __
 // out[i] = init + sum_k val[k] * x[base[k] + i] for i in [0, n): one tile of one output row (init: its bias, or
 // 0), each element's terms added in k order by madd (the same bits on every path and at every vector width of a
 // level with FMA).
+// A row of at most kShortRow elements (the small maps of a network's last blocks, at batch 1) is latency bound
+// along k: one FMA chain per vector, each waiting on the last. There each element's terms go to four partial sums
+// by k mod 4, folded (p0 + p1) + (p2 + p3): four independent chains. The order depends on n alone, so it is the
+// same on every path and at every vector width, as the long rows' k order is.
+constexpr int64_t kShortRow = 64;
+
+static void sparse_row_short(const float* __restrict__ x, const int64_t* __restrict__ base,
+                             const float* __restrict__ val, int64_t nnz, float* __restrict__ out, int64_t n,
+                             float init) {
+  const int64_t k4 = nnz - nnz % 4;
+  int64_t i0 = 0;
+  for (; i0 + kVec <= n; i0 += kVec) {
+    vecf a0 = vbroadcast(init), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    for (int64_t k = 0; k < k4; k += 4) {
+      a0 = vmadd(vbroadcast(val[k]), vload(x + base[k] + i0), a0);
+      a1 = vmadd(vbroadcast(val[k + 1]), vload(x + base[k + 1] + i0), a1);
+      a2 = vmadd(vbroadcast(val[k + 2]), vload(x + base[k + 2] + i0), a2);
+      a3 = vmadd(vbroadcast(val[k + 3]), vload(x + base[k + 3] + i0), a3);
+    }
+    if (k4 < nnz) a0 = vmadd(vbroadcast(val[k4]), vload(x + base[k4] + i0), a0);
+    if (k4 + 1 < nnz) a1 = vmadd(vbroadcast(val[k4 + 1]), vload(x + base[k4 + 1] + i0), a1);
+    if (k4 + 2 < nnz) a2 = vmadd(vbroadcast(val[k4 + 2]), vload(x + base[k4 + 2] + i0), a2);
+    vstore(out + i0, vadd(vadd(a0, a1), vadd(a2, a3)));
+  }
+  for (; i0 < n; ++i0) {
+    float a0 = init, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+    for (int64_t k = 0; k < k4; k += 4) {
+      a0 = madd(val[k], x[base[k] + i0], a0);
+      a1 = madd(val[k + 1], x[base[k + 1] + i0], a1);
+      a2 = madd(val[k + 2], x[base[k + 2] + i0], a2);
+      a3 = madd(val[k + 3], x[base[k + 3] + i0], a3);
+    }
+    if (k4 < nnz) a0 = madd(val[k4], x[base[k4] + i0], a0);
+    if (k4 + 1 < nnz) a1 = madd(val[k4 + 1], x[base[k4 + 1] + i0], a1);
+    if (k4 + 2 < nnz) a2 = madd(val[k4 + 2], x[base[k4 + 2] + i0], a2);
+    out[i0] = (a0 + a1) + (a2 + a3);
+  }
+}
+
 static void sparse_row_f32(const float* __restrict__ x, const int64_t* __restrict__ base,
                            const float* __restrict__ val, int64_t nnz, float* __restrict__ out, int64_t n,
                            float init) {
+  if (n <= kShortRow) return sparse_row_short(x, base, val, nnz, out, n, init);
   int64_t i0 = 0;
   for (; i0 + kRowVecs * kVec <= n; i0 += kRowVecs * kVec) sparse_row_block(x + i0, base, val, nnz, out + i0, init);
   for (; i0 + kVec <= n; i0 += kVec) {

@@ -16,12 +16,20 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <vector>
 
 namespace dsd2 {
 namespace {
 
 constexpr int64_t kTile = 2048;  // output elements per task: an 8 KiB run of a row, the operand runs it reads
+// Work (multiply-adds or elements) below which a parallel region's tasks are grouped: waking the pool's other
+// thread costs several microseconds, more than a small map's pass at batch 1 (a 2x2 map's epilogue, its pool).
+constexpr int64_t kMinWork = 1 << 16;
+
+int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_task));
+}
 
 void check_list(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& off, int64_t rows) {
   for (const at::Tensor* t : {&rowptr, &col, &off}) {
@@ -42,13 +50,16 @@ void check_matrix(const at::Tensor& m, const char* name) {
               "sparse kernels: ", name, " must be a 2-D float32 CPU tensor with contiguous rows");
 }
 
-// base[k] = col[k] * ld + off[k], each entry checked to read x's row col[k] within [0, width)
-std::vector<int64_t> bases(const at::Tensor& col, const at::Tensor& off, const at::Tensor& x, int64_t n) {
+// base[k] = col[k] * ld + off[k], each entry checked to read x's row col[k] within [0, width). Into one buffer per
+// calling thread, kept between calls: a fresh one of a few hundred KB (a large layer's list) is a fresh mapping of
+// memory whose page faults cost more than the products of a small map at batch 1.
+const std::vector<int64_t>& bases(const at::Tensor& col, const at::Tensor& off, const at::Tensor& x, int64_t n) {
   const int64_t nnz = col.numel();
   const int64_t* c = col.data_ptr<int64_t>();
   const int64_t* o = off.data_ptr<int64_t>();
   const int64_t rows = x.size(0), width = x.size(1), ld = x.stride(0);
-  std::vector<int64_t> base(static_cast<size_t>(nnz));
+  thread_local std::vector<int64_t> base;
+  base.resize(static_cast<size_t>(nnz));
   std::atomic<bool> bad{false};
   at::parallel_for(0, nnz, 1 << 16, [&](int64_t b, int64_t e) {
     bool local = false;
@@ -79,7 +90,7 @@ void sparse_rows_(at::Tensor out, int64_t n, const at::Tensor& x, const at::Tens
               "sparse kernels: bias must be a contiguous float32 CPU vector, one value per row");
   if (rows == 0 || n == 0) return;
   const float* bs = bias ? bias->data_ptr<float>() : nullptr;
-  const std::vector<int64_t> base = bases(col, off, x, n);
+  const std::vector<int64_t>& base = bases(col, off, x, n);
   const KernelTable& k = active_kernels();
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const float* xs = x.data_ptr<float>();
@@ -88,7 +99,8 @@ void sparse_rows_(at::Tensor out, int64_t n, const at::Tensor& x, const at::Tens
   const int64_t ldo = out.stride(0);
   const int64_t tiles = (n + kTile - 1) / kTile;
   // tasks tile-major: threads working at one time read the same runs of the operand
-  at::parallel_for(0, rows * tiles, 1, [&](int64_t b, int64_t e) {
+  const int64_t per_task = std::min(kTile, n) * std::max<int64_t>(1, col.numel() / rows);
+  at::parallel_for(0, rows * tiles, grain_for(per_task), [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t t = task / rows, r = task % rows;
       const int64_t i0 = t * kTile, len = std::min(kTile, n - i0);
@@ -108,7 +120,7 @@ void sparse_dots_(at::Tensor dval, const at::Tensor& a, int64_t n, const at::Ten
               "sparse kernels: dval must be contiguous float32, one value per entry");
   TORCH_CHECK(n >= 0 && n <= a.size(1), "sparse kernels: ", n, " terms per dot do not fit a");
   if (col.numel() == 0) return;
-  const std::vector<int64_t> base = bases(col, off, x, n);
+  const std::vector<int64_t>& base = bases(col, off, x, n);
   const KernelTable& k = active_kernels();
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const float* as = a.data_ptr<float>();
@@ -230,7 +242,7 @@ void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t o
   float* m = t.data_ptr<float>();
   const int64_t ldg = grid.stride(0);
   const int64_t sn = t.stride(0), sc = t.stride(1), sh = t.stride(2), sw = t.stride(3);
-  at::parallel_for(0, n * h, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, n * h, grain_for(c * w), [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
       const int64_t in = row / h, ih = row % h;
       copy_row(g + (in * hp + ih * sy + oh) * wp + ow, ldg, m + in * sn + ih * sh, sc, sw, c, w, to_grid, sx);
@@ -238,4 +250,152 @@ void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t o
   });
 }
 
+// Inference on grids, chained conv to conv (dsd2/ops/sparse_inference.py). A convolution's output rows, written by
+// sparse_rows_ into the next convolution's grid at the offset of its padding, are finished there in place: at the
+// map's positions v = relu(v) (with `relu`) then v * scale[c] + shift[c] (a BatchNorm in eval mode; none: 1 and 0),
+// and 0 at every other column of the row (the padding, the border outputs, the room for shifts after the grid).
+void grid_epilogue_(at::Tensor grid, int64_t n, int64_t hp, int64_t wp, int64_t ph, int64_t pw, int64_t h, int64_t w,
+                    bool relu, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
+  check_matrix(grid, "grid");
+  const int64_t c = grid.size(0), width = grid.size(1), ldg = grid.stride(0);
+  TORCH_CHECK(n >= 0 && ph >= 0 && pw >= 0 && h >= 0 && w >= 0 && ph + h <= hp && pw + w <= wp &&
+                  n * hp * wp <= width,
+              "grid_epilogue_: a map of ", n, "x", h, "x", w, " at (", ph, ", ", pw, ") does not fit grids of ", hp,
+              "x", wp, " in ", width, " columns");
+  for (const auto* t : {&scale, &shift})
+    TORCH_CHECK(!*t || ((*t)->device().is_cpu() && (*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() &&
+                        (*t)->numel() == c),
+                "grid_epilogue_: scale and shift must be contiguous float32 CPU vectors, one value per row");
+  const float* sc = scale ? scale->data_ptr<float>() : nullptr;
+  const float* sh = shift ? shift->data_ptr<float>() : nullptr;
+  float* g = grid.data_ptr<float>();
+  at::parallel_for(0, c, grain_for(width), [&](int64_t b, int64_t e) {
+    for (int64_t ch = b; ch < e; ++ch) {
+      float* row = g + ch * ldg;
+      const float a = sc ? sc[ch] : 1.0f, z = sh ? sh[ch] : 0.0f;
+      for (int64_t img = 0; img < n; ++img) {
+        float* im = row + img * hp * wp;
+        std::fill(im, im + ph * wp, 0.0f);
+        for (int64_t ih = ph; ih < ph + h; ++ih) {
+          float* r = im + ih * wp;
+          std::fill(r, r + pw, 0.0f);
+          for (int64_t iw = pw; iw < pw + w; ++iw) {
+            const float v = relu ? std::max(r[iw], 0.0f) : r[iw];  // a NaN stays NaN, as under torch.relu
+            r[iw] = v * a + z;
+          }
+          std::fill(r + pw + w, r + wp, 0.0f);
+        }
+        std::fill(im + (ph + h) * wp, im + hp * wp, 0.0f);
+      }
+      std::fill(row + n * hp * wp, row + width, 0.0f);
+    }
+  });
+}
+
+// dst = the 2x2, stride-2 max pool of src's map (n x h x w at the start of grids of hs x ws), at (ph, pw) of grids
+// of hd x wd, 0 at every other column of dst's rows; a NaN in a window gives NaN, as torch's max_pool2d does. Each
+// value first takes the conv's epilogue, relu (with `relu`) then * scale[c] + shift[c], when they are given: the
+// stage before the pool needs no pass of its own.
+void grid_maxpool2_(const at::Tensor& src, int64_t n, int64_t hs, int64_t ws, int64_t h, int64_t w, at::Tensor dst,
+                    int64_t hd, int64_t wd, int64_t ph, int64_t pw, bool relu, const std::optional<at::Tensor>& scale,
+                    const std::optional<at::Tensor>& shift) {
+  check_matrix(src, "src");
+  check_matrix(dst, "dst");
+  for (const auto* t : {&scale, &shift})
+    TORCH_CHECK(!*t || ((*t)->device().is_cpu() && (*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() &&
+                        (*t)->numel() == src.size(0)),
+                "grid_maxpool2_: scale and shift must be contiguous float32 CPU vectors, one value per row");
+  const float* sc = scale ? scale->data_ptr<float>() : nullptr;
+  const float* sf = shift ? shift->data_ptr<float>() : nullptr;
+  const int64_t c = src.size(0), ho = h / 2, wo = w / 2, width = dst.size(1);
+  TORCH_CHECK(dst.size(0) == c && h <= hs && w <= ws && n * hs * ws <= src.size(1) && ph + ho <= hd &&
+                  pw + wo <= wd && n * hd * wd <= width && ph >= 0 && pw >= 0,
+              "grid_maxpool2_: a map of ", n, "x", h, "x", w, " does not fit its grids");
+  const float* s = src.data_ptr<float>();
+  float* d = dst.data_ptr<float>();
+  const int64_t lds = src.stride(0), ldd = dst.stride(0);
+  at::parallel_for(0, c, grain_for(width + 4 * ho * wo * n), [&](int64_t b, int64_t e) {
+    for (int64_t ch = b; ch < e; ++ch) {
+      const float* in = s + ch * lds;
+      float* out = d + ch * ldd;
+      const float a = sc ? sc[ch] : 1.0f, z = sf ? sf[ch] : 0.0f;
+      const auto finish = [&](float v) { return (relu ? std::max(v, 0.0f) : v) * a + z; };
+      std::fill(out, out + width, 0.0f);
+      for (int64_t img = 0; img < n; ++img)
+        for (int64_t i = 0; i < ho; ++i)
+          for (int64_t j = 0; j < wo; ++j) {
+            const float* q = in + img * hs * ws + 2 * i * ws + 2 * j;
+            float m = finish(q[0]);
+            for (const float u : {q[1], q[ws], q[ws + 1]}) {
+              const float v = finish(u);
+              if (v > m || std::isnan(v)) m = v;
+            }
+            out[img * hd * wd + (i + ph) * wd + j + pw] = m;
+          }
+    }
+  });
+}
+
+// A whole stack of such stages in one call (SparseStack): x [N, C, H, W] onto its grid, then per stage the rows
+// into the next grid (or, before a pool or at the end, into a grid of its own), the epilogue, the pool; the last
+// map back as [N, C, h, w] (channels_last with `channels_last`). Stage s: its entries' row pointers, operand rows
+// (input channels), shifts on its grid (tap_h * wp + tap_w, for the width wp this input gives the stage), kept
+// values, bias, ReLU, BatchNorm scale and shift, pool, output channels. The kernels are the stage-by-stage calls'.
+at::Tensor sparse_stack(const at::Tensor& x, int64_t kernel, const std::vector<at::Tensor>& rowptr,
+                        const std::vector<at::Tensor>& channel, const std::vector<at::Tensor>& shifts,
+                        const std::vector<at::Tensor>& values,
+                        const std::vector<std::optional<at::Tensor>>& bias, const std::vector<bool>& relu,
+                        const std::vector<std::optional<at::Tensor>>& scale,
+                        const std::vector<std::optional<at::Tensor>>& shift, const std::vector<bool>& pool,
+                        const std::vector<int64_t>& out_channels, bool channels_last) {
+  const size_t stages = rowptr.size();
+  TORCH_CHECK(stages > 0 && channel.size() == stages && shifts.size() == stages && values.size() == stages &&
+                  bias.size() == stages && relu.size() == stages && scale.size() == stages && shift.size() == stages &&
+                  pool.size() == stages && out_channels.size() == stages,
+              "sparse_stack: every per-stage list needs one entry per stage");
+  TORCH_CHECK(kernel >= 1 && kernel % 2 == 1, "sparse_stack: the kernel size must be odd");
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "sparse_stack: x must be a 4-D float32 CPU tensor");
+  const int64_t p = kernel / 2, n = x.size(0);
+  int64_t h = x.size(2), w = x.size(3), hp = h + 2 * p, wp = w + 2 * p;
+  const auto f32 = x.options();
+  at::Tensor grid = at::zeros({x.size(1), n * hp * wp + (kernel - 1) * (wp + 1)}, f32);
+  grid_copy_(grid, x, hp, wp, p, p, true, 1, 1);
+  for (size_t s = 0; s < stages; ++s) {
+    const int64_t length = n * hp * wp, most = (kernel - 1) * (wp + 1), off = p * wp + p;
+    const bool last = s + 1 == stages, chained = !pool[s] && !last;
+    at::Tensor out = at::empty({out_channels[s], length + most}, f32);
+    const int64_t start = chained ? off : 0, map_pad = chained ? p : 0;
+    sparse_rows_(out.narrow(1, start, length), length, grid, rowptr[s], channel[s], shifts[s], values[s], bias[s]);
+    if (!pool[s]) grid_epilogue_(out, n, hp, wp, map_pad, map_pad, h, w, relu[s], scale[s], shift[s]);
+    if (chained) {
+      grid = out;
+      continue;
+    }
+    int64_t pad = 0;
+    if (pool[s]) {
+      h /= 2;
+      w /= 2;
+      pad = last ? 0 : p;
+      const int64_t hd = h + 2 * pad, wd = w + 2 * pad;
+      at::Tensor dst = at::empty({out_channels[s], n * hd * wd + (last ? 0 : (kernel - 1) * (wd + 1))}, f32);
+      grid_maxpool2_(out, n, hp, wp, 2 * h, 2 * w, dst, hd, wd, pad, pad, relu[s], scale[s], shift[s]);
+      grid = dst;
+      hp = hd;
+      wp = wd;
+    } else {
+      grid = out;
+    }
+    if (last) {
+      at::Tensor map = at::empty({n, out_channels[s], h, w},
+                                 f32.memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                 : at::MemoryFormat::Contiguous));
+      grid_copy_(grid, map, hp, wp, 0, 0, false, 1, 1);
+      return map;
+    }
+  }
+  TORCH_CHECK(false, "sparse_stack: the stack ended before its last stage");
+}
+
 }  // namespace dsd2
+

@@ -95,6 +95,19 @@ def test_an_exported_vgg_like_gives_the_dense_masked_logits(tmp_path, fake_cifar
     run = train(cfg, tmp_path / "vgg")
     loaded = check_same_logits(run, 2, tmp_path / "vgg.safetensors")
     assert loaded.meta["channels_last"] and loaded.meta["model"]["name"] == "vgg"
+    expected, images = dense_logits(run, 2)
+    for mode, path in (("on", "stack"), ("off", "layers"), ("auto", None)):  # the feature stack on grids, or not
+        loaded.stack = mode
+        with torch.no_grad():
+            got = loaded(images)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert loaded.inference_path == (path or loaded.inference_path)
+    loaded.stack = "on"
+    loaded(images[:2])  # with gradients on the stack does not apply: the layers
+    assert loaded.inference_path == "layers"
+    loaded.stack = "fast"
+    with pytest.raises(ValueError, match="stack 'fast' is not known; allowed: auto, on, off"):
+        loaded(images[:2])
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 1.0])

@@ -38,13 +38,14 @@ from dsd2.ops.relu_count import (
 )
 from dsd2.ops.relu_sites import SUPPORTED as SUPPORTED_ACTIVATIONS
 from dsd2.ops.relu_sites import ReLUSiteError, ReLUSiteModule, count_relu_call_sites
+from dsd2.ops.sparse_inference import SparseStack
 from dsd2.ops.sparse_layers import SparsePlan, sparse_conv2d, sparse_linear
 from dsd2.pruning import masks_from_torch_prune, to_torch_prune
 
 __all__ = [
     "OP_BACKENDS", "CountingReLU", "MaskedConv2d", "MaskedLinear", "MaskedSGD", "PackedMask", "ReLUSiteError",
     "ReLUSiteModule",
-    "SUPPORTED_ACTIVATIONS", "SparsePlan", "StateCounter",
+    "SUPPORTED_ACTIVATIONS", "SparsePlan", "SparseStack", "StateCounter",
     "backends", "count_positive_", "count_positive_reference", "count_relu_call_sites",
     "cpp_extension", "cpu_isa", "cpu_isa_levels", "cpu_model", "fuse_torch_prune", "kd_loss", "kd_loss_eager",
     "kd_loss_reference", "masked_conv2d", "masked_conv2d_reference", "masked_layers", "masked_linear",

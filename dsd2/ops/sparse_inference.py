@@ -1,0 +1,151 @@
+"""Inference of a pruned convolution stack on padded grids, with no map written twice.
+
+The sparse layers (dsd2.ops.sparse_layers) compute one convolution on its input's padded grid [C, N * Hp * Wp] and
+copy the result back to NCHW or channels_last, where ReLU, BatchNorm and pooling run as separate ops and the next
+convolution copies its input onto a grid again. At batch 1 those copies, allocations and calls cost more than the
+products of a 99 %-sparse network. `SparseStack` runs a stack of stages
+
+    MaskedConv2d (stride 1, odd square kernel, 'same' zero padding, groups 1) [ReLU] [BatchNorm2d] [MaxPool2d(2)]
+
+on grids only: each convolution (over its kept weights, `sparse_rows_`) writes its output rows straight into the
+next convolution's grid at the offset of its padding; ReLU, the eval-mode BatchNorm (a scale and a shift per
+channel) and the zero padding are then applied in place (`grid_epilogue_`), and a 2x2 max pool reads one grid into
+the next (`grid_maxpool2_`), the whole stack in one C++ call (`sparse_stack`). No autograd, no layout change
+between layers; the kept values and the BatchNorm's scale and shift are computed once and again only when a weight
+or a statistic changes (its version counter: a write through `.data` is not seen, as autograd does not see it
+either). Inference only: under `torch.no_grad()`, fp32 CPU tensors, every BatchNorm in eval mode.
+
+Results equal the layer-by-layer path within fp32 reduction order (the BatchNorm folded into one multiply-add
+rounds differently from torch's (x - mean) * invstd * weight + bias).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsd2.ops._backend import cpp_extension
+from dsd2.ops.masked_layers import MaskedConv2d
+from dsd2.ops.sparse_layers import SparsePlan
+
+
+@dataclass
+class _Stage:
+    conv: MaskedConv2d
+    relu: bool
+    norm: nn.BatchNorm2d | None
+    pool: bool
+    plan: SparsePlan | None = None
+    values: torch.Tensor | None = None
+    key: tuple = ()
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    norm_key: tuple = ()
+    bias: torch.Tensor | None = None
+
+    def refresh(self) -> bool:
+        """The kept values, the bias and the BatchNorm's scale and shift, again only where a tensor they come from
+        changed or was replaced (whether one was). Read from the modules' own dicts: a stage's check costs about a
+        microsecond, where attribute access through nn.Module took six."""
+        params, buffers = self.conv._parameters, self.conv._buffers
+        w, mask, b = params["weight"], buffers["mask"], params.get("bias")
+        key = (id(w), w._version, id(mask), mask._version) + ((id(b), b._version) if b is not None else ())
+        changed = key != self.key
+        if changed:
+            if self.plan is None or not self.plan.valid_for(mask):
+                self.plan = SparsePlan(mask)
+            self.values, self.key = self.plan.values(w), key
+            self.bias = None if b is None else b.detach().float().contiguous()
+        if self.norm is not None:
+            params, buffers = self.norm._parameters, self.norm._buffers
+            tensors = (buffers["running_mean"], buffers["running_var"], params.get("weight"), params.get("bias"))
+            norm_key = tuple((id(t), t._version) for t in tensors if t is not None)
+            if norm_key != self.norm_key:
+                mean, var, gamma, beta = tensors
+                scale = torch.rsqrt(var.float() + self.norm.eps)
+                if gamma is not None:
+                    scale = scale * gamma.detach().float()
+                shift = -mean.float() * scale
+                if beta is not None:
+                    shift = shift + beta.detach().float()
+                self.scale, self.shift, self.norm_key = scale.contiguous(), shift.contiguous(), norm_key
+                changed = True
+        return changed
+
+
+def _stage_conv(m: nn.Module) -> bool:
+    if not isinstance(m, MaskedConv2d) or m.groups != 1 or m.padding_mode != "zeros":
+        return False
+    k = m.kernel_size
+    return (k[0] == k[1] and k[0] % 2 == 1 and tuple(m.stride) == (1, 1) and tuple(m.dilation) == (1, 1)
+            and tuple(m.padding) == (k[0] // 2, k[0] // 2))
+
+
+def _pool2(m: nn.Module) -> bool:
+    pair = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
+    return (type(m) is nn.MaxPool2d and pair(m.kernel_size) == (2, 2) and pair(m.stride) == (2, 2)
+            and pair(m.padding) == (0, 0) and pair(m.dilation) == (1, 1) and not m.ceil_mode
+            and not m.return_indices)
+
+
+class SparseStack:
+    """A compiled stack of conv stages (the module docstring); `SparseStack.compile(seq)` gives one for an
+    nn.Sequential of such stages (all of one kernel size), or None. Call it on x [N, C, H, W] (fp32, CPU, any
+    layout): the stack's output map, in x's memory format."""
+
+    def __init__(self, stages: list[_Stage]):
+        self.stages = stages
+        self.kernel = stages[0].conv.kernel_size[0]
+        self._args: list | None = None  # the per-stage lists of the C++ call, made again when a stage changes
+        self._width = 0  # the input width they were made for (the shifts depend on each grid's width)
+
+    @classmethod
+    def compile(cls, seq: nn.Module) -> SparseStack | None:
+        if not isinstance(seq, nn.Sequential) or len(seq) == 0:
+            return None
+        stages, mods, i = [], list(seq), 0
+        while i < len(mods):
+            if not _stage_conv(mods[i]):
+                return None
+            stage = _Stage(mods[i], False, None, False)
+            i += 1
+            if i < len(mods) and type(mods[i]) is nn.ReLU:
+                stage.relu, i = True, i + 1
+            if i < len(mods) and type(mods[i]) is nn.BatchNorm2d and mods[i].track_running_stats \
+                    and mods[i].running_mean is not None:
+                stage.norm, i = mods[i], i + 1
+            if i < len(mods) and _pool2(mods[i]):
+                stage.pool, i = True, i + 1
+            stages.append(stage)
+        if len({s.conv.kernel_size for s in stages}) != 1:
+            return None
+        return cls(stages)
+
+    def applies(self, x: torch.Tensor) -> bool:
+        """Whether a call can run here: inference on an fp32 CPU map, every BatchNorm in eval mode, dsd2._C built."""
+        if torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype != torch.float32 \
+                or x.device.type != "cpu" or torch.jit.is_tracing():
+            return False
+        if any(s.norm is not None and s.norm.training for s in self.stages):
+            return False
+        weights = [s.conv._parameters["weight"] for s in self.stages]  # the dict: nn.Module's attribute lookup is slow
+        if any(w.dtype != torch.float32 or not w.is_cpu for w in weights):
+            return False
+        ext = cpp_extension()
+        return ext is not None and hasattr(ext, "sparse_stack") and x.shape[1] == self.stages[0].conv.in_channels
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        changed = [stage.refresh() for stage in self.stages]
+        width = x.shape[3]
+        if any(changed) or self._args is None or self._width != width:
+            widths, w = [], width
+            for stage in self.stages:  # each stage's grid width for this input: its map's, plus the padding
+                widths.append(w + self.kernel - 1)
+                w = w // 2 if stage.pool else w
+            per = [(s.plan.rowptr, s.plan.channel, s.plan.shifts(wp, (1, 1))[0], s.values, s.bias, s.relu, s.scale,
+                    s.shift, s.pool, s.conv.out_channels) for s, wp in zip(self.stages, widths)]
+            self._args, self._width = [list(column) for column in zip(*per)], width
+        layout = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return cpp_extension().sparse_stack(x, self.kernel, *self._args, layout)
