@@ -58,7 +58,8 @@ const std::vector<int64_t>& bases(const at::Tensor& col, const at::Tensor& off, 
   const int64_t* c = col.data_ptr<int64_t>();
   const int64_t* o = off.data_ptr<int64_t>();
   const int64_t rows = x.size(0), width = x.size(1), ld = x.stride(0);
-  thread_local std::vector<int64_t> base;
+  thread_local std::vector<int64_t> buffer;
+  std::vector<int64_t>& base = buffer;  // the caller's: a lambda names a thread_local as the running thread's own
   base.resize(static_cast<size_t>(nnz));
   std::atomic<bool> bad{false};
   at::parallel_for(0, nnz, 1 << 16, [&](int64_t b, int64_t e) {

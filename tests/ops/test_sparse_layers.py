@@ -130,6 +130,21 @@ def test_sparse_linear_matches_the_oracle(batch, density, cpu_isa_level):
     assert bool((w.grad[~mask] == 0).all())
 
 
+def test_a_list_long_enough_to_be_prepared_on_both_threads(cpu_isa_level):
+    """Over 65,536 kept weights the entry list is prepared by the thread pool, into the calling thread's buffer."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 400, generator=g, requires_grad=True)
+    w = torch.randn(300, 400, generator=g, requires_grad=True)
+    mask = torch.rand(300, 400, generator=g) < 0.7  # about 84,000 kept
+    grad_out = torch.randn(3, 300, generator=g)
+    y = sparse_linear(x, w, SparsePlan(mask))
+    y.backward(grad_out)
+    oracle = masked_linear_oracle(x.detach(), w.detach(), mask, None, grad_out)
+    assert_within(y.detach(), oracle, "y", 400)
+    assert_within(x.grad, oracle, "dx", 300)
+    assert_within(w.grad, oracle, "dw", 3)
+
+
 def test_pruned_weights_holding_inf_and_nan_are_never_read():
     x, w, mask, b, grad_out = conv_problem(CONV_CASES[0], 0.5, "nchw")
     w[~mask] = float("nan")
