@@ -95,10 +95,11 @@ class CompressedModel(nn.Module):
     """An exported model: normalises uint8 (or pixel-unit float) images [N, C, H, W] as its run did, then runs
     the network, whose pruned layers compute over their kept weights only. `meta`: the file's metadata.
 
-    A VGG-like's feature stack also runs, in inference (no gradient), as one `SparseStack` on padded grids (no map
-    copied between layers, ReLU and BatchNorm applied in place). `stack` chooses: "auto" (default) times both ways
-    once per batch size (rounded up to a power of two) and keeps the faster, "on" and "off" force it;
-    `inference_path` says which way the last call went ("stack" or "layers")."""
+    In inference (no gradient) the network can also run as one C++ call: a VGG-like's feature stack as one
+    `SparseStack` on padded grids (no map copied between layers, ReLU and BatchNorm applied in place), a Linear/ReLU
+    chain (the MLPs) as one `SparseChain` over the kept weights, the batch as the vector axis. `stack` chooses: "auto"
+    (default) times both ways once per batch size (rounded up to a power of two) and keeps the faster, "on" and
+    "off" force it; `inference_path` says which way the last call went ("stack", "chain" or "layers")."""
 
     STACK_MODES = ("auto", "on", "off")
 
@@ -116,7 +117,34 @@ class CompressedModel(nn.Module):
         self.stack = "auto"
         self.inference_path = "layers"
         self._stack = SparseStack.compile(net.features) if isinstance(net, VGGLike) else None
+        self._chain = None
+        if self._stack is None:
+            from dsd2.ops.masked_layers import MaskedLinear
+            from dsd2.ops.sparse_inference import SparseChain
+            from dsd2.training.fused_step import linear_relu_chain
+
+            self._chain = linear_relu_chain(net, tuple(meta["input_shape"]))[0]
+            if self._chain is not None and all(isinstance(m, MaskedLinear) for m in self._chain.layers):
+                self._sparse_chain = SparseChain(list(self._chain.layers), list(self._chain.relu_after))
+            else:
+                self._chain = None
         self._stack_choice: dict[tuple, bool] = {}
+
+    def _one_call(self, x: torch.Tensor) -> torch.Tensor:
+        if self._stack is not None:
+            return self._features_by_stack(x)
+        return self._sparse_chain(x)
+
+    def _one_call_applies(self, x: torch.Tensor) -> bool:
+        if self._stack is not None:
+            return self._stack.applies(x)
+        if self._chain is None or not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not x.is_cpu:
+            return False
+        from dsd2.ops import cpp_extension
+
+        needs_graph = torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for m in self._chain.layers for p in m.parameters()))
+        return not needs_graph and cpp_extension() is not None and not torch.jit.is_tracing()
 
     def _features_by_stack(self, x: torch.Tensor) -> torch.Tensor:
         feats = self._stack(x)
@@ -142,7 +170,7 @@ class CompressedModel(nn.Module):
     def _take_stack(self, x: torch.Tensor) -> bool:
         if self.stack not in self.STACK_MODES:
             raise ValueError(f"stack '{self.stack}' is not known; allowed: {', '.join(self.STACK_MODES)}")
-        if self.stack == "off" or self._stack is None or not self._stack.applies(x):
+        if self.stack == "off" or not self._one_call_applies(x):
             return False
         if self.stack == "on":
             return True
@@ -156,7 +184,7 @@ class CompressedModel(nn.Module):
         crossovers): the stack when its best time is the lower."""
         import time
 
-        ways, best = (self._features_by_stack, self.net), [float("inf"), float("inf")]
+        ways, best = (self._one_call, self.net), [float("inf"), float("inf")]
         for way in ways:
             way(x)
         for _ in range(3):
@@ -173,8 +201,8 @@ class CompressedModel(nn.Module):
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if self._take_stack(x):
-            self.inference_path = "stack"
-            return self._features_by_stack(x)
+            self.inference_path = "stack" if self._stack is not None else "chain"
+            return self._one_call(x)
         self.inference_path = "layers"
         return self.net(x)
 

@@ -78,6 +78,12 @@ def test_export_gives_the_dense_masked_logits_and_is_small(digits_run, tmp_path,
     assert (tmp_path / "l5.safetensors").stat().st_size <= (tmp_path / "dense.safetensors").stat().st_size / 10
     level0 = check_same_logits(digits_run, 0, tmp_path / "l0.safetensors")  # nothing pruned: bitmask is smaller
     assert {info["encoding"] for info in level0.meta["layers"].values()} == {"bitmask"}
+    expected, images = dense_logits(digits_run, 5)
+    for mode, path in (("on", "chain"), ("off", "layers")):  # the MLP in one C++ call (the engine's fused chain)
+        loaded.stack = mode
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(images), expected, rtol=1e-4, atol=1e-5)
+        assert loaded.inference_path == path
 
 
 def dense_state(run_path, level):

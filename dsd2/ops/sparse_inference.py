@@ -149,3 +149,39 @@ class SparseStack:
             self._args, self._width = [list(column) for column in zip(*per)], width
         layout = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         return cpp_extension().sparse_stack(x, self.kernel, *self._args, layout)
+
+
+class SparseChain:
+    """A Linear/ReLU chain (the MLPs) in inference over its layers' kept weights only: x [N, ...] flattened and
+    transposed once to [features, N], each layer one `sparse_rows_` call (the batch the vector axis, the bias
+    added in the kernel) and its ReLU in place, logits transposed back. Kept values are taken once per weight
+    version, as in `SparseStack`; fp32 CPU tensors, no gradient."""
+
+    def __init__(self, layers: list[nn.Linear], relu_after: list[bool]):
+        self.layers, self.relu_after = layers, relu_after
+        self._plans: list = [None] * len(layers)
+        self._keys: list = [()] * len(layers)
+        self._values: list = [None] * len(layers)
+
+    def _refresh(self, i: int) -> tuple[SparsePlan, torch.Tensor, torch.Tensor | None]:
+        params, buffers = self.layers[i]._parameters, self.layers[i]._buffers
+        w, mask, b = params["weight"], buffers["mask"], params.get("bias")
+        key = tuple((id(t), t._version) for t in (w, mask, b) if t is not None)
+        if key != self._keys[i]:
+            plan = self._plans[i]
+            if plan is None or not plan.valid_for(mask):
+                plan = self._plans[i] = SparsePlan(mask)
+            bias = None if b is None else b.detach().float().contiguous()
+            self._values[i], self._keys[i] = (plan.values(w), bias), key
+        return self._plans[i], *self._values[i]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ext = cpp_extension()
+        n = x.shape[0]
+        h = x.reshape(n, -1).t().contiguous()
+        for i, layer in enumerate(self.layers):
+            plan, values, bias = self._refresh(i)
+            out = torch.empty(layer.out_features, n)
+            ext.sparse_rows_(out, n, h, plan.rowptr, plan.unfold_row, plan.zero, values, bias)
+            h = out.clamp_min_(0.0) if self.relu_after[i] else out
+        return h.t()

@@ -144,3 +144,23 @@ def test_changed_weights_and_statistics_are_taken_again():
         torch.testing.assert_close(after, seq(x), rtol=1e-4, atol=1e-4)
         seq[0].mask.zero_()       # a new mask: a new plan
         torch.testing.assert_close(compiled(x), seq(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 128])
+@pytest.mark.parametrize("density", [1.0, 0.1, 0.0])
+def test_the_sparse_chain_gives_the_layer_by_layer_logits(batch, density):
+    from dsd2.ops import MaskedLinear
+    from dsd2.ops.sparse_inference import SparseChain
+
+    g = torch.Generator().manual_seed(batch)
+    layers = [MaskedLinear(64, 32), MaskedLinear(32, 16), MaskedLinear(16, 10)]
+    with torch.no_grad():
+        for m in layers:
+            m.mask.copy_(torch.rand(m.weight.shape, generator=g) < density)
+    seq = nn.Sequential(nn.Flatten(), layers[0], nn.ReLU(), layers[1], nn.ReLU(), layers[2])
+    chain = SparseChain(layers, [True, True, False])
+    x = torch.randn(batch, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(chain(x), seq(x), rtol=1e-5, atol=1e-6)
+        layers[1].weight.mul_(-3.0)  # a changed weight is taken again
+        torch.testing.assert_close(chain(x), seq(x), rtol=1e-5, atol=1e-6)
