@@ -31,33 +31,48 @@ from dsd2.ops.masked_layers import MaskedConv2d
 from dsd2.ops.sparse_layers import SparsePlan
 
 
+class _Kept:
+    """A masked layer's kept entries (its `SparsePlan`), their current values and its fp32 bias, taken again only
+    when the weight, mask or bias changed or was replaced. Read from the module's own dicts: a check costs about a
+    microsecond, where attribute access through nn.Module took six."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self.plan: SparsePlan | None = None
+        self.values: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self.key: tuple = ()
+
+    def refresh(self) -> bool:
+        params, buffers = self.layer._parameters, self.layer._buffers
+        w, mask, b = params["weight"], buffers["mask"], params.get("bias")
+        key = tuple((id(t), t._version) for t in (w, mask, b) if t is not None)
+        if key == self.key:
+            return False
+        if self.plan is None or not self.plan.valid_for(mask):
+            self.plan = SparsePlan(mask)
+        self.values, self.key = self.plan.values(w), key
+        self.bias = None if b is None else b.detach().float().contiguous()
+        return True
+
+
 @dataclass
 class _Stage:
     conv: MaskedConv2d
     relu: bool
     norm: nn.BatchNorm2d | None
     pool: bool
-    plan: SparsePlan | None = None
-    values: torch.Tensor | None = None
-    key: tuple = ()
+    kept: _Kept | None = None
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
     norm_key: tuple = ()
-    bias: torch.Tensor | None = None
 
     def refresh(self) -> bool:
-        """The kept values, the bias and the BatchNorm's scale and shift, again only where a tensor they come from
-        changed or was replaced (whether one was). Read from the modules' own dicts: a stage's check costs about a
-        microsecond, where attribute access through nn.Module took six."""
-        params, buffers = self.conv._parameters, self.conv._buffers
-        w, mask, b = params["weight"], buffers["mask"], params.get("bias")
-        key = (id(w), w._version, id(mask), mask._version) + ((id(b), b._version) if b is not None else ())
-        changed = key != self.key
-        if changed:
-            if self.plan is None or not self.plan.valid_for(mask):
-                self.plan = SparsePlan(mask)
-            self.values, self.key = self.plan.values(w), key
-            self.bias = None if b is None else b.detach().float().contiguous()
+        """The conv's kept values and bias, and the BatchNorm's scale and shift, again only where a tensor they come
+        from changed or was replaced (whether one was)."""
+        if self.kept is None:
+            self.kept = _Kept(self.conv)
+        changed = self.kept.refresh()
         if self.norm is not None:
             params, buffers = self.norm._parameters, self.norm._buffers
             tensors = (buffers["running_mean"], buffers["running_var"], params.get("weight"), params.get("bias"))
@@ -144,8 +159,9 @@ class SparseStack:
             for stage in self.stages:  # each stage's grid width for this input: its map's, plus the padding
                 widths.append(w + self.kernel - 1)
                 w = w // 2 if stage.pool else w
-            per = [(s.plan.rowptr, s.plan.channel, s.plan.shifts(wp, (1, 1))[0], s.values, s.bias, s.relu, s.scale,
-                    s.shift, s.pool, s.conv.out_channels) for s, wp in zip(self.stages, widths)]
+            per = [(s.kept.plan.rowptr, s.kept.plan.channel, s.kept.plan.shifts(wp, (1, 1))[0], s.kept.values,
+                    s.kept.bias, s.relu, s.scale, s.shift, s.pool, s.conv.out_channels)
+                   for s, wp in zip(self.stages, widths)]
             self._args, self._width = [list(column) for column in zip(*per)], width
         layout = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         return cpp_extension().sparse_stack(x, self.kernel, *self._args, layout)
@@ -159,29 +175,16 @@ class SparseChain:
 
     def __init__(self, layers: list[nn.Linear], relu_after: list[bool]):
         self.layers, self.relu_after = layers, relu_after
-        self._plans: list = [None] * len(layers)
-        self._keys: list = [()] * len(layers)
-        self._values: list = [None] * len(layers)
-
-    def _refresh(self, i: int) -> tuple[SparsePlan, torch.Tensor, torch.Tensor | None]:
-        params, buffers = self.layers[i]._parameters, self.layers[i]._buffers
-        w, mask, b = params["weight"], buffers["mask"], params.get("bias")
-        key = tuple((id(t), t._version) for t in (w, mask, b) if t is not None)
-        if key != self._keys[i]:
-            plan = self._plans[i]
-            if plan is None or not plan.valid_for(mask):
-                plan = self._plans[i] = SparsePlan(mask)
-            bias = None if b is None else b.detach().float().contiguous()
-            self._values[i], self._keys[i] = (plan.values(w), bias), key
-        return self._plans[i], *self._values[i]
+        self._kept = [_Kept(layer) for layer in layers]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ext = cpp_extension()
         n = x.shape[0]
         h = x.reshape(n, -1).t().contiguous()
-        for i, layer in enumerate(self.layers):
-            plan, values, bias = self._refresh(i)
+        for i, (layer, kept) in enumerate(zip(self.layers, self._kept)):
+            kept.refresh()
             out = torch.empty(layer.out_features, n)
-            ext.sparse_rows_(out, n, h, plan.rowptr, plan.unfold_row, plan.zero, values, bias)
+            ext.sparse_rows_(out, n, h, kept.plan.rowptr, kept.plan.unfold_row, kept.plan.zero, kept.values,
+                             kept.bias)
             h = out.clamp_min_(0.0) if self.relu_after[i] else out
         return h.t()
