@@ -261,7 +261,7 @@ def bench_inference(repeats: int) -> str:
                 with torch.no_grad():
                     torch.testing.assert_close(loaded(images), dense_call(images), rtol=1e-4, atol=1e-4)
                     t_dense, t_layers, t_ours = time_together(
-                        [lambda f=dense_call, x=images: f(x), lambda x=images: layer_by_layer(loaded, x),
+                        [lambda f=dense_call, x=images: f(x), lambda m=loaded, x=images: layer_by_layer(m, x),
                          lambda f=loaded, x=images: f(x)], repeats * 10)
                     loaded(images)
                 paths = sparse_paths(loaded.net)

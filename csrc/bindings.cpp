@@ -26,7 +26,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n"), py::arg("hs"), py::arg("ws"), py::arg("h"), py::arg("w"), py::arg("dst"), py::arg("hd"),
         py::arg("wd"), py::arg("ph"), py::arg("pw"), py::arg("relu") = false, py::arg("scale") = py::none(),
         py::arg("shift") = py::none());
-  m.def("sparse_stack", &dsd2::sparse_stack, "a stack of sparse conv / ReLU / BatchNorm / pool stages on grids");
+  py::class_<dsd2::SparseStackPlan>(m, "SparseStackPlan",
+                                    "a stack of sparse conv / ReLU / BatchNorm / pool stages on grids, built once")
+      .def(py::init<int64_t, int64_t, int64_t, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                    const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                    const std::vector<std::optional<at::Tensor>>&, const std::vector<bool>&,
+                    const std::vector<std::optional<at::Tensor>>&, const std::vector<std::optional<at::Tensor>>&,
+                    const std::vector<bool>&, const std::vector<int64_t>&>())
+      .def("run", &dsd2::SparseStackPlan::run, "the stack's output map for x", py::arg("x"),
+           py::arg("channels_last") = false)
+      .def_property_readonly("width", &dsd2::SparseStackPlan::width);
   m.def("mlp_epoch", &dsd2::mlp_epoch, "One training epoch of a Linear/ReLU chain, the eager step's ops in C++");
   m.def("mlp_forward", &dsd2::mlp_forward, "Logits of a Linear/ReLU chain for a split, in batches");
   m.def("cpu_isa", &dsd2::cpu_isa, "The instruction-set level of the kernels in use");

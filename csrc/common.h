@@ -56,13 +56,34 @@ void grid_epilogue_(at::Tensor grid, int64_t n, int64_t hp, int64_t wp, int64_t 
 void grid_maxpool2_(const at::Tensor& src, int64_t n, int64_t hs, int64_t ws, int64_t h, int64_t w, at::Tensor dst,
                     int64_t hd, int64_t wd, int64_t ph, int64_t pw, bool relu, const std::optional<at::Tensor>& scale,
                     const std::optional<at::Tensor>& shift);
-at::Tensor sparse_stack(const at::Tensor& x, int64_t kernel, const std::vector<at::Tensor>& rowptr,
-                        const std::vector<at::Tensor>& channel, const std::vector<at::Tensor>& shifts,
-                        const std::vector<at::Tensor>& values,
-                        const std::vector<std::optional<at::Tensor>>& bias, const std::vector<bool>& relu,
-                        const std::vector<std::optional<at::Tensor>>& scale,
-                        const std::vector<std::optional<at::Tensor>>& shift, const std::vector<bool>& pool,
-                        const std::vector<int64_t>& out_channels, bool channels_last);
+// A stack of sparse conv stages on grids (SparseStack, dsd2/ops/sparse_inference.py), per stage: its entries' row
+// pointers, operand rows (input channels) and shifts on its grid (tap_h * wp + tap_w, for the width wp the input
+// width gives the stage), kept values, bias, ReLU, BatchNorm scale and shift, pool, output channels. Built (and
+// every entry checked) once; `run` takes x [N, C, H, W] of the width it was built for onto its grid, then per
+// stage the rows into the next grid (or, before a pool or at the end, into a grid of its own) finished as they
+// are stored, the padding's zeros, the pool; the last map back as [N, C, h, w] (channels_last with
+// `channels_last`). The kernels are the stage-by-stage calls' (sparse_row_post_f32: sparse_row_f32's sums).
+class __attribute__((visibility("hidden"))) SparseStackPlan {  // hidden, as pybind11's own types are
+ public:
+  SparseStackPlan(int64_t kernel, int64_t in_channels, int64_t width, const std::vector<at::Tensor>& rowptr,
+                  const std::vector<at::Tensor>& channel, const std::vector<at::Tensor>& shifts,
+                  const std::vector<at::Tensor>& values, const std::vector<std::optional<at::Tensor>>& bias,
+                  const std::vector<bool>& relu, const std::vector<std::optional<at::Tensor>>& scale,
+                  const std::vector<std::optional<at::Tensor>>& shift, const std::vector<bool>& pool,
+                  const std::vector<int64_t>& out_channels);
+  at::Tensor run(const at::Tensor& x, bool channels_last) const;
+  int64_t width() const { return width_; }
+
+ private:
+  struct Stage {
+    at::Tensor rowptr, col, shift, values;  // col and shift as int32, checked against the stage's grid
+    std::optional<at::Tensor> bias, scale, shift_bn;
+    bool relu = false, pool = false;
+    int64_t out_channels = 0;
+  };
+  int64_t kernel_, in_channels_, width_;
+  std::vector<Stage> stages_;
+};
 
 // One training epoch of a Linear/ReLU chain (mlp_epoch.cpp): see there.
 std::vector<at::Tensor> mlp_epoch(const at::Tensor& inputs, const at::Tensor& labels, const at::Tensor& perm,

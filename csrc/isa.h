@@ -13,6 +13,15 @@
 
 namespace dsd2 {
 
+// What a row of a convolution's output takes as it is stored (inference on grids, sparse_layers.cpp): v = relu(v)
+// with `relu` (a NaN stays NaN, as under torch.relu), then v = v * a + z with `affine` (an eval-mode BatchNorm).
+struct RowPost {
+  bool relu = false;
+  bool affine = false;
+  float a = 1.0f;
+  float z = 0.0f;
+};
+
 struct KernelTable {
   const char* name;
   // p -= lr * d with d = g * keep + wd * p, momentum and Nesterov as torch.optim.SGD, then p *= keep.
@@ -55,6 +64,14 @@ struct KernelTable {
                          float init);
   // sum_i a[i] * b[i] over n elements, in an order that does not depend on the vector width
   float (*sparse_dot_f32)(const float* a, const float* b, int64_t n);
+  // out[i] = post(init + sum_k val[k] * x[col[k] * ld + shift[k] + i]): sparse_row_f32's sums, in its order, for
+  // an entry list kept as (operand row, shift) pairs, the stored value finished by `post`
+  void (*sparse_row_post_f32)(const float* x, int64_t ld, const int32_t* col, const int32_t* shift,
+                              const float* val, int64_t nnz, float* out, int64_t n, float init, const RowPost& post);
+  // out[i * ldo + j] = the max of post(v) over the 2x2 window at row 2i, column 2j of src (rows lds apart), for
+  // i < ho, j < wo; a NaN in a window gives NaN, as torch's max_pool2d does
+  void (*maxpool2_f32)(const float* src, int64_t lds, float* out, int64_t ldo, int64_t ho, int64_t wo,
+                       const RowPost& post);
 };
 
 // counting: columns per task (relu_count.cpp) and per counter block of the kernels: 32 KiB of int32 counters, so

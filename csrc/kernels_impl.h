@@ -453,6 +453,13 @@ DSD2_INLINE vecf vload(const float* p) { return _mm512_loadu_ps(p); }
 DSD2_INLINE void vstore(float* p, vecf v) { _mm512_storeu_ps(p, v); }
 DSD2_INLINE vecf vmadd(vecf a, vecf b, vecf c) { return _mm512_fmadd_ps(a, b, c); }
 DSD2_INLINE vecf vadd(vecf a, vecf b) { return _mm512_add_ps(a, b); }
+typedef int32_t veci __attribute__((vector_size(64)));
+DSD2_INLINE vecf vevens(vecf a, vecf b) {  // lanes 0, 2, 4, ... of a then of b
+  return __builtin_shuffle(a, b, veci{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30});
+}
+DSD2_INLINE vecf vodds(vecf a, vecf b) {
+  return __builtin_shuffle(a, b, veci{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+}
 #elif DSD2_VEC_BITS == 256
 typedef __m256 vecf;
 constexpr int64_t kVec = 8;
@@ -462,6 +469,9 @@ DSD2_INLINE vecf vload(const float* p) { return _mm256_loadu_ps(p); }
 DSD2_INLINE void vstore(float* p, vecf v) { _mm256_storeu_ps(p, v); }
 DSD2_INLINE vecf vmadd(vecf a, vecf b, vecf c) { return _mm256_fmadd_ps(a, b, c); }
 DSD2_INLINE vecf vadd(vecf a, vecf b) { return _mm256_add_ps(a, b); }
+typedef int32_t veci __attribute__((vector_size(32)));
+DSD2_INLINE vecf vevens(vecf a, vecf b) { return __builtin_shuffle(a, b, veci{0, 2, 4, 6, 8, 10, 12, 14}); }
+DSD2_INLINE vecf vodds(vecf a, vecf b) { return __builtin_shuffle(a, b, veci{1, 3, 5, 7, 9, 11, 13, 15}); }
 #elif DSD2_VEC_BITS == 0
 typedef float vecf __attribute__((vector_size(16)));
 constexpr int64_t kVec = 4;
@@ -475,6 +485,9 @@ DSD2_INLINE vecf vload(const float* p) {
 DSD2_INLINE void vstore(float* p, vecf v) { __builtin_memcpy(p, &v, sizeof(v)); }
 DSD2_INLINE vecf vmadd(vecf a, vecf b, vecf c) { return a * b + c; }  // DSD2_HAS_FMA is 0 at this level
 DSD2_INLINE vecf vadd(vecf a, vecf b) { return a + b; }
+typedef int32_t veci __attribute__((vector_size(16)));
+DSD2_INLINE vecf vevens(vecf a, vecf b) { return __builtin_shuffle(a, b, veci{0, 2, 4, 6}); }
+DSD2_INLINE vecf vodds(vecf a, vecf b) { return __builtin_shuffle(a, b, veci{1, 3, 5, 7}); }
 #else
 #error "define DSD2_VEC_BITS (0, 256 or 512) before including kernels_impl.h"
 #endif
@@ -482,9 +495,45 @@ DSD2_INLINE vecf vadd(vecf a, vecf b) { return a + b; }
 constexpr int64_t kSparseBlock = 64;  // lanes of a dot product's partial sums, at every level
 constexpr int64_t kRowVecs = 8;       // accumulators a row kernel keeps in registers while the kept weights stream
 
+// Where entry k's operand run starts: a precomputed offset (the training kernels' list), or operand row times the
+// operand's row stride plus the entry's shift (the inference stacks' list, the same for every batch size).
+struct Offsets {
+  const int64_t* __restrict__ base;
+  inline __attribute__((always_inline)) int64_t operator[](int64_t k) const { return base[k]; }
+};
+struct RowShifts {
+  const int32_t* __restrict__ col;
+  const int32_t* __restrict__ shift;
+  int64_t ld;
+  inline __attribute__((always_inline)) int64_t operator[](int64_t k) const {
+    return static_cast<int64_t>(col[k]) * ld + shift[k];
+  }
+};
+
+// What a stored value takes: nothing, or a RowPost. The vector and the scalar forms give the same bits (a compare
+// and a select for the ReLU, then a product and a sum each rounded on its own).
+struct Stored {
+  inline __attribute__((always_inline)) vecf operator()(vecf v) const { return v; }
+  inline __attribute__((always_inline)) float operator()(float v) const { return v; }
+};
+struct Finished {
+  RowPost p;
+  inline __attribute__((always_inline)) vecf operator()(vecf v) const {
+    if (p.relu) v = v < vzero() ? vzero() : v;  // a NaN compares false and stays
+    if (p.affine) v = v * vbroadcast(p.a) + vbroadcast(p.z);
+    return v;
+  }
+  inline __attribute__((always_inline)) float operator()(float v) const {
+    if (p.relu) v = v < 0.0f ? 0.0f : v;
+    if (p.affine) v = v * p.a + p.z;
+    return v;
+  }
+};
+
 // `kRowVecs` vectors of one output row: acc[u] += v * s[u] for each kept entry, in entry order.
-DSD2_INLINE void sparse_row_block(const float* __restrict__ x, const int64_t* __restrict__ base,
-                                  const float* __restrict__ val, int64_t nnz, float* __restrict__ out, float init) {
+template <typename Entries, typename Post>
+DSD2_INLINE void sparse_row_block(const float* __restrict__ x, Entries base, const float* __restrict__ val,
+                                  int64_t nnz, float* __restrict__ out, float init, Post post) {
   const vecf b = vbroadcast(init);
   vecf a0 = b, a1 = b, a2 = b, a3 = b, a4 = b, a5 = b, a6 = b, a7 = b;
   for (int64_t k = 0; k < nnz; ++k) {
@@ -499,14 +548,14 @@ DSD2_INLINE void sparse_row_block(const float* __restrict__ x, const int64_t* __
     a6 = vmadd(v, vload(s + 6 * kVec), a6);
     a7 = vmadd(v, vload(s + 7 * kVec), a7);
   }
-  vstore(out, a0);
-  vstore(out + kVec, a1);
-  vstore(out + 2 * kVec, a2);
-  vstore(out + 3 * kVec, a3);
-  vstore(out + 4 * kVec, a4);
-  vstore(out + 5 * kVec, a5);
-  vstore(out + 6 * kVec, a6);
-  vstore(out + 7 * kVec, a7);
+  vstore(out, post(a0));
+  vstore(out + kVec, post(a1));
+  vstore(out + 2 * kVec, post(a2));
+  vstore(out + 3 * kVec, post(a3));
+  vstore(out + 4 * kVec, post(a4));
+  vstore(out + 5 * kVec, post(a5));
+  vstore(out + 6 * kVec, post(a6));
+  vstore(out + 7 * kVec, post(a7));
 }
 
 // out[i] = init + sum_k val[k] * x[base[k] + i] for i in [0, n): one tile of one output row (init: its bias, or
@@ -518,23 +567,37 @@ DSD2_INLINE void sparse_row_block(const float* __restrict__ x, const int64_t* __
 // same on every path and at every vector width, as the long rows' k order is.
 constexpr int64_t kShortRow = 64;
 
-static void sparse_row_short(const float* __restrict__ x, const int64_t* __restrict__ base,
-                             const float* __restrict__ val, int64_t nnz, float* __restrict__ out, int64_t n,
-                             float init) {
+// V vectors of a short row in one pass over the entries, four partial sums each
+template <int V, typename Entries, typename Post>
+DSD2_INLINE void sparse_row_short_vecs(const float* __restrict__ x, Entries base, const float* __restrict__ val,
+                                       int64_t nnz, float* __restrict__ out, float init, Post post) {
+  const int64_t k4 = nnz - nnz % 4;
+  vecf a[4][V];
+  for (int u = 0; u < V; ++u) a[0][u] = vbroadcast(init), a[1][u] = a[2][u] = a[3][u] = vzero();
+  for (int64_t k = 0; k < k4; k += 4) {
+    for (int c = 0; c < 4; ++c) {
+      const vecf v = vbroadcast(val[k + c]);
+      const float* __restrict__ s = x + base[k + c];
+      for (int u = 0; u < V; ++u) a[c][u] = vmadd(v, vload(s + u * kVec), a[c][u]);
+    }
+  }
+  for (int64_t k = k4; k < nnz; ++k) {
+    const vecf v = vbroadcast(val[k]);
+    const float* __restrict__ s = x + base[k];
+    for (int u = 0; u < V; ++u) a[k - k4][u] = vmadd(v, vload(s + u * kVec), a[k - k4][u]);
+  }
+  for (int u = 0; u < V; ++u) vstore(out + u * kVec, post(vadd(vadd(a[0][u], a[1][u]), vadd(a[2][u], a[3][u]))));
+}
+
+template <typename Entries, typename Post>
+DSD2_INLINE void sparse_row_short(const float* __restrict__ x, Entries base, const float* __restrict__ val,
+                                  int64_t nnz, float* __restrict__ out, int64_t n, float init, Post post) {
   const int64_t k4 = nnz - nnz % 4;
   int64_t i0 = 0;
-  for (; i0 + kVec <= n; i0 += kVec) {
-    vecf a0 = vbroadcast(init), a1 = vzero(), a2 = vzero(), a3 = vzero();
-    for (int64_t k = 0; k < k4; k += 4) {
-      a0 = vmadd(vbroadcast(val[k]), vload(x + base[k] + i0), a0);
-      a1 = vmadd(vbroadcast(val[k + 1]), vload(x + base[k + 1] + i0), a1);
-      a2 = vmadd(vbroadcast(val[k + 2]), vload(x + base[k + 2] + i0), a2);
-      a3 = vmadd(vbroadcast(val[k + 3]), vload(x + base[k + 3] + i0), a3);
-    }
-    if (k4 < nnz) a0 = vmadd(vbroadcast(val[k4]), vload(x + base[k4] + i0), a0);
-    if (k4 + 1 < nnz) a1 = vmadd(vbroadcast(val[k4 + 1]), vload(x + base[k4 + 1] + i0), a1);
-    if (k4 + 2 < nnz) a2 = vmadd(vbroadcast(val[k4 + 2]), vload(x + base[k4 + 2] + i0), a2);
-    vstore(out + i0, vadd(vadd(a0, a1), vadd(a2, a3)));
+  for (; i0 + 2 * kVec <= n; i0 += 2 * kVec) sparse_row_short_vecs<2>(x + i0, base, val, nnz, out + i0, init, post);
+  if (i0 + kVec <= n) {
+    sparse_row_short_vecs<1>(x + i0, base, val, nnz, out + i0, init, post);
+    i0 += kVec;
   }
   for (; i0 < n; ++i0) {
     float a0 = init, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
@@ -547,25 +610,101 @@ static void sparse_row_short(const float* __restrict__ x, const int64_t* __restr
     if (k4 < nnz) a0 = madd(val[k4], x[base[k4] + i0], a0);
     if (k4 + 1 < nnz) a1 = madd(val[k4 + 1], x[base[k4 + 1] + i0], a1);
     if (k4 + 2 < nnz) a2 = madd(val[k4 + 2], x[base[k4 + 2] + i0], a2);
-    out[i0] = (a0 + a1) + (a2 + a3);
+    out[i0] = post((a0 + a1) + (a2 + a3));
+  }
+}
+
+// V (< kRowVecs) vectors of a long row in one pass over the entries, one sum each in k order
+template <int V, typename Entries, typename Post>
+DSD2_INLINE void sparse_row_vecs(const float* __restrict__ x, Entries base, const float* __restrict__ val,
+                                 int64_t nnz, float* __restrict__ out, float init, Post post) {
+  vecf a[V];
+  for (int u = 0; u < V; ++u) a[u] = vbroadcast(init);
+  for (int64_t k = 0; k < nnz; ++k) {
+    const vecf v = vbroadcast(val[k]);
+    const float* __restrict__ s = x + base[k];
+    for (int u = 0; u < V; ++u) a[u] = vmadd(v, vload(s + u * kVec), a[u]);
+  }
+  for (int u = 0; u < V; ++u) vstore(out + u * kVec, post(a[u]));
+}
+
+template <typename Entries, typename Post>
+DSD2_INLINE void sparse_row_any(const float* __restrict__ x, Entries base, const float* __restrict__ val,
+                                int64_t nnz, float* __restrict__ out, int64_t n, float init, Post post) {
+  if (n <= kShortRow) return sparse_row_short(x, base, val, nnz, out, n, init, post);
+  int64_t i0 = 0;
+  for (; i0 + kRowVecs * kVec <= n; i0 += kRowVecs * kVec)
+    sparse_row_block(x + i0, base, val, nnz, out + i0, init, post);
+  // the vectors left, in blocks of 4, 2 and 1: each block one pass over the entries
+  if (i0 + 4 * kVec <= n) {
+    sparse_row_vecs<4>(x + i0, base, val, nnz, out + i0, init, post);
+    i0 += 4 * kVec;
+  }
+  if (i0 + 2 * kVec <= n) {
+    sparse_row_vecs<2>(x + i0, base, val, nnz, out + i0, init, post);
+    i0 += 2 * kVec;
+  }
+  if (i0 + kVec <= n) {
+    sparse_row_vecs<1>(x + i0, base, val, nnz, out + i0, init, post);
+    i0 += kVec;
+  }
+  for (; i0 < n; ++i0) {
+    float acc = init;
+    for (int64_t k = 0; k < nnz; ++k) acc = madd(val[k], x[base[k] + i0], acc);
+    out[i0] = post(acc);
   }
 }
 
 static void sparse_row_f32(const float* __restrict__ x, const int64_t* __restrict__ base,
                            const float* __restrict__ val, int64_t nnz, float* __restrict__ out, int64_t n,
                            float init) {
-  if (n <= kShortRow) return sparse_row_short(x, base, val, nnz, out, n, init);
-  int64_t i0 = 0;
-  for (; i0 + kRowVecs * kVec <= n; i0 += kRowVecs * kVec) sparse_row_block(x + i0, base, val, nnz, out + i0, init);
-  for (; i0 + kVec <= n; i0 += kVec) {
-    vecf acc = vbroadcast(init);
-    for (int64_t k = 0; k < nnz; ++k) acc = vmadd(vbroadcast(val[k]), vload(x + base[k] + i0), acc);
-    vstore(out + i0, acc);
-  }
-  for (; i0 < n; ++i0) {
-    float acc = init;
-    for (int64_t k = 0; k < nnz; ++k) acc = madd(val[k], x[base[k] + i0], acc);
-    out[i0] = acc;
+  sparse_row_any(x, Offsets{base}, val, nnz, out, n, init, Stored{});
+}
+
+static void sparse_row_post_f32(const float* __restrict__ x, int64_t ld, const int32_t* __restrict__ col,
+                                const int32_t* __restrict__ shift, const float* __restrict__ val, int64_t nnz,
+                                float* __restrict__ out, int64_t n, float init, const RowPost& post) {
+  sparse_row_any(x, RowShifts{col, shift, ld}, val, nnz, out, n, init, Finished{post});
+}
+
+// The larger of m and v, v where v is a NaN (a NaN already in m stays): torch's max_pool2d.
+DSD2_INLINE float max_nan(float m, float v) { return (v > m || v != v) ? v : m; }
+DSD2_INLINE vecf max_nan(vecf m, vecf v) { return (v > m) | (v != v) ? v : m; }
+
+static void maxpool2_f32(const float* __restrict__ src, int64_t lds, float* __restrict__ out, int64_t ldo,
+                         int64_t ho, int64_t wo, const RowPost& p) {
+  const Finished post{p};
+  for (int64_t i = 0; i < ho; ++i) {
+    const float* top = src + 2 * i * lds;
+    const float* bottom = top + lds;
+    float* o = out + i * ldo;
+    int64_t j = 0;
+    for (; j + kVec <= wo; j += kVec) {  // two vectors of each row: their columns' pairs, evens beside odds
+      const vecf t0 = post(vload(top + 2 * j)), t1 = post(vload(top + 2 * j + kVec));
+      const vecf b0 = post(vload(bottom + 2 * j)), b1 = post(vload(bottom + 2 * j + kVec));
+      // the window's order (top left, top right, bottom left, bottom right), as the scalar loop takes it
+      vecf m = max_nan(vevens(t0, t1), vodds(t0, t1));
+      m = max_nan(m, vevens(b0, b1));
+      vstore(o + j, max_nan(m, vodds(b0, b1)));
+    }
+    if (j < wo && wo - j >= 4) {  // a part of a vector: through buffers, the same ops on their lanes
+      float tb[2 * kVec] = {}, bb[2 * kVec] = {}, ob[kVec];
+      __builtin_memcpy(tb, top + 2 * j, 2 * (wo - j) * sizeof(float));
+      __builtin_memcpy(bb, bottom + 2 * j, 2 * (wo - j) * sizeof(float));
+      const vecf t0 = post(vload(tb)), t1 = post(vload(tb + kVec));
+      const vecf b0 = post(vload(bb)), b1 = post(vload(bb + kVec));
+      vecf m = max_nan(vevens(t0, t1), vodds(t0, t1));
+      m = max_nan(m, vevens(b0, b1));
+      vstore(ob, max_nan(m, vodds(b0, b1)));
+      __builtin_memcpy(o + j, ob, (wo - j) * sizeof(float));
+      j = wo;
+    }
+    for (; j < wo; ++j) {
+      float m = post(top[2 * j]);
+      m = max_nan(m, post(top[2 * j + 1]));
+      m = max_nan(m, post(bottom[2 * j]));
+      o[j] = max_nan(m, post(bottom[2 * j + 1]));
+    }
   }
 }
 
@@ -598,4 +737,5 @@ static float sparse_dot_f32(const float* __restrict__ a, const float* __restrict
 static const KernelTable kTable = {
     DSD2_ISA_NAME, sgd_f32, count_cols_f32, count_cols_u16, relu_rows_f32, relu_rows_u16, kd_row, kd_row_f64,
     kd_block, mask_f32, mask_u16, pruned_zero_f32, pruned_zero_u16, sparse_row_f32, sparse_dot_f32,
+    sparse_row_post_f32, maxpool2_f32,
 };

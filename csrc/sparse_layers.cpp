@@ -252,9 +252,46 @@ void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t o
 }
 
 // Inference on grids, chained conv to conv (dsd2/ops/sparse_inference.py). A convolution's output rows, written by
-// sparse_rows_ into the next convolution's grid at the offset of its padding, are finished there in place: at the
-// map's positions v = relu(v) (with `relu`) then v * scale[c] + shift[c] (a BatchNorm in eval mode; none: 1 and 0),
-// and 0 at every other column of the row (the padding, the border outputs, the room for shifts after the grid).
+// the rows kernel into the next convolution's grid at the offset of its padding, are finished there in place: at
+// the map's positions v = relu(v) (with `relu`) then v * scale[c] + shift[c] (a BatchNorm in eval mode; none: 1
+// and 0), and 0 at every other column of the row (the padding, the border outputs, the room for shifts after the
+// grid). In the stack the rows kernel finishes each value as it stores it, and only the zeros are left to write.
+namespace {
+
+// 0 at every column of one grid row [n x hp x wp, then up to `width`] outside the maps at (ph, pw) of h x w
+void zero_border(float* row, int64_t n, int64_t hp, int64_t wp, int64_t ph, int64_t pw, int64_t h, int64_t w,
+                 int64_t width) {
+  for (int64_t img = 0; img < n; ++img) {
+    float* im = row + img * hp * wp;
+    std::fill(im, im + std::min(ph * wp + pw, hp * wp), 0.0f);
+    for (int64_t ih = ph; ih < ph + h; ++ih) {  // the right border of one line and the left one of the next
+      float* r = im + ih * wp;
+      std::fill(r + pw + w, r + std::min(wp + pw, hp * wp - ih * wp), 0.0f);
+    }
+    std::fill(im + (ph + h) * wp, im + hp * wp, 0.0f);
+  }
+  std::fill(row + n * hp * wp, row + width, 0.0f);
+}
+
+RowPost post_of(bool relu, const float* scale, const float* shift, int64_t c) {
+  RowPost p;
+  p.relu = relu;
+  p.affine = scale != nullptr || shift != nullptr;
+  p.a = scale ? scale[c] : 1.0f;
+  p.z = shift ? shift[c] : 0.0f;
+  return p;
+}
+
+void check_vectors(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t c,
+                   const char* op) {
+  for (const auto* t : {&scale, &shift})
+    TORCH_CHECK(!*t || ((*t)->device().is_cpu() && (*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() &&
+                        (*t)->numel() == c),
+                op, ": scale and shift must be contiguous float32 CPU vectors, one value per row");
+}
+
+}  // namespace
+
 void grid_epilogue_(at::Tensor grid, int64_t n, int64_t hp, int64_t wp, int64_t ph, int64_t pw, int64_t h, int64_t w,
                     bool relu, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
   check_matrix(grid, "grid");
@@ -263,32 +300,23 @@ void grid_epilogue_(at::Tensor grid, int64_t n, int64_t hp, int64_t wp, int64_t 
                   n * hp * wp <= width,
               "grid_epilogue_: a map of ", n, "x", h, "x", w, " at (", ph, ", ", pw, ") does not fit grids of ", hp,
               "x", wp, " in ", width, " columns");
-  for (const auto* t : {&scale, &shift})
-    TORCH_CHECK(!*t || ((*t)->device().is_cpu() && (*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() &&
-                        (*t)->numel() == c),
-                "grid_epilogue_: scale and shift must be contiguous float32 CPU vectors, one value per row");
+  check_vectors(scale, shift, c, "grid_epilogue_");
   const float* sc = scale ? scale->data_ptr<float>() : nullptr;
   const float* sh = shift ? shift->data_ptr<float>() : nullptr;
   float* g = grid.data_ptr<float>();
   at::parallel_for(0, c, grain_for(width), [&](int64_t b, int64_t e) {
     for (int64_t ch = b; ch < e; ++ch) {
       float* row = g + ch * ldg;
-      const float a = sc ? sc[ch] : 1.0f, z = sh ? sh[ch] : 0.0f;
-      for (int64_t img = 0; img < n; ++img) {
-        float* im = row + img * hp * wp;
-        std::fill(im, im + ph * wp, 0.0f);
+      const RowPost p = post_of(relu, sc, sh, ch);
+      for (int64_t img = 0; img < n; ++img)
         for (int64_t ih = ph; ih < ph + h; ++ih) {
-          float* r = im + ih * wp;
-          std::fill(r, r + pw, 0.0f);
+          float* r = row + img * hp * wp + ih * wp;
           for (int64_t iw = pw; iw < pw + w; ++iw) {
-            const float v = relu ? std::max(r[iw], 0.0f) : r[iw];  // a NaN stays NaN, as under torch.relu
-            r[iw] = v * a + z;
+            const float v = p.relu ? std::max(r[iw], 0.0f) : r[iw];  // a NaN stays NaN, as under torch.relu
+            r[iw] = v * p.a + p.z;
           }
-          std::fill(r + pw + w, r + wp, 0.0f);
         }
-        std::fill(im + (ph + h) * wp, im + hp * wp, 0.0f);
-      }
-      std::fill(row + n * hp * wp, row + width, 0.0f);
+      zero_border(row, n, hp, wp, ph, pw, h, w, width);
     }
   });
 }
@@ -302,10 +330,7 @@ void grid_maxpool2_(const at::Tensor& src, int64_t n, int64_t hs, int64_t ws, in
                     const std::optional<at::Tensor>& shift) {
   check_matrix(src, "src");
   check_matrix(dst, "dst");
-  for (const auto* t : {&scale, &shift})
-    TORCH_CHECK(!*t || ((*t)->device().is_cpu() && (*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() &&
-                        (*t)->numel() == src.size(0)),
-                "grid_maxpool2_: scale and shift must be contiguous float32 CPU vectors, one value per row");
+  check_vectors(scale, shift, src.size(0), "grid_maxpool2_");
   const float* sc = scale ? scale->data_ptr<float>() : nullptr;
   const float* sf = shift ? shift->data_ptr<float>() : nullptr;
   const int64_t c = src.size(0), ho = h / 2, wo = w / 2, width = dst.size(1);
@@ -315,87 +340,173 @@ void grid_maxpool2_(const at::Tensor& src, int64_t n, int64_t hs, int64_t ws, in
   const float* s = src.data_ptr<float>();
   float* d = dst.data_ptr<float>();
   const int64_t lds = src.stride(0), ldd = dst.stride(0);
+  const KernelTable& k = active_kernels();
   at::parallel_for(0, c, grain_for(width + 4 * ho * wo * n), [&](int64_t b, int64_t e) {
     for (int64_t ch = b; ch < e; ++ch) {
       const float* in = s + ch * lds;
       float* out = d + ch * ldd;
-      const float a = sc ? sc[ch] : 1.0f, z = sf ? sf[ch] : 0.0f;
-      const auto finish = [&](float v) { return (relu ? std::max(v, 0.0f) : v) * a + z; };
-      std::fill(out, out + width, 0.0f);
+      const RowPost p = post_of(relu, sc, sf, ch);
       for (int64_t img = 0; img < n; ++img)
-        for (int64_t i = 0; i < ho; ++i)
-          for (int64_t j = 0; j < wo; ++j) {
-            const float* q = in + img * hs * ws + 2 * i * ws + 2 * j;
-            float m = finish(q[0]);
-            for (const float u : {q[1], q[ws], q[ws + 1]}) {
-              const float v = finish(u);
-              if (v > m || std::isnan(v)) m = v;
-            }
-            out[img * hd * wd + (i + ph) * wd + j + pw] = m;
-          }
+        k.maxpool2_f32(in + img * hs * ws, ws, out + img * hd * wd + ph * wd + pw, wd, ho, wo, p);
+      zero_border(out, n, hd, wd, ph, pw, ho, wo, width);
     }
   });
 }
 
-// A whole stack of such stages in one call (SparseStack): x [N, C, H, W] onto its grid, then per stage the rows
-// into the next grid (or, before a pool or at the end, into a grid of its own), the epilogue, the pool; the last
-// map back as [N, C, h, w] (channels_last with `channels_last`). Stage s: its entries' row pointers, operand rows
-// (input channels), shifts on its grid (tap_h * wp + tap_w, for the width wp this input gives the stage), kept
-// values, bias, ReLU, BatchNorm scale and shift, pool, output channels. The kernels are the stage-by-stage calls'.
-at::Tensor sparse_stack(const at::Tensor& x, int64_t kernel, const std::vector<at::Tensor>& rowptr,
-                        const std::vector<at::Tensor>& channel, const std::vector<at::Tensor>& shifts,
-                        const std::vector<at::Tensor>& values,
-                        const std::vector<std::optional<at::Tensor>>& bias, const std::vector<bool>& relu,
-                        const std::vector<std::optional<at::Tensor>>& scale,
-                        const std::vector<std::optional<at::Tensor>>& shift, const std::vector<bool>& pool,
-                        const std::vector<int64_t>& out_channels, bool channels_last) {
+// A whole stack of such stages (SparseStack): built once from the stages' entry lists, run per batch.
+SparseStackPlan::SparseStackPlan(int64_t kernel, int64_t in_channels, int64_t width,
+                                 const std::vector<at::Tensor>& rowptr, const std::vector<at::Tensor>& channel,
+                                 const std::vector<at::Tensor>& shifts, const std::vector<at::Tensor>& values,
+                                 const std::vector<std::optional<at::Tensor>>& bias, const std::vector<bool>& relu,
+                                 const std::vector<std::optional<at::Tensor>>& scale,
+                                 const std::vector<std::optional<at::Tensor>>& shift, const std::vector<bool>& pool,
+                                 const std::vector<int64_t>& out_channels)
+    : kernel_(kernel), in_channels_(in_channels), width_(width) {
   const size_t stages = rowptr.size();
   TORCH_CHECK(stages > 0 && channel.size() == stages && shifts.size() == stages && values.size() == stages &&
                   bias.size() == stages && relu.size() == stages && scale.size() == stages && shift.size() == stages &&
                   pool.size() == stages && out_channels.size() == stages,
-              "sparse_stack: every per-stage list needs one entry per stage");
-  TORCH_CHECK(kernel >= 1 && kernel % 2 == 1, "sparse_stack: the kernel size must be odd");
+              "SparseStackPlan: every per-stage list needs one entry per stage");
+  TORCH_CHECK(kernel >= 1 && kernel % 2 == 1, "SparseStackPlan: the kernel size must be odd");
+  TORCH_CHECK(in_channels >= 1 && width >= 1, "SparseStackPlan: the input needs a channel and a column");
+  int64_t c = in_channels, w = width;
+  for (size_t s = 0; s < stages; ++s) {
+    Stage st;
+    st.out_channels = out_channels[s];
+    TORCH_CHECK(st.out_channels >= 1, "SparseStackPlan: stage ", s, " has no output channel");
+    check_list(rowptr[s], channel[s], shifts[s], st.out_channels);
+    const int64_t nnz = channel[s].numel();
+    TORCH_CHECK(values[s].scalar_type() == at::kFloat && values[s].is_contiguous() && values[s].numel() == nnz &&
+                    values[s].device().is_cpu(),
+                "SparseStackPlan: stage ", s, "'s values must be contiguous float32, one per entry");
+    TORCH_CHECK(!bias[s] || (bias[s]->device().is_cpu() && bias[s]->scalar_type() == at::kFloat &&
+                             bias[s]->is_contiguous() && bias[s]->numel() == st.out_channels),
+                "SparseStackPlan: stage ", s, "'s bias must be a contiguous float32 CPU vector, one per channel");
+    check_vectors(scale[s], shift[s], st.out_channels, "SparseStackPlan");
+    // every entry reads within the stage's grid: an input channel, a shift of at most (k - 1) rows and columns of
+    // the grid (width w + k - 1) past the output's position
+    const int64_t wp = w + kernel - 1, most = (kernel - 1) * (wp + 1);
+    st.col = at::empty({nnz}, channel[s].options().dtype(at::kInt));
+    st.shift = at::empty({nnz}, channel[s].options().dtype(at::kInt));
+    const int64_t* ch = channel[s].data_ptr<int64_t>();
+    const int64_t* sh = shifts[s].data_ptr<int64_t>();
+    int32_t* col = st.col.data_ptr<int32_t>();
+    int32_t* off = st.shift.data_ptr<int32_t>();
+    for (int64_t k = 0; k < nnz; ++k) {
+      TORCH_CHECK(ch[k] >= 0 && ch[k] < c && sh[k] >= 0 && sh[k] <= most, "SparseStackPlan: stage ", s,
+                  "'s entry ", k, " reads channel ", ch[k], " at shift ", sh[k], "; allowed: channels below ", c,
+                  ", shifts up to ", most);
+      col[k] = static_cast<int32_t>(ch[k]);
+      off[k] = static_cast<int32_t>(sh[k]);
+    }
+    st.rowptr = rowptr[s];
+    st.values = values[s];
+    st.bias = bias[s];
+    st.scale = scale[s];
+    st.shift_bn = shift[s];
+    st.relu = relu[s];
+    st.pool = pool[s];
+    stages_.push_back(std::move(st));
+    c = out_channels[s];
+    if (pool[s]) w /= 2;
+  }
+}
+
+at::Tensor SparseStackPlan::run(const at::Tensor& x, bool channels_last) const {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              "sparse_stack: x must be a 4-D float32 CPU tensor");
-  const int64_t p = kernel / 2, n = x.size(0);
+              "SparseStackPlan: x must be a 4-D float32 CPU tensor");
+  TORCH_CHECK(x.size(1) == in_channels_ && x.size(3) == width_, "SparseStackPlan: built for ", in_channels_,
+              " channels of width ", width_, ", given ", x.size(1), " of width ", x.size(3));
+  // Each row's length is rounded up to whole vectors of the widest level (kSlack), so no row ends in scalar
+  // elements: every grid has kSlack columns past its shifts' room, which the rounded rows read and write.
+  constexpr int64_t kSlack = 16;
+  const KernelTable& k = active_kernels();
+  const int64_t p = kernel_ / 2, n = x.size(0);
   int64_t h = x.size(2), w = x.size(3), hp = h + 2 * p, wp = w + 2 * p;
   const auto f32 = x.options();
-  at::Tensor grid = at::zeros({x.size(1), n * hp * wp + (kernel - 1) * (wp + 1)}, f32);
+  at::Tensor grid = at::zeros({x.size(1), n * hp * wp + (kernel_ - 1) * (wp + 1) + kSlack}, f32);
   grid_copy_(grid, x, hp, wp, p, p, true, 1, 1);
-  for (size_t s = 0; s < stages; ++s) {
-    const int64_t length = n * hp * wp, most = (kernel - 1) * (wp + 1), off = p * wp + p;
-    const bool last = s + 1 == stages, chained = !pool[s] && !last;
-    at::Tensor out = at::empty({out_channels[s], length + most}, f32);
-    const int64_t start = chained ? off : 0, map_pad = chained ? p : 0;
-    sparse_rows_(out.narrow(1, start, length), length, grid, rowptr[s], channel[s], shifts[s], values[s], bias[s]);
-    if (!pool[s]) grid_epilogue_(out, n, hp, wp, map_pad, map_pad, h, w, relu[s], scale[s], shift[s]);
-    if (chained) {
-      grid = out;
-      continue;
-    }
-    int64_t pad = 0;
-    if (pool[s]) {
-      h /= 2;
-      w /= 2;
-      pad = last ? 0 : p;
-      const int64_t hd = h + 2 * pad, wd = w + 2 * pad;
-      at::Tensor dst = at::empty({out_channels[s], n * hd * wd + (last ? 0 : (kernel - 1) * (wd + 1))}, f32);
-      grid_maxpool2_(out, n, hp, wp, 2 * h, 2 * w, dst, hd, wd, pad, pad, relu[s], scale[s], shift[s]);
+  for (size_t s = 0; s < stages_.size(); ++s) {
+    const Stage& st = stages_[s];
+    const int64_t length = n * hp * wp, most = (kernel_ - 1) * (wp + 1), off = p * wp + p;
+    const int64_t padded = (length + kSlack - 1) / kSlack * kSlack;
+    const bool last = s + 1 == stages_.size(), chained = !st.pool && !last;
+    const int64_t start = chained ? off : 0, rows = st.out_channels;
+    const float* xs = grid.data_ptr<float>();
+    const int64_t ld = grid.stride(0);
+    const int64_t* rp = st.rowptr.data_ptr<int64_t>();
+    const int32_t* col = st.col.data_ptr<int32_t>();
+    const int32_t* sh = st.shift.data_ptr<int32_t>();
+    const float* v = st.values.data_ptr<float>();
+    const float* bs = st.bias ? st.bias->data_ptr<float>() : nullptr;
+    const float* sc = st.scale ? st.scale->data_ptr<float>() : nullptr;
+    const float* sf = st.shift_bn ? st.shift_bn->data_ptr<float>() : nullptr;
+    const int64_t tiles = (padded + kTile - 1) / kTile;
+    const int64_t grain = grain_for(std::min(kTile, padded) * std::max<int64_t>(1, st.col.numel() / rows));
+    // one tile of row r into o, each value finished as it is stored (the ReLU and BatchNorm)
+    const auto row_tile = [&](int64_t r, int64_t i0, int64_t len, float* o) {
+      k.sparse_row_post_f32(xs + i0, ld, col + rp[r], sh + rp[r], v + rp[r], rp[r + 1] - rp[r], o, len,
+                            bs ? bs[r] : 0.0f, post_of(st.relu, sc, sf, r));
+    };
+    const int64_t ho = h / 2, wo = w / 2, pad = last ? 0 : p, hd = ho + 2 * pad, wd = wo + 2 * pad;
+    if (st.pool && tiles == 1) {  // a row whole in one task: pooled from the task's own buffer into the next grid
+      const int64_t width = n * hd * wd + (last ? 0 : (kernel_ - 1) * (wd + 1)) + kSlack;
+      at::Tensor dst = at::empty({rows, width}, f32);
+      float* d = dst.data_ptr<float>();
+      const int64_t ldd = dst.stride(0);
+      at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+        thread_local std::vector<float> scratch;  // each worker's own
+        scratch.resize(static_cast<size_t>(padded));
+        for (int64_t r = b; r < e; ++r) {
+          row_tile(r, 0, padded, scratch.data());
+          float* o = d + r * ldd;
+          for (int64_t img = 0; img < n; ++img)
+            k.maxpool2_f32(scratch.data() + img * hp * wp, wp, o + img * hd * wd + pad * wd + pad, wd, ho, wo,
+                           RowPost{});
+          zero_border(o, n, hd, wd, pad, pad, ho, wo, width);
+        }
+      });
       grid = dst;
+    } else {
+      at::Tensor out = at::empty({rows, length + most + kSlack}, f32);
+      float* o = out.data_ptr<float>();
+      const int64_t ldo = out.stride(0), width = out.size(1);
+      // tasks tile-major, as in sparse_rows_; a row whole in one task takes its padding's zeros there too
+      at::parallel_for(0, rows * tiles, grain, [&](int64_t b, int64_t e) {
+        for (int64_t task = b; task < e; ++task) {
+          const int64_t t = task / rows, r = task % rows, i0 = t * kTile;
+          row_tile(r, i0, std::min(kTile, padded - i0), o + r * ldo + start + i0);
+          if (chained && tiles == 1) zero_border(o + r * ldo, n, hp, wp, p, p, h, w, width);
+        }
+      });
+      if (chained && tiles > 1) {
+        at::parallel_for(0, rows, grain_for(width), [&](int64_t b, int64_t e) {
+          for (int64_t r = b; r < e; ++r) zero_border(o + r * ldo, n, hp, wp, p, p, h, w, width);
+        });
+      }
+      if (st.pool) {  // the finished values' pool: no ReLU or BatchNorm left to apply
+        at::Tensor dst = at::empty({rows, n * hd * wd + (last ? 0 : (kernel_ - 1) * (wd + 1)) + kSlack}, f32);
+        grid_maxpool2_(out, n, hp, wp, 2 * ho, 2 * wo, dst, hd, wd, pad, pad, false, std::nullopt, std::nullopt);
+        grid = dst;
+      } else {
+        grid = out;
+      }
+    }
+    if (chained) continue;
+    if (st.pool) {
+      h = ho;
+      w = wo;
       hp = hd;
       wp = wd;
-    } else {
-      grid = out;
     }
     if (last) {
-      at::Tensor map = at::empty({n, out_channels[s], h, w},
-                                 f32.memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                 : at::MemoryFormat::Contiguous));
+      at::Tensor map = at::empty({n, rows, h, w}, f32.memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                                  : at::MemoryFormat::Contiguous));
       grid_copy_(grid, map, hp, wp, 0, 0, false, 1, 1);
       return map;
     }
   }
-  TORCH_CHECK(false, "sparse_stack: the stack ended before its last stage");
+  TORCH_CHECK(false, "SparseStackPlan: the stack ended before its last stage");
 }
 
 }  // namespace dsd2

@@ -10,7 +10,7 @@ products of a 99 %-sparse network. `SparseStack` runs a stack of stages
 on grids only: each convolution (over its kept weights, `sparse_rows_`) writes its output rows straight into the
 next convolution's grid at the offset of its padding; ReLU, the eval-mode BatchNorm (a scale and a shift per
 channel) and the zero padding are then applied in place (`grid_epilogue_`), and a 2x2 max pool reads one grid into
-the next (`grid_maxpool2_`), the whole stack in one C++ call (`sparse_stack`). No autograd, no layout change
+the next (`grid_maxpool2_`), the whole stack in one C++ call (`SparseStackPlan.run`). No autograd, no layout change
 between layers; the kept values and the BatchNorm's scale and shift are computed once and again only when a weight
 or a statistic changes (its version counter: a write through `.data` is not seen, as autograd does not see it
 either). Inference only: under `torch.no_grad()`, fp32 CPU tensors, every BatchNorm in eval mode.
@@ -113,8 +113,7 @@ class SparseStack:
     def __init__(self, stages: list[_Stage]):
         self.stages = stages
         self.kernel = stages[0].conv.kernel_size[0]
-        self._args: list | None = None  # the per-stage lists of the C++ call, made again when a stage changes
-        self._width = 0  # the input width they were made for (the shifts depend on each grid's width)
+        self._plan = None  # the C++ plan (every entry checked once), made again when a stage or the width changes
 
     @classmethod
     def compile(cls, seq: nn.Module) -> SparseStack | None:
@@ -149,12 +148,12 @@ class SparseStack:
         if any(w.dtype != torch.float32 or not w.is_cpu for w in weights):
             return False
         ext = cpp_extension()
-        return ext is not None and hasattr(ext, "sparse_stack") and x.shape[1] == self.stages[0].conv.in_channels
+        return ext is not None and hasattr(ext, "SparseStackPlan") and x.shape[1] == self.stages[0].conv.in_channels
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         changed = [stage.refresh() for stage in self.stages]
         width = x.shape[3]
-        if any(changed) or self._args is None or self._width != width:
+        if any(changed) or self._plan is None or self._plan.width != width:
             widths, w = [], width
             for stage in self.stages:  # each stage's grid width for this input: its map's, plus the padding
                 widths.append(w + self.kernel - 1)
@@ -162,9 +161,10 @@ class SparseStack:
             per = [(s.kept.plan.rowptr, s.kept.plan.channel, s.kept.plan.shifts(wp, (1, 1))[0], s.kept.values,
                     s.kept.bias, s.relu, s.scale, s.shift, s.pool, s.conv.out_channels)
                    for s, wp in zip(self.stages, widths)]
-            self._args, self._width = [list(column) for column in zip(*per)], width
+            self._plan = cpp_extension().SparseStackPlan(self.kernel, self.stages[0].conv.in_channels, width,
+                                                         *[list(column) for column in zip(*per)])
         layout = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return cpp_extension().sparse_stack(x, self.kernel, *self._args, layout)
+        return self._plan.run(x, layout)
 
 
 class SparseChain:

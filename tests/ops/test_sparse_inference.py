@@ -85,12 +85,48 @@ def test_the_grid_epilogue_by_hand():
     assert torch.equal(grid[0, [0, 1, 3]], torch.tensor([-1.0, 2.0, 7.0])) and grid[0, 2].isnan()
 
 
-def test_the_grid_max_pool_is_torchs_with_nans():
+@pytest.mark.parametrize("size", [(1, 3, 32, 32), (2, 3, 32, 32), (1, 3, 9, 13), (3, 3, 17, 6)],
+                         ids=["one-task-rows", "tiled-rows", "odd", "narrow"])
+def test_the_stack_at_every_level_on_whole_and_tiled_rows(size, cpu_isa_level):
+    # 32x32 at batch 1: each row one task (the pool read from the task's buffer); at batch 2 a row is 2,312
+    # columns, split into tiles, pooled in a pass of its own; odd and narrow maps end rows in part of a vector
+    seq = stack(channels=(3, 8, 16, 16), pools=(True, False, True), density=0.4)
+    assert_matches_layers(seq, torch.randn(*size).contiguous(memory_format=torch.channels_last))
+
+
+def test_a_nan_in_the_input_reaches_the_outputs_it_would_reach_layer_by_layer():
+    seq = stack(channels=(3, 8, 8), pools=(True, True), density=1.0)
+    x = torch.randn(1, 3, 16, 16)
+    x[0, 1, 5, 9] = float("nan")
+    compiled = SparseStack.compile(seq)
+    with torch.no_grad():
+        got, want = compiled(x), seq(x)
+    assert torch.equal(got.isnan(), want.isnan()) and bool(got.isnan().any())
+
+
+def test_the_plan_refuses_entries_outside_its_grid_and_inputs_of_another_width():
+    ext = cpp_extension()
+    rowptr, channel, shift = torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0])
+    args = lambda ch, sh: ([rowptr], [ch], [sh], [torch.ones(1)], [None], [True], [None], [None], [False], [1])  # noqa: E731
+    plan = ext.SparseStackPlan(3, 2, 8, *args(channel, shift))
+    assert plan.run(torch.randn(1, 2, 8, 8)).shape == (1, 1, 8, 8)
+    with pytest.raises(RuntimeError, match="reads channel 2 at shift 0; allowed: channels below 2"):
+        ext.SparseStackPlan(3, 2, 8, *args(torch.tensor([2]), shift))
+    with pytest.raises(RuntimeError, match="shifts up to 22"):  # (3 - 1) * (8 + 2 + 1)
+        ext.SparseStackPlan(3, 2, 8, *args(channel, torch.tensor([23])))
+    with pytest.raises(RuntimeError, match="built for 2 channels of width 8, given 2 of width 9"):
+        plan.run(torch.randn(1, 2, 8, 9))
+
+
+@pytest.mark.parametrize("w", [6, 12, 42, 64])
+def test_the_grid_max_pool_is_torchs_with_nans(w, cpu_isa_level):
+    # w // 2 outputs a row: 3 (scalar), 6 (part of a vector), 21 and 32 (whole vectors, and a part)
     ext = cpp_extension()
     g = torch.Generator().manual_seed(1)
-    n, c, h, w, p = 2, 3, 7, 6, 1
+    n, c, h, p = 2, 3, 7, 1
     x = torch.randn(n, c, h, w, generator=g)
     x[1, 2, 4, 3] = float("nan")
+    x[0, 1, 1, w - 1] = float("nan")
     src = torch.full((c, n * h * w), 99.0)
     src.view(c, n, h, w).copy_(x.transpose(0, 1))
     hd, wd = h // 2 + 2 * p, w // 2 + 2 * p

@@ -110,7 +110,9 @@ def test_one_kept_weight_and_an_empty_output_channel(case, cpu_isa_level):
     check_conv(case, x, w, mask, b, grad_out, run_conv(case, x, w, mask, b, grad_out))
 
 
-@pytest.mark.parametrize("batch", [1, 7, 128])
+# the batch is the rows' vector axis: short rows in one or two vectors at a pass (1, 7, 40), long ones in blocks of
+# 8, 4, 2 and 1 vectors and a scalar tail (120, 128, 200), at every level's width
+@pytest.mark.parametrize("batch", [1, 7, 40, 120, 128, 200])
 @pytest.mark.parametrize("density", DENSITIES)
 def test_sparse_linear_matches_the_oracle(batch, density, cpu_isa_level):
     g = torch.Generator().manual_seed(batch)
