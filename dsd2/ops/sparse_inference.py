@@ -7,13 +7,14 @@ products of a 99 %-sparse network. `SparseStack` runs a stack of stages
 
     MaskedConv2d (stride 1, odd square kernel, 'same' zero padding, groups 1) [ReLU] [BatchNorm2d] [MaxPool2d(2)]
 
-on grids only: each convolution (over its kept weights, `sparse_rows_`) writes its output rows straight into the
-next convolution's grid at the offset of its padding; ReLU, the eval-mode BatchNorm (a scale and a shift per
-channel) and the zero padding are then applied in place (`grid_epilogue_`), and a 2x2 max pool reads one grid into
-the next (`grid_maxpool2_`), the whole stack in one C++ call (`SparseStackPlan.run`). No autograd, no layout change
-between layers; the kept values and the BatchNorm's scale and shift are computed once and again only when a weight
-or a statistic changes (its version counter: a write through `.data` is not seen, as autograd does not see it
-either). Inference only: under `torch.no_grad()`, fp32 CPU tensors, every BatchNorm in eval mode.
+on grids only, the whole stack in one C++ call (`dsd2._C.SparseStackPlan.run`): each convolution (over its kept
+weights, the sums of `sparse_rows_`) writes its output rows straight into the next convolution's grid at the offset
+of its padding, each value finished by ReLU and the eval-mode BatchNorm (a scale and a shift per channel) as it is
+stored, then the padding's zeros; a 2x2 max pool reads one grid into the next (from the row's own buffer where a
+row is one task). The plan is built (and every entry checked) once, and again only when the input width changes or
+a weight or statistic does (its version counter: a write through `.data` is not seen, as autograd does not see it
+either). No autograd, no layout change between layers. Inference only: under `torch.no_grad()`, fp32 CPU tensors,
+every BatchNorm in eval mode.
 
 Results equal the layer-by-layer path within fp32 reduction order (the BatchNorm folded into one multiply-add
 rounds differently from torch's (x - mean) * invstd * weight + bias).
