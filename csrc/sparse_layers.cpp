@@ -50,6 +50,13 @@ void check_matrix(const at::Tensor& m, const char* name) {
               "sparse kernels: ", name, " must be a 2-D float32 CPU tensor with contiguous rows");
 }
 
+// an optional vector of one float32 per row (a bias, a BatchNorm's scale or shift)
+void check_per_row(const std::optional<at::Tensor>& t, int64_t rows, const char* what) {
+  TORCH_CHECK(!t || (t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 &&
+                     t->numel() == rows && t->is_contiguous()),
+              what, " must be a contiguous float32 CPU vector, one value per row");
+}
+
 // base[k] = col[k] * ld + off[k], each entry checked to read x's row col[k] within [0, width). Into one buffer per
 // calling thread, kept between calls: a fresh one of a few hundred KB (a large layer's list) is a fresh mapping of
 // memory whose page faults cost more than the products of a small map at batch 1.
@@ -86,9 +93,7 @@ void sparse_rows_(at::Tensor out, int64_t n, const at::Tensor& x, const at::Tens
   TORCH_CHECK(val.scalar_type() == at::kFloat && val.is_contiguous() && val.numel() == col.numel(),
               "sparse kernels: val must be contiguous float32, one value per entry");
   TORCH_CHECK(n >= 0 && n <= out.size(1), "sparse kernels: ", n, " outputs per row do not fit out");
-  TORCH_CHECK(!bias || (bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
-                        bias->numel() == rows && bias->is_contiguous()),
-              "sparse kernels: bias must be a contiguous float32 CPU vector, one value per row");
+  check_per_row(bias, rows, "sparse kernels: bias");
   if (rows == 0 || n == 0) return;
   const float* bs = bias ? bias->data_ptr<float>() : nullptr;
   const std::vector<int64_t>& base = bases(col, off, x, n);
@@ -282,14 +287,6 @@ RowPost post_of(bool relu, const float* scale, const float* shift, int64_t c) {
   return p;
 }
 
-void check_vectors(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t c,
-                   const char* op) {
-  for (const auto* t : {&scale, &shift})
-    TORCH_CHECK(!*t || ((*t)->device().is_cpu() && (*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() &&
-                        (*t)->numel() == c),
-                op, ": scale and shift must be contiguous float32 CPU vectors, one value per row");
-}
-
 }  // namespace
 
 void grid_epilogue_(at::Tensor grid, int64_t n, int64_t hp, int64_t wp, int64_t ph, int64_t pw, int64_t h, int64_t w,
@@ -300,7 +297,8 @@ void grid_epilogue_(at::Tensor grid, int64_t n, int64_t hp, int64_t wp, int64_t 
                   n * hp * wp <= width,
               "grid_epilogue_: a map of ", n, "x", h, "x", w, " at (", ph, ", ", pw, ") does not fit grids of ", hp,
               "x", wp, " in ", width, " columns");
-  check_vectors(scale, shift, c, "grid_epilogue_");
+  check_per_row(scale, c, "grid_epilogue_: scale");
+  check_per_row(shift, c, "grid_epilogue_: shift");
   const float* sc = scale ? scale->data_ptr<float>() : nullptr;
   const float* sh = shift ? shift->data_ptr<float>() : nullptr;
   float* g = grid.data_ptr<float>();
@@ -330,7 +328,8 @@ void grid_maxpool2_(const at::Tensor& src, int64_t n, int64_t hs, int64_t ws, in
                     const std::optional<at::Tensor>& shift) {
   check_matrix(src, "src");
   check_matrix(dst, "dst");
-  check_vectors(scale, shift, src.size(0), "grid_maxpool2_");
+  check_per_row(scale, src.size(0), "grid_maxpool2_: scale");
+  check_per_row(shift, src.size(0), "grid_maxpool2_: shift");
   const float* sc = scale ? scale->data_ptr<float>() : nullptr;
   const float* sf = shift ? shift->data_ptr<float>() : nullptr;
   const int64_t c = src.size(0), ho = h / 2, wo = w / 2, width = dst.size(1);
@@ -379,10 +378,9 @@ SparseStackPlan::SparseStackPlan(int64_t kernel, int64_t in_channels, int64_t wi
     TORCH_CHECK(values[s].scalar_type() == at::kFloat && values[s].is_contiguous() && values[s].numel() == nnz &&
                     values[s].device().is_cpu(),
                 "SparseStackPlan: stage ", s, "'s values must be contiguous float32, one per entry");
-    TORCH_CHECK(!bias[s] || (bias[s]->device().is_cpu() && bias[s]->scalar_type() == at::kFloat &&
-                             bias[s]->is_contiguous() && bias[s]->numel() == st.out_channels),
-                "SparseStackPlan: stage ", s, "'s bias must be a contiguous float32 CPU vector, one per channel");
-    check_vectors(scale[s], shift[s], st.out_channels, "SparseStackPlan");
+    check_per_row(bias[s], st.out_channels, "SparseStackPlan: a stage's bias");
+    check_per_row(scale[s], st.out_channels, "SparseStackPlan: a stage's BatchNorm scale");
+    check_per_row(shift[s], st.out_channels, "SparseStackPlan: a stage's BatchNorm shift");
     // every entry reads within the stage's grid: an input channel, a shift of at most (k - 1) rows and columns of
     // the grid (width w + k - 1) past the output's position
     const int64_t wp = w + kernel - 1, most = (kernel - 1) * (wp + 1);
@@ -448,9 +446,11 @@ at::Tensor SparseStackPlan::run(const at::Tensor& x, bool channels_last) const {
       k.sparse_row_post_f32(xs + i0, ld, col + rp[r], sh + rp[r], v + rp[r], rp[r + 1] - rp[r], o, len,
                             bs ? bs[r] : 0.0f, post_of(st.relu, sc, sf, r));
     };
+    // a pool's output: the next grid (its own shifts' room unless last)
     const int64_t ho = h / 2, wo = w / 2, pad = last ? 0 : p, hd = ho + 2 * pad, wd = wo + 2 * pad;
+    const int64_t pooled_width = n * hd * wd + (last ? 0 : (kernel_ - 1) * (wd + 1)) + kSlack;
     if (st.pool && tiles == 1) {  // a row whole in one task: pooled from the task's own buffer into the next grid
-      const int64_t width = n * hd * wd + (last ? 0 : (kernel_ - 1) * (wd + 1)) + kSlack;
+      const int64_t width = pooled_width;
       at::Tensor dst = at::empty({rows, width}, f32);
       float* d = dst.data_ptr<float>();
       const int64_t ldd = dst.stride(0);
@@ -485,7 +485,7 @@ at::Tensor SparseStackPlan::run(const at::Tensor& x, bool channels_last) const {
         });
       }
       if (st.pool) {  // the finished values' pool: no ReLU or BatchNorm left to apply
-        at::Tensor dst = at::empty({rows, n * hd * wd + (last ? 0 : (kernel_ - 1) * (wd + 1)) + kSlack}, f32);
+        at::Tensor dst = at::empty({rows, pooled_width}, f32);
         grid_maxpool2_(out, n, hp, wp, 2 * ho, 2 * wo, dst, hd, wd, pad, pad, false, std::nullopt, std::nullopt);
         grid = dst;
       } else {
