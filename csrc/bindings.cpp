@@ -19,6 +19,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grid_copy_", &dsd2::grid_copy_, "a map into / out of a padded grid [C, N * Hp * Wp]", py::arg("grid"),
         py::arg("t"), py::arg("hp"), py::arg("wp"), py::arg("oh"), py::arg("ow"), py::arg("to_grid"),
         py::arg("sy") = 1, py::arg("sx") = 1);
+  m.def("sparse_rows_map_", &dsd2::sparse_rows_map_, "sparse_rows_ then grid_copy_ of the map out, fused",
+        py::arg("map"), py::arg("hp"), py::arg("wp"), py::arg("oh"), py::arg("ow"), py::arg("sy"), py::arg("sx"),
+        py::arg("n"), py::arg("x"), py::arg("rowptr"), py::arg("col"), py::arg("off"), py::arg("val"),
+        py::arg("bias") = py::none());
   m.def("grid_epilogue_", &dsd2::grid_epilogue_, "relu, scale and shift at a grid's map positions, 0 elsewhere",
         py::arg("grid"), py::arg("n"), py::arg("hp"), py::arg("wp"), py::arg("ph"), py::arg("pw"), py::arg("h"),
         py::arg("w"), py::arg("relu"), py::arg("scale") = py::none(), py::arg("shift") = py::none());

@@ -256,6 +256,71 @@ void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t o
   });
 }
 
+// sparse_rows_ into a grid, then grid_copy_ out of it, fused: map[img, r, y, x] = the rows' sum at grid position
+// (img * hp + y * sy + oh) * wp + x * sx + ow. A task computes a chunk of rows over one kTile of positions into a
+// buffer of its thread's (kChunk x kTile floats, 256 KiB: in L2) and stores the map's positions among them from
+// there, so the [rows, n] grid of the two-call way is never written to memory and read back. Each sum is
+// sparse_row_f32's over the very tiles of sparse_rows_: the same bits as the two calls.
+void sparse_rows_map_(at::Tensor map, int64_t hp, int64_t wp, int64_t oh, int64_t ow, int64_t sy, int64_t sx,
+                      int64_t n, const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
+                      const at::Tensor& off, const at::Tensor& val, const std::optional<at::Tensor>& bias) {
+  check_matrix(x, "x");
+  TORCH_CHECK(map.device().is_cpu() && map.scalar_type() == at::kFloat && map.dim() == 4,
+              "sparse kernels: the map must be a 4-D float32 CPU tensor");
+  const int64_t imgs = map.size(0), rows = map.size(1), h = map.size(2), w = map.size(3);
+  check_list(rowptr, col, off, rows);
+  TORCH_CHECK(val.scalar_type() == at::kFloat && val.is_contiguous() && val.numel() == col.numel(),
+              "sparse kernels: val must be contiguous float32, one value per entry");
+  check_per_row(bias, rows, "sparse kernels: bias");
+  TORCH_CHECK(sy >= 1 && sx >= 1 && oh >= 0 && ow >= 0, "sparse kernels: strides must be at least 1");
+  TORCH_CHECK(imgs * hp * wp <= n && (h == 0 || (h - 1) * sy + oh < hp) && (w == 0 || (w - 1) * sx + ow < wp),
+              "sparse kernels: a map of ", imgs, "x", rows, "x", h, "x", w, " does not fit grids of ", hp, "x", wp,
+              " at (", oh, ", ", ow, ") in ", n, " positions");
+  if (rows == 0 || imgs * h * w == 0) return;
+  const float* bs = bias ? bias->data_ptr<float>() : nullptr;
+  const std::vector<int64_t>& base = bases(col, off, x, n);
+  const KernelTable& k = active_kernels();
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  const float* xs = x.data_ptr<float>();
+  const float* v = val.data_ptr<float>();
+  float* m = map.data_ptr<float>();
+  const int64_t sn = map.stride(0), sc = map.stride(1), sh = map.stride(2), sw = map.stride(3);
+  constexpr int64_t kChunk = 32;
+  const int64_t tiles = (n + kTile - 1) / kTile, chunks = (rows + kChunk - 1) / kChunk;
+  const int64_t per_task = std::min(kTile, n) * std::max<int64_t>(1, col.numel() / chunks);
+  at::parallel_for(0, tiles * chunks, grain_for(per_task), [&](int64_t b, int64_t e) {
+    thread_local std::vector<float> buffer;
+    buffer.resize(static_cast<size_t>(kChunk * kTile));
+    float* buf = buffer.data();
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t t = task / chunks, r0 = task % chunks * kChunk, r1 = std::min(rows, r0 + kChunk);
+      const int64_t i0 = t * kTile, len = std::min(kTile, n - i0);
+      // the map rows among these positions first: a tile of border or room-for-shifts positions only is skipped
+      const int64_t first = i0 / wp, last = (i0 + len - 1) / wp;
+      bool any = false;
+      for (int64_t row = first; row <= last && !any; ++row) {
+        const int64_t gy = row % hp - oh;
+        any = row / hp < imgs && gy >= 0 && gy % sy == 0 && gy / sy < h;
+      }
+      if (!any) continue;
+      for (int64_t r = r0; r < r1; ++r)
+        k.sparse_row_f32(xs + i0, base.data() + rp[r], v + rp[r], rp[r + 1] - rp[r], buf + (r - r0) * kTile, len,
+                         bs ? bs[r] : 0.0f);
+      for (int64_t row = first; row <= last; ++row) {
+        const int64_t img = row / hp, gy = row % hp - oh;
+        if (img >= imgs || gy < 0 || gy % sy != 0 || gy / sy >= h) continue;
+        const int64_t start = row * wp + ow;  // grid position of the map row's x = 0
+        if (i0 + len - 1 < start) continue;
+        const int64_t x_lo = i0 > start ? (i0 - start + sx - 1) / sx : 0;
+        const int64_t x_hi = std::min(w, (i0 + len - 1 - start) / sx + 1);
+        if (x_lo >= x_hi) continue;
+        copy_row(buf + (start + x_lo * sx - i0), kTile, m + img * sn + r0 * sc + gy / sy * sh + x_lo * sw, sc, sw,
+                 r1 - r0, x_hi - x_lo, false, sx);
+      }
+    }
+  });
+}
+
 // Inference on grids, chained conv to conv (dsd2/ops/sparse_inference.py). A convolution's output rows, written by
 // the rows kernel into the next convolution's grid at the offset of its padding, are finished there in place: at
 // the map's positions v = relu(v) (with `relu`) then v * scale[c] + shift[c] (a BatchNorm in eval mode; none: 1

@@ -18,6 +18,8 @@ A linear layer's operand is x transposed, [in, batch]. A convolution's is one of
   products are long contiguous runs and no im2col buffer is made. Outputs are computed at every position of the
   padded grid and those of the convolution taken (the border dropped, and for a stride s every s-th position),
   when that is at most GRID_WASTE grid positions per output (a 2x2 map padded by 1: 4; stride 2: about 4.5).
+  The output and the input gradient go straight from the rows kernel's tiles into their NCHW or channels_last
+  tensors (`sparse_rows_map_`): the [C, N * Hp * Wp] grid of the results is never stored.
 - **unfold** (the rest): the unfolded input (F.unfold) as [C * kh * kw, N * Ho * Wo], shift 0; the input
   gradient is folded back (F.fold).
 
@@ -144,6 +146,14 @@ def _rows(out: torch.Tensor, n: int, operand: torch.Tensor, rowptr, col, shift, 
     return out
 
 
+def _rows_map(out: torch.Tensor, hp: int, wp: int, at: tuple[int, int], step: tuple[int, int], n: int,
+              operand: torch.Tensor, rowptr, col, shift, val, bias=None) -> None:
+    """`_rows` over n positions of grids hp x wp, straight into the map `out` from (at) every (step) position: the
+    rows' grid is never stored (`sparse_rows_map_`, the same sums)."""
+    cpp_extension().sparse_rows_map_(out, hp, wp, *at, *step, n, operand, rowptr, col, shift, val,
+                                     None if bias is None else bias.detach().float().contiguous())
+
+
 def _dots(plan: SparsePlan, grad_rows: torch.Tensor, n: int, operand: torch.Tensor, col, shift) -> torch.Tensor:
     dval = torch.empty(plan.nnz, dtype=torch.float32)
     cpp_extension().sparse_dots_(dval, grad_rows, n, operand, plan.rowptr, col, shift)
@@ -222,13 +232,13 @@ class _SparseConvGrid(torch.autograd.Function):
         length = n * hp * wp
         geometry = (tuple(x.shape), padding, dilation, stride)
         grid = _fill_grid(plan, x, geometry, keep)
-        out_grid = _rows(plan.scratch("out", (out_c, length), geometry, False, keep), length, grid, plan.rowptr,
-                         plan.channel, shift, plan.values(weight), bias)  # the bias added first, in the kernel
         ho = _output_size(h, ph, dilation[0], plan.shape[2], stride[0])
         wo = _output_size(w, pw, dilation[1], plan.shape[3], stride[1])
         layout = _layout(x)
         out = torch.empty((n, out_c, ho, wo), dtype=x.dtype, memory_format=layout)
-        cpp_extension().grid_copy_(out_grid, out, hp, wp, 0, 0, False, *stride)
+        # the rows at every grid position, the outputs' taken straight into `out` (the bias added first)
+        _rows_map(out, hp, wp, (0, 0), stride, length, grid, plan.rowptr, plan.channel, shift, plan.values(weight),
+                  bias)
         ctx.save_for_backward(x, weight)
         ctx.token = plan.grid_token = object()  # the scratch grid holds this call's input until another call
         ctx.grid = None if keep else grid
@@ -255,11 +265,9 @@ class _SparseConvGrid(torch.autograd.Function):
         cpp_extension().grid_copy_(g[:, most:], grad_out, hp, wp, 0, 0, True, *stride)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            val_t = plan.values(weight, transposed=True)
-            dgrid = _rows(plan.scratch("dgrid", (c, length), geometry, False, keep), length, g, plan.t_rowptr_grid,
-                          plan.t_col, shift_t, val_t)
             grad_x = torch.empty((n, c, h, w), dtype=g.dtype, memory_format=layout)
-            cpp_extension().grid_copy_(dgrid, grad_x, hp, wp, ph, pw, False)
+            _rows_map(grad_x, hp, wp, (ph, pw), (1, 1), length, g, plan.t_rowptr_grid, plan.t_col, shift_t,
+                      plan.values(weight, transposed=True))
         if ctx.needs_input_grad[1]:
             grad_w = plan.gradient(weight, _dots(plan, g[:, most:], length, grid, plan.channel, shift))
         if has_bias and ctx.needs_input_grad[2]:

@@ -147,6 +147,45 @@ def test_a_list_long_enough_to_be_prepared_on_both_threads(cpu_isa_level):
     assert_within(w.grad, oracle, "dw", 3)
 
 
+# (batch, in, out, h, w, padding, stride, kept): tiles of 2,048 positions that cut map rows and images, chunks of
+# 32 output rows and a part of one, strides on the grid, every weight and none kept
+MAP_CASES = [(4, 3, 40, 20, 30, 1, 1, 0.5), (3, 4, 70, 17, 13, 2, 1, 0.3), (2, 3, 33, 8, 8, 1, 2, 0.6),
+             (5, 6, 9, 12, 10, 0, 2, 0.4), (128, 8, 32, 8, 8, 1, 1, 0.05), (1, 8, 5, 5, 7, 1, 1, 1.0),
+             (2, 6, 3, 7, 7, 1, 1, 0.0)]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", MAP_CASES)
+def test_rows_into_a_map_are_the_two_calls_bit_for_bit(case, layout, cpu_isa_level):
+    """`sparse_rows_map_` (the rows kernel's tiles stored straight into the map) gives the very bits of
+    `sparse_rows_` into a grid then `grid_copy_` out of it: at a stride's positions for an output, at the
+    padding's offset for an input gradient."""
+    from dsd2.ops._backend import cpp_extension
+
+    ext = cpp_extension()
+    n, c, oc, h, w, pad, stride, kept = case
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(oc, c, 3, 3, generator=g) < kept
+    plan = SparsePlan(mask)
+    hp, wp = h + 2 * pad, w + 2 * pad
+    shift, _, most = plan.shifts(wp, (1, 1))
+    length = n * hp * wp
+    grid = torch.randn(c, length + most, generator=g)
+    val, bias = plan.values(torch.randn(oc, c, 3, 3, generator=g)), torch.randn(oc, generator=g)
+    rows = torch.empty(oc, length)
+    ext.sparse_rows_(rows, length, grid, plan.rowptr, plan.channel, shift, val, bias)
+    ho, wo = (h + 2 * pad - 3) // stride + 1, (w + 2 * pad - 3) // stride + 1
+    for at, step, size in [((0, 0), (stride, stride), (ho, wo)), ((pad, pad), (1, 1), (h, w))]:
+        expect = torch.empty((n, oc, *size), memory_format=layout)
+        ext.grid_copy_(rows, expect, hp, wp, *at, False, *step)
+        got = torch.full((n, oc, *size), float("nan")).contiguous(memory_format=layout)
+        ext.sparse_rows_map_(got, hp, wp, *at, *step, length, grid, plan.rowptr, plan.channel, shift, val, bias)
+        assert torch.equal(got, expect)
+    with pytest.raises(RuntimeError, match="does not fit grids"):
+        ext.sparse_rows_map_(torch.empty(n, oc, hp + 1, w), hp, wp, pad, pad, 1, 1, length, grid, plan.rowptr,
+                             plan.channel, shift, val, bias)
+
+
 def test_pruned_weights_holding_inf_and_nan_are_never_read():
     x, w, mask, b, grad_out = conv_problem(CONV_CASES[0], 0.5, "nchw")
     w[~mask] = float("nan")
