@@ -11,7 +11,10 @@
   `off` against `auto` (the crossover measured here, then cached), fp32, timed in turn; where this CPU computes
   bf16 natively, the dense epoch in bf16 (what `--precision auto` trains there) too. The bound: the dense
   epoch's time outside the conv/linear products (BatchNorm, ReLU, pooling, the loss, the optimizer, data), from
-  torch.profiler; no sparsity of the products can make the epoch faster than that.
+  torch.profiler; no sparsity of the products can make the epoch faster than that. Then the floor of the sparse
+  path, measured: the epoch with one weight kept per layer on `on` (its passes over the maps and everything
+  outside the products), and what BatchNorm and ReLU cost there and in the dense epoch (both epochs timed again
+  with them taken out).
 - (c) inference latency at batch 1 and 128 of a model `dsd2.load_compressed` returns (written by the exporter's
   own function; its layers on `auto`, the crossover measured for inference at that batch, and the VGG-like's
   feature stack on grids where it measures faster, `SparseStack`) against the same model dense (the plain
@@ -154,8 +157,14 @@ def pruned(cfg: ModelConfig, shape, sparsity: float) -> tuple[nn.Module, dict[st
     return model, masks
 
 
-def vgg_epoch(images, labels, sparsity: float, mode: str, precision: str):
+def vgg_epoch(images, labels, sparsity: float, mode: str, precision: str, strip: bool = False):
+    """An epoch of the VGG-like at `sparsity` (`strip`: its BatchNorms and ReLUs taken out, an ablation that
+    measures what they cost)."""
     model, masks = pruned(ModelConfig(name="vgg", depth=5, width=5), (3, 32, 32), sparsity)
+    if strip:
+        for i, m in enumerate(model.features):
+            if isinstance(m, (nn.BatchNorm2d, nn.ReLU)):
+                model.features[i] = nn.Identity()
     model = model.to(memory_format=torch.channels_last)
     model, _ = swap_in_masked_layers(model, same_as=(Conv2d,))
     set_layer_masks(model, masks)
@@ -209,7 +218,24 @@ def bench_epochs(n: int, repeats: int) -> str:
             row += f" {fmt(t_bf16[0])} | {t_bf16[0] / t_ours:.2f}× |"
         rows.append(row)
         print(row, flush=True)
-    return "\n".join(rows) + f"\n\nThe bound: {bound}."
+    floor = floors(images, labels, repeats)
+    print(floor, flush=True)
+    return "\n".join(rows) + f"\n\nThe bound: {bound}. {floor}"
+
+
+def floors(images, labels, repeats: int) -> str:
+    """What no sparsity of the products gets under, measured: the epoch with one weight kept per layer on the
+    sparse path (`on`: the passes over the maps, BatchNorm, ReLU, pooling, the loss, the optimizer and the data,
+    and next to no products), beside the dense epoch; and what BatchNorm and ReLU cost in both (each epoch
+    again without them), timed in turn."""
+    variants = [vgg_epoch(images, labels, 1.0, mode, "fp32", strip)[1]
+                for mode in ("off", "on") for strip in (False, True)]
+    dense, dense_bare, empty, empty_bare = time_together(variants, repeats)
+    return (f"The floor of the sparse path: one weight kept per layer (`on`), {fmt(empty)} against {fmt(dense)} "
+            f"dense ({dense / empty:.2f}×), so no sparsity of the products makes the epoch faster than that. "
+            f"BatchNorm and ReLU take {fmt(dense - dense_bare)} of the dense epoch and {fmt(empty - empty_bare)} "
+            f"of that floor (each epoch timed again without them: {fmt(dense_bare)} and {fmt(empty_bare)}, the "
+            f"floor then {dense / empty_bare:.2f}× under the dense epoch).")
 
 
 # ---- (c) inference of an exported model ----------------------------------------------------------------------
