@@ -62,8 +62,9 @@ struct KernelTable {
   // out[i] = sum_k val[k] * x[base[k] + i], i in [0, n), terms in k order: a tile of a product over kept weights
   void (*sparse_row_f32)(const float* x, const int64_t* base, const float* val, int64_t nnz, float* out, int64_t n,
                          float init);
-  // sum_i a[i] * b[i] over n elements, in an order that does not depend on the vector width
-  float (*sparse_dot_f32)(const float* a, const float* b, int64_t n);
+  // out[j] = sum_i a[i] * x[base[j] + i] over n elements for j < nnz, each in an order that does not depend on
+  // the vector width
+  void (*sparse_dots_f32)(const float* a, const float* x, const int64_t* base, int64_t nnz, float* out, int64_t n);
   // out[i] = post(init + sum_k val[k] * x[col[k] * ld + shift[k] + i]): sparse_row_f32's sums, in its order, for
   // an entry list kept as (operand row, shift) pairs, the stored value finished by `post`
   void (*sparse_row_post_f32)(const float* x, int64_t ld, const int32_t* col, const int32_t* shift,

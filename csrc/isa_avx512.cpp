@@ -3,7 +3,7 @@
 #include <cstdint>
 
 #if defined(__x86_64__)
-#include <immintrin.h>  // the vector types of sparse_row_f32 / sparse_dot_f32 (kernels_impl.h)
+#include <immintrin.h>  // the vector types of sparse_row_f32 / sparse_dots_f32 (kernels_impl.h)
 #endif
 
 #include "isa.h"

@@ -708,34 +708,61 @@ static void maxpool2_f32(const float* __restrict__ src, int64_t lds, float* __re
   }
 }
 
-// sum_i a[i] * b[i] over n elements: element i goes to partial sum i % kSparseBlock and the partials are folded
-// in a fixed tree (lane i += lane i + w for w = 32, 16, ..., 1), so the sum's order does not depend on the vector
-// width: the first folds add whole vectors, the last ones the lanes of one.
-static float sparse_dot_f32(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+// sum_i a[i] * b_e[i] over n elements for E operands b_e at once (each vector of `a` loaded once for all E):
+// element i goes to partial sum i % kSparseBlock and the partials are folded in a fixed tree (lane i += lane
+// i + w for w = 32, 16, ..., 1), so each sum's order depends neither on the vector width nor on E: the first
+// folds add whole vectors, the last ones the lanes of one.
+template <int E>
+DSD2_INLINE void sparse_dot_group(const float* __restrict__ a, const float* const* b, int64_t n,
+                                  float* __restrict__ out) {
   constexpr int64_t kAcc = kSparseBlock / kVec;
-  vecf acc[kAcc];
-  for (int64_t u = 0; u < kAcc; ++u) acc[u] = vzero();
+  vecf acc[E][kAcc];
+  for (int e = 0; e < E; ++e)
+    for (int64_t u = 0; u < kAcc; ++u) acc[e][u] = vzero();
   int64_t i0 = 0;
   for (; i0 + kSparseBlock <= n; i0 += kSparseBlock) {
-    for (int64_t u = 0; u < kAcc; ++u) acc[u] = vmadd(vload(a + i0 + u * kVec), vload(b + i0 + u * kVec), acc[u]);
+    for (int64_t u = 0; u < kAcc; ++u) {
+      const vecf av = vload(a + i0 + u * kVec);
+      for (int e = 0; e < E; ++e) acc[e][u] = vmadd(av, vload(b[e] + i0 + u * kVec), acc[e][u]);
+    }
   }
-  if (i0 < n) {  // the tail: lanes beyond it add nothing
-    float lanes[kSparseBlock];
-    for (int64_t u = 0; u < kAcc; ++u) vstore(lanes + u * kVec, acc[u]);
-    for (int64_t i = 0; i < n - i0; ++i) lanes[i] = madd(a[i0 + i], b[i0 + i], lanes[i]);
-    for (int64_t u = 0; u < kAcc; ++u) acc[u] = vload(lanes + u * kVec);
+  for (int e = 0; e < E; ++e) {
+    if (i0 < n) {  // the tail: lanes beyond it add nothing
+      float lanes[kSparseBlock];
+      for (int64_t u = 0; u < kAcc; ++u) vstore(lanes + u * kVec, acc[e][u]);
+      for (int64_t i = 0; i < n - i0; ++i) lanes[i] = madd(a[i0 + i], b[e][i0 + i], lanes[i]);
+      for (int64_t u = 0; u < kAcc; ++u) acc[e][u] = vload(lanes + u * kVec);
+    }
+    for (int64_t count = kAcc / 2; count > 0; count /= 2)
+      for (int64_t u = 0; u < count; ++u) acc[e][u] = vadd(acc[e][u], acc[e][u + count]);
+    float lanes[kVec];
+    vstore(lanes, acc[e][0]);
+    for (int64_t width = kVec / 2; width > 0; width /= 2)
+      for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+    out[e] = lanes[0];
   }
-  for (int64_t count = kAcc / 2; count > 0; count /= 2)
-    for (int64_t u = 0; u < count; ++u) acc[u] = vadd(acc[u], acc[u + count]);
-  float lanes[kVec];
-  vstore(lanes, acc[0]);
-  for (int64_t width = kVec / 2; width > 0; width /= 2)
-    for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-  return lanes[0];
+}
+
+// Operands per group: as many as keep every partial sum and one vector of `a` in registers (32 vector registers
+// at 512 bits, 16 below).
+constexpr int kDotGroup = DSD2_VEC_BITS == 512 ? 4 : 1;
+
+static void sparse_dots_f32(const float* __restrict__ a, const float* __restrict__ x,
+                            const int64_t* __restrict__ base, int64_t nnz, float* __restrict__ out, int64_t n) {
+  int64_t j = 0;
+  for (; j + kDotGroup <= nnz; j += kDotGroup) {
+    const float* b[kDotGroup];
+    for (int e = 0; e < kDotGroup; ++e) b[e] = x + base[j + e];
+    sparse_dot_group<kDotGroup>(a, b, n, out + j);
+  }
+  for (; j < nnz; ++j) {
+    const float* b[1] = {x + base[j]};
+    sparse_dot_group<1>(a, b, n, out + j);
+  }
 }
 
 static const KernelTable kTable = {
     DSD2_ISA_NAME, sgd_f32, count_cols_f32, count_cols_u16, relu_rows_f32, relu_rows_u16, kd_row, kd_row_f64,
-    kd_block, mask_f32, mask_u16, pruned_zero_f32, pruned_zero_u16, sparse_row_f32, sparse_dot_f32,
+    kd_block, mask_f32, mask_u16, pruned_zero_f32, pruned_zero_u16, sparse_row_f32, sparse_dots_f32,
     sparse_row_post_f32, maxpool2_f32,
 };

@@ -27,6 +27,20 @@ constexpr int64_t kTile = 2048;  // output elements per task: an 8 KiB run of a 
 // thread costs several microseconds, more than a small map's pass at batch 1 (a 2x2 map's epilogue, its pool).
 constexpr int64_t kMinWork = 1 << 16;
 
+// The rows kernels' tile for an operand of `operand_rows` rows: the longest run (kTile at most, kMinRowTile at
+// least, halving) whose operand runs, one per row, take at most kRowBudget bytes, so that the runs every output
+// row of the tile reads stay in L1 while the rows are computed one after another (a tile of kTile over 32
+// channels is 256 KiB: each row's entries then read L2, and the products wait on it). The tile does not change a
+// sum's order (each element's terms are added in entry order whatever the tile).
+constexpr int64_t kRowBudget = 32 << 10;
+constexpr int64_t kMinRowTile = 128;
+
+int64_t row_tile_for(int64_t operand_rows) {
+  int64_t t = kTile;
+  while (t > kMinRowTile && t * operand_rows * static_cast<int64_t>(sizeof(float)) > kRowBudget) t /= 2;
+  return t;
+}
+
 int64_t grain_for(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_task));
 }
@@ -103,13 +117,14 @@ void sparse_rows_(at::Tensor out, int64_t n, const at::Tensor& x, const at::Tens
   const float* v = val.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t ldo = out.stride(0);
-  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t tile = row_tile_for(x.size(0));
+  const int64_t tiles = (n + tile - 1) / tile;
   // tasks tile-major: threads working at one time read the same runs of the operand
-  const int64_t per_task = std::min(kTile, n) * std::max<int64_t>(1, col.numel() / rows);
+  const int64_t per_task = std::min(tile, n) * std::max<int64_t>(1, col.numel() / rows);
   at::parallel_for(0, rows * tiles, grain_for(per_task), [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t t = task / rows, r = task % rows;
-      const int64_t i0 = t * kTile, len = std::min(kTile, n - i0);
+      const int64_t i0 = t * tile, len = std::min(tile, n - i0);
       const int64_t k0 = rp[r], k1 = rp[r + 1];
       k.sparse_row_f32(xs + i0, base.data() + k0, v + k0, k1 - k0, o + r * ldo + i0, len, bs ? bs[r] : 0.0f);
     }
@@ -138,15 +153,16 @@ void sparse_dots_(at::Tensor dval, const at::Tensor& a, int64_t n, const at::Ten
   // an entry's partials are then added in tile order (kTile is a multiple of kSparseBlock: every addition's
   // order is the same at every vector width and thread count).
   const int64_t nnz = col.numel();
-  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t tile = kTile;  // not the rows kernels' shorter tiles: a dot's fold costs as much as 8 products
+  const int64_t tiles = (n + tile - 1) / tile;
   std::vector<float> part(static_cast<size_t>(tiles * nnz));
   at::parallel_for(0, rows * tiles, 1, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t t = task / rows, r = task % rows;
-      const int64_t i0 = t * kTile, len = std::min(kTile, n - i0);
+      const int64_t i0 = t * tile, len = std::min(tile, n - i0);
       const float* ar = as + r * lda + i0;
       float* pt = part.data() + t * nnz;
-      for (int64_t j = rp[r]; j < rp[r + 1]; ++j) pt[j] = k.sparse_dot_f32(ar, xs + base[j] + i0, len);
+      k.sparse_dots_f32(ar, xs + i0, base.data() + rp[r], rp[r + 1] - rp[r], pt + rp[r], len);
     }
   });
   at::parallel_for(0, nnz, 4096, [&](int64_t b, int64_t e) {
@@ -257,8 +273,8 @@ void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t o
 }
 
 // sparse_rows_ into a grid, then grid_copy_ out of it, fused: map[img, r, y, x] = the rows' sum at grid position
-// (img * hp + y * sy + oh) * wp + x * sx + ow. A task computes a chunk of rows over one kTile of positions into a
-// buffer of its thread's (kChunk x kTile floats, 256 KiB: in L2) and stores the map's positions among them from
+// (img * hp + y * sy + oh) * wp + x * sx + ow. A task computes a chunk of rows over one tile of positions into a
+// buffer of its thread's (kChunk x tile floats, 16 to 256 KiB) and stores the map's positions among them from
 // there, so the [rows, n] grid of the two-call way is never written to memory and read back. Each sum is
 // sparse_row_f32's over the very tiles of sparse_rows_: the same bits as the two calls.
 void sparse_rows_map_(at::Tensor map, int64_t hp, int64_t wp, int64_t oh, int64_t ow, int64_t sy, int64_t sx,
@@ -286,15 +302,16 @@ void sparse_rows_map_(at::Tensor map, int64_t hp, int64_t wp, int64_t oh, int64_
   float* m = map.data_ptr<float>();
   const int64_t sn = map.stride(0), sc = map.stride(1), sh = map.stride(2), sw = map.stride(3);
   constexpr int64_t kChunk = 32;
-  const int64_t tiles = (n + kTile - 1) / kTile, chunks = (rows + kChunk - 1) / kChunk;
-  const int64_t per_task = std::min(kTile, n) * std::max<int64_t>(1, col.numel() / chunks);
+  const int64_t tile = row_tile_for(x.size(0));
+  const int64_t tiles = (n + tile - 1) / tile, chunks = (rows + kChunk - 1) / kChunk;
+  const int64_t per_task = std::min(tile, n) * std::max<int64_t>(1, col.numel() / chunks);
   at::parallel_for(0, tiles * chunks, grain_for(per_task), [&](int64_t b, int64_t e) {
     thread_local std::vector<float> buffer;
-    buffer.resize(static_cast<size_t>(kChunk * kTile));
+    buffer.resize(static_cast<size_t>(kChunk * tile));
     float* buf = buffer.data();
     for (int64_t task = b; task < e; ++task) {
       const int64_t t = task / chunks, r0 = task % chunks * kChunk, r1 = std::min(rows, r0 + kChunk);
-      const int64_t i0 = t * kTile, len = std::min(kTile, n - i0);
+      const int64_t i0 = t * tile, len = std::min(tile, n - i0);
       // the map rows among these positions first: a tile of border or room-for-shifts positions only is skipped
       const int64_t first = i0 / wp, last = (i0 + len - 1) / wp;
       bool any = false;
@@ -304,7 +321,7 @@ void sparse_rows_map_(at::Tensor map, int64_t hp, int64_t wp, int64_t oh, int64_
       }
       if (!any) continue;
       for (int64_t r = r0; r < r1; ++r)
-        k.sparse_row_f32(xs + i0, base.data() + rp[r], v + rp[r], rp[r + 1] - rp[r], buf + (r - r0) * kTile, len,
+        k.sparse_row_f32(xs + i0, base.data() + rp[r], v + rp[r], rp[r + 1] - rp[r], buf + (r - r0) * tile, len,
                          bs ? bs[r] : 0.0f);
       for (int64_t row = first; row <= last; ++row) {
         const int64_t img = row / hp, gy = row % hp - oh;
@@ -314,7 +331,7 @@ void sparse_rows_map_(at::Tensor map, int64_t hp, int64_t wp, int64_t oh, int64_
         const int64_t x_lo = i0 > start ? (i0 - start + sx - 1) / sx : 0;
         const int64_t x_hi = std::min(w, (i0 + len - 1 - start) / sx + 1);
         if (x_lo >= x_hi) continue;
-        copy_row(buf + (start + x_lo * sx - i0), kTile, m + img * sn + r0 * sc + gy / sy * sh + x_lo * sw, sc, sw,
+        copy_row(buf + (start + x_lo * sx - i0), tile, m + img * sn + r0 * sc + gy / sy * sh + x_lo * sw, sc, sw,
                  r1 - r0, x_hi - x_lo, false, sx);
       }
     }

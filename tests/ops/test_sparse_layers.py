@@ -15,10 +15,12 @@ from dsd2.ops import (
     MaskedConv2d,
     MaskedLinear,
     SparsePlan,
+    cpu_isa_levels,
     set_sparse_kernels,
     sparse_conv2d,
     sparse_linear,
     sparse_tune,
+    use_cpu_isa,
 )
 from dsd2.ops.masked_linear import product_tolerance
 from dsd2.ops.sparse_layers import grid_layout
@@ -147,11 +149,12 @@ def test_a_list_long_enough_to_be_prepared_on_both_threads(cpu_isa_level):
     assert_within(w.grad, oracle, "dw", 3)
 
 
-# (batch, in, out, h, w, padding, stride, kept): tiles of 2,048 positions that cut map rows and images, chunks of
-# 32 output rows and a part of one, strides on the grid, every weight and none kept
+# (batch, in, out, h, w, padding, stride, kept): tiles of 2,048 positions (few input channels) and of 1,024, 256
+# and 128 (8, 32 and 64 or more: the rows kernels' tile shrinks as the operand's rows grow) that cut map rows and
+# images, chunks of 32 output rows and a part of one, strides on the grid, every weight and none kept
 MAP_CASES = [(4, 3, 40, 20, 30, 1, 1, 0.5), (3, 4, 70, 17, 13, 2, 1, 0.3), (2, 3, 33, 8, 8, 1, 2, 0.6),
              (5, 6, 9, 12, 10, 0, 2, 0.4), (128, 8, 32, 8, 8, 1, 1, 0.05), (1, 8, 5, 5, 7, 1, 1, 1.0),
-             (2, 6, 3, 7, 7, 1, 1, 0.0)]
+             (2, 6, 3, 7, 7, 1, 1, 0.0), (3, 32, 20, 9, 11, 1, 1, 0.2), (2, 70, 5, 6, 13, 1, 2, 0.1)]
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
@@ -184,6 +187,42 @@ def test_rows_into_a_map_are_the_two_calls_bit_for_bit(case, layout, cpu_isa_lev
     with pytest.raises(RuntimeError, match="does not fit grids"):
         ext.sparse_rows_map_(torch.empty(n, oc, hp + 1, w), hp, wp, pad, pad, 1, 1, length, grid, plan.rowptr,
                              plan.channel, shift, val, bias)
+
+
+def test_weight_gradient_dots_have_the_same_bits_at_every_level():
+    """`sparse_dots_` takes a row's entries four at a time at 512 bits (one load of the gradient's vector for
+    four products) and one at a time below: each dot's terms go to the same 64 partial sums, folded in the same
+    tree, so the levels with FMA (AVX2, AVX-512) give the same bits; `default` has no FMA and rounds each product
+    before adding it. Rows of 0 to 9 entries (whole groups and every remainder), dots of 2,048-position tiles and
+    a tail that is not a whole block; every level within reduction order of float64."""
+    from dsd2.ops._backend import cpp_extension
+
+    g = torch.Generator().manual_seed(6)
+    rows, operand_rows, n = 10, 7, 2 * 2048 + 77
+    counts = torch.arange(rows)
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    nnz = int(rowptr[-1])
+    col = torch.randint(0, operand_rows, (nnz,), generator=g)
+    off = torch.randint(0, 40, (nnz,), generator=g)
+    a = torch.randn(rows, n, generator=g)
+    x = torch.randn(operand_rows, n + 40, generator=g)
+    row_of = torch.repeat_interleave(torch.arange(rows), counts)
+    exact = torch.stack([(a[r].double() * x[c, o:o + n].double()).sum() for r, c, o in
+                         zip(row_of.tolist(), col.tolist(), off.tolist())])
+    results = {}
+    for level in cpu_isa_levels():
+        with use_cpu_isa(level):
+            dval = torch.full((nnz,), float("nan"))
+            cpp_extension().sparse_dots_(dval, a, n, x, rowptr, col, off)
+        results[level] = dval
+        scale = torch.stack([(a[r].double().abs() * x[c, o:o + n].double().abs()).sum() for r, c, o in
+                             zip(row_of.tolist(), col.tolist(), off.tolist())])
+        # 64 partial sums of n / 64 terms each, then a fold of 6 levels: each rounding at most 2^-24 of the magnitudes
+        bound = (n / 64 + 8) * 2.0 ** -24 * scale
+        assert bool(((dval.double() - exact).abs() <= bound).all()), level
+    fused = [level for level in results if level != "default"]  # one level only on an AVX2 CPU: nothing to compare
+    for level in fused:
+        assert torch.equal(results[level], results[fused[0]]), level
 
 
 def test_pruned_weights_holding_inf_and_nan_are_never_read():
