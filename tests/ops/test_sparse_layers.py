@@ -189,16 +189,21 @@ def test_rows_into_a_map_are_the_two_calls_bit_for_bit(case, layout, cpu_isa_lev
                              plan.channel, shift, val, bias)
 
 
-def test_weight_gradient_dots_have_the_same_bits_at_every_level():
+# (rows, operand rows, positions): few operand rows take dots of 2,048 positions (two and a tail that is not a
+# whole block); 300 take tiles of 512 (their runs would be 2.4 MB at 2,048), three and a tail
+DOT_CASES = [(10, 7, 2 * 2048 + 77), (10, 300, 3 * 512 + 77)]
+
+
+@pytest.mark.parametrize("rows,operand_rows,n", DOT_CASES)
+def test_weight_gradient_dots_have_the_same_bits_at_every_level(rows, operand_rows, n):
     """`sparse_dots_` takes a row's entries four at a time at 512 bits (one load of the gradient's vector for
     four products) and one at a time below: each dot's terms go to the same 64 partial sums, folded in the same
     tree, so the levels with FMA (AVX2, AVX-512) give the same bits; `default` has no FMA and rounds each product
-    before adding it. Rows of 0 to 9 entries (whole groups and every remainder), dots of 2,048-position tiles and
-    a tail that is not a whole block; every level within reduction order of float64."""
+    before adding it. Rows of 0 to 9 entries (whole groups and every remainder); every level within reduction
+    order of float64."""
     from dsd2.ops._backend import cpp_extension
 
     g = torch.Generator().manual_seed(6)
-    rows, operand_rows, n = 10, 7, 2 * 2048 + 77
     counts = torch.arange(rows)
     rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
     nnz = int(rowptr[-1])
@@ -217,7 +222,8 @@ def test_weight_gradient_dots_have_the_same_bits_at_every_level():
         results[level] = dval
         scale = torch.stack([(a[r].double().abs() * x[c, o:o + n].double().abs()).sum() for r, c, o in
                              zip(row_of.tolist(), col.tolist(), off.tolist())])
-        # 64 partial sums of n / 64 terms each, then a fold of 6 levels: each rounding at most 2^-24 of the magnitudes
+        # each dot a chain of at most n / 64 + 8 roundings (a tile's lane, its fold, the tiles' sum), each at most
+        # 2^-24 of the magnitudes
         bound = (n / 64 + 8) * 2.0 ** -24 * scale
         assert bool(((dval.double() - exact).abs() <= bound).all()), level
     fused = [level for level in results if level != "default"]  # one level only on an AVX2 CPU: nothing to compare
