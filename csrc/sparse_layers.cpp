@@ -27,33 +27,30 @@ constexpr int64_t kTile = 2048;  // output elements per task: an 8 KiB run of a 
 // thread costs several microseconds, more than a small map's pass at batch 1 (a 2x2 map's epilogue, its pool).
 constexpr int64_t kMinWork = 1 << 16;
 
-// The rows kernels' tile for an operand of `operand_rows` rows: the longest run (kTile at most, kMinRowTile at
-// least, halving) whose operand runs, one per row, take at most kRowBudget bytes, so that the runs every output
-// row of the tile reads stay in L1 while the rows are computed one after another (a tile of kTile over 32
-// channels is 256 KiB: each row's entries then read L2, and the products wait on it). The tile does not change a
-// sum's order (each element's terms are added in entry order whatever the tile).
+// A kernel's tile of positions for an operand of `operand_rows` rows: the longest run (kTile at most, `least` at
+// least, halving) whose operand runs, one per row, take at most `budget` bytes.
+int64_t tile_within(int64_t operand_rows, int64_t budget, int64_t least) {
+  int64_t t = kTile;
+  while (t > least && t * operand_rows * static_cast<int64_t>(sizeof(float)) > budget) t /= 2;
+  return t;
+}
+
+// The rows kernels' tile: the runs every output row of the tile reads stay in L1 while the rows are computed one
+// after another (a tile of kTile over 32 channels is 256 KiB: each row's entries then read L2, and the products
+// wait on it). The tile does not change a sum's order (each element's terms are added in entry order whatever
+// the tile).
 constexpr int64_t kRowBudget = 32 << 10;
 constexpr int64_t kMinRowTile = 128;
 
-int64_t row_tile_for(int64_t operand_rows) {
-  int64_t t = kTile;
-  while (t > kMinRowTile && t * operand_rows * static_cast<int64_t>(sizeof(float)) > kRowBudget) t /= 2;
-  return t;
-}
+int64_t row_tile_for(int64_t operand_rows) { return tile_within(operand_rows, kRowBudget, kMinRowTile); }
 
-// The weight gradient's tile: kTile, halved (to kMinDotTile at least) while the operand runs of a tile, one per
-// operand row, take more than kDotBudget bytes. A dot's fold costs as much as 8 products, so its tiles stay longer
-// than the rows kernels'; but a tile of kTile over 512 channels is 4 MiB, and every row's entries then read the
-// operand from L3 (VGG's 512->512 layer at 2x2, 96.5 % sparse: 6.97 -> 5.26 ms with tiles of 512, on a 2-core
-// AVX-512 Xeon).
+// The weight gradient's tile. A dot's fold costs as much as 8 products, so its tiles stay longer than the rows
+// kernels'; but a tile of kTile over 512 channels is 4 MiB, and every row's entries then read the operand from L3
+// (VGG's 512->512 layer at 2x2, 96.5 % sparse: 6.97 -> 5.26 ms with tiles of 512, on a 2-core AVX-512 Xeon).
 constexpr int64_t kDotBudget = 1 << 20;
 constexpr int64_t kMinDotTile = 512;
 
-int64_t dot_tile_for(int64_t operand_rows) {
-  int64_t t = kTile;
-  while (t > kMinDotTile && t * operand_rows * static_cast<int64_t>(sizeof(float)) > kDotBudget) t /= 2;
-  return t;
-}
+int64_t dot_tile_for(int64_t operand_rows) { return tile_within(operand_rows, kDotBudget, kMinDotTile); }
 
 int64_t grain_for(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_task));
