@@ -1,6 +1,7 @@
 """Turn a pytest-benchmark JSON of benchmarks/ops/ into the ops table of benchmarks/RESULTS.md.
 
     python benchmarks/results_table.py benchmarks/ops.json [--no-write]
+    python benchmarks/results_table.py bn.json --only bench_batch_norm.py   # one file's run, in a block of its own
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--only", metavar="FILE", help="the JSON is a run of this one file of benchmarks/ops: its "
+                        "table goes to a block of its own, leaving the whole suite's table as it is")
     args = parser.parse_args()
     from dsd2.ops import cpu_isa_levels
 
@@ -76,10 +79,15 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
+    if args.only:
+        name = Path(args.only).stem
+        write_block(name, f"Fused ops: {name}.py", f"Command: `pytest benchmarks/ops/{name}.py --benchmark-enable "
+                    f"--benchmark-json={name}.json && python benchmarks/results_table.py {name}.json --only "
+                    f"{name}.py` (medians).\n\n{table}")
+        return
     write_block("bench_ops", "Fused ops",
                 "Command: `pytest benchmarks/ops --benchmark-enable --benchmark-json=ops.json && "
                 f"python benchmarks/results_table.py ops.json` (medians).\n\n{table}")
-
 
 if __name__ == "__main__":
     main()

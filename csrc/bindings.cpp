@@ -42,6 +42,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("width", &dsd2::SparseStackPlan::width);
   m.def("mlp_epoch", &dsd2::mlp_epoch, "One training epoch of a Linear/ReLU chain, the eager step's ops in C++");
   m.def("mlp_forward", &dsd2::mlp_forward, "Logits of a Linear/ReLU chain for a split, in batches");
+  m.def("batch_norm_forward", &dsd2::batch_norm_forward,
+        "BatchNorm2d in training (fp32): y, mean, invstd, shift, offset; the running statistics updated in place",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
+        py::arg("factor"), py::arg("eps"));
+  m.def("batch_norm_backward", &dsd2::batch_norm_backward, "BatchNorm2d in training: dx, dweight, dbias",
+        py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("invstd"), py::arg("shift"), py::arg("offset"),
+        py::arg("need_x"), py::arg("need_weight"), py::arg("need_bias"));
   m.def("cpu_isa", &dsd2::cpu_isa, "The instruction-set level of the kernels in use");
   m.def("cpu_isa_levels", &dsd2::cpu_isa_levels, "Levels this CPU runs, lowest first");
   m.def("set_cpu_isa", &dsd2::set_cpu_isa, "Run the kernels of this level (ValueError if the CPU lacks it)");

@@ -109,4 +109,16 @@ at::Tensor mlp_forward(const at::Tensor& inputs, int64_t batch_size, std::vector
                        std::vector<std::optional<at::Tensor>> biases,
                        std::vector<std::optional<at::Tensor>> layer_masks, std::vector<bool> relu_after);
 
+// BatchNorm2d in training, fp32 (batch_norm.cpp): {y, mean, invstd, shift, offset} (mean = shift + offset, the
+// shift each channel's first value), the running statistics (when given) updated in place with factor f as torch
+// does; and the backward's {dx, dweight, dbias} from invstd, shift and offset.
+std::vector<at::Tensor> batch_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& running_mean,
+                                           const std::optional<at::Tensor>& running_var, double factor, double eps);
+std::vector<at::Tensor> batch_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                            const std::optional<at::Tensor>& weight, const at::Tensor& invstd,
+                                            const at::Tensor& shift, const at::Tensor& offset, bool need_x,
+                                            bool need_weight, bool need_bias);
+
 }  // namespace dsd2

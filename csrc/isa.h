@@ -73,6 +73,18 @@ struct KernelTable {
   // i < ho, j < wo; a NaN in a window gives NaN, as torch's max_pool2d does
   void (*maxpool2_f32)(const float* src, int64_t lds, float* out, int64_t ldo, int64_t ho, int64_t wo,
                        const RowPost& post);
+  // BatchNorm in training (batch_norm.cpp), per channel: over `rows` rows of a [rows, C] array, s1[c] += sum d and
+  // s2[c] += sum d * d with d = p - k[c] (q null: the statistics), else s1[c] += sum q and s2[c] += sum q * d (the
+  // backward's sums); in fp32 over kFold rows, then in double; scratch holds 2 * C floats
+  void (*bn_sums_rows_f32)(const float* p, const float* q, const float* k, int64_t rows, int64_t C, float* scratch,
+                           double* s1, double* s2);
+  // the same over one channel's plane of n elements (NCHW), k a scalar
+  void (*bn_sums_plane_f32)(const float* p, const float* q, float k, int64_t n, double* s1, double* s2);
+  // out = (p - kp[c]) * a[c] + b[c] (q null), else (p - kp[c]) * a[c] + (q - kq[c]) * b[c]; out may be p
+  void (*bn_affine_rows_f32)(const float* p, const float* q, const float* kp, const float* a, const float* kq,
+                             const float* b, float* out, int64_t rows, int64_t C);
+  void (*bn_affine_plane_f32)(const float* p, const float* q, float kp, float a, float kq, float b, float* out,
+                              int64_t n);
 };
 
 // counting: columns per task (relu_count.cpp) and per counter block of the kernels: 32 KiB of int32 counters, so

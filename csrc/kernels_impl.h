@@ -761,8 +761,132 @@ static void sparse_dots_f32(const float* __restrict__ a, const float* __restrict
   }
 }
 
+// ---- BatchNorm in training ------------------------------------------------------------------------------
+// Per-channel sums over a block of rows of a [rows, C] array (channels_last: channel c at column c), each channel's
+// terms added in row order (the same order at every vector width), in fp32 over at most kFold rows and then
+// folded into double. Statistics: d = p - k[c], s1 += d, s2 += d * d (k: a shift near the mean, against
+// cancellation). Backward: s1 += q, s2 += q * (p - k[c]) (q: the output gradient, k: the mean).
+
+template <bool STATS>
+DSD2_INLINE void bn_sums_rows_loop(const float* __restrict__ p, const float* __restrict__ q,
+                                   const float* __restrict__ k, int64_t rows, int64_t C, float* __restrict__ a1,
+                                   float* __restrict__ a2, double* __restrict__ s1, double* __restrict__ s2) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kFold) {
+    const int64_t r1 = r0 + kFold < rows ? r0 + kFold : rows;
+    for (int64_t c = 0; c < C; ++c) a1[c] = a2[c] = 0.0f;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* __restrict__ pr = p + r * C;
+      const float* __restrict__ qr = STATS ? pr : q + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = pr[c] - k[c];
+        const float v = STATS ? d : qr[c];
+        a1[c] += v;
+        a2[c] = madd(v, d, a2[c]);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      s1[c] += a1[c];
+      s2[c] += a2[c];
+    }
+  }
+}
+
+// scratch: 2 * C floats
+static void bn_sums_rows_f32(const float* p, const float* q, const float* k, int64_t rows, int64_t C,
+                             float* scratch, double* s1, double* s2) {
+  if (q)
+    bn_sums_rows_loop<false>(p, q, k, rows, C, scratch, scratch + C, s1, s2);
+  else
+    bn_sums_rows_loop<true>(p, q, k, rows, C, scratch, scratch + C, s1, s2);
+}
+
+// The same sums over one channel's plane of n elements (NCHW): element i in lane i % kLanes, lanes folded into
+// double every kFold elements, in lane order.
+template <bool STATS>
+DSD2_INLINE void bn_sums_plane_loop(const float* __restrict__ p, const float* __restrict__ q, float k, int64_t n,
+                                    double* s1, double* s2) {
+  static_assert(kFold % kLanes == 0, "a fold block holds whole lane groups");
+  double t1 = 0.0, t2 = 0.0;
+  for (int64_t b = 0; b < n; b += kFold) {
+    const int64_t e = b + kFold < n ? b + kFold : n;
+    float a1[kLanes] = {}, a2[kLanes] = {};
+    int64_t i = b;
+    for (; i + kLanes <= e; i += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        const float d = p[i + l] - k;
+        const float v = STATS ? d : q[i + l];
+        a1[l] += v;
+        a2[l] = madd(v, d, a2[l]);
+      }
+    }
+    for (int l = 0; i < e; ++i, ++l) {
+      const float d = p[i] - k;
+      const float v = STATS ? d : q[i];
+      a1[l] += v;
+      a2[l] = madd(v, d, a2[l]);
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      t1 += a1[l];
+      t2 += a2[l];
+    }
+  }
+  *s1 += t1;
+  *s2 += t2;
+}
+
+static void bn_sums_plane_f32(const float* p, const float* q, float k, int64_t n, double* s1, double* s2) {
+  if (q)
+    bn_sums_plane_loop<false>(p, q, k, n, s1, s2);
+  else
+    bn_sums_plane_loop<true>(p, q, k, n, s1, s2);
+}
+
+// out = (p - kp[c]) * a[c] + z[c] (q null: the forward's normalisation, z = beta), or
+// out = (p - kp[c]) * a[c] + (q - kq[c]) * b[c] (the input gradient: p = dy, kp = its mean, q = x, kq = the mean),
+// over a block of rows of a [rows, C] array; out may be p.
+template <bool TWO>
+DSD2_INLINE void bn_affine_rows_loop(const float* __restrict__ p, const float* __restrict__ q,
+                                     const float* __restrict__ kp, const float* __restrict__ a,
+                                     const float* __restrict__ kq, const float* __restrict__ b, float* out,
+                                     int64_t rows, int64_t C) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* pr = p + r * C;
+    const float* __restrict__ qr = TWO ? q + r * C : nullptr;
+    float* orow = out + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float rest = TWO ? (qr[c] - kq[c]) * b[c] : b[c];
+      orow[c] = madd(pr[c] - kp[c], a[c], rest);
+    }
+  }
+}
+
+// q null: b is z, kq unused
+static void bn_affine_rows_f32(const float* p, const float* q, const float* kp, const float* a, const float* kq,
+                               const float* b, float* out, int64_t rows, int64_t C) {
+  if (q)
+    bn_affine_rows_loop<true>(p, q, kp, a, kq, b, out, rows, C);
+  else
+    bn_affine_rows_loop<false>(p, q, kp, a, kq, b, out, rows, C);
+}
+
+// The same over one channel's plane of n elements, its coefficients scalars.
+static void bn_affine_plane_f32(const float* p, const float* q, float kp, float a, float kq, float b, float* out,
+                                int64_t n) {
+  if (q) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = madd(p[i] - kp, a, (q[i] - kq) * b);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = madd(p[i] - kp, a, b);
+  }
+}
+
 static const KernelTable kTable = {
     DSD2_ISA_NAME, sgd_f32, count_cols_f32, count_cols_u16, relu_rows_f32, relu_rows_u16, kd_row, kd_row_f64,
     kd_block, mask_f32, mask_u16, pruned_zero_f32, pruned_zero_u16, sparse_row_f32, sparse_dots_f32,
-    sparse_row_post_f32, maxpool2_f32,
+    sparse_row_post_f32, maxpool2_f32, bn_sums_rows_f32, bn_sums_plane_f32, bn_affine_rows_f32,
+    bn_affine_plane_f32,
 };

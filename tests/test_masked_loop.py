@@ -153,3 +153,31 @@ def test_a_run_killed_with_plain_layers_resumes_on_masked_layers(tmp_path, monke
     assert len(loaded) == 3 and sum(loaded) > 0  # the three masked layers took the checkpoint's pruned masks
     assert results[0] == results[1]
     assert [r["level"] for r in results[0][0]] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_vgg_like_curve_trains_on_dsd2_batchnorm_as_on_torchs(tmp_path, fake_cifar, tiny_config, monkeypatch):
+    """fp32, so the CPU kernel runs: every BatchNorm of the loop's model is dsd2's, the checkpoints keep
+    nn.BatchNorm2d's layout, and the curve is torch's BatchNorm's within fp32 reduction-order noise."""
+    from torch import nn
+
+    from dsd2.ops import BatchNorm2d
+
+    cfg = tiny_config(data__dataset="cifar10", data__data_root=str(fake_cifar), model__name="vgg", model__depth=2,
+                      model__width=2, optim__optimizer="sgd", optim__lr=0.01, optim__batch_size=16, prune__levels=1,
+                      precision="fp32")
+    ours, rows, _ = run(cfg, tmp_path / "ours")
+    norms = [m for m in ours.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(type(m) is BatchNorm2d for m in norms)
+    monkeypatch.setattr(loop_module, "swap_in_batch_norms", lambda model: model)
+    torchs, torch_rows, _ = run(cfg, tmp_path / "torch")
+    assert not any(type(m) is BatchNorm2d for m in torchs.model.modules())
+    assert len(rows) == len(torch_rows) == 2
+    for a, b in zip(rows, torch_rows):
+        assert a["level"] == b["level"] and a["sparsity"] == b["sparsity"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+        assert abs(a["test_acc"] - b["test_acc"]) <= 1 / 16  # at most one of the 16 test images flips
+    for name in ("level_00", "last"):
+        a, _ = load_checkpoint(tmp_path / "ours" / "checkpoints" / f"{name}.safetensors")
+        b, _ = load_checkpoint(tmp_path / "torch" / "checkpoints" / f"{name}.safetensors")
+        assert a.keys() == b.keys()

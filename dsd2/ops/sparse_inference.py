@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from dsd2.ops._backend import cpp_extension
+from dsd2.ops.batch_norm import BatchNorm2d
 from dsd2.ops.masked_layers import MaskedConv2d
 from dsd2.ops.sparse_layers import SparsePlan
 
@@ -128,7 +129,7 @@ class SparseStack:
             i += 1
             if i < len(mods) and type(mods[i]) is nn.ReLU:
                 stage.relu, i = True, i + 1
-            if i < len(mods) and type(mods[i]) is nn.BatchNorm2d and mods[i].track_running_stats \
+            if i < len(mods) and type(mods[i]) in (nn.BatchNorm2d, BatchNorm2d) and mods[i].track_running_stats \
                     and mods[i].running_mean is not None:
                 stage.norm, i = mods[i], i + 1
             if i < len(mods) and _pool2(mods[i]):

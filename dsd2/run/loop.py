@@ -32,6 +32,7 @@ from dsd2.ops import (
     set_layer_masks,
     set_sparse_kernels,
     sparse_paths,
+    swap_in_batch_norms,
     swap_in_masked_layers,
 )
 from dsd2.pruning import (
@@ -108,8 +109,9 @@ def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting:
     choose, and, when `counting`, traced so that every ReLU call site counts its states (the traced module shares
     the model's parameters and state dict; its counters hold no state, so checkpoints are unchanged). Its prunable
     Linear and Conv2d layers are masked layers, swapped in once here: their weight gradient is masked where it is
-    made. The swap shares every parameter and copies only the containers on the way, so a given module is trained
-    in place but keeps its own layers."""
+    made; its BatchNorm2d layers train on dsd2's CPU kernel (`dsd2.ops.BatchNorm2d`). The swaps share every
+    parameter and buffer and copy only the containers on the way, so a given module is trained in place but keeps
+    its own layers."""
     torch.set_flush_denormal(True)  # denormal weights after pruning slow CPU retraining ~20x
     # the global generator is seeded too: code that draws from it (user objectives, dropout) is seeded by the run
     torch.manual_seed(rng.stream_seed("init", cfg.seed))
@@ -127,7 +129,7 @@ def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting:
     except (ReLUSiteError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     model, _ = swap_in_masked_layers(model, same_as=(Conv2d,))  # dsd2's Conv2d computes nn.Conv2d's function
-    return model, relus
+    return swap_in_batch_norms(model), relus
 
 
 def check_levels(cfg: Config, model: nn.Module) -> None:

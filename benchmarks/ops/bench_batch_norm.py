@@ -1,0 +1,54 @@
+"""BatchNorm2d in training, forward + backward: ours (dsd2.ops.BatchNorm2d, the cpp kernel) against nn.BatchNorm2d,
+eager and compiled, on the VGG-like's BatchNorm shapes (CIFAR size, batch 128, channels_last as the loop feeds
+conv nets)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dsd2.ops import swap_in_batch_norms
+
+SHAPES = [(128, 32, 32, 32), (128, 64, 16, 16), (128, 128, 8, 8), (128, 256, 4, 4)]
+SHAPE_IDS = [f"{c}x{h}x{w}" for _, c, h, w in SHAPES]
+
+
+def training_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    def step():
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        module(x).backward(grad)
+
+    step()
+    return step
+
+
+def problem(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+    return nn.BatchNorm2d(shape[1]), x, grad
+
+
+def step_label(label, shape, variant):
+    n, c, h, w = shape
+    size = f"{n}x{c}x{h}x{w}"
+    # the least traffic: forward reads x and writes y, backward reads x and dy and writes dx
+    label(f"batchnorm2d fwd+bwd {size}", "batchnorm2d train step", size, variant, 5 * n * c * h * w * 4)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_batch_norm_step(benchmark, label, ours, shape):
+    norm, x, grad = problem(shape)
+    step_label(label, shape, ours)
+    benchmark(training_step(swap_in_batch_norms(norm), x, grad))
+
+
+@pytest.mark.parametrize("variant", ["eager", "compile"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_batch_norm_step_baselines(benchmark, label, shape, variant):
+    norm, x, grad = problem(shape)
+    step_label(label, shape, variant)
+    module = torch.compile(copy.deepcopy(norm), dynamic=False) if variant == "compile" else norm
+    benchmark(training_step(module, x, grad))
