@@ -31,7 +31,7 @@ FLOOR = 0.5  # auto never takes the sparse path below this sparsity
 MARGIN = 0.9  # the sparse call must take at most this fraction of the dense call's time: within a whole epoch the
 # layer's neighbours (caches, memory traffic) shift a narrow win to a loss
 NEVER = 1.0  # a crossover that no layer reaches: the sparse path was slower even at 99.8 %
-KERNELS_VERSION = 7  # bump when the sparse kernels or this measurement change: older ones are measured again
+KERNELS_VERSION = 8  # bump when the sparse kernels or this measurement change: older ones are measured again
 CACHE_FILE = "sparse_crossover.json"
 
 _memory: dict[str, float] = {}

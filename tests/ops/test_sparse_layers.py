@@ -23,7 +23,7 @@ from dsd2.ops import (
     use_cpu_isa,
 )
 from dsd2.ops.masked_linear import product_tolerance
-from dsd2.ops.sparse_layers import grid_layout
+from dsd2.ops.sparse_layers import batch_minor_layout, grid_layout
 
 # (x shape, weight shape, stride, padding, dilation, groups)
 CONV_CASES = [
@@ -36,13 +36,37 @@ CONV_CASES = [
     ((128, 3, 6, 6), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),   # a training batch
     ((2, 4, 8, 8), (6, 4, 3, 3), (2, 2), (1, 1), (1, 1), 1),     # ResNet's stride-2 3x3, on the grid
     ((2, 3, 10, 10), (4, 3, 3, 3), (3, 3), (0, 0), (1, 1), 1),   # stride 3: unfolded
+    ((128, 6, 2, 2), (5, 6, 3, 3), (1, 1), (1, 1), (1, 1), 1),   # a 2x2 map at batch 128: batch-minor, aligned runs
+    ((3, 4, 1, 1), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1),     # a 1x1 map: batch-minor, one tap reads it
+    ((5, 4, 2, 3), (6, 2, 3, 3), (1, 1), (2, 2), (2, 2), 2),     # batch-minor, dilated and grouped
 ]
-CONV_IDS = ["odd", "all-knobs", "depthwise", "2x2-map", "1x1-s2", "dilated", "batch-128", "s2-grid", "s3-unfold"]
+CONV_IDS = ["odd", "all-knobs", "depthwise", "2x2-map", "1x1-s2", "dilated", "batch-128", "s2-grid", "s3-unfold",
+            "2x2-batch-128", "1x1-map", "minor-dilated-grouped"]
 
 
-def test_both_layouts_are_covered():
-    layouts = [grid_layout(c[0][2:], c[1][2:], c[2], c[3], c[4]) for c in CONV_CASES]
-    assert layouts[CONV_IDS.index("s2-grid")] and not layouts[CONV_IDS.index("s3-unfold")]
+def layout_of(case) -> str:
+    args = (case[0][2:], case[1][2:], case[2], case[3], case[4])
+    return "batch-minor" if batch_minor_layout(*args) else "grid" if grid_layout(*args) else "unfold"
+
+
+def test_every_layout_is_covered():
+    layouts = {i: layout_of(c) for i, c in zip(CONV_IDS, CONV_CASES)}
+    assert layouts["s2-grid"] == "grid" and layouts["odd"] == "grid" and layouts["s3-unfold"] == "unfold"
+    assert {layouts[i] for i in ("2x2-map", "2x2-batch-128", "1x1-map", "minor-dilated-grouped")} == {"batch-minor"}
+
+
+def test_a_call_between_forward_and_backward_leaves_the_batch_minor_gradient_right(cpu_isa_level):
+    """The layer's kept grid holds the last call's input: a second forward before the first's backward makes
+    that backward copy its own input onto the grid again."""
+    case = CONV_CASES[CONV_IDS.index("2x2-batch-128")]
+    x, w, mask, b, grad_out = conv_problem(case, 0.3, "channels_last")
+    plan = SparsePlan(mask)
+    xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = sparse_conv2d(xs, ws, plan, bs, (1, 1), (1, 1), (1, 1))
+    other = sparse_conv2d(torch.randn_like(x).requires_grad_(), ws, plan, bs, (1, 1), (1, 1), (1, 1))
+    y.backward(grad_out)
+    check_conv(case, x, w, mask, b, grad_out, (y.detach(), xs.grad, ws.grad, bs.grad))
+    assert other.shape == y.shape
 DENSITIES = [0.0, 0.03, 0.5, 1.0]
 
 
