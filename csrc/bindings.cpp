@@ -19,6 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grid_copy_", &dsd2::grid_copy_, "a map into / out of a padded grid [C, N * Hp * Wp]", py::arg("grid"),
         py::arg("t"), py::arg("hp"), py::arg("wp"), py::arg("oh"), py::arg("ow"), py::arg("to_grid"),
         py::arg("sy") = 1, py::arg("sx") = 1);
+  m.def("batch_minor_copy_", &dsd2::batch_minor_copy_, "a map into / out of batch-minor grids [C, Hp * Wp * N]",
+        py::arg("grid"), py::arg("t"), py::arg("hp"), py::arg("wp"), py::arg("oh"), py::arg("ow"), py::arg("to_grid"));
   m.def("sparse_rows_map_", &dsd2::sparse_rows_map_, "sparse_rows_ then grid_copy_ of the map out, fused",
         py::arg("map"), py::arg("hp"), py::arg("wp"), py::arg("oh"), py::arg("ow"), py::arg("sy"), py::arg("sx"),
         py::arg("n"), py::arg("x"), py::arg("rowptr"), py::arg("col"), py::arg("off"), py::arg("val"),

@@ -49,6 +49,9 @@ void sparse_dots_(at::Tensor dval, const at::Tensor& a, int64_t n, const at::Ten
 // (channels_last too); sy, sx: a strided convolution's output positions on its stride-1 grid (1 for an input)
 void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t oh, int64_t ow, bool to_grid,
                 int64_t sy, int64_t sx);
+// grid[c, ((h + oh) * wp + w + ow) * n + img] = t[img, c, h, w] (to_grid), or back: the batch-minor grids of small
+// maps, the images innermost
+void batch_minor_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t oh, int64_t ow, bool to_grid);
 // sparse_rows_ of n grid positions then grid_copy_ of the map out of them, fused (the rows grid never stored)
 void sparse_rows_map_(at::Tensor map, int64_t hp, int64_t wp, int64_t oh, int64_t ow, int64_t sy, int64_t sx,
                       int64_t n, const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,

@@ -283,6 +283,30 @@ void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t o
   });
 }
 
+// The batch-minor grids of small maps: grid[c, ((y + oh) * wp + x + ow) * n + img] <-> t[img, c, y, x], one
+// [n, c] block per map position, transposed in 4x4 blocks where t is channels_last (copy_row with the images as
+// its columns).
+void batch_minor_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t oh, int64_t ow, bool to_grid) {
+  check_matrix(grid, "grid");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4,
+              "sparse kernels: the map must be a 4-D float32 CPU tensor");
+  const int64_t n = t.size(0), c = t.size(1), h = t.size(2), w = t.size(3);
+  TORCH_CHECK(grid.size(0) == c && hp * wp * n <= grid.size(1) && oh >= 0 && ow >= 0 && h + oh <= hp &&
+                  w + ow <= wp,
+              "sparse kernels: a map of ", n, "x", c, "x", h, "x", w, " does not fit batch-minor grids of ", hp, "x",
+              wp, " at (", oh, ", ", ow, ")");
+  float* g = grid.data_ptr<float>();
+  float* m = t.data_ptr<float>();
+  const int64_t ldg = grid.stride(0);
+  const int64_t sn = t.stride(0), sc = t.stride(1), sh = t.stride(2), sw = t.stride(3);
+  at::parallel_for(0, h * w, grain_for(c * n), [&](int64_t b, int64_t e) {
+    for (int64_t pos = b; pos < e; ++pos) {
+      const int64_t y = pos / w, x = pos % w;
+      copy_row(g + ((y + oh) * wp + x + ow) * n, ldg, m + y * sh + x * sw, sc, sn, c, n, to_grid, 1);
+    }
+  });
+}
+
 // sparse_rows_ into a grid, then grid_copy_ out of it, fused: map[img, r, y, x] = the rows' sum at grid position
 // (img * hp + y * sy + oh) * wp + x * sx + ow. A task computes a chunk of rows over one tile of positions into a
 // buffer of its thread's (kChunk x tile floats, 16 to 256 KiB) and stores the map's positions among them from

@@ -37,6 +37,8 @@ from dsd2.ops._backend import cpp_extension
 
 GRID_WASTE = 8.0  # most padded-grid positions per real output for which a convolution takes the grid layout
 BATCH_MINOR_WASTE = 4.0  # from this many padded-grid positions per output, a stride-1 conv takes batch-minor grids
+BATCH_MINOR_SOME_WASTE = 2.0  # from this many, it takes them below BATCH_MINOR_SPARSITY
+BATCH_MINOR_SPARSITY = 0.985
 
 
 class SparsePlan:
@@ -296,23 +298,36 @@ def _fill_grid(plan: SparsePlan, x: torch.Tensor, geometry: tuple, keep: bool) -
     return grid
 
 
-def batch_minor_layout(x_hw: tuple[int, int], kernel: tuple[int, int], stride, padding, dilation) -> bool:
+def batch_minor_layout(x_hw: tuple[int, int], kernel: tuple[int, int], stride, padding, dilation,
+                       sparsity: float = 0.0) -> bool:
     """Whether a convolution takes the batch-minor grids: stride 1, an output the input's size, and a map small
-    small enough that the padded grid has BATCH_MINOR_WASTE positions per output or more (a 3x3 conv's 2x2 and 1x1
-    maps: 4 and 9), which the batch-minor layout does not compute at all. Not below: its map copies are torch's
-    permuted copies, which cost more than the grid's waste on a 4x4 map at 99.6 % (a 2-core Xeon, AVX-512: 5.2
-    against 3.2 ms forward + backward for 256->256, batch 128), and on an 8x8 map at any sparsity."""
+    enough that the padded grid has BATCH_MINOR_WASTE positions per output or more (a 3x3 conv's 2x2 and 1x1 maps: 4
+    and 9), or BATCH_MINOR_SOME_WASTE (a 4x4 map: 2.25) at a sparsity below BATCH_MINOR_SPARSITY. The batch-minor
+    layout computes no border position, but makes one call per output row: on a 4x4 map it wins where the products
+    are large, and loses on the calls' fixed cost at high sparsity (a 2-core Xeon, AVX-512, batch 128, forward +
+    backward of 256->256: 7.7 against 11.1 ms at 96.5 %, even at 98.8 %, 3.9 against 3.5 ms at 99.6 %); on an 8x8
+    map it loses at every sparsity (9.1 against 8.5 ms for 128->128 at 96.5 %)."""
     h, w = x_hw
     same = all(2 * p == d * (k - 1) for p, d, k in zip(padding, dilation, kernel))
     hp, wp = h + 2 * padding[0], w + 2 * padding[1]
-    return tuple(stride) == (1, 1) and same and h * w > 0 and hp * wp >= BATCH_MINOR_WASTE * h * w
+    if tuple(stride) != (1, 1) or not same or h * w == 0:
+        return False
+    waste = hp * wp / (h * w)
+    return waste >= BATCH_MINOR_WASTE or (waste >= BATCH_MINOR_SOME_WASTE and sparsity < BATCH_MINOR_SPARSITY)
 
 
 def _to_batch_minor(grid: torch.Tensor, t: torch.Tensor, hp: int, wp: int, ph: int, pw: int) -> None:
     """t [N, C, H, W] (any layout) into grid [C, hp * wp * N] at rows ph.., columns pw.. of each channel's padded
     map, the images innermost; the rest of the grid is left as it is (zero, in a scratch grid)."""
-    n, c, h, w = t.shape
-    grid.view(c, hp, wp, n)[:, ph:ph + h, pw:pw + w].copy_(t.permute(1, 2, 3, 0))
+    cpp_extension().batch_minor_copy_(grid, t, hp, wp, ph, pw, True)
+
+
+def _from_batch_minor(rows: torch.Tensor, shape: tuple[int, ...], layout: torch.memory_format) -> torch.Tensor:
+    """The map [N, C, H, W] in `layout` of rows [C, H * W * N] (the images innermost)."""
+    n, c, h, w = shape
+    out = torch.empty(shape, dtype=rows.dtype, memory_format=layout)
+    cpp_extension().batch_minor_copy_(rows, out, h, w, 0, 0, False)
+    return out
 
 
 def _batch_minor_rows(out: torch.Tensor, ho: int, wo: int, operand: torch.Tensor, wp: int, n: int, rowptr, col,
@@ -343,8 +358,7 @@ class _SparseConvBatchMinor(torch.autograd.Function):
         rows = x.new_empty(out_c, h * w * n)
         _batch_minor_rows(rows, h, w, grid, wp, n, plan.rowptr, plan.channel, shift, plan.values(weight), bias)
         layout = _layout(x)
-        out = torch.empty((n, out_c, h, w), dtype=x.dtype, memory_format=layout)
-        out.permute(1, 2, 3, 0).copy_(rows.view(out_c, h, w, n))
+        out = _from_batch_minor(rows, (n, out_c, h, w), layout)
         ctx.save_for_backward(x, weight)
         ctx.token = plan.grid_token = object()  # the scratch grid holds this call's input until another call
         ctx.grid = None if keep else grid
@@ -372,8 +386,7 @@ class _SparseConvBatchMinor(torch.autograd.Function):
             rows = g.new_empty(c, h * w * n)
             _batch_minor_rows(rows, h, w, g, wp, n, plan.t_rowptr_grid, plan.t_col, shift_t,
                               plan.values(weight, transposed=True))
-            grad_x = torch.empty((n, c, h, w), dtype=g.dtype, memory_format=layout)
-            grad_x.permute(1, 2, 3, 0).copy_(rows.view(c, h, w, n))
+            grad_x = _from_batch_minor(rows, (n, c, h, w), layout)
         if ctx.needs_input_grad[1]:
             run = w * n
             dval = None
@@ -435,7 +448,7 @@ def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, plan: SparsePlan, bias:
     """`F.conv2d(x, W⊙M, bias, stride, padding, dilation, groups)` over the kept weights of `plan` only (its
     groups are the plan's); x: [N, C, H, W] fp32 on the CPU, padding a pair of ints."""
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
-    if batch_minor_layout(x.shape[-2:], plan.shape[2:], stride, padding, dilation):
+    if batch_minor_layout(x.shape[-2:], plan.shape[2:], stride, padding, dilation, plan.sparsity):
         keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)  # a training call
         return _SparseConvBatchMinor.apply(x, weight, bias, plan, padding, dilation, keep)
     if grid_layout(x.shape[-2:], plan.shape[2:], stride, padding, dilation):

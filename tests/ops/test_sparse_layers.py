@@ -32,27 +32,35 @@ CONV_CASES = [
     ((1, 8, 5, 5), (8, 1, 3, 3), (1, 1), (1, 1), (1, 1), 8),     # depthwise
     ((3, 4, 2, 2), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1),     # a 2x2 map (the VGG-like's last block)
     ((2, 5, 6, 7), (4, 5, 1, 1), (2, 2), (0, 0), (1, 1), 1),     # a 1x1 stride-2 shortcut
-    ((2, 3, 8, 8), (4, 3, 3, 3), (1, 1), (2, 2), (2, 2), 1),     # dilation 2 on the grid
+    ((2, 3, 12, 12), (4, 3, 3, 3), (1, 1), (2, 2), (2, 2), 1),   # dilation 2 on the grid
     ((128, 3, 6, 6), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),   # a training batch
     ((2, 4, 8, 8), (6, 4, 3, 3), (2, 2), (1, 1), (1, 1), 1),     # ResNet's stride-2 3x3, on the grid
     ((2, 3, 10, 10), (4, 3, 3, 3), (3, 3), (0, 0), (1, 1), 1),   # stride 3: unfolded
     ((128, 6, 2, 2), (5, 6, 3, 3), (1, 1), (1, 1), (1, 1), 1),   # a 2x2 map at batch 128: batch-minor, aligned runs
     ((3, 4, 1, 1), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1),     # a 1x1 map: batch-minor, one tap reads it
     ((5, 4, 2, 3), (6, 2, 3, 3), (1, 1), (2, 2), (2, 2), 2),     # batch-minor, dilated and grouped
+    ((16, 5, 4, 4), (6, 5, 3, 3), (1, 1), (1, 1), (1, 1), 1),    # a 4x4 map: batch-minor below 98.5 % sparsity
 ]
 CONV_IDS = ["odd", "all-knobs", "depthwise", "2x2-map", "1x1-s2", "dilated", "batch-128", "s2-grid", "s3-unfold",
-            "2x2-batch-128", "1x1-map", "minor-dilated-grouped"]
+            "2x2-batch-128", "1x1-map", "minor-dilated-grouped", "4x4-map"]
 
 
-def layout_of(case) -> str:
+def layout_of(case, sparsity: float = 0.0) -> str:
     args = (case[0][2:], case[1][2:], case[2], case[3], case[4])
-    return "batch-minor" if batch_minor_layout(*args) else "grid" if grid_layout(*args) else "unfold"
+    return "batch-minor" if batch_minor_layout(*args, sparsity) else "grid" if grid_layout(*args) else "unfold"
 
 
 def test_every_layout_is_covered():
+    """Every layout runs at the tests' densities; the 4x4 map on batch-minor grids at 3, 50 and 100 % kept, on the
+    padded grid at 0 % kept (sparsity 100 %)."""
     layouts = {i: layout_of(c) for i, c in zip(CONV_IDS, CONV_CASES)}
-    assert layouts["s2-grid"] == "grid" and layouts["odd"] == "grid" and layouts["s3-unfold"] == "unfold"
-    assert {layouts[i] for i in ("2x2-map", "2x2-batch-128", "1x1-map", "minor-dilated-grouped")} == {"batch-minor"}
+    assert layouts["s2-grid"] == "grid" and layouts["odd"] == "grid" and layouts["dilated"] == "grid"
+    assert layouts["s3-unfold"] == "unfold"
+    assert {layouts[i] for i in ("2x2-map", "2x2-batch-128", "1x1-map", "minor-dilated-grouped", "4x4-map")} == {
+        "batch-minor"}
+    case = CONV_CASES[CONV_IDS.index("4x4-map")]
+    assert layout_of(case, 0.97) == "batch-minor" and layout_of(case, 0.99) == "grid"
+    assert layout_of(CONV_CASES[CONV_IDS.index("2x2-map")], 0.999) == "batch-minor"
 
 
 def test_a_call_between_forward_and_backward_leaves_the_batch_minor_gradient_right(cpu_isa_level):
