@@ -11,7 +11,7 @@ all of them on W⊙M. The kept entries of a mask are listed once per mask (a pru
 - `sparse_dots_`: the weight gradient at the kept entries only (one dot product each); pruned entries of dW are
   exactly 0.0, as the masked layers' are.
 
-A linear layer's operand is x transposed, [in, batch]. A convolution's is one of two layouts:
+A linear layer's operand is x transposed, [in, batch]. A convolution's is one of three layouts:
 
 - **grid** (most convolutions): the padded input as [C, N * Hp * Wp] (`grid_copy_`: one blocked transpose
   from NCHW or channels_last); a tap (kh, kw) is a shift of kh * dh * Wp + kw * dw along that row, so the
@@ -20,6 +20,10 @@ A linear layer's operand is x transposed, [in, batch]. A convolution's is one of
   when that is at most GRID_WASTE grid positions per output (a 2x2 map padded by 1: 4; stride 2: about 4.5).
   The output and the input gradient go straight from the rows kernel's tiles into their NCHW or channels_last
   tensors (`sparse_rows_map_`): the [C, N * Hp * Wp] grid of the results is never stored.
+- **batch-minor** (stride-1 'same' convolutions on the smallest maps, `batch_minor_layout`): the padded input as
+  [C, Hp * Wp * N], the images innermost (`batch_minor_copy_`); a tap is a shift of (kh * dh * Wp + kw * dw) * N,
+  and one call per output row computes its W * N outputs only, where the grid would compute a 2x2 map's whole 4x4
+  grid.
 - **unfold** (the rest): the unfolded input (F.unfold) as [C * kh * kw, N * Ho * Wo], shift 0; the input
   gradient is folded back (F.fold).
 
