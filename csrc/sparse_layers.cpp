@@ -75,6 +75,11 @@ void check_matrix(const at::Tensor& m, const char* name) {
               "sparse kernels: ", name, " must be a 2-D float32 CPU tensor with contiguous rows");
 }
 
+void check_map(const at::Tensor& m) {
+  TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kFloat && m.dim() == 4,
+              "sparse kernels: the map must be a 4-D float32 CPU tensor");
+}
+
 // an optional vector of one float32 per row (a bias, a BatchNorm's scale or shift)
 void check_per_row(const std::optional<at::Tensor>& t, int64_t rows, const char* what) {
   TORCH_CHECK(!t || (t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 &&
@@ -263,8 +268,7 @@ void copy_row(float* __restrict__ g, int64_t ldg, float* __restrict__ m, int64_t
 void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t oh, int64_t ow, bool to_grid,
                 int64_t sy, int64_t sx) {
   check_matrix(grid, "grid");
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4,
-              "sparse kernels: the map must be a 4-D float32 CPU tensor");
+  check_map(t);
   const int64_t n = t.size(0), c = t.size(1), h = t.size(2), w = t.size(3);
   TORCH_CHECK(sy >= 1 && sx >= 1, "sparse kernels: strides must be at least 1");
   TORCH_CHECK(grid.size(0) == c && n * hp * wp <= grid.size(1) && oh >= 0 && ow >= 0 &&
@@ -288,8 +292,7 @@ void grid_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t o
 // its columns).
 void batch_minor_copy_(at::Tensor grid, at::Tensor t, int64_t hp, int64_t wp, int64_t oh, int64_t ow, bool to_grid) {
   check_matrix(grid, "grid");
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4,
-              "sparse kernels: the map must be a 4-D float32 CPU tensor");
+  check_map(t);
   const int64_t n = t.size(0), c = t.size(1), h = t.size(2), w = t.size(3);
   TORCH_CHECK(grid.size(0) == c && hp * wp * n <= grid.size(1) && oh >= 0 && ow >= 0 && h + oh <= hp &&
                   w + ow <= wp,
@@ -316,8 +319,7 @@ void sparse_rows_map_(at::Tensor map, int64_t hp, int64_t wp, int64_t oh, int64_
                       int64_t n, const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
                       const at::Tensor& off, const at::Tensor& val, const std::optional<at::Tensor>& bias) {
   check_matrix(x, "x");
-  TORCH_CHECK(map.device().is_cpu() && map.scalar_type() == at::kFloat && map.dim() == 4,
-              "sparse kernels: the map must be a 4-D float32 CPU tensor");
+  check_map(map);
   const int64_t imgs = map.size(0), rows = map.size(1), h = map.size(2), w = map.size(3);
   check_list(rowptr, col, off, rows);
   TORCH_CHECK(val.scalar_type() == at::kFloat && val.is_contiguous() && val.numel() == col.numel(),
