@@ -45,8 +45,9 @@ from dsd2.data import DeviceDataset
 from dsd2.export import compressed_bytes
 from dsd2.models import Conv2d, build_model
 from dsd2.ops import MaskedConv2d, MaskedLinear, cpu_isa, cpu_model, set_sparse_kernels, sparse_paths
-from dsd2.ops.batch_norm import swap_in_batch_norms
+from dsd2.ops.batch_norm import fuse_relu_batch_norms, swap_in_batch_norms
 from dsd2.ops.masked_layers import set_layer_masks, swap_in_masked_layers
+from dsd2.ops.pooling import swap_in_max_pools
 from dsd2.pruning import full_masks, prunable_weights
 from dsd2.training import InputFormat, TrainFeed, build_optimizer, cross_entropy
 from dsd2.training.distributed import DistContext
@@ -170,7 +171,7 @@ def vgg_epoch(images, labels, sparsity: float, mode: str, precision: str, strip:
     model = model.to(memory_format=torch.channels_last)
     model, _ = swap_in_masked_layers(model, same_as=(Conv2d,))
     if not torch_norms:
-        model = swap_in_batch_norms(model)  # as the loop does
+        model = fuse_relu_batch_norms(swap_in_max_pools(swap_in_batch_norms(model)))  # as the loop does
     set_layer_masks(model, masks)
     set_sparse_kernels(model, mode)
     x = images.float()

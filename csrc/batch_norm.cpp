@@ -1,7 +1,9 @@
 // BatchNorm2d in training on the CPU, fp32: two passes forward (the statistics, then the normalisation) and two
 // backward (the per-channel sums, then the input gradient), each one read of the map (and of its gradient) at
 // memory speed: on the VGG-like's 128x32x32x32 channels_last map, 4.2 ms forward + backward against 9.5 ms for
-// torch's CPU kernel (benchmarks/ops/bench_batch_norm.py, a 2-core Xeon, AVX-512).
+// torch's CPU kernel (benchmarks/ops/bench_batch_norm.py, a 2-core Xeon, AVX-512). With `relu` the norm is of
+// relu(x), read from the ReLU's input x in the same passes: the ReLU's own pass forward and its gradient's pass
+// backward are gone (the VGG-like's conv -> ReLU -> BatchNorm).
 //
 // Sums: fp32 over kFold rows (kernels_impl.h), then double, in a fixed order of fixed chunks, so the result does
 // not depend on the thread count; the statistics are taken about a shift k (each channel's first value) against
@@ -48,7 +50,7 @@ Shape shape_of(const at::Tensor& x) {
 // s1[c], s2[c] (double) of the kernel's sums over the whole map: q undefined for the statistics about k, else the
 // backward's sums of q and q * (p - k).
 void channel_sums(const at::Tensor& p, const at::Tensor& q, const std::vector<float>& k, bool rows, const Shape& s,
-                  std::vector<double>& s1, std::vector<double>& s2) {
+                  bool relu, std::vector<double>& s1, std::vector<double>& s2) {
   const KernelTable& kt = active_kernels();
   const float* pp = p.data_ptr<float>();
   const float* qp = q.defined() ? q.data_ptr<float>() : nullptr;
@@ -66,7 +68,7 @@ void channel_sums(const at::Tensor& p, const at::Tensor& q, const std::vector<fl
         const int64_t r0 = j * kChunkRows, len = std::min(kChunkRows, m - r0);
         double* d1 = part.data() + 2 * j * C;
         kt.bn_sums_rows_f32(pp + r0 * C, qp ? qp + r0 * C : nullptr, k.data(), len, C, scratch.data(), d1,
-                            d1 + C);
+                            d1 + C, relu);
       }
     });
     for (int64_t j = 0; j < chunks; ++j)
@@ -83,7 +85,7 @@ void channel_sums(const at::Tensor& p, const at::Tensor& q, const std::vector<fl
     for (int64_t j = b; j < e; ++j) {
       const int64_t c = j % C;
       kt.bn_sums_plane_f32(pp + j * s.hw, qp ? qp + j * s.hw : nullptr, k[c], s.hw, &part[2 * j],
-                           &part[2 * j + 1]);
+                           &part[2 * j + 1], relu);
     }
   });
   for (int64_t j = 0; j < planes; ++j) {  // image by image: the same order for any thread count
@@ -92,10 +94,11 @@ void channel_sums(const at::Tensor& p, const at::Tensor& q, const std::vector<fl
   }
 }
 
-// out = (p - kp) * a + b (q undefined) or (p - kp) * a + (q - kq) * b, per channel, in one pass.
+// out = (p - kp) * a + b (q undefined) or (p - kp) * a + (q - kq) * b, per channel, in one pass (relu: the
+// kernels' relu, isa.h).
 void channel_affine(const at::Tensor& p, const at::Tensor& q, const std::vector<float>& kp,
                     const std::vector<float>& a, const std::vector<float>& kq, const std::vector<float>& b,
-                    const at::Tensor& out, bool rows, const Shape& s) {
+                    const at::Tensor& out, bool rows, const Shape& s, bool relu) {
   const KernelTable& kt = active_kernels();
   const float* pp = p.data_ptr<float>();
   const float* qp = q.defined() ? q.data_ptr<float>() : nullptr;
@@ -106,7 +109,7 @@ void channel_affine(const at::Tensor& p, const at::Tensor& q, const std::vector<
     const int64_t grain = std::max<int64_t>(1, kTaskElements / std::max<int64_t>(C, 1));
     at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
       kt.bn_affine_rows_f32(pp + r0 * C, qp ? qp + r0 * C : nullptr, kp.data(), a.data(), kq.data(), b.data(),
-                            op + r0 * C, r1 - r0, C);
+                            op + r0 * C, r1 - r0, C, relu);
     });
     return;
   }
@@ -115,7 +118,7 @@ void channel_affine(const at::Tensor& p, const at::Tensor& q, const std::vector<
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t c = j % C;
       kt.bn_affine_plane_f32(pp + j * s.hw, qp ? qp + j * s.hw : nullptr, kp[c], a[c], kq[c], b[c],
-                             op + j * s.hw, s.hw);
+                             op + j * s.hw, s.hw, relu);
     }
   });
 }
@@ -137,7 +140,7 @@ std::vector<at::Tensor> batch_norm_forward(const at::Tensor& x, const std::optio
                                            const std::optional<at::Tensor>& bias,
                                            const std::optional<at::Tensor>& running_mean,
                                            const std::optional<at::Tensor>& running_var, double factor,
-                                           double eps) {
+                                           double eps, bool relu) {
   check_input(x, "the input");
   const bool rows = rows_layout(x);
   const at::Tensor p = as_read(x, rows);
@@ -147,9 +150,12 @@ std::vector<at::Tensor> batch_norm_forward(const at::Tensor& x, const std::optio
   // the shift: each channel's first value, so a map far from 0 keeps its variance's digits
   std::vector<float> k(static_cast<size_t>(C));
   const float* pp = p.data_ptr<float>();
-  for (int64_t c = 0; c < C; ++c) k[c] = rows ? pp[c] : pp[c * s.hw];
+  for (int64_t c = 0; c < C; ++c) {
+    const float first = rows ? pp[c] : pp[c * s.hw];
+    k[c] = relu && first < 0.0f ? 0.0f : first;
+  }
   std::vector<double> s1, s2;
-  channel_sums(p, at::Tensor(), k, rows, s, s1, s2);
+  channel_sums(p, at::Tensor(), k, rows, s, relu, s1, s2);
   // y = (x - k) * a + z with z = beta - d * a (d = mean - k, small): x - k is exact for x near k, so a map far from
   // 0 keeps its digits, where x - mean with the mean rounded to fp32 would not
   std::vector<float> mean(C), invstd(C), offset(C), a(C), z(C);
@@ -182,16 +188,16 @@ std::vector<at::Tensor> batch_norm_forward(const at::Tensor& x, const std::optio
     for (int64_t c = 0; c < C; ++c) r[c] = static_cast<float>(factor * var[c] * unbias + (1.0 - factor) * r[c]);
   }
   at::Tensor y = at::empty_like(p);
-  channel_affine(p, at::Tensor(), k, a, k, z, y, rows, s);
+  channel_affine(p, at::Tensor(), k, a, k, z, y, rows, s, relu);
   return {y, channel_tensor(mean), channel_tensor(invstd), channel_tensor(k), channel_tensor(offset)};
 }
 
 // {dx, dweight, dbias} (each undefined where not asked for) of a training-mode batch norm, from the forward's
-// invstd, shift and offset (mean = shift + offset).
+// invstd, shift and offset (mean = shift + offset); x is the forward's input (the ReLU's, with relu).
 std::vector<at::Tensor> batch_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                             const std::optional<at::Tensor>& weight, const at::Tensor& invstd,
                                             const at::Tensor& shift, const at::Tensor& offset, bool need_x,
-                                            bool need_weight, bool need_bias) {
+                                            bool need_weight, bool need_bias, bool relu) {
   check_input(x, "the input");
   check_input(grad, "the output gradient");
   TORCH_CHECK(grad.sizes() == x.sizes(), "batch_norm: the gradient's shape ", grad.sizes(), " differs from ",
@@ -203,7 +209,7 @@ std::vector<at::Tensor> batch_norm_backward(const at::Tensor& grad, const at::Te
   const std::vector<float> is = values_or(invstd, C, 1.0f), k = values_or(shift, C, 0.0f),
                            d = values_or(offset, C, 0.0f);
   std::vector<double> s1, s2;
-  channel_sums(p, dy, k, rows, s, s1, s2);  // sum dy, sum dy * (x - k)
+  channel_sums(p, dy, k, rows, s, relu, s1, s2);  // sum dy, sum dy * (x - k)
   for (int64_t c = 0; c < C; ++c) s2[c] -= static_cast<double>(d[c]) * s1[c];  // sum dy * (x - mean)
   at::Tensor dx, dw, db;
   if (need_weight) {
@@ -229,7 +235,7 @@ std::vector<at::Tensor> batch_norm_backward(const at::Tensor& grad, const at::Te
       b[c] = static_cast<float>(-ai * i2 * mean_dyx);
     }
     dx = at::empty_like(p);
-    channel_affine(dy, p, kdy, a, k, b, dx, rows, s);
+    channel_affine(dy, p, kdy, a, k, b, dx, rows, s, relu);
   }
   return {dx, dw, db};
 }

@@ -47,10 +47,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm_forward", &dsd2::batch_norm_forward,
         "BatchNorm2d in training (fp32): y, mean, invstd, shift, offset; the running statistics updated in place",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
-        py::arg("factor"), py::arg("eps"));
+        py::arg("factor"), py::arg("eps"), py::arg("relu") = false);
   m.def("batch_norm_backward", &dsd2::batch_norm_backward, "BatchNorm2d in training: dx, dweight, dbias",
         py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("invstd"), py::arg("shift"), py::arg("offset"),
-        py::arg("need_x"), py::arg("need_weight"), py::arg("need_bias"));
+        py::arg("need_x"), py::arg("need_weight"), py::arg("need_bias"), py::arg("relu") = false);
+  m.def("max_pool2_forward", &dsd2::max_pool2_forward,
+        "2x2 / 2 max pooling in training (fp32, channels_last): y and each max's place in its window", py::arg("x"));
+  m.def("max_pool2_backward", &dsd2::max_pool2_backward, "2x2 / 2 max pooling in training: the input gradient",
+        py::arg("grad"), py::arg("idx"), py::arg("input_size"));
   m.def("cpu_isa", &dsd2::cpu_isa, "The instruction-set level of the kernels in use");
   m.def("cpu_isa_levels", &dsd2::cpu_isa_levels, "Levels this CPU runs, lowest first");
   m.def("set_cpu_isa", &dsd2::set_cpu_isa, "Run the kernels of this level (ValueError if the CPU lacks it)");

@@ -114,14 +114,21 @@ at::Tensor mlp_forward(const at::Tensor& inputs, int64_t batch_size, std::vector
 
 // BatchNorm2d in training, fp32 (batch_norm.cpp): {y, mean, invstd, shift, offset} (mean = shift + offset, the
 // shift each channel's first value), the running statistics (when given) updated in place with factor f as torch
-// does; and the backward's {dx, dweight, dbias} from invstd, shift and offset.
+// does; and the backward's {dx, dweight, dbias} from invstd, shift and offset. relu: the norm of relu(x), x the
+// input of a ReLU fused in ahead of it (forward and backward through both).
 std::vector<at::Tensor> batch_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                            const std::optional<at::Tensor>& bias,
                                            const std::optional<at::Tensor>& running_mean,
-                                           const std::optional<at::Tensor>& running_var, double factor, double eps);
+                                           const std::optional<at::Tensor>& running_var, double factor, double eps,
+                                           bool relu);
 std::vector<at::Tensor> batch_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                             const std::optional<at::Tensor>& weight, const at::Tensor& invstd,
                                             const at::Tensor& shift, const at::Tensor& offset, bool need_x,
-                                            bool need_weight, bool need_bias);
+                                            bool need_weight, bool need_bias, bool relu);
+
+// Max pooling 2x2, stride 2, in training, fp32 channels_last (pooling.cpp): {y, idx} (idx uint8 [N, Ho, Wo, C],
+// each max's place in its window), and the input gradient (channels_last, input_size) from the output's and idx.
+std::vector<at::Tensor> max_pool2_forward(const at::Tensor& x);
+at::Tensor max_pool2_backward(const at::Tensor& grad, const at::Tensor& idx, at::IntArrayRef input_size);
 
 }  // namespace dsd2

@@ -75,16 +75,23 @@ struct KernelTable {
                        const RowPost& post);
   // BatchNorm in training (batch_norm.cpp), per channel: over `rows` rows of a [rows, C] array, s1[c] += sum d and
   // s2[c] += sum d * d with d = p - k[c] (q null: the statistics), else s1[c] += sum q and s2[c] += sum q * d (the
-  // backward's sums); in fp32 over kFold rows, then in double; scratch holds 2 * C floats
+  // backward's sums); in fp32 over kFold rows, then in double; scratch holds 2 * C floats. relu: the norm of
+  // relu(p), p a ReLU's input, read as p < 0 ? 0 : p
   void (*bn_sums_rows_f32)(const float* p, const float* q, const float* k, int64_t rows, int64_t C, float* scratch,
-                           double* s1, double* s2);
+                           double* s1, double* s2, bool relu);
   // the same over one channel's plane of n elements (NCHW), k a scalar
-  void (*bn_sums_plane_f32)(const float* p, const float* q, float k, int64_t n, double* s1, double* s2);
-  // out = (p - kp[c]) * a[c] + b[c] (q null), else (p - kp[c]) * a[c] + (q - kq[c]) * b[c]; out may be p
+  void (*bn_sums_plane_f32)(const float* p, const float* q, float k, int64_t n, double* s1, double* s2, bool relu);
+  // out = (p - kp[c]) * a[c] + b[c] (q null), else (p - kp[c]) * a[c] + (q - kq[c]) * b[c]; out may be p. relu:
+  // p read as relu(p) (q null), else out = 0 where q <= 0 (the gradient through the ReLU whose input q is)
   void (*bn_affine_rows_f32)(const float* p, const float* q, const float* kp, const float* a, const float* kq,
-                             const float* b, float* out, int64_t rows, int64_t C);
+                             const float* b, float* out, int64_t rows, int64_t C, bool relu);
   void (*bn_affine_plane_f32)(const float* p, const float* q, float kp, float a, float kq, float b, float* out,
-                              int64_t n);
+                              int64_t n, bool relu);
+  // Max pooling 2x2 / 2 in training, channels_last (pooling.cpp): one output row (wo positions of C channels) from
+  // input rows r0 and r1, with idx[j * C + c] the max's place in its window (0..3, torch's pick), and back: input
+  // gradient rows d0, d1 (columns below 2 wo) from that output row's gradient and idx
+  void (*maxpool2_train_rows_f32)(const float* r0, const float* r1, int64_t wo, int64_t C, float* out, uint8_t* idx);
+  void (*maxpool2_grad_rows_f32)(const float* dy, const uint8_t* idx, int64_t wo, int64_t C, float* d0, float* d1);
 };
 
 // counting: columns per task (relu_count.cpp) and per counter block of the kernels: 32 KiB of int32 counters, so

@@ -765,9 +765,16 @@ static void sparse_dots_f32(const float* __restrict__ a, const float* __restrict
 // Per-channel sums over a block of rows of a [rows, C] array (channels_last: channel c at column c), each channel's
 // terms added in row order (the same order at every vector width), in fp32 over at most kFold rows and then
 // folded into double. Statistics: d = p - k[c], s1 += d, s2 += d * d (k: a shift near the mean, against
-// cancellation). Backward: s1 += q, s2 += q * (p - k[c]) (q: the output gradient, k: the mean).
+// cancellation). Backward: s1 += q, s2 += q * (p - k[c]) (q: the output gradient, k: the mean). RELU: the norm
+// of a ReLU's output, read from its input: p is read as relu(p) (p < 0 ? 0 : p, so a NaN stays NaN, as torch.relu
+// keeps it).
 
-template <bool STATS>
+template <bool RELU>
+DSD2_INLINE float bn_read(float p) {
+  return RELU ? (p < 0.0f ? 0.0f : p) : p;
+}
+
+template <bool STATS, bool RELU>
 DSD2_INLINE void bn_sums_rows_loop(const float* __restrict__ p, const float* __restrict__ q,
                                    const float* __restrict__ k, int64_t rows, int64_t C, float* __restrict__ a1,
                                    float* __restrict__ a2, double* __restrict__ s1, double* __restrict__ s2) {
@@ -779,7 +786,7 @@ DSD2_INLINE void bn_sums_rows_loop(const float* __restrict__ p, const float* __r
       const float* __restrict__ qr = STATS ? pr : q + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const float d = pr[c] - k[c];
+        const float d = bn_read<RELU>(pr[c]) - k[c];
         const float v = STATS ? d : qr[c];
         a1[c] += v;
         a2[c] = madd(v, d, a2[c]);
@@ -794,16 +801,18 @@ DSD2_INLINE void bn_sums_rows_loop(const float* __restrict__ p, const float* __r
 
 // scratch: 2 * C floats
 static void bn_sums_rows_f32(const float* p, const float* q, const float* k, int64_t rows, int64_t C,
-                             float* scratch, double* s1, double* s2) {
+                             float* scratch, double* s1, double* s2, bool relu) {
   if (q)
-    bn_sums_rows_loop<false>(p, q, k, rows, C, scratch, scratch + C, s1, s2);
+    relu ? bn_sums_rows_loop<false, true>(p, q, k, rows, C, scratch, scratch + C, s1, s2)
+         : bn_sums_rows_loop<false, false>(p, q, k, rows, C, scratch, scratch + C, s1, s2);
   else
-    bn_sums_rows_loop<true>(p, q, k, rows, C, scratch, scratch + C, s1, s2);
+    relu ? bn_sums_rows_loop<true, true>(p, q, k, rows, C, scratch, scratch + C, s1, s2)
+         : bn_sums_rows_loop<true, false>(p, q, k, rows, C, scratch, scratch + C, s1, s2);
 }
 
 // The same sums over one channel's plane of n elements (NCHW): element i in lane i % kLanes, lanes folded into
 // double every kFold elements, in lane order.
-template <bool STATS>
+template <bool STATS, bool RELU>
 DSD2_INLINE void bn_sums_plane_loop(const float* __restrict__ p, const float* __restrict__ q, float k, int64_t n,
                                     double* s1, double* s2) {
   static_assert(kFold % kLanes == 0, "a fold block holds whole lane groups");
@@ -815,14 +824,14 @@ DSD2_INLINE void bn_sums_plane_loop(const float* __restrict__ p, const float* __
     for (; i + kLanes <= e; i += kLanes) {
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) {
-        const float d = p[i + l] - k;
+        const float d = bn_read<RELU>(p[i + l]) - k;
         const float v = STATS ? d : q[i + l];
         a1[l] += v;
         a2[l] = madd(v, d, a2[l]);
       }
     }
     for (int l = 0; i < e; ++i, ++l) {
-      const float d = p[i] - k;
+      const float d = bn_read<RELU>(p[i]) - k;
       const float v = STATS ? d : q[i];
       a1[l] += v;
       a2[l] = madd(v, d, a2[l]);
@@ -836,17 +845,19 @@ DSD2_INLINE void bn_sums_plane_loop(const float* __restrict__ p, const float* __
   *s2 += t2;
 }
 
-static void bn_sums_plane_f32(const float* p, const float* q, float k, int64_t n, double* s1, double* s2) {
+static void bn_sums_plane_f32(const float* p, const float* q, float k, int64_t n, double* s1, double* s2,
+                              bool relu) {
   if (q)
-    bn_sums_plane_loop<false>(p, q, k, n, s1, s2);
+    relu ? bn_sums_plane_loop<false, true>(p, q, k, n, s1, s2) : bn_sums_plane_loop<false, false>(p, q, k, n, s1, s2);
   else
-    bn_sums_plane_loop<true>(p, q, k, n, s1, s2);
+    relu ? bn_sums_plane_loop<true, true>(p, q, k, n, s1, s2) : bn_sums_plane_loop<true, false>(p, q, k, n, s1, s2);
 }
 
 // out = (p - kp[c]) * a[c] + z[c] (q null: the forward's normalisation, z = beta), or
 // out = (p - kp[c]) * a[c] + (q - kq[c]) * b[c] (the input gradient: p = dy, kp = its mean, q = x, kq = the mean),
-// over a block of rows of a [rows, C] array; out may be p.
-template <bool TWO>
+// over a block of rows of a [rows, C] array; out may be p. RELU: the forward reads p as relu(p); the input
+// gradient is 0 where q <= 0 (torch.relu's gradient: where its input was not positive; elsewhere relu(q) = q).
+template <bool TWO, bool RELU>
 DSD2_INLINE void bn_affine_rows_loop(const float* __restrict__ p, const float* __restrict__ q,
                                      const float* __restrict__ kp, const float* __restrict__ a,
                                      const float* __restrict__ kq, const float* __restrict__ b, float* out,
@@ -857,30 +868,101 @@ DSD2_INLINE void bn_affine_rows_loop(const float* __restrict__ p, const float* _
     float* orow = out + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const float rest = TWO ? (qr[c] - kq[c]) * b[c] : b[c];
-      orow[c] = madd(pr[c] - kp[c], a[c], rest);
+      if (TWO) {
+        const float v = madd(pr[c] - kp[c], a[c], (qr[c] - kq[c]) * b[c]);
+        orow[c] = RELU ? (qr[c] > 0.0f ? v : 0.0f) : v;
+      } else {
+        orow[c] = madd(bn_read<RELU>(pr[c]) - kp[c], a[c], b[c]);
+      }
     }
   }
 }
 
 // q null: b is z, kq unused
 static void bn_affine_rows_f32(const float* p, const float* q, const float* kp, const float* a, const float* kq,
-                               const float* b, float* out, int64_t rows, int64_t C) {
+                               const float* b, float* out, int64_t rows, int64_t C, bool relu) {
   if (q)
-    bn_affine_rows_loop<true>(p, q, kp, a, kq, b, out, rows, C);
+    relu ? bn_affine_rows_loop<true, true>(p, q, kp, a, kq, b, out, rows, C)
+         : bn_affine_rows_loop<true, false>(p, q, kp, a, kq, b, out, rows, C);
   else
-    bn_affine_rows_loop<false>(p, q, kp, a, kq, b, out, rows, C);
+    relu ? bn_affine_rows_loop<false, true>(p, q, kp, a, kq, b, out, rows, C)
+         : bn_affine_rows_loop<false, false>(p, q, kp, a, kq, b, out, rows, C);
 }
 
 // The same over one channel's plane of n elements, its coefficients scalars.
-static void bn_affine_plane_f32(const float* p, const float* q, float kp, float a, float kq, float b, float* out,
-                                int64_t n) {
+template <bool RELU>
+DSD2_INLINE void bn_affine_plane_loop(const float* __restrict__ p, const float* __restrict__ q, float kp, float a,
+                                      float kq, float b, float* out, int64_t n) {
   if (q) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = madd(p[i] - kp, a, (q[i] - kq) * b);
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = madd(p[i] - kp, a, (q[i] - kq) * b);
+      out[i] = RELU ? (q[i] > 0.0f ? v : 0.0f) : v;
+    }
   } else {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = madd(p[i] - kp, a, b);
+    for (int64_t i = 0; i < n; ++i) out[i] = madd(bn_read<RELU>(p[i]) - kp, a, b);
+  }
+}
+
+static void bn_affine_plane_f32(const float* p, const float* q, float kp, float a, float kq, float b, float* out,
+                                int64_t n, bool relu) {
+  relu ? bn_affine_plane_loop<true>(p, q, kp, a, kq, b, out, n) : bn_affine_plane_loop<false>(p, q, kp, a, kq, b, out, n);
+}
+
+// ---- Max pooling 2x2, stride 2, in training (pooling.cpp), channels_last ----------------------------------
+// One output row from input rows r0 (2i) and r1 (2i + 1), each [W, C]: out[j * C + c] is the max of the window at
+// columns 2j, 2j + 1, idx[j * C + c] its place in the window (0 top left, 1 top right, 2 bottom left, 3 bottom
+// right): the first max in that order, and a NaN wherever one is (the last NaN), as torch's max_pool2d picks.
+static void maxpool2_train_rows_f32(const float* __restrict__ r0, const float* __restrict__ r1, int64_t wo,
+                                    int64_t C, float* __restrict__ out, uint8_t* __restrict__ idx) {
+  for (int64_t j = 0; j < wo; ++j) {
+    const float* __restrict__ p0 = r0 + 2 * j * C;
+    const float* __restrict__ p1 = p0 + C;
+    const float* __restrict__ p2 = r1 + 2 * j * C;
+    const float* __restrict__ p3 = p2 + C;
+    float* __restrict__ o = out + j * C;
+    uint8_t* __restrict__ k = idx + j * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      float m = p0[c];
+      int32_t w = 0;
+      const float v1 = p1[c], v2 = p2[c], v3 = p3[c];
+      const bool t1 = v1 > m || v1 != v1;
+      m = t1 ? v1 : m;
+      w = t1 ? 1 : w;
+      const bool t2 = v2 > m || v2 != v2;
+      m = t2 ? v2 : m;
+      w = t2 ? 2 : w;
+      const bool t3 = v3 > m || v3 != v3;
+      m = t3 ? v3 : m;
+      w = t3 ? 3 : w;
+      o[c] = m;
+      k[c] = static_cast<uint8_t>(w);
+    }
+  }
+}
+
+// The input gradient's rows 2i (d0) and 2i + 1 (d1), columns 0 .. 2 wo - 1, from one row of the output gradient
+// and its idx: each window's gradient at its max, 0 elsewhere.
+static void maxpool2_grad_rows_f32(const float* __restrict__ dy, const uint8_t* __restrict__ idx, int64_t wo,
+                                   int64_t C, float* __restrict__ d0, float* __restrict__ d1) {
+  for (int64_t j = 0; j < wo; ++j) {
+    const float* __restrict__ g = dy + j * C;
+    const uint8_t* __restrict__ k = idx + j * C;
+    float* __restrict__ q0 = d0 + 2 * j * C;
+    float* __restrict__ q1 = q0 + C;
+    float* __restrict__ q2 = d1 + 2 * j * C;
+    float* __restrict__ q3 = q2 + C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = g[c];
+      const int32_t w = k[c];
+      q0[c] = w == 0 ? v : 0.0f;
+      q1[c] = w == 1 ? v : 0.0f;
+      q2[c] = w == 2 ? v : 0.0f;
+      q3[c] = w == 3 ? v : 0.0f;
+    }
   }
 }
 
@@ -888,5 +970,5 @@ static const KernelTable kTable = {
     DSD2_ISA_NAME, sgd_f32, count_cols_f32, count_cols_u16, relu_rows_f32, relu_rows_u16, kd_row, kd_row_f64,
     kd_block, mask_f32, mask_u16, pruned_zero_f32, pruned_zero_u16, sparse_row_f32, sparse_dots_f32,
     sparse_row_post_f32, maxpool2_f32, bn_sums_rows_f32, bn_sums_plane_f32, bn_affine_rows_f32,
-    bn_affine_plane_f32,
+    bn_affine_plane_f32, maxpool2_train_rows_f32, maxpool2_grad_rows_f32,
 };

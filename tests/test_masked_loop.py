@@ -157,11 +157,13 @@ def test_a_run_killed_with_plain_layers_resumes_on_masked_layers(tmp_path, monke
 
 @pytest.mark.slow
 def test_a_vgg_like_curve_trains_on_dsd2_batchnorm_as_on_torchs(tmp_path, fake_cifar, tiny_config, monkeypatch):
-    """fp32, so the CPU kernel runs: every BatchNorm of the loop's model is dsd2's, the checkpoints keep
-    nn.BatchNorm2d's layout, and the curve is torch's BatchNorm's within fp32 reduction-order noise."""
+    """fp32, so the CPU kernels run: every BatchNorm of the loop's model is dsd2's, each with the ReLU before it
+    fused in (the curve and its entropies the unfused one's, bit for bit), every max pool is dsd2's (torch's
+    results bit for bit, so the curve is the same with torch's pools), the checkpoints keep nn.BatchNorm2d's
+    layout, and the curve is torch's BatchNorm's within fp32 reduction-order noise."""
     from torch import nn
 
-    from dsd2.ops import BatchNorm2d
+    from dsd2.ops import BatchNorm2d, MaxPool2d
 
     cfg = tiny_config(data__dataset="cifar10", data__data_root=str(fake_cifar), model__name="vgg", model__depth=2,
                       model__width=2, optim__optimizer="sgd", optim__lr=0.01, optim__batch_size=16, prune__levels=1,
@@ -169,6 +171,17 @@ def test_a_vgg_like_curve_trains_on_dsd2_batchnorm_as_on_torchs(tmp_path, fake_c
     ours, rows, _ = run(cfg, tmp_path / "ours")
     norms = [m for m in ours.model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all(type(m) is BatchNorm2d for m in norms)
+    assert all(m.relu_before is not None for m in norms)  # conv -> ReLU -> BatchNorm: each ReLU fused in
+    pools = [m for m in ours.model.modules() if isinstance(m, nn.MaxPool2d)]
+    assert pools and all(type(m) is MaxPool2d for m in pools)
+    with monkeypatch.context() as patch:  # torch's pools instead: the same curve, bit for bit
+        patch.setattr(loop_module, "swap_in_max_pools", lambda model: model)
+        _, torch_pool_rows, _ = run(cfg, tmp_path / "torch_pools")
+    assert torch_pool_rows == rows
+    with monkeypatch.context() as patch:  # the ReLUs fused or not: the same curve and entropies, bit for bit
+        patch.setattr(loop_module, "fuse_relu_batch_norms", lambda model: model)
+        _, unfused_rows, _ = run(cfg, tmp_path / "unfused")
+    assert unfused_rows == rows and all("entropy_mean" in r for r in rows)
     monkeypatch.setattr(loop_module, "swap_in_batch_norms", lambda model: model)
     torchs, torch_rows, _ = run(cfg, tmp_path / "torch")
     assert not any(type(m) is BatchNorm2d for m in torchs.model.modules())

@@ -12,7 +12,7 @@ from dsd2.ops._backend import (
     use_cpu_isa,
 )
 from dsd2.ops._backend import describe as backends
-from dsd2.ops.batch_norm import BatchNorm2d, batch_norm, swap_in_batch_norms
+from dsd2.ops.batch_norm import BatchNorm2d, FusedReLU, batch_norm, fuse_relu_batch_norms, swap_in_batch_norms
 from dsd2.ops.bitmask import PackedMask, pack_mask
 from dsd2.ops.kd_loss import kd_loss, kd_loss_eager, kd_loss_reference
 from dsd2.ops.masked_conv2d import masked_conv2d, masked_conv2d_reference
@@ -29,6 +29,7 @@ from dsd2.ops.masked_layers import (
 )
 from dsd2.ops.masked_linear import masked_linear, masked_linear_reference
 from dsd2.ops.masked_sgd import MaskedSGD, masked_sgd_reference
+from dsd2.ops.pooling import MaxPool2d, max_pool2d, swap_in_max_pools
 from dsd2.ops.relu_count import (
     CountingReLU,
     StateCounter,
@@ -44,14 +45,14 @@ from dsd2.ops.sparse_layers import SparsePlan, sparse_conv2d, sparse_linear
 from dsd2.pruning import masks_from_torch_prune, to_torch_prune
 
 __all__ = [
-    "OP_BACKENDS", "BatchNorm2d", "CountingReLU", "MaskedConv2d", "MaskedLinear", "MaskedSGD", "PackedMask",
-    "ReLUSiteError", "ReLUSiteModule",
+    "OP_BACKENDS", "BatchNorm2d", "CountingReLU", "MaskedConv2d", "MaskedLinear", "MaskedSGD", "MaxPool2d",
+    "PackedMask", "FusedReLU", "ReLUSiteError", "ReLUSiteModule",
     "SUPPORTED_ACTIVATIONS", "SparsePlan", "SparseStack", "StateCounter",
     "backends", "batch_norm", "count_positive_", "count_positive_reference", "count_relu_call_sites",
-    "cpp_extension", "cpu_isa", "cpu_isa_levels", "cpu_model", "fuse_torch_prune", "kd_loss", "kd_loss_eager",
-    "kd_loss_reference", "masked_conv2d", "masked_conv2d_reference", "masked_layers", "masked_linear",
-    "masked_linear_reference", "masked_sgd_reference",
+    "cpp_extension", "cpu_isa", "cpu_isa_levels", "cpu_model", "fuse_relu_batch_norms", "fuse_torch_prune", "kd_loss",
+    "kd_loss_eager", "kd_loss_reference", "masked_conv2d", "masked_conv2d_reference", "masked_layers", "masked_linear",
+    "masked_linear_reference", "masked_sgd_reference", "max_pool2d",
     "masks_from_torch_prune", "pack_mask", "pick", "relu_count", "set_cpu_isa", "set_layer_masks", "set_sparse_kernels",
     "sparse_conv2d", "sparse_linear", "sparse_paths", "swap_in_batch_norms", "swap_in_counting_relus",
-    "swap_in_masked_layers", "to_torch_prune", "unfuse_torch_prune", "use_cpu_isa",
+    "swap_in_masked_layers", "swap_in_max_pools", "to_torch_prune", "unfuse_torch_prune", "use_cpu_isa",
 ]

@@ -261,6 +261,20 @@ def _replace(root: nn.Module, path: str, new: nn.Module, copied: dict[str, nn.Mo
     return copied[""]
 
 
+def _swap_exact(model: nn.Module, old: type, new_cls: type) -> nn.Module:
+    """The model with a `new_cls` (a subclass of `old` that adds no state) in place of every module of class `old`
+    exactly, over the module's own parameters, buffers and attributes; the containers on the way shallow copies."""
+    copied: dict[str, nn.Module] = {}
+    root = model
+    for path, module in list(model.named_modules()):
+        if type(module) is old:
+            new = _transplant(module, new_cls)
+            if not path:
+                return new  # the model is the layer
+            root = _replace(model, path, new, copied)
+    return root
+
+
 def swap_in_masked_layers(model: nn.Module, names: Iterable[str] | None = None, *,
                           same_as: tuple[type, ...] = ()) -> tuple[nn.Module, dict[str, nn.Module]]:
     """The model with masked layers in place of the dense ones whose weights are `names` (default: every prunable

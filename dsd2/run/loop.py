@@ -29,11 +29,13 @@ from dsd2.ops import (
     SUPPORTED_ACTIVATIONS,
     ReLUSiteError,
     count_relu_call_sites,
+    fuse_relu_batch_norms,
     set_layer_masks,
     set_sparse_kernels,
     sparse_paths,
     swap_in_batch_norms,
     swap_in_masked_layers,
+    swap_in_max_pools,
 )
 from dsd2.pruning import (
     CRITERIA,
@@ -109,7 +111,8 @@ def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting:
     choose, and, when `counting`, traced so that every ReLU call site counts its states (the traced module shares
     the model's parameters and state dict; its counters hold no state, so checkpoints are unchanged). Its prunable
     Linear and Conv2d layers are masked layers, swapped in once here: their weight gradient is masked where it is
-    made; its BatchNorm2d layers train on dsd2's CPU kernel (`dsd2.ops.BatchNorm2d`). The swaps share every
+    made; its BatchNorm2d and MaxPool2d layers train on dsd2's CPU kernels (`dsd2.ops.BatchNorm2d`, `MaxPool2d`), a
+    ReLU right before a BatchNorm2d fused into it (`fuse_relu_batch_norms`). The swaps share every
     parameter and buffer and copy only the containers on the way, so a given module is trained in place but keeps
     its own layers."""
     torch.set_flush_denormal(True)  # denormal weights after pruning slow CPU retraining ~20x
@@ -129,7 +132,8 @@ def build_run_model(cfg: Config, splits: Splits, device: torch.device, counting:
     except (ReLUSiteError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     model, _ = swap_in_masked_layers(model, same_as=(Conv2d,))  # dsd2's Conv2d computes nn.Conv2d's function
-    return swap_in_batch_norms(model), relus
+    # the VGG-like's ReLU -> BatchNorm pairs: one op, after the tracing (whose counting ReLUs still count)
+    return fuse_relu_batch_norms(swap_in_max_pools(swap_in_batch_norms(model))), relus
 
 
 def check_levels(cfg: Config, model: nn.Module) -> None:
