@@ -954,14 +954,15 @@ static void maxpool2_grad_rows_f32(const float* __restrict__ dy, const uint8_t* 
     float* __restrict__ q1 = q0 + C;
     float* __restrict__ q2 = d1 + 2 * j * C;
     float* __restrict__ q3 = q2 + C;
+    // bit masks, not selects of floats: below AVX-512, GCC turns those into four masked stores per element
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const float v = g[c];
-      const int32_t w = k[c];
-      q0[c] = w == 0 ? v : 0.0f;
-      q1[c] = w == 1 ? v : 0.0f;
-      q2[c] = w == 2 ? v : 0.0f;
-      q3[c] = w == 3 ? v : 0.0f;
+      const uint32_t v = bits_of(g[c]);
+      const uint32_t w = k[c];
+      q0[c] = float_of(v & (0u - static_cast<uint32_t>(w == 0)));
+      q1[c] = float_of(v & (0u - static_cast<uint32_t>(w == 1)));
+      q2[c] = float_of(v & (0u - static_cast<uint32_t>(w == 2)));
+      q3[c] = float_of(v & (0u - static_cast<uint32_t>(w == 3)));
     }
   }
 }

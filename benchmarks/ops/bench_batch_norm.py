@@ -1,6 +1,6 @@
-"""BatchNorm2d in training, forward + backward: ours (dsd2.ops.BatchNorm2d, the cpp kernel) against nn.BatchNorm2d,
-eager and compiled, on the VGG-like's BatchNorm shapes (CIFAR size, batch 128, channels_last as the loop feeds
-conv nets)."""
+"""BatchNorm2d in training, forward + backward, alone and with the ReLU before it fused in: ours
+(dsd2.ops.BatchNorm2d, the cpp kernel) against nn.BatchNorm2d (after nn.ReLU), eager and compiled, on the
+VGG-like's BatchNorm shapes (CIFAR size, batch 128, channels_last as the loop feeds conv nets)."""
 
 import copy
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dsd2.ops import swap_in_batch_norms
+from dsd2.ops import fuse_relu_batch_norms, swap_in_batch_norms
 
 SHAPES = [(128, 32, 32, 32), (128, 64, 16, 16), (128, 128, 8, 8), (128, 256, 4, 4)]
 SHAPE_IDS = [f"{c}x{h}x{w}" for _, c, h, w in SHAPES]
@@ -51,4 +51,34 @@ def test_batch_norm_step_baselines(benchmark, label, shape, variant):
     norm, x, grad = problem(shape)
     step_label(label, shape, variant)
     module = torch.compile(copy.deepcopy(norm), dynamic=False) if variant == "compile" else norm
+    benchmark(training_step(module, x, grad))
+
+
+def relu_norm_problem(shape):
+    norm, x, grad = problem(shape)
+    return nn.Sequential(nn.ReLU(), norm), x, grad
+
+
+def relu_step_label(label, shape, variant):
+    n, c, h, w = shape
+    size = f"{n}x{c}x{h}x{w}"
+    label(f"relu+batchnorm2d fwd+bwd {size}", "relu+batchnorm2d train step", size, variant, 5 * n * c * h * w * 4)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_relu_batch_norm_step(benchmark, label, ours, shape):
+    """The ReLU fused into our BatchNorm (`fuse_relu_batch_norms`), as the loop's conv -> ReLU -> BatchNorm runs."""
+    pair, x, grad = relu_norm_problem(shape)
+    relu_step_label(label, shape, ours)
+    fused = fuse_relu_batch_norms(swap_in_batch_norms(pair))
+    assert fused[1].relu_before is not None
+    benchmark(training_step(fused, x, grad))
+
+
+@pytest.mark.parametrize("variant", ["eager", "compile"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_relu_batch_norm_step_baselines(benchmark, label, shape, variant):
+    pair, x, grad = relu_norm_problem(shape)
+    relu_step_label(label, shape, variant)
+    module = torch.compile(copy.deepcopy(pair), dynamic=False) if variant == "compile" else pair
     benchmark(training_step(module, x, grad))
