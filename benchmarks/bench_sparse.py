@@ -162,7 +162,8 @@ def pruned(cfg: ModelConfig, shape, sparsity: float) -> tuple[nn.Module, dict[st
 def vgg_epoch(images, labels, sparsity: float, mode: str, precision: str, strip: bool = False,
               torch_norms: bool = False):
     """An epoch of the VGG-like at `sparsity` (`strip`: its BatchNorms and ReLUs taken out, an ablation that
-    measures what they cost; `torch_norms`: torch's BatchNorm2d kept, as before the loop trained on dsd2's)."""
+    measures what they cost; `torch_norms`: torch's BatchNorm2d, ReLU and MaxPool2d kept, as before the loop
+    trained on dsd2's BatchNorm with the ReLU before it fused in and dsd2's max pool)."""
     model, masks = pruned(ModelConfig(name="vgg", depth=5, width=5), (3, 32, 32), sparsity)
     if strip:
         for i, m in enumerate(model.features):
@@ -246,15 +247,16 @@ def floors(images, labels, repeats: int) -> str:
 
 
 def norm_gain(images, labels, repeats: int) -> str:
-    """What dsd2's BatchNorm2d (the loop's since this release) saves against torch's, in the dense epoch and at
-    96.5 % and 99.6 %, each pair timed in turn."""
+    """What dsd2's BatchNorm2d with the ReLU before it fused in, and dsd2's max pool (the loop's), save against
+    torch's BatchNorm2d, ReLU and MaxPool2d, in the dense epoch and at 96.5 % and 99.6 %, each pair timed in turn."""
     cases = [(0.0, "off"), (LEVELS[15], "auto"), (LEVELS[25], "auto")]
     variants = [vgg_epoch(images, labels, sparsity, mode, "fp32", torch_norms=torch_norms)[1]
                 for sparsity, mode in cases for torch_norms in (True, False)]
     times = time_together(variants, repeats)
     parts = [f"{'dense' if not sparsity else f'{sparsity:.1%}'} {fmt(times[2 * i])} → {fmt(times[2 * i + 1])} "
              f"({times[2 * i] / times[2 * i + 1]:.2f}×)" for i, (sparsity, _) in enumerate(cases)]
-    return ("The epoch with torch's BatchNorm2d → with dsd2's (`dsd2.ops.BatchNorm2d`, what the loop trains on), "
+    return ("The epoch with torch's BatchNorm2d, ReLU and MaxPool2d → with dsd2's BatchNorm2d, the ReLU before it "
+            "fused in, and dsd2's MaxPool2d (`fuse_relu_batch_norms`, `swap_in_max_pools`: what the loop trains on), "
             "timed in turn: " + "; ".join(parts) + ".")
 
 
