@@ -210,9 +210,11 @@ class Config:
                            "chain (the MLPs) as one C++ call, the eager epoch's ops bit for bit, and the eager step "
                            "for anything else; eager keeps the eager step; fused refuses a run it cannot take",
                            choices=("auto", "fused", "eager"))
-    sparse_kernels: str = option("auto", "the masked layers' products over their kept weights only (fp32 on the "
-                                 "CPU, dsd2/ops/sparse_layers.py): auto (default) takes them on a layer at least "
-                                 "as sparse as the crossover measured for its shape on this machine and cached, "
+    sparse_kernels: str = option("auto", "the masked layers' products over their kept weights only (fp32; C++ on "
+                                 "the CPU, dsd2/ops/sparse_layers.py; torch.sparse CSR, i.e. cuSPARSE, on CUDA "
+                                 "outside CUDA graphs, dsd2/ops/sparse_csr.py): auto (default) takes them on a "
+                                 "layer at least as sparse as the crossover measured for its shape on this machine "
+                                 "and cached, "
                                  "on takes them on every layer, off keeps the dense masked products; the results "
                                  "differ by fp32 reduction order only", choices=("auto", "on", "off"))
     checkpoint_every: float = option(10.0, "seconds between a level's checkpoints for resume (default 10): an "

@@ -210,31 +210,33 @@ def sgd_checks(device: torch.device, tag: str) -> list[Check]:
 
 def sparse_checks(device: torch.device, tag: str) -> list[Check]:
     """The masked layers' sparse path (forward, dX, dW) against float64 on W⊙M, elementwise within the product
-    tolerance of the dense path; CPU only (a CUDA run's masked layers stay dense)."""
+    tolerance of the dense path: the C++ kernels on the CPU, the torch.sparse CSR products (cuSPARSE) on CUDA."""
     from dsd2.ops import SparsePlan, sparse_conv2d, sparse_linear
     from dsd2.ops.masked_linear import product_tolerance
+    from dsd2.ops.sparse_csr import csr_conv2d, csr_linear
 
-    if device.type != "cpu":
-        return [Check(f"sparse layers{tag}", "skipped", "the sparse kernels run on the CPU")]
+    if device.type not in ("cpu", "cuda"):
+        return [Check(f"sparse layers{tag}", "skipped", f"no sparse path on {device.type}")]
+    linear, conv = (sparse_linear, sparse_conv2d) if device.type == "cpu" else (csr_linear, csr_conv2d)
     out = []
     cases = [("conv 3x3 s1", (4, 6, 9, 9), (8, 6, 3, 3), 1, 1), ("conv 3x3 s2", (3, 5, 8, 8), (4, 5, 3, 3), 2, 1),
              ("linear", (7, 33), (19, 33), None, None)]
     for name, x_shape, w_shape, stride, pad in cases:
         for density in (0.02, 0.3):
             g = torch.Generator().manual_seed(3)
-            x = torch.randn(x_shape, generator=g, requires_grad=True)
-            w = torch.randn(w_shape, generator=g, requires_grad=True)
-            mask = torch.rand(w_shape, generator=g) < density
+            x = torch.randn(x_shape, generator=g).to(device).requires_grad_()
+            w = torch.randn(w_shape, generator=g).to(device).requires_grad_()
+            mask = (torch.rand(w_shape, generator=g) < density).to(device)
             plan = SparsePlan(mask)
             if stride is None:
-                y = sparse_linear(x, w, plan)
+                y = linear(x, w, plan)
                 ref = lambda a, b: F.linear(a, b)  # noqa: E731
                 k = w_shape[1]
             else:
-                y = sparse_conv2d(x, w, plan, None, (stride, stride), (pad, pad))
+                y = conv(x, w, plan, None, (stride, stride), (pad, pad))
                 ref = lambda a, b, s=stride, p=pad: F.conv2d(a, b, None, s, p)  # noqa: E731
                 k = w_shape[1] * w_shape[2] * w_shape[3]
-            grad = torch.randn(y.shape, generator=g)
+            grad = torch.randn(y.shape, generator=g).to(device)
             y.backward(grad)
             wm = torch.where(mask, w.detach(), 0.0).double()
             x64 = x.detach().double().requires_grad_()

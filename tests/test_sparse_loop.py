@@ -9,6 +9,7 @@ images the last bits grow into 5 % of the masks flipping by level 3, while one s
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dsd2.config import ConfigError
 from dsd2.ops import masked_layers
@@ -70,3 +71,12 @@ def test_sparse_kernels_on_refuses_what_it_cannot_compute(tmp_path, tiny_config)
         LevelLoop(tiny_config(sparse_kernels="on", precision="bf16"), RunDir(tmp_path / "b"), progress=False,
                   log=lambda s: None).prepare()
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sparse_kernels_on_on_cuda_needs_cuda_graphs_off(tmp_path, tiny_config):
+    with pytest.raises(ConfigError, match=r"^--sparse-kernels on computes outside CUDA graphs"):
+        LevelLoop(tiny_config(sparse_kernels="on", device="cuda", precision="fp32"), RunDir(tmp_path / "a"),
+                  progress=False, log=lambda s: None).prepare()
+    assert not (tmp_path / "a").exists()

@@ -40,6 +40,7 @@ from dsd2.ops.relu_count import (
 )
 from dsd2.ops.relu_sites import SUPPORTED as SUPPORTED_ACTIVATIONS
 from dsd2.ops.relu_sites import ReLUSiteError, ReLUSiteModule, count_relu_call_sites
+from dsd2.ops.sparse_csr import csr_conv2d, csr_linear
 from dsd2.ops.sparse_inference import SparseStack
 from dsd2.ops.sparse_layers import SparsePlan, sparse_conv2d, sparse_linear
 from dsd2.pruning import masks_from_torch_prune, to_torch_prune
@@ -49,7 +50,7 @@ __all__ = [
     "PackedMask", "FusedReLU", "ReLUSiteError", "ReLUSiteModule",
     "SUPPORTED_ACTIVATIONS", "SparsePlan", "SparseStack", "StateCounter",
     "backends", "batch_norm", "count_positive_", "count_positive_reference", "count_relu_call_sites",
-    "cpp_extension", "cpu_isa", "cpu_isa_levels", "cpu_model", "fuse_relu_batch_norms", "fuse_torch_prune", "kd_loss",
+    "cpp_extension", "cpu_isa", "csr_conv2d", "csr_linear", "cpu_isa_levels", "cpu_model", "fuse_relu_batch_norms", "fuse_torch_prune", "kd_loss",
     "kd_loss_eager", "kd_loss_reference", "masked_conv2d", "masked_conv2d_reference", "masked_layers", "masked_linear",
     "masked_linear_reference", "masked_sgd_reference", "max_pool2d",
     "masks_from_torch_prune", "pack_mask", "pick", "relu_count", "set_cpu_isa", "set_layer_masks", "set_sparse_kernels",

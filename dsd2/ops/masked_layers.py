@@ -8,9 +8,10 @@ weight that is 0.0 stays 0.0 under any optimizer (SGD, Adam, weight decay) and n
 work (no hooks).
 
 A masked layer's `sparse_kernels` ("off" by default, "on", "auto"; `set_sparse_kernels(model, mode)`) lets it
-compute over its kept weights only (`dsd2.ops.sparse_layers`): "on" wherever the sparse path applies (fp32 on
-the CPU, outside autocast and tracing), "auto" where the layer is at least as sparse as the crossover measured
-for its shape on this machine (`dsd2.ops.sparse_tune`). The kept entries are listed once per mask, when the mask
+compute over its kept weights only (`dsd2.ops.sparse_layers` on the CPU, `dsd2.ops.sparse_csr` on CUDA): "on"
+wherever a sparse path applies (fp32, outside autocast and tracing, and on CUDA outside a graph's capture),
+"auto" where the layer is at least as sparse as the crossover measured for its shape on this machine
+(`dsd2.ops.sparse_tune`). The kept entries are listed once per mask, when the mask
 changes, never per call. `sparse_path` says which path the last call took.
 
 `fuse_torch_prune(model)` turns every torch.nn.utils.prune reparametrisation of a Linear or Conv2d weight into a
@@ -29,6 +30,7 @@ from torch import fx, nn
 
 from dsd2.ops.masked_conv2d import conv_padding, masked_conv2d
 from dsd2.ops.masked_linear import cpp_linear_for, masked_linear
+from dsd2.ops.sparse_csr import csr_conv2d, csr_linear
 from dsd2.ops.sparse_layers import SparsePlan, is_channels_last, sparse_conv2d, sparse_linear
 from dsd2.pruning import install_torch_prune, prunable_weights, strip_torch_prune, torch_prune_mask
 
@@ -124,19 +126,22 @@ class _SparseDispatch:
 
 def _probe(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """An input of `shape` in x's dtype and memory format: what a crossover is measured on."""
-    probe = torch.empty(shape, dtype=x.dtype)
+    probe = torch.empty(shape, dtype=x.dtype, device=x.device)
     return probe.to(memory_format=torch.channels_last) if is_channels_last(x) else probe
 
 
 def _sparse_applies(x, weight: torch.Tensor) -> bool:
-    """Whether the sparse kernels can compute this call: fp32 CPU tensors, outside autocast, the TorchScript
-    tracer (fvcore's FLOP count) and torch.compile, with dsd2._C built."""
-    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or weight.device.type != "cpu":
+    """Whether a sparse path can compute this call: fp32 tensors outside autocast, the TorchScript tracer (fvcore's
+    FLOP count) and torch.compile; on the CPU with dsd2._C built (its C++ kernels), on CUDA outside a CUDA graph's
+    capture (torch.sparse CSR, `dsd2.ops.sparse_csr`)."""
+    if not isinstance(x, torch.Tensor) or x.device != weight.device or x.device.type not in ("cpu", "cuda"):
         return False
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
+    if x.device.type == "cuda":
+        return not torch.cuda.is_current_stream_capturing()
     from dsd2.ops._backend import cpp_extension
 
     ext = cpp_extension()
@@ -183,6 +188,8 @@ class MaskedLinear(_SparseDispatch, nn.Linear):
                 return ext.masked_linear(x, self.weight, self.mask, self.bias)
         plan = self._sparse_plan(x)
         if plan is not None:
+            if x.device.type == "cuda":
+                return csr_linear(x, self.weight, plan, self.bias)
             return sparse_linear(x, self.weight, plan, self.bias)
         return masked_linear(x, self.weight, self.mask, self.bias)
 
@@ -215,6 +222,8 @@ class MaskedConv2d(_SparseDispatch, nn.Conv2d):
             padding = 0
         if plan is not None:
             x, pair = conv_padding(x, self.kernel_size, padding, self.stride, self.dilation)
+            if x.device.type == "cuda":
+                return csr_conv2d(x, self.weight, plan, self.bias, self.stride, pair, self.dilation)
             return sparse_conv2d(x, self.weight, plan, self.bias, self.stride, pair, self.dilation)
         return masked_conv2d(x, self.weight, self.mask, self.bias, self.stride, padding, self.dilation, self.groups)
 

@@ -80,6 +80,7 @@ class SparsePlan:
         self.t_rowptr_unfold = _pointers(self.unfold_row[self.t_order], in_rows * self.taps)
         self.t_rowptr_grid = _pointers(self.channel[self.t_order], in_rows)
         self.zero = torch.zeros(self.nnz, dtype=torch.int64)
+        self.device_indices: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # dsd2.ops.sparse_csr's, per device
         self._positions: dict[tuple, torch.Tensor] = {}
         self._shifts: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._scratch: dict[str, tuple[tuple, torch.Tensor]] = {}
@@ -103,16 +104,13 @@ class SparsePlan:
 
     def _position(self, weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
         """Where each kept entry's value lies in the weight's storage (any dense layout: channels_last too), in
-        output-row order or, `transposed`, in operand-row order."""
-        key = (tuple(weight.stride()), transposed)
+        output-row order or, `transposed`, in operand-row order; on the weight's device."""
+        key = (tuple(weight.stride()), transposed, weight.device)
         pos = self._positions.get(key)
         if pos is None:
-            if transposed:
-                pos = self._position(weight)[self.t_order].contiguous()
-            else:
-                index = torch.unravel_index(self.logical, self.shape)
-                pos = torch.as_tensor(sum(i * s for i, s in zip(index, weight.stride())), dtype=torch.int64)
-                pos = pos.contiguous()
+            index = torch.unravel_index(self.logical, self.shape)
+            pos = torch.as_tensor(sum(i * s for i, s in zip(index, weight.stride())), dtype=torch.int64)
+            pos = (pos[self.t_order] if transposed else pos).contiguous().to(weight.device)
             self._positions[key] = pos
         return pos
 

@@ -1,5 +1,6 @@
-"""The crossover: from which sparsity on a masked layer's sparse path (`dsd2.ops.sparse_layers`) is faster than its
-dense masked path, measured on this machine for one layer shape, input shape, dtype and thread count.
+"""The crossover: from which sparsity on a masked layer's sparse path (`dsd2.ops.sparse_layers` on the CPU,
+`dsd2.ops.sparse_csr` on CUDA) is faster than its dense masked path, measured on this machine (this GPU, for a CUDA
+layer) for one layer shape, input shape, dtype and thread count.
 
 `crossover(layer, x, training)` times the dense masked call and the sparse call at falling sparsities (99.8 %
 down to 50 %), forward and backward when training, forward only for inference, until the sparse call is no longer
@@ -49,7 +50,11 @@ def layer_key(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> str:
     from dsd2.ops._backend import cpp_extension, cpu_model
 
     ext = cpp_extension()
-    parts = [cpu_model(), ext.cpu_isa() if ext is not None else "none", f"torch {torch.__version__}",
+    if x.device.type == "cuda":
+        where = [torch.cuda.get_device_name(x.device), "cuda"]
+    else:
+        where = [cpu_model(), ext.cpu_isa() if ext is not None else "none"]
+    parts = [*where, f"torch {torch.__version__}",
              f"kernels {KERNELS_VERSION}", f"threads {torch.get_num_threads()}", type(layer).__name__,
              str(tuple(layer.weight.shape)), str(x.dtype), str(tuple(x.shape)),
              "channels_last" if is_channels_last(x) else "contiguous", "train" if training else "infer"]
@@ -59,12 +64,15 @@ def layer_key(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> str:
     return " | ".join(parts)
 
 
-def _time(fn, repeats: int = 3) -> float:
-    fn()  # warm-up: plans, allocations, oneDNN primitives
+def _time(fn, device: torch.device, repeats: int = 3) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()  # warm-up: plans, allocations, oneDNN primitives (cuSPARSE's and cuDNN's on CUDA)
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -84,7 +92,9 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> float:
         raise TypeError(f"a crossover is measured for MaskedLinear and MaskedConv2d, not {type(layer).__name__}")
     if layer.weight.dim() == 4 and is_channels_last(layer.weight):
         probe = probe.to(memory_format=torch.channels_last)
-    inputs = torch.randn(x.shape, generator=gen)
+    device = layer.weight.device
+    probe = probe.to(device)
+    inputs = torch.randn(x.shape, generator=gen).to(device)
     if is_channels_last(x):
         inputs = inputs.to(memory_format=torch.channels_last)
     inputs.requires_grad_(training)
@@ -101,7 +111,7 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> float:
     def dense_time() -> float:
         probe.sparse_kernels = "off"
         try:
-            return _time(call)
+            return _time(call, device)
         finally:
             probe.sparse_kernels = "on"
 
@@ -109,10 +119,10 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> float:
     found = NEVER
     for sparsity in SPARSITIES:
         probe.mask.copy_(torch.rand(layer.weight.shape, generator=gen) >= sparsity)
-        sparse = _time(call)
+        sparse = _time(call, device)
         if sparse > MARGIN * dense:  # a loss, or noise in either time: both timed again, side by side
             dense = min(dense, dense_time())
-            sparse = min(sparse, _time(call))
+            sparse = min(sparse, _time(call, device))
             if sparse > MARGIN * dense:
                 break
         found = sparsity

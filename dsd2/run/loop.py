@@ -225,9 +225,13 @@ class LevelLoop:
         fused epoch of a Linear/ReLU chain is dense: `on` trains such a chain in the eager step)."""
         mode, cpu_step = self.cfg.sparse_kernels, self.cfg.cpu_step
         if mode == "on":
-            if self.device.type != "cpu":
-                raise ConfigError(f"--sparse-kernels on runs on the CPU, but the device is {self.device.type}; there "
-                                  "the masked layers stay dense: use --sparse-kernels auto or off")
+            if self.device.type not in ("cpu", "cuda"):
+                raise ConfigError(f"--sparse-kernels on runs on the CPU and on CUDA, but the device is "
+                                  f"{self.device.type}; there the masked layers stay dense: use --sparse-kernels auto "
+                                  "or off")
+            if self.device.type == "cuda" and self.cfg.cuda_graphs is not False:
+                raise ConfigError("--sparse-kernels on computes outside CUDA graphs (a captured step's masked layers "
+                                  "stay dense); add --no-cuda-graphs, or use --sparse-kernels auto")
             if self.precision != "fp32":
                 raise ConfigError(f"--sparse-kernels on computes in fp32, but this run's precision is "
                                   f"{self.precision}; add --precision fp32, or use --sparse-kernels auto")

@@ -1,5 +1,6 @@
-"""The sparse path of the masked layers (dsd2.ops.sparse_layers) against the float64 oracle, at every CPU level:
-forward, dX and dW (pruned entries exactly 0.0) and db within the product tolerance the dense masked path is held
+"""The sparse paths of the masked layers (dsd2.ops.sparse_layers at every CPU level; dsd2.ops.sparse_csr, CUDA's,
+run on the CPU too) against the float64 oracle: forward, dX and dW (pruned entries exactly 0.0) and db within the
+product tolerance the dense masked path is held
 to, over odd shapes, stride, padding, dilation and groups, NCHW and channels_last, sparsity 0 %, 50 %, 97 %,
 100 %, one kept weight and an empty output channel, at batch 1 and at a training batch. Then the layers' modes:
 `on` / `off` / `auto`, the plan listed once per mask, the crossover cached on disk, bad modes refused."""
@@ -23,6 +24,7 @@ from dsd2.ops import (
     use_cpu_isa,
 )
 from dsd2.ops.masked_linear import product_tolerance
+from dsd2.ops.sparse_csr import csr_conv2d, csr_linear
 from dsd2.ops.sparse_layers import batch_minor_layout, grid_layout
 
 # (x shape, weight shape, stride, padding, dilation, groups)
@@ -101,10 +103,10 @@ def conv_problem(case, density, layout, seed=0):
     return x, w, mask, b, grad_out
 
 
-def run_conv(case, x, w, mask, b, grad_out):
+def run_conv(case, x, w, mask, b, grad_out, conv=sparse_conv2d):
     _, _, stride, padding, dilation, groups = case
     x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
-    y = sparse_conv2d(x, w, SparsePlan(mask, groups), b, stride, padding, dilation)
+    y = conv(x, w, SparsePlan(mask, groups), b, stride, padding, dilation)
     y.backward(grad_out)
     return y.detach(), x.grad, w.grad, b.grad
 
@@ -144,11 +146,45 @@ def test_one_kept_weight_and_an_empty_output_channel(case, cpu_isa_level):
     check_conv(case, x, w, mask, b, grad_out, run_conv(case, x, w, mask, b, grad_out))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_csr_conv_matches_the_oracle(case, density, layout):
+    """The CUDA sparse path (torch.sparse CSR products), run here on the CPU: the same cases, the same bounds."""
+    x, w, mask, b, grad_out = conv_problem(case, density, layout)
+    got = run_conv(case, x, w, mask, b, grad_out, conv=csr_conv2d)
+    check_conv(case, x, w, mask, b, grad_out, got)
+    if layout == "channels_last":
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+        assert got[1].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:2], ids=CONV_IDS[:2])
+def test_csr_one_kept_weight_and_an_empty_output_channel(case):
+    x, w, mask, b, grad_out = conv_problem(case, 0.5, "nchw")
+    one = torch.zeros_like(mask)
+    one.view(-1)[one.numel() // 2] = True
+    check_conv(case, x, w, one, b, grad_out, run_conv(case, x, w, one, b, grad_out, conv=csr_conv2d))
+    mask[1] = False
+    check_conv(case, x, w, mask, b, grad_out, run_conv(case, x, w, mask, b, grad_out, conv=csr_conv2d))
+
+
 # the batch is the rows' vector axis: short rows in one or two vectors at a pass (1, 7, 40), long ones in blocks of
 # 8, 4, 2 and 1 vectors and a scalar tail (120, 128, 200), at every level's width
 @pytest.mark.parametrize("batch", [1, 7, 40, 120, 128, 200])
 @pytest.mark.parametrize("density", DENSITIES)
 def test_sparse_linear_matches_the_oracle(batch, density, cpu_isa_level):
+    check_linear(sparse_linear, batch, density)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 128])
+@pytest.mark.parametrize("density", DENSITIES)
+def test_csr_linear_matches_the_oracle(batch, density):
+    """The CUDA sparse path (torch.sparse CSR products), run here on the CPU."""
+    check_linear(csr_linear, batch, density)
+
+
+def check_linear(linear, batch, density):
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 37, generator=g, requires_grad=True)
     w = torch.randn(19, 37, generator=g, requires_grad=True)
@@ -156,7 +192,7 @@ def test_sparse_linear_matches_the_oracle(batch, density, cpu_isa_level):
     mask = torch.rand(19, 37, generator=g) < density
     mask[3] = False  # an empty output row
     grad_out = torch.randn(batch, 19, generator=g)
-    y = sparse_linear(x, w, SparsePlan(mask), b)
+    y = linear(x, w, SparsePlan(mask), b)
     y.backward(grad_out)
     oracle = masked_linear_oracle(x.detach(), w.detach(), mask, b.detach(), grad_out)
     assert_within(y.detach(), oracle, "y", 37)
@@ -267,8 +303,9 @@ def test_pruned_weights_holding_inf_and_nan_are_never_read():
     x, w, mask, b, grad_out = conv_problem(CONV_CASES[0], 0.5, "nchw")
     w[~mask] = float("nan")
     w.view(-1)[(~mask).view(-1).nonzero()[0]] = float("inf")
-    y, dx, dw, _ = run_conv(CONV_CASES[0], x, w, mask, b, grad_out)
-    assert bool(torch.isfinite(y).all() and torch.isfinite(dx).all() and torch.isfinite(dw).all())
+    for conv in (sparse_conv2d, csr_conv2d):
+        y, dx, dw, _ = run_conv(CONV_CASES[0], x, w, mask, b, grad_out, conv=conv)
+        assert bool(torch.isfinite(y).all() and torch.isfinite(dx).all() and torch.isfinite(dw).all())
 
 
 def layers():
@@ -309,6 +346,30 @@ def test_on_and_off_compute_the_same_layer(index):
     assert torch.equal(layer(x), dense[0]) and layer.sparse_path == "dense"
     again = pickle.loads(pickle.dumps(layer))  # the plan is not pickled, and rebuilt from the mask
     assert "_plan" not in again.__dict__ and torch.equal(again(x), layer(x))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("index", [0, 1], ids=["conv", "linear"])
+def test_on_a_cuda_layer_takes_the_csr_path_and_computes_the_same_layer(index, monkeypatch):
+    import dsd2.ops.masked_layers as masked_layers_module
+
+    layer, x = layers()[index]
+    layer, x = layer.cuda(), x.cuda()
+    calls = []
+    for name in ("csr_conv2d", "csr_linear"):
+        real = getattr(masked_layers_module, name)
+        monkeypatch.setattr(masked_layers_module, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    layer.sparse_kernels = "off"
+    dense = outputs(layer, x)
+    layer.sparse_kernels = "on"
+    sparse = outputs(layer, x)
+    assert layer.sparse_path == "sparse" and calls
+    for a, b in zip(dense, sparse):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # fp32 only: autocast stays dense
+        layer(x)
+    assert layer.sparse_path == "dense"
 
 
 def test_the_plan_is_listed_once_per_mask(monkeypatch):
