@@ -31,11 +31,11 @@ def problem(shape):
     return nn.BatchNorm2d(shape[1]), x, grad
 
 
-def step_label(label, shape, variant):
+def step_label(label, shape, variant, op="batchnorm2d"):
     n, c, h, w = shape
     size = f"{n}x{c}x{h}x{w}"
     # the least traffic: forward reads x and writes y, backward reads x and dy and writes dx
-    label(f"batchnorm2d fwd+bwd {size}", "batchnorm2d train step", size, variant, 5 * n * c * h * w * 4)
+    label(f"{op} fwd+bwd {size}", f"{op} train step", size, variant, 5 * n * c * h * w * 4)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
@@ -59,17 +59,11 @@ def relu_norm_problem(shape):
     return nn.Sequential(nn.ReLU(), norm), x, grad
 
 
-def relu_step_label(label, shape, variant):
-    n, c, h, w = shape
-    size = f"{n}x{c}x{h}x{w}"
-    label(f"relu+batchnorm2d fwd+bwd {size}", "relu+batchnorm2d train step", size, variant, 5 * n * c * h * w * 4)
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_relu_batch_norm_step(benchmark, label, ours, shape):
     """The ReLU fused into our BatchNorm (`fuse_relu_batch_norms`), as the loop's conv -> ReLU -> BatchNorm runs."""
     pair, x, grad = relu_norm_problem(shape)
-    relu_step_label(label, shape, ours)
+    step_label(label, shape, ours, "relu+batchnorm2d")
     fused = fuse_relu_batch_norms(swap_in_batch_norms(pair))
     assert fused[1].relu_before is not None
     benchmark(training_step(fused, x, grad))
@@ -79,6 +73,6 @@ def test_relu_batch_norm_step(benchmark, label, ours, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_relu_batch_norm_step_baselines(benchmark, label, shape, variant):
     pair, x, grad = relu_norm_problem(shape)
-    relu_step_label(label, shape, variant)
+    step_label(label, shape, variant, "relu+batchnorm2d")
     module = torch.compile(copy.deepcopy(pair), dynamic=False) if variant == "compile" else pair
     benchmark(training_step(module, x, grad))

@@ -174,43 +174,67 @@ def _dots(plan: SparsePlan, grad_rows: torch.Tensor, n: int, operand: torch.Tens
     return dval
 
 
+class RowProducts:
+    """The three products of one call over the plan's kept entries, by dsd2's C++ kernels: (W⊙M) @ operand, its
+    transpose @ gradient rows, and the weight gradient at the kept entries. The linear layer and the unfolded
+    convolution run them on [rows, L] operands (L: the batch, or the batch times the output positions);
+    `dsd2.ops.sparse_csr.CsrProducts` is the same on torch.sparse CSR products."""
+
+    def __init__(self, plan: SparsePlan, weight: torch.Tensor):
+        self.plan, self.weight = plan, weight
+
+    def forward(self, operand: torch.Tensor) -> torch.Tensor:
+        """[cols, L] -> [out, L]; `operand` contiguous."""
+        plan, length = self.plan, operand.shape[1]
+        return _rows(operand.new_empty(plan.shape[0], length), length, operand, plan.rowptr, plan.unfold_row,
+                     plan.zero, plan.values(self.weight))
+
+    def transposed(self, grad_rows: torch.Tensor, cols: int) -> torch.Tensor:
+        """[out, L] -> [cols, L]; `grad_rows` contiguous."""
+        plan, length = self.plan, grad_rows.shape[1]
+        return _rows(grad_rows.new_empty(cols, length), length, grad_rows, plan.t_rowptr_unfold, plan.t_col,
+                     plan.zero, plan.values(self.weight, transposed=True))
+
+    def weight_grad(self, grad_rows: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
+        """grad_rows [out, L] times operand [cols, L] at the kept entries, in the weight's layout, 0.0 elsewhere."""
+        return self.plan.gradient(self.weight, _dots(self.plan, grad_rows, grad_rows.shape[1], operand,
+                                                     self.plan.unfold_row, self.plan.zero))
+
+
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, weight, bias, plan: SparsePlan):
+    def forward(ctx, x2, weight, bias, plan: SparsePlan, products: type):
         batch, out_features = x2.shape[0], plan.shape[0]
         x_t = x2.t().contiguous()  # [in, batch]: the batch is the vector axis
-        out_t = _rows(x2.new_empty(out_features, batch), batch, x_t, plan.rowptr, plan.unfold_row, plan.zero,
-                      plan.values(weight))
-        out = torch.empty(batch, out_features, dtype=x2.dtype).copy_(out_t.t())
+        out_t = products(plan, weight).forward(x_t)
+        out = torch.empty(batch, out_features, dtype=x2.dtype, device=x2.device).copy_(out_t.t())
         if bias is not None:
             out += bias
         ctx.save_for_backward(x_t, weight)
-        ctx.plan, ctx.has_bias = plan, bias is not None
+        ctx.plan, ctx.products, ctx.has_bias = plan, products, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x_t, weight = ctx.saved_tensors
-        plan: SparsePlan = ctx.plan
-        batch = x_t.shape[1]
+        products = ctx.products(ctx.plan, weight)
         g_t = grad_out.t().contiguous()  # [out, batch]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            val_t = plan.values(weight, transposed=True)
-            grad_x = _rows(g_t.new_empty(x_t.shape[0], batch), batch, g_t, plan.t_rowptr_unfold, plan.t_col,
-                           plan.zero, val_t).t().contiguous()
+            grad_x = products.transposed(g_t, x_t.shape[0]).t().contiguous()
         if ctx.needs_input_grad[1]:
-            grad_w = plan.gradient(weight, _dots(plan, g_t, batch, x_t, plan.unfold_row, plan.zero))
+            grad_w = products.weight_grad(g_t, x_t)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
-def sparse_linear(x: torch.Tensor, weight: torch.Tensor, plan: SparsePlan,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, W⊙M, bias)` over the kept weights of `plan` (built from M) only; fp32 CPU tensors."""
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, plan: SparsePlan, bias: torch.Tensor | None = None,
+                  products: type = RowProducts) -> torch.Tensor:
+    """`F.linear(x, W⊙M, bias)` over the kept weights of `plan` (built from M) only; fp32 CPU tensors (`products`:
+    the C++ kernels; `dsd2.ops.sparse_csr.csr_linear` passes its own)."""
     shape = x.shape
-    out = _SparseLinear.apply(x.reshape(-1, shape[-1]), weight, bias, plan)
+    out = _SparseLinear.apply(x.reshape(-1, shape[-1]), weight, bias, plan, products)
     return out.reshape(*shape[:-1], plan.shape[0])
 
 
@@ -404,7 +428,7 @@ class _SparseConvBatchMinor(torch.autograd.Function):
 
 class _SparseConvUnfold(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, plan: SparsePlan, stride, padding, dilation):
+    def forward(ctx, x, weight, bias, plan: SparsePlan, stride, padding, dilation, products: type = RowProducts):
         n, c, h, w = x.shape
         kernel, out_c = plan.shape[2:], plan.shape[0]
         ho = _output_size(h, padding[0], dilation[0], kernel[0], stride[0])
@@ -412,37 +436,44 @@ class _SparseConvUnfold(torch.autograd.Function):
         cols = F.unfold(x, kernel, dilation, padding, stride)  # [n, c * taps, ho * wo]
         length = n * ho * wo
         cols_t = cols.transpose(0, 1).reshape(cols.shape[1], length)
-        out_rows = _rows(x.new_empty(out_c, length), length, cols_t, plan.rowptr, plan.unfold_row, plan.zero,
-                         plan.values(weight))
+        out_rows = products(plan, weight).forward(cols_t)
         layout = _layout(x)
-        out = torch.empty((n, out_c, ho, wo), dtype=x.dtype, memory_format=layout)
+        out = torch.empty((n, out_c, ho, wo), dtype=x.dtype, device=x.device, memory_format=layout)
         out.copy_(out_rows.view(out_c, n, ho, wo).transpose(0, 1))
         if bias is not None:
             out += bias.view(1, -1, 1, 1)
         ctx.save_for_backward(cols_t, weight)
-        ctx.conf = (plan, x.shape, stride, padding, dilation, bias is not None, layout)
+        ctx.conf = (plan, products, x.shape, stride, padding, dilation, bias is not None, layout)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         cols_t, weight = ctx.saved_tensors
-        plan, (n, c, h, w), stride, padding, dilation, has_bias, layout = ctx.conf
+        plan, products, (n, c, h, w), stride, padding, dilation, has_bias, layout = ctx.conf
+        products = products(plan, weight)
         out_c = plan.shape[0]
         length = cols_t.shape[1]
         g = grad_out.transpose(0, 1).reshape(out_c, length).contiguous()  # rows contiguous whatever the layout
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            val_t = plan.values(weight, transposed=True)
-            dcols = _rows(g.new_empty(cols_t.shape[0], length), length, g, plan.t_rowptr_unfold, plan.t_col,
-                          plan.zero, val_t)
+            dcols = products.transposed(g, cols_t.shape[0])
             folded = F.fold(dcols.view(cols_t.shape[0], n, -1).transpose(0, 1), (h, w), plan.shape[2:], dilation,
                             padding, stride)
-            grad_x = torch.empty((n, c, h, w), dtype=g.dtype, memory_format=layout).copy_(folded)
+            grad_x = torch.empty((n, c, h, w), dtype=g.dtype, device=g.device, memory_format=layout)
+            grad_x.copy_(folded)
         if ctx.needs_input_grad[1]:
-            grad_w = plan.gradient(weight, _dots(plan, g, length, cols_t, plan.unfold_row, plan.zero))
+            grad_w = products.weight_grad(g, cols_t)
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def unfolded_conv2d(x: torch.Tensor, weight: torch.Tensor, plan: SparsePlan, bias: torch.Tensor | None,
+                    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                    products: type) -> torch.Tensor:
+    """The convolution on the unfolded input (`F.unfold`, the input gradient folded back), its products `products`'
+    (`RowProducts`, or `dsd2.ops.sparse_csr.CsrProducts`)."""
+    return _SparseConvUnfold.apply(x, weight, bias, plan, tuple(stride), tuple(padding), tuple(dilation), products)
 
 
 def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, plan: SparsePlan, bias: torch.Tensor | None = None,
@@ -456,4 +487,4 @@ def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, plan: SparsePlan, bias:
     if grid_layout(x.shape[-2:], plan.shape[2:], stride, padding, dilation):
         keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)  # a training call
         return _SparseConvGrid.apply(x, weight, bias, plan, stride, padding, dilation, keep)
-    return _SparseConvUnfold.apply(x, weight, bias, plan, stride, padding, dilation)
+    return unfolded_conv2d(x, weight, plan, bias, stride, padding, dilation, RowProducts)
