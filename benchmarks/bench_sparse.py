@@ -160,9 +160,9 @@ def pruned(cfg: ModelConfig, shape, sparsity: float) -> tuple[nn.Module, dict[st
 
 
 def vgg_epoch(images, labels, sparsity: float, mode: str, precision: str, strip: bool = False,
-              torch_norms: bool = False):
+              torch_ops: bool = False):
     """An epoch of the VGG-like at `sparsity` (`strip`: its BatchNorms and ReLUs taken out, an ablation that
-    measures what they cost; `torch_norms`: torch's BatchNorm2d, ReLU and MaxPool2d kept, as before the loop
+    measures what they cost; `torch_ops`: torch's BatchNorm2d, ReLU and MaxPool2d kept, as before the loop
     trained on dsd2's BatchNorm with the ReLU before it fused in and dsd2's max pool)."""
     model, masks = pruned(ModelConfig(name="vgg", depth=5, width=5), (3, 32, 32), sparsity)
     if strip:
@@ -171,7 +171,7 @@ def vgg_epoch(images, labels, sparsity: float, mode: str, precision: str, strip:
                 model.features[i] = nn.Identity()
     model = model.to(memory_format=torch.channels_last)
     model, _ = swap_in_masked_layers(model, same_as=(Conv2d,))
-    if not torch_norms:
+    if not torch_ops:
         model = fuse_relu_batch_norms(swap_in_max_pools(swap_in_batch_norms(model)))  # as the loop does
     set_layer_masks(model, masks)
     set_sparse_kernels(model, mode)
@@ -250,8 +250,8 @@ def norm_gain(images, labels, repeats: int) -> str:
     """What dsd2's BatchNorm2d with the ReLU before it fused in, and dsd2's max pool (the loop's), save against
     torch's BatchNorm2d, ReLU and MaxPool2d, in the dense epoch and at 96.5 % and 99.6 %, each pair timed in turn."""
     cases = [(0.0, "off"), (LEVELS[15], "auto"), (LEVELS[25], "auto")]
-    variants = [vgg_epoch(images, labels, sparsity, mode, "fp32", torch_norms=torch_norms)[1]
-                for sparsity, mode in cases for torch_norms in (True, False)]
+    variants = [vgg_epoch(images, labels, sparsity, mode, "fp32", torch_ops=torch_ops)[1]
+                for sparsity, mode in cases for torch_ops in (True, False)]
     times = time_together(variants, repeats)
     parts = [f"{'dense' if not sparsity else f'{sparsity:.1%}'} {fmt(times[2 * i])} → {fmt(times[2 * i + 1])} "
              f"({times[2 * i] / times[2 * i + 1]:.2f}×)" for i, (sparsity, _) in enumerate(cases)]

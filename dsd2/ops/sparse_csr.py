@@ -27,8 +27,8 @@ import torch
 
 from dsd2.ops.sparse_layers import SparsePlan, sparse_linear, unfolded_conv2d
 
-# torch warns once per process that CSR tensors are a beta feature; the products used here are the stable ones
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+_BETA = "Sparse CSR tensor support is in beta state"
+_beta_warning_spent = False
 
 
 def _indices(plan: SparsePlan, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -41,6 +41,14 @@ def _indices(plan: SparsePlan, device: torch.device) -> tuple[torch.Tensor, ...]
 
 
 def _csr(rowptr, col, values, size) -> torch.Tensor:
+    global _beta_warning_spent
+    if not _beta_warning_spent:  # torch warns once per process that CSR tensors are a beta feature: that once is
+        # silenced here, rather than a filter left in the caller's warnings (the products used are the stable ones)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_BETA)
+            made = torch.sparse_csr_tensor(rowptr, col, values, size=size, check_invariants=False)
+        _beta_warning_spent = True
+        return made
     return torch.sparse_csr_tensor(rowptr, col, values, size=size, check_invariants=False)
 
 

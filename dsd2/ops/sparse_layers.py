@@ -428,7 +428,7 @@ class _SparseConvBatchMinor(torch.autograd.Function):
 
 class _SparseConvUnfold(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, plan: SparsePlan, stride, padding, dilation, products: type = RowProducts):
+    def forward(ctx, x, weight, bias, plan: SparsePlan, stride, padding, dilation, products: type):
         n, c, h, w = x.shape
         kernel, out_c = plan.shape[2:], plan.shape[0]
         ho = _output_size(h, padding[0], dilation[0], kernel[0], stride[0])
