@@ -173,10 +173,11 @@ struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunct
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& mask, const at::Tensor& bias) {
     const at::Tensor wm = masked_operand(weight, mask);
-    ctx->save_for_backward({x, wm, mask, weight});
-    const bool has_bias = bias.numel() > 0;
-    ctx->saved_data["bias"] = has_bias;
-    return has_bias ? at::addmm(bias, x, wm.t()) : at::mm(x, wm.t());
+    // W⊙M saved apart only when it is a copy (the weight itself is saved once); no bias is the empty placeholder,
+    // whose gradient nothing needs
+    const bool copied = !wm.is_same(weight);
+    ctx->save_for_backward({x, weight, mask, copied ? wm : at::Tensor()});
+    return bias.numel() > 0 ? at::addmm(bias, x, wm.t()) : at::mm(x, wm.t());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -187,7 +188,7 @@ struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunct
     // A double backward records what runs here: then W⊙M and dW⊙M by torch's own select, from the inputs
     const bool recorded = at::GradMode::is_enabled();
     const at::Tensor zero = recorded ? at::zeros({}, g.options()) : at::Tensor();
-    const at::Tensor wm = recorded ? at::where(mask, saved[3], zero) : saved[1];
+    const at::Tensor wm = recorded ? at::where(mask, saved[1], zero) : saved[3].defined() ? saved[3] : saved[1];
     at::Tensor dx, dw, db;
     if (ctx->needs_input_grad(0)) dx = g.mm(wm);
     if (ctx->needs_input_grad(1)) {
@@ -199,7 +200,7 @@ struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunct
       else
         dw = masked_copy(dw, mask);
     }
-    if (ctx->needs_input_grad(3) && ctx->saved_data["bias"].toBool()) db = g.sum(0);
+    if (ctx->needs_input_grad(3)) db = g.sum(0);
     return {dx, dw, at::Tensor(), db};
   }
 };

@@ -240,3 +240,40 @@ def test_swap_on_a_traced_model_keeps_both_runnable():
                                                                  net.stem.bias))))
     torch.testing.assert_close(swapped(x), expected, rtol=0, atol=0)
     assert swapped.state_dict().keys() == {*traced.state_dict(), "stem.mask", "body.2.mask", "head.mask"}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_masked_linear_uses_the_weight_bias_and_mask_wherever_they_live(bias):
+    """The CPU call reads the tensors from the module's own dicts: a weight under a parametrization (a property of
+    the class), tensors swapped in by torch.func.functional_call and a plain attribute must be the ones used."""
+    import torch.nn.utils.parametrize as parametrize
+
+    torch.manual_seed(0)
+    layer = MaskedLinear(6, 4, bias=bias)
+    with torch.no_grad():
+        layer.mask.copy_(torch.rand(4, 6) < 0.5)
+    x = torch.randn(3, 6, requires_grad=True)
+
+    def expected(weight, b, mask):
+        return nn.functional.linear(x, torch.where(mask, weight, 0.0), b)
+
+    torch.testing.assert_close(layer(x), expected(layer.weight, layer.bias, layer.mask), rtol=0, atol=0)
+    w2, m2 = torch.randn(4, 6), torch.ones(4, 6, dtype=torch.bool)
+    b2 = torch.randn(4) if bias else None
+    swapped = {"weight": w2, "mask": m2, **({"bias": b2} if bias else {})}
+    torch.testing.assert_close(torch.func.functional_call(layer, swapped, (x,)), expected(w2, b2, m2),
+                               rtol=0, atol=0)
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(layer, "weight", Doubled())
+    out = layer(x)
+    torch.testing.assert_close(out, expected(layer.weight, layer.bias, layer.mask), rtol=0, atol=0)
+    out.sum().backward()  # the gradient reaches the parametrization's original, masked
+    assert torch.all(layer.parametrizations.weight.original.grad[~layer.mask] == 0)
+    if bias:
+        del layer.bias
+        layer.bias = torch.zeros(4)  # a plain attribute now, outside _parameters
+        torch.testing.assert_close(layer(x), expected(layer.weight, torch.zeros(4), layer.mask), rtol=0, atol=0)
