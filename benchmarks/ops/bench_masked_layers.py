@@ -6,7 +6,8 @@ from the Triton kernels' PTX.
 
 1. Layers, CPU, forward + backward (dX and dW) at batch 128: the VGG-like's (delta 5, gamma 5) and ResNet-18's conv
    shapes at CIFAR size, and the linear layers of the digits MLP (64-256-256-10) and of LeNet-300-100. Variants,
-   timed round-robin (each repetition runs every variant once, so drift in the machine's load hits them alike):
+   timed round-robin (each round runs every variant once, so drift in the machine's load hits them alike; a
+   ratio is the median of the ratios within rounds):
    `plain` (the layer the loop trained before: dsd2's Conv2d, nn.Linear), `hooked` (the same layer under
    torch.nn.utils.prune.custom_from_mask), `masked` (our layer: oneDNN on W⊙M from the C++ pass), `masked-where`
    (the same with W⊙M made by torch.where, the alternative to the C++ pass). 80 % of each weight pruned.
@@ -103,8 +104,8 @@ def forward_backward(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, auto
     y.backward(grad.to(y.dtype))
 
 
-def time_layers(kind: str, shape: tuple, autocast: bool, min_seconds: float) -> dict[str, float]:
-    """Median seconds of one forward + backward per variant, timed round-robin."""
+def time_layers(kind: str, shape: tuple, autocast: bool, min_seconds: float) -> dict[str, list[float]]:
+    """Seconds of one forward + backward per variant, call by call, timed round-robin."""
     layers, x = layer_variants(kind, shape)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         grad = torch.randn_like(layers["plain"](x))
@@ -122,9 +123,9 @@ def layer_table(quick: bool) -> list[dict]:
     for kind, shape, autocast in cases:
         t = time_layers(kind, shape, autocast, 0.05 if quick else 1.0)
         rows.append({"layer": shape[0], "precision": "bf16 autocast" if autocast else "fp32", **{
-            f"{v}_ms": round(t[v] * 1e3, 3) for v in VARIANTS},
-            "masked/plain": round(t["masked"] / t["plain"], 3), "masked/hooked": round(t["masked"] / t["hooked"], 3),
-            "where/masked": round(t["masked-where"] / t["masked"], 3)})
+            f"{v}_ms": round(statistics.median(t[v]) * 1e3, 3) for v in VARIANTS},
+            "masked/plain": paired(t, "masked", "plain"), "masked/hooked": paired(t, "masked", "hooked"),
+            "where/masked": paired(t, "masked-where", "masked")})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -237,8 +238,9 @@ def training_steps(quick: bool) -> list[dict]:
             steps[label] = functools.partial(_train_step, model, opt, x, y, autocast)
         t = _round_robin(steps, 0.05 if quick else (2.0 if conv else 0.5))
         rows.append({"model": name, "precision": "bf16 autocast" if autocast else "fp32", "batch": BATCH,
-                     "plain_ms": round(t["plain"] * 1e3, 3), "masked_ms": round(t["masked"] * 1e3, 3),
-                     "masked/plain": round(t["masked"] / t["plain"], 3)})
+                     "plain_ms": round(statistics.median(t["plain"]) * 1e3, 3),
+                     "masked_ms": round(statistics.median(t["masked"]) * 1e3, 3),
+                     "masked/plain": paired(t, "masked", "plain")})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -251,19 +253,32 @@ def _train_step(model, opt, x, y, autocast: bool) -> None:
     opt.step()
 
 
-def _round_robin(fns: dict, min_seconds: float) -> dict[str, float]:
-    """Median seconds per call of each function, called in turn until each has had min_seconds (and 5 calls)."""
+def _round_robin(fns: dict, min_seconds: float) -> dict[str, list[float]]:
+    """Seconds of each call of each function, called in turn (one round calls each once) until each has had
+    min_seconds (and 5 calls); list i of every function is from round i. Each round starts one variant later than
+    the round before, so no variant always follows the same one (what the one before leaves in the caches and the
+    allocator would otherwise favour or handicap it every time)."""
     for fn in fns.values():
         for _ in range(3):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    start = time.perf_counter()
+    order = list(fns.items())
+    start, rounds = time.perf_counter(), 0
     while time.perf_counter() - start < min_seconds * len(fns) or min(len(t) for t in times.values()) < 5:
-        for k, fn in fns.items():
+        first = rounds % len(order)
+        for k, fn in order[first:] + order[:first]:
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(t) for k, t in times.items()}
+        rounds += 1
+    return times
+
+
+def paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """a's time over b's: the median over rounds of the two calls' ratio within one round. The calls of a round
+    are microseconds to milliseconds apart, so a drift in this machine's speed (a neighbour, a frequency change)
+    hits both sides of each ratio alike, where it would move the two medians apart."""
+    return round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
 
 
 # ---- 3. GPU on paper ---------------------------------------------------------------------------------------------

@@ -13,55 +13,19 @@ import torch
 from torch import nn
 
 from dsd2.config import ModelConfig
-
-SMALL_MAP = 16  # input positions per channel (4x4) up to which the CPU weight gradient is one matrix product
-
-
-class _SmallMapConvFunction(torch.autograd.Function):
-    """Conv2d whose weight gradient is unfold + one matrix product. On small feature maps (the last blocks of
-    VGG-like and ResNet-18 on 32x32 inputs: 2x2 and 4x4) oneDNN's CPU backward-weights kernel is several
-    times slower than the same product as a plain GEMM (29 ms against 5 ms for 512->512 at 2x2, batch 128)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation):
-        if torch.is_autocast_enabled("cpu"):  # custom functions see autocast but do not apply it
-            dtype = torch.get_autocast_dtype("cpu")
-            x_c, w_c = x.to(dtype), weight.to(dtype)
-            b_c = bias.to(dtype) if bias is not None else None
-        else:
-            x_c, w_c, b_c = x, weight, bias
-        ctx.save_for_backward(x_c, w_c)
-        ctx.conf = (stride, padding, dilation, bias is not None, x.dtype, weight.dtype,
-                    bias.dtype if bias is not None else None)
-        return torch.nn.functional.conv2d(x_c, w_c, b_c, stride, padding, dilation)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, w = ctx.saved_tensors
-        stride, padding, dilation, has_bias, x_dtype, w_dtype, b_dtype = ctx.conf
-        grad_out = grad_out.to(x.dtype)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad_out, x, w, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
-                [True, False, False])[0].to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            cols = torch.nn.functional.unfold(x, w.shape[-2:], dilation, padding, stride)  # [B, Cin*k*k, L]
-            grad_w = torch.einsum("bol,bkl->ok", grad_out.flatten(2), cols).view_as(w).to(w_dtype)
-        if has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.float().sum((0, 2, 3)).to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+from dsd2.ops.masked_conv2d import SMALL_MAP, SmallMapConv
 
 
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (same parameters, state dict and pruning behaviour) that, when training on the CPU with
-    small output maps, takes its weight gradient from one matrix product (see `_SmallMapConvFunction`)."""
+    small output maps, takes its weight gradient from one matrix product (`dsd2.ops.masked_conv2d.SmallMapConv`,
+    which the masked layers take there too)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         small = x.dim() == 4 and x.shape[-1] * x.shape[-2] <= SMALL_MAP
         if (small and self.training and x.device.type == "cpu" and torch.is_grad_enabled() and self.groups == 1
                 and self.padding_mode == "zeros" and isinstance(self.padding, tuple)):
-            return _SmallMapConvFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+            return SmallMapConv.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         return super().forward(x)
 
 

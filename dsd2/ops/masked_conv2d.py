@@ -71,7 +71,7 @@ def masked_conv2d_reference(x: torch.Tensor, weight: torch.Tensor, mask: torch.T
     return F.conv2d(x, masked_weight_reference(weight, mask), bias, stride, padding, dilation, groups)
 
 
-class _SmallMapConv(torch.autograd.Function):
+class SmallMapConv(torch.autograd.Function):
     """Conv2d (groups 1) whose weight gradient is unfold + one matrix product. On small feature maps (the last
     blocks of VGG-like and ResNet-18 on 32x32 inputs: 2x2 and 4x4) oneDNN's CPU backward-weights kernel is several
     times slower than the same product as a plain GEMM (29 ms against 5 ms for 512->512 at 2x2, batch 128)."""
@@ -169,7 +169,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | Pa
         check_same_dtype(x, weight)
         out = _TritonMaskedConv2d.apply(x, weight, mask, bias, stride, pad, dilation, groups)
     elif chosen == "cpp" and _small_map(x, weight, groups):
-        out = _SmallMapConv.apply(x, cpp_extension().masked_weight(weight, mask), bias, stride, pad, dilation)
+        out = SmallMapConv.apply(x, cpp_extension().masked_weight(weight, mask), bias, stride, pad, dilation)
     elif chosen == "cpp":
         out = cpp_extension().masked_conv2d(x, weight, mask, bias, stride, pad, dilation, groups)
     else:
