@@ -205,6 +205,33 @@ def test_cpp_uses_a_weight_already_zero_where_pruned_as_it_is(backend, cpu_isa_l
         assert got_dirty.data_ptr() != w_dirty.data_ptr() and torch.equal(got_dirty, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 15, 63, 64, 65, 127, 200, 8193])
+def test_cpp_check_and_masking_see_every_lane(n, dtype, cpu_isa_level):
+    """The check finds one nonzero pruned entry wherever it lies (each lane of a 64-weight block, the scalar tail,
+    -0.0 and denormals counted right), and the masked copy is torch.where's bit for bit, at every level."""
+    from dsd2.ops import cpp_extension
+
+    ext = cpp_extension()
+    g = torch.Generator().manual_seed(n)
+    mask = torch.rand(n, generator=g) < 0.5
+    mask[0] = False
+    clean = torch.where(mask, torch.randn(n, generator=g), torch.tensor(-0.0)).to(dtype)
+    assert ext.masked_weight(clean, mask).data_ptr() == clean.data_ptr()
+    tiny = torch.finfo(dtype).tiny / 4  # a denormal: nonzero, so not W⊙M
+    for at in sorted({0, 1, 15, 16, 31, 32, 47, 63, 64, n - 1} & set(range(n))):
+        if mask[at]:
+            continue
+        for value in (tiny, -1.0, float("nan")):
+            dirty = clean.clone()
+            dirty[at] = value
+            got = ext.masked_weight(dirty, mask)
+            assert got.data_ptr() != dirty.data_ptr(), (at, value)
+            expected = torch.where(mask, dirty, torch.zeros((), dtype=dtype))
+            assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                               expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
 @pytest.mark.parametrize("backend, cpu_isa_level", per_level("cpp", "reference"))
 def test_gradgradcheck_in_float64(backend, cpu_isa_level):
     x, w, mask, b, _ = problem((3, 4), 2, dtype=torch.float64)
