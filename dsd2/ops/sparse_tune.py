@@ -13,6 +13,10 @@ below 50 %:
 are cached in `$DSD2_CACHE_DIR/sparse_crossover.json` (default `~/.cache/dsd2`; `DSD2_CACHE_DIR=off` keeps them
 in memory only), keyed by the CPU, the kernel level, torch's version and the thread count as well, under a file
 lock: runs side by side share the measurements.
+
+A sparse call that fails while it is measured (a torch.sparse / cuSPARSE build without one of its products, a GPU
+out of memory) does not end the run: `auto` keeps that layer dense for this process, with one warning naming the
+error, and caches nothing, so the next process measures again. `--sparse-kernels on` raises it as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import fcntl
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -115,18 +120,28 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> float:
         finally:
             probe.sparse_kernels = "on"
 
+    def sparse_time() -> float:
+        try:
+            return _time(call, device)
+        except RuntimeError as exc:
+            raise SparseCallFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
     dense = dense_time()
     found = NEVER
     for sparsity in SPARSITIES:
         probe.mask.copy_(torch.rand(layer.weight.shape, generator=gen) >= sparsity)
-        sparse = _time(call, device)
+        sparse = sparse_time()
         if sparse > MARGIN * dense:  # a loss, or noise in either time: both timed again, side by side
             dense = min(dense, dense_time())
-            sparse = min(sparse, _time(call, device))
+            sparse = min(sparse, sparse_time())
             if sparse > MARGIN * dense:
                 break
         found = sparsity
     return max(found, FLOOR) if found < NEVER else NEVER
+
+
+class SparseCallFailed(RuntimeError):
+    """The sparse call of a layer being measured raised; `crossover` keeps that layer dense."""
 
 
 def crossover(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> float:
@@ -134,10 +149,20 @@ def crossover(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> float:
     key = layer_key(layer, x, training)
     if key in _memory:
         return _memory[key]
+    try:
+        _memory[key] = _measured(key, layer, x, training)
+    except SparseCallFailed as failed:
+        warnings.warn(f"the sparse path of a {type(layer).__name__} {tuple(layer.weight.shape)} on "
+                      f"{layer.weight.device} failed while its crossover was measured ({failed}); --sparse-kernels "
+                      "auto keeps it dense in this process", RuntimeWarning, stacklevel=2)
+        _memory[key] = NEVER
+    return _memory[key]
+
+
+def _measured(key: str, layer: torch.nn.Module, x: torch.Tensor, training: bool) -> float:
     path = _cache_path()
     if path is None:
-        _memory[key] = measure(layer, x, training)
-        return _memory[key]
+        return measure(layer, x, training)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one measurement per key, even with runs side by side
@@ -147,7 +172,6 @@ def crossover(layer: torch.nn.Module, x: torch.Tensor, training: bool) -> float:
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
             os.replace(tmp, path)
-    _memory[key] = table[key]
     return table[key]
 
 

@@ -426,3 +426,30 @@ def test_auto_measures_the_crossover_once_and_caches_it(tmp_path, monkeypatch):
 def test_a_bad_mode_is_refused_in_one_sentence():
     with pytest.raises(ValueError, match=r"^sparse kernels 'fast' is not known; allowed: auto, on, off$"):
         set_sparse_kernels(layers()[0][0], "fast")
+
+
+def test_a_sparse_call_that_fails_while_measured_keeps_auto_dense_and_caches_nothing(tmp_path, monkeypatch):
+    """auto must not end a run on an optional path: a sparse product that raises (a torch.sparse build without it,
+    a GPU out of memory) leaves the layer dense with one warning, and the next process measures again."""
+    import importlib
+
+    masked_layers_module = importlib.import_module("dsd2.ops.masked_layers")  # the attribute is the function
+    monkeypatch.setenv("DSD2_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(sparse_tune, "_memory", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("sampled_addmm: not implemented for this build\nsecond line")
+
+    monkeypatch.setattr(masked_layers_module, "sparse_conv2d", broken)
+    (conv, x), _ = layers()
+    set_sparse_kernels(conv, "auto")
+    dense = conv.to_dense()
+    with pytest.warns(RuntimeWarning, match=r"failed while its crossover was measured \(RuntimeError: "
+                                            r"sampled_addmm: not implemented for this build\); .* keeps it dense"):
+        y = conv(x)
+    assert conv.sparse_path == "dense" and not (tmp_path / sparse_tune.CACHE_FILE).exists()
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, torch.where(conv.mask, dense.weight, 0.0), dense.bias,
+                                                             conv.stride, conv.padding, conv.dilation, conv.groups))
+    set_sparse_kernels(conv, "on")  # chosen by the user: the error as it is
+    with pytest.raises(RuntimeError, match="not implemented for this build"):
+        conv(x)
