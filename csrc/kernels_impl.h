@@ -976,7 +976,8 @@ DSD2_INLINE void bn_affine_plane_loop(const float* __restrict__ p, const float* 
 
 static void bn_affine_plane_f32(const float* p, const float* q, float kp, float a, float kq, float b, float* out,
                                 int64_t n, bool relu) {
-  relu ? bn_affine_plane_loop<true>(p, q, kp, a, kq, b, out, n) : bn_affine_plane_loop<false>(p, q, kp, a, kq, b, out, n);
+  relu ? bn_affine_plane_loop<true>(p, q, kp, a, kq, b, out, n)
+       : bn_affine_plane_loop<false>(p, q, kp, a, kq, b, out, n);
 }
 
 // ---- Max pooling 2x2, stride 2, in training (pooling.cpp), channels_last ----------------------------------

@@ -207,6 +207,4 @@ def fuse_relu_batch_norms(model: nn.Module) -> nn.Module:
                 prefix = f"{path}." if path else ""
                 root = _replace(root, prefix + names[i], FusedReLU(relu), copied)
                 root = _replace(root, prefix + names[i + 1], _with_relu(bn, relu), copied)
-    if root is model and not copied:
-        return model
-    return root
+    return root  # `model` itself when nothing was fused
