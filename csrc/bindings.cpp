@@ -12,6 +12,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_weight", &dsd2::masked_weight, "W*M (W itself where it is 0 wherever pruned); its gradient masked");
   m.def("masked_linear", &dsd2::masked_linear, "linear on masked_weight(weight, mask)");
   m.def("masked_conv2d", &dsd2::masked_conv2d, "conv2d on masked_weight(weight, mask)");
+  m.def("set_linear_split", &dsd2::set_linear_split,
+        "masked linear's backward products by rows per thread: auto (measured per shape), on, off");
+  m.def("linear_split_choices", &dsd2::linear_split_choices,
+        "(product, rows, cols, depth, threads, split) for every shape auto measured");
   m.def("sparse_rows_", &dsd2::sparse_rows_, "out[r, i] = bias[r] + sum over row r's kept entries of val * x[col, off + i]",
         py::arg("out"), py::arg("n"), py::arg("x"), py::arg("rowptr"), py::arg("col"), py::arg("off"), py::arg("val"),
         py::arg("bias") = py::none());

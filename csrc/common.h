@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
+#include <tuple>
 #include <vector>
 
 namespace dsd2 {
@@ -30,6 +32,15 @@ at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask);
 // out = where(mask, src, 0) in one flat pass (src, mask and out dense in one memory order; out may be src).
 at::Tensor masked_operand(const at::Tensor& weight, const at::Tensor& mask);
 void mask_flat(const at::Tensor& src, const at::Tensor& mask, const at::Tensor& out);
+
+// A linear layer's backward products as masked_linear's node runs them: g @ W⊙M, and g^T @ x masked (mask
+// contiguous, or undefined: not masked). MKL's products, or one single-threaded MKL call per thread over blocks of
+// the output's rows where that measured faster for the shape and gave the same bits. `set_linear_split` ("auto",
+// "on", "off") overrides the choice; `linear_split_choices` lists the shapes measured and what they chose.
+at::Tensor linear_grad_input(const at::Tensor& g, const at::Tensor& wm);
+at::Tensor linear_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& mask);
+void set_linear_split(const std::string& mode);
+std::vector<std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, bool>> linear_split_choices();
 
 // torch's linear and conv2d (oneDNN / MKL) on masked_weight(weight, mask), in one call.
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,

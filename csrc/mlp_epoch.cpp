@@ -188,12 +188,11 @@ std::vector<at::Tensor> mlp_epoch(const at::Tensor& inputs, const at::Tensor& la
     }
 
     for (size_t k = L; k-- > 0;) {
-      at::Tensor dw = g.t().mm(h[k]);  // [out, in], the weight's layout
-      if (c.mask[k].defined()) mask_flat(dw, c.mask[k], dw);
+      at::Tensor dw = linear_grad_weight(g, h[k], c.mask[k]);  // [out, in], the weight's layout
       if (c.b[k].defined()) accumulate(c.b[k], g.sum(0));
       accumulate(c.w[k], dw);
       if (k > 0) {
-        at::Tensor dx = g.mm(wm[k]);
+        at::Tensor dx = linear_grad_input(g, wm[k]);
         g = c.relu[k - 1] ? at::threshold_backward(dx, h[k], 0) : dx;
       }
     }

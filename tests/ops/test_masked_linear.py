@@ -137,6 +137,64 @@ def test_cpp_is_nn_linear_on_the_masked_weight_bit_for_bit(cpu_isa_level):
     assert torch.equal(dw[mask], wr.grad[mask]) and bool((dw[~mask] == 0).all())
 
 
+@pytest.fixture
+def linear_split():
+    """dsd2._C.set_linear_split, set back to auto (what it had measured kept) after the test."""
+    from dsd2.ops import cpp_extension
+
+    ext = cpp_extension()
+    yield ext
+    ext.set_linear_split("auto")
+
+
+@pytest.mark.parametrize("mode", ["on", "off", "auto"])
+@pytest.mark.parametrize("rows, in_features, out_features", [(128, 784, 300), (67, 300, 101), (128, 256, 10),
+                                                             (64, 100, 64)])
+def test_cpp_backward_products_split_by_rows_are_nn_linear_bit_for_bit(linear_split, cpu_isa_level, mode, rows,
+                                                                      in_features, out_features):
+    """The backward's products, split into one product per thread over blocks of rows (dX by the batch, dW by the
+    output rows, each block masked as it is made) or not: the gradients are nn.Linear's bit for bit, at two threads,
+    an odd batch and odd widths included, an all-pruned output row too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        linear_split.set_linear_split(mode)
+        x, w, mask, b, grad_out = problem((rows, in_features), out_features, density=0.2, seed=rows)
+        mask[3] = False
+        w = w * mask
+        y, dx, dw, db = run("cpp", x, w, mask, b, grad_out)
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+        yr = F.linear(xr, wr, br)
+        yr.backward(grad_out)
+        assert torch.equal(y, yr.detach()) and torch.equal(dx, xr.grad) and torch.equal(db, br.grad)
+        assert torch.equal(dw, torch.where(mask, wr.grad, 0.0))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpp_auto_split_measures_each_shape_once_and_lists_it(linear_split):
+    """`auto` times a splittable shape's two ways at its first call and keeps the verdict: the shape is listed once
+    (product, rows, cols, depth, threads, split) however often it runs; a shape too small to split is not listed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        linear_split.set_linear_split("auto")
+        for _ in range(3):
+            run("cpp", *problem((96, 320), 160, density=0.2))
+            run("cpp", *problem((96, 16), 8, density=0.2))
+        listed = [c for c in linear_split.linear_split_choices() if c[4] == 2 and c[1:4] in {(96, 320, 160),
+                                                                                             (160, 320, 96)}]
+        assert sorted(c[0] for c in listed) == ["grad_input", "grad_weight_masked"]
+        assert not [c for c in linear_split.linear_split_choices() if 16 in c[1:4] and 8 in c[1:4]]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpp_linear_split_refuses_an_unknown_mode_in_one_sentence(linear_split):
+    with pytest.raises(RuntimeError, match="linear split 'fast' is not known; allowed: auto, on, off"):
+        linear_split.set_linear_split("fast")
+
+
 def test_cpp_under_cpu_autocast_is_nn_linear_under_autocast():
     x, w, mask, b, _ = problem((16, 24), 8)
     w = (w * mask).requires_grad_()
