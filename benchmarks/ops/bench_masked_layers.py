@@ -431,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
                "torch": torch.__version__, "load_at_start": round(load, 2)}
     print(json.dumps(machine), flush=True)
     out = {"machine": machine, "layers": layer_table(args.quick), "steps": training_steps(args.quick)}
+    from dsd2.ops import cpp_extension
+
+    if cpp_extension() is not None:  # which backward products auto split by rows per thread (measured per shape)
+        out["linear_split"] = [dict(zip(("product", "rows", "cols", "depth", "threads", "split"), c))
+                               for c in cpp_extension().linear_split_choices()]
+        print(json.dumps({"linear_split": out["linear_split"]}), flush=True)
     if not args.no_loop:
         out["loop"] = loop_table(args.quick)
     if not args.no_gpu_estimate:
