@@ -130,20 +130,29 @@ def test_cpp_is_nn_linear_on_the_masked_weight_bit_for_bit(cpu_isa_level):
     x, w, mask, b, grad_out = problem((32, 64), 48)
     w = w * mask
     y, dx, dw, db = run("cpp", x, w, mask, b, grad_out)
+    yr, dxr, dwr, dbr = nn_linear(x, w, b, grad_out)
+    assert torch.equal(y, yr) and torch.equal(dx, dxr) and torch.equal(db, dbr)
+    assert torch.equal(dw[mask], dwr[mask]) and bool((dw[~mask] == 0).all())
+
+
+def nn_linear(x, w, b, grad_out):
+    """F.linear's forward and backward: (y, dx, dw, db)."""
     xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
     yr = F.linear(xr, wr, br)
     yr.backward(grad_out)
-    assert torch.equal(y, yr.detach()) and torch.equal(dx, xr.grad) and torch.equal(db, br.grad)
-    assert torch.equal(dw[mask], wr.grad[mask]) and bool((dw[~mask] == 0).all())
+    return yr.detach(), xr.grad, wr.grad, br.grad
 
 
 @pytest.fixture
 def linear_split():
-    """dsd2._C.set_linear_split, set back to auto (what it had measured kept) after the test."""
+    """dsd2._C at two threads (the split's smallest case); after the test, the threads and the split's mode back
+    as they were (auto, keeping what it had measured)."""
     from dsd2.ops import cpp_extension
 
-    ext = cpp_extension()
+    ext, threads = cpp_extension(), torch.get_num_threads()
+    torch.set_num_threads(2)
     yield ext
+    torch.set_num_threads(threads)
     ext.set_linear_split("auto")
 
 
@@ -155,39 +164,27 @@ def test_cpp_backward_products_split_by_rows_are_nn_linear_bit_for_bit(linear_sp
     """The backward's products, split into one product per thread over blocks of rows (dX by the batch, dW by the
     output rows, each block masked as it is made) or not: the gradients are nn.Linear's bit for bit, at two threads,
     an odd batch and odd widths included, an all-pruned output row too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        linear_split.set_linear_split(mode)
-        x, w, mask, b, grad_out = problem((rows, in_features), out_features, density=0.2, seed=rows)
-        mask[3] = False
-        w = w * mask
-        y, dx, dw, db = run("cpp", x, w, mask, b, grad_out)
-        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
-        yr = F.linear(xr, wr, br)
-        yr.backward(grad_out)
-        assert torch.equal(y, yr.detach()) and torch.equal(dx, xr.grad) and torch.equal(db, br.grad)
-        assert torch.equal(dw, torch.where(mask, wr.grad, 0.0))
-    finally:
-        torch.set_num_threads(threads)
+    linear_split.set_linear_split(mode)
+    x, w, mask, b, grad_out = problem((rows, in_features), out_features, density=0.2, seed=rows)
+    mask[3] = False
+    w = w * mask
+    y, dx, dw, db = run("cpp", x, w, mask, b, grad_out)
+    yr, dxr, dwr, dbr = nn_linear(x, w, b, grad_out)
+    assert torch.equal(y, yr) and torch.equal(dx, dxr) and torch.equal(db, dbr)
+    assert torch.equal(dw, torch.where(mask, dwr, 0.0))
 
 
 def test_cpp_auto_split_measures_each_shape_once_and_lists_it(linear_split):
     """`auto` times a splittable shape's two ways at its first call and keeps the verdict: the shape is listed once
     (product, rows, cols, depth, threads, split) however often it runs; a shape too small to split is not listed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        linear_split.set_linear_split("auto")
-        for _ in range(3):
-            run("cpp", *problem((96, 320), 160, density=0.2))
-            run("cpp", *problem((96, 16), 8, density=0.2))
-        listed = [c for c in linear_split.linear_split_choices() if c[4] == 2 and c[1:4] in {(96, 320, 160),
-                                                                                             (160, 320, 96)}]
-        assert sorted(c[0] for c in listed) == ["grad_input", "grad_weight_masked"]
-        assert not [c for c in linear_split.linear_split_choices() if 16 in c[1:4] and 8 in c[1:4]]
-    finally:
-        torch.set_num_threads(threads)
+    linear_split.set_linear_split("auto")
+    for _ in range(3):
+        run("cpp", *problem((96, 320), 160, density=0.2))
+        run("cpp", *problem((96, 16), 8, density=0.2))
+    listed = [c for c in linear_split.linear_split_choices() if c[4] == 2 and c[1:4] in {(96, 320, 160),
+                                                                                         (160, 320, 96)}]
+    assert sorted(c[0] for c in listed) == ["grad_input", "grad_weight_masked"]
+    assert not [c for c in linear_split.linear_split_choices() if 16 in c[1:4] and 8 in c[1:4]]
 
 
 def test_cpp_linear_split_refuses_an_unknown_mode_in_one_sentence(linear_split):
