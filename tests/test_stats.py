@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from dsd2.analysis.stats import dip_verdict, mean_ci, pack_outcomes, t975, unpack_outcomes
+from dsd2.analysis.stats import dip_verdict, mean_ci, median_ci, pack_outcomes, t975, unpack_outcomes
 
 LEVELS = 29
 
@@ -137,6 +137,26 @@ def test_mean_ci():
     half = 4.3027 * 0.02 / math.sqrt(3)
     assert out["ci95"] == pytest.approx([0.82 - half, 0.82 + half])
     assert mean_ci([0.5]) == {"mean": 0.5, "std": None, "ci95": None, "n": 1}
+
+
+def test_median_ci_takes_the_binomial_ranks():
+    # n = 30: P(Binomial(30, 1/2) <= 9) = 2.14 %, <= 10 is 4.94 %: the 10th smallest and the 10th largest
+    values = [float(v) for v in range(30, 0, -1)]
+    assert median_ci(values) == {"median": 15.5, "ci95": [10.0, 21.0], "n": 30}
+    assert median_ci([3.0, 1.0, 2.0, 6.0, 5.0, 4.0])["ci95"] == [1.0, 6.0]  # 6 values: the extremes, 96.9 %
+    assert median_ci([1.0, 2.0, 3.0, 4.0, 5.0])["ci95"] is None  # the extremes of 5 cover only 93.8 %
+    with pytest.raises(ValueError, match="at least one value"):
+        median_ci([])
+
+
+def test_median_ci_covers_a_skewed_median_95_percent_of_the_time():
+    generator = torch.Generator().manual_seed(0)
+    trials, covered = 2000, 0
+    for _ in range(trials):
+        draws = torch.empty(31).exponential_(generator=generator).tolist()  # median ln 2, a long right tail
+        lo, hi = median_ci(draws)["ci95"]
+        covered += lo <= math.log(2) <= hi
+    assert 0.95 <= covered / trials <= 0.985  # exact coverage at n = 31: 97.1 %
 
 
 def test_a_dip_whose_second_peak_stays_below_dense_is_found():

@@ -6,8 +6,8 @@ from the Triton kernels' PTX.
 
 1. Layers, CPU, forward + backward (dX and dW) at batch 128: the VGG-like's (delta 5, gamma 5) and ResNet-18's conv
    shapes at CIFAR size, and the linear layers of the digits MLP (64-256-256-10) and of LeNet-300-100. Variants,
-   timed round-robin (each round runs every variant once, so drift in the machine's load hits them alike; a
-   ratio is the median of the ratios within rounds):
+   timed round-robin for at least 40 rounds (each round runs every variant once, so drift in the machine's load
+   hits them alike; a ratio is the median of the ratios within rounds, with its distribution-free 95 % interval):
    `plain` (the layer the loop trained before: dsd2's Conv2d, nn.Linear), `hooked` (the same layer under
    torch.nn.utils.prune.custom_from_mask), `masked` (our layer: oneDNN on W⊙M from the C++ pass), `masked-where`
    (the same with W⊙M made by torch.where, the alternative to the C++ pass). 80 % of each weight pruned.
@@ -37,6 +37,7 @@ import torch
 import torch.nn.utils.prune as prune
 from torch import nn
 
+from dsd2.analysis.stats import median_ci
 from dsd2.models import Conv2d
 from dsd2.ops import MaskedConv2d, MaskedLinear, cpu_isa, cpu_model
 
@@ -104,14 +105,15 @@ def forward_backward(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, auto
     y.backward(grad.to(y.dtype))
 
 
-def time_layers(kind: str, shape: tuple, autocast: bool, min_seconds: float) -> dict[str, list[float]]:
+def time_layers(kind: str, shape: tuple, autocast: bool, min_seconds: float,
+                min_rounds: int) -> dict[str, list[float]]:
     """Seconds of one forward + backward per variant, call by call, timed round-robin."""
     layers, x = layer_variants(kind, shape)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         grad = torch.randn_like(layers["plain"](x))
     # warm-up inside: oneDNN picks and caches its kernels on the first calls
     return _round_robin({v: functools.partial(forward_backward, layers[v], x, grad, autocast) for v in VARIANTS},
-                        min_seconds)
+                        min_seconds, min_rounds)
 
 
 def layer_table(quick: bool) -> list[dict]:
@@ -121,7 +123,8 @@ def layer_table(quick: bool) -> list[dict]:
     if quick:
         cases = cases[:2] + cases[-2:]
     for kind, shape, autocast in cases:
-        t = time_layers(kind, shape, autocast, 0.05 if quick else 1.0)
+        # 40 rounds at least: the ratios' 95 % intervals then span about 1 % on this machine's noise
+        t = time_layers(kind, shape, autocast, *((0.05, 5) if quick else (1.0, 40)))
         rows.append({"layer": shape[0], "precision": "bf16 autocast" if autocast else "fp32", **{
             f"{v}_ms": round(statistics.median(t[v]) * 1e3, 3) for v in VARIANTS},
             "masked/plain": paired(t, "masked", "plain"), "masked/hooked": paired(t, "masked", "hooked"),
@@ -236,7 +239,7 @@ def training_steps(quick: bool) -> list[dict]:
             weights = prunable_weights(model)
             opt = MaskedSGD(model.parameters(), {weights[k]: m for k, m in masks.items()}, lr=0.01)
             steps[label] = functools.partial(_train_step, model, opt, x, y, autocast)
-        t = _round_robin(steps, 0.05 if quick else (2.0 if conv else 0.5))
+        t = _round_robin(steps, 0.05 if quick else (2.0 if conv else 0.5), 5 if quick else 40)
         rows.append({"model": name, "precision": "bf16 autocast" if autocast else "fp32", "batch": BATCH,
                      "plain_ms": round(statistics.median(t["plain"]) * 1e3, 3),
                      "masked_ms": round(statistics.median(t["masked"]) * 1e3, 3),
@@ -253,18 +256,18 @@ def _train_step(model, opt, x, y, autocast: bool) -> None:
     opt.step()
 
 
-def _round_robin(fns: dict, min_seconds: float) -> dict[str, list[float]]:
+def _round_robin(fns: dict, min_seconds: float, min_rounds: int = 5) -> dict[str, list[float]]:
     """Seconds of each call of each function, called in turn (one round calls each once) until each has had
-    min_seconds (and 5 calls); list i of every function is from round i. Each round starts one variant later than
-    the round before, so no variant always follows the same one (what the one before leaves in the caches and the
-    allocator would otherwise favour or handicap it every time)."""
+    min_seconds and min_rounds calls; list i of every function is from round i. Each round starts one variant later
+    than the round before, so no variant always follows the same one (what the one before leaves in the caches and
+    the allocator would otherwise favour or handicap it every time)."""
     for fn in fns.values():
         for _ in range(3):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns.items())
     start, rounds = time.perf_counter(), 0
-    while time.perf_counter() - start < min_seconds * len(fns) or min(len(t) for t in times.values()) < 5:
+    while time.perf_counter() - start < min_seconds * len(fns) or rounds < min_rounds:
         first = rounds % len(order)
         for k, fn in order[first:] + order[:first]:
             t0 = time.perf_counter()
@@ -274,11 +277,19 @@ def _round_robin(fns: dict, min_seconds: float) -> dict[str, list[float]]:
     return times
 
 
-def paired(times: dict[str, list[float]], a: str, b: str) -> float:
-    """a's time over b's: the median over rounds of the two calls' ratio within one round. The calls of a round
-    are microseconds to milliseconds apart, so a drift in this machine's speed (a neighbour, a frequency change)
-    hits both sides of each ratio alike, where it would move the two medians apart."""
-    return round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
+def paired(times: dict[str, list[float]], a: str, b: str) -> dict:
+    """a's time over b's: the median over rounds of the two calls' ratio within one round, and its distribution-free
+    95 % interval (`median_ci`; none below 6 rounds). The calls of a round are microseconds to milliseconds apart,
+    so a drift in this machine's speed (a neighbour, a frequency change) hits both sides of each ratio alike, where
+    it would move the two medians apart."""
+    out = median_ci([x / y for x, y in zip(times[a], times[b])])
+    return {"ratio": round(out["median"], 3), "ci95": out["ci95"] and [round(v, 3) for v in out["ci95"]],
+            "rounds": out["n"]}
+
+
+def ratio_text(r: dict) -> str:
+    """'1.004 [0.998, 1.010]', the ratio alone where there is no interval."""
+    return f"{r['ratio']:.3f}" + (f" [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r["ci95"] else "")
 
 
 # ---- 3. GPU on paper ---------------------------------------------------------------------------------------------
@@ -393,12 +404,12 @@ def markdown(out: dict) -> str:
              "| torch.where copy / C++ |", "|---|---|---|---|---|---|---|---|"]
     for r in out["layers"]:
         lines.append(f"| {r['layer']} | {r['precision']} | {r['plain_ms']:.2f} | {r['hooked_ms']:.2f} | "
-                     f"{r['masked_ms']:.2f} | {r['masked/plain']:.3f} | {r['masked/hooked']:.3f} | "
-                     f"{r['where/masked']:.3f} |")
+                     f"{r['masked_ms']:.2f} | {ratio_text(r['masked/plain'])} | {ratio_text(r['masked/hooked'])} | "
+                     f"{ratio_text(r['where/masked'])} |")
     lines += ["", "| training step (fwd, bwd, masked SGD), batch 128, 80 % pruned | precision | plain ms | masked ms "
               "| masked / plain |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['precision']} | {r['plain_ms']:.2f} | {r['masked_ms']:.2f} | "
-              f"{r['masked/plain']:.3f} |" for r in out["steps"]]
+              f"{ratio_text(r['masked/plain'])} |" for r in out["steps"]]
     if "loop" in out:
         lines += ["", "| loop run (A B B A A B B A) | epochs timed each | plain s / epoch | masked s / epoch | "
                   "masked / plain | medians of the runs, plain; masked |", "|---|---|---|---|---|---|"]
