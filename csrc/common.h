@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace dsd2 {
@@ -39,6 +40,10 @@ void mask_flat(const at::Tensor& src, const at::Tensor& mask, const at::Tensor& 
 // "on", "off") overrides the choice; `linear_split_choices` lists the shapes measured and what they chose.
 at::Tensor linear_grad_input(const at::Tensor& g, const at::Tensor& wm);
 at::Tensor linear_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& mask);
+// Both, as linear_grad_input then linear_grad_weight, or side by side (half the threads each, one single-threaded
+// MKL call per thread over a block of rows) where that measured faster for the shape and gave the same bits.
+std::pair<at::Tensor, at::Tensor> linear_grads(const at::Tensor& g, const at::Tensor& wm, const at::Tensor& x,
+                                               const at::Tensor& mask);
 void set_linear_split(const std::string& mode);
 std::vector<std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, bool>> linear_split_choices();
 

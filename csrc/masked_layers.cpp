@@ -216,20 +216,26 @@ bool same_bits(const at::Tensor& a, const at::Tensor& b) {
          std::memcmp(a.data_ptr(), b.data_ptr(), a.nbytes()) == 0;
 }
 
+bool same_bits(const std::pair<at::Tensor, at::Tensor>& a, const std::pair<at::Tensor, at::Tensor>& b) {
+  return same_bits(a.first, b.first) && same_bits(a.second, b.second);
+}
+
 // The product `whole` (MKL's threads) or `split` (mm_by_rows), as chosen for this key; at the key's first call
 // both run, their bits are compared, and rounds of the two in turn time them (at least 7, and 20 ms or 31 rounds):
 // the split is taken where the median of its time over the whole product's is under 0.97.
 template <class Whole, class Split>
-at::Tensor choose(const std::array<int64_t, 6>& key, const Whole& whole, const Split& split) {
+auto choose(const std::array<int64_t, 6>& key, const Whole& whole, const Split& split) -> decltype(whole()) {
   const int mode = split_mode.load();
   if (mode != 0) return mode == 1 ? split() : whole();
   SplitChoices& c = split_choices();
+  int verdict = -1;  // read under the lock, acted on after it: `whole` may choose again (linear_grads' does)
   {
     std::lock_guard<std::mutex> lock(c.mu);
     const auto it = c.chosen.find(key);
-    if (it != c.chosen.end()) return it->second ? split() : whole();
+    if (it != c.chosen.end()) verdict = it->second;
   }
-  at::Tensor result = whole();
+  if (verdict >= 0) return verdict ? split() : whole();
+  auto result = whole();
   bool faster = same_bits(result, split());
   if (faster) {
     using clock = std::chrono::steady_clock;
@@ -288,6 +294,64 @@ at::Tensor linear_grad_weight(const at::Tensor& g, const at::Tensor& x, const at
   });
 }
 
+namespace {
+
+// dX = g @ W⊙M and dW = g^T @ x masked at once: the threads split between the two products (half each), every
+// thread one single-threaded MKL call over a block of its product's rows, dW's blocks masked in their core's
+// cache. Two small products side by side, each on its own cores, beat the same two one after the other, each
+// threaded by MKL: a product of a few million MACs scales poorly over threads.
+std::pair<at::Tensor, at::Tensor> grads_side_by_side(const at::Tensor& g, const at::Tensor& wm, const at::Tensor& x,
+                                                     const at::Tensor& mask) {
+  const int64_t threads = at::get_num_threads(), nx = threads / 2, nw = threads - nx;
+  const int64_t rx = g.size(0), rw = g.size(1), cw = x.size(1);
+  at::Tensor dx = at::empty({rx, wm.size(1)}, g.options()), dw = at::empty({rw, cw}, g.options());
+  const at::Tensor g0 = g.detach(), gt = g0.t(), wm0 = wm.detach(), x0 = x.detach();
+  const uint8_t* m = mask.defined() ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
+  const KernelTable& k = active_kernels();
+  const int64_t bx = (rx + nx - 1) / nx, bw = (rw + nw - 1) / nw;  // rows per block
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain products in a worker thread
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t < nx) {
+        const int64_t r0 = t * bx, len = std::min(bx, rx - r0);
+        if (len <= 0) continue;
+        at::Tensor block = dx.narrow(0, r0, len);
+        at::mm_out(block, g0.narrow(0, r0, len), wm0);
+      } else {
+        const int64_t r0 = (t - nx) * bw, len = std::min(bw, rw - r0);
+        if (len <= 0) continue;
+        at::Tensor block = dw.narrow(0, r0, len);
+        at::mm_out(block, gt.narrow(0, r0, len), x0);
+        if (m != nullptr) k.mask_f32(block.data_ptr<float>(), m + r0 * cw, block.data_ptr<float>(), block.numel());
+      }
+    }
+  });
+  return {dx, dw};
+}
+
+// Whether the two products may run side by side: fp32, contiguous operands, two threads or more, each product
+// splittable (kMinBlockRows rows per thread of its output, so MKL's threads split its rows, not its depth, and a
+// single-threaded call gives its bits), kMinMacs each, not already inside a parallel region.
+bool side_by_side_allowed(const at::Tensor& g, const at::Tensor& wm, const at::Tensor& x, const at::Tensor& mask) {
+  const int64_t threads = at::get_num_threads();
+  const bool dense = g.is_contiguous() && wm.is_contiguous() && x.is_contiguous() &&
+                     (!mask.defined() || mask.is_contiguous());
+  return threads >= 2 && dense && g.scalar_type() == at::kFloat && wm.scalar_type() == at::kFloat &&
+         x.scalar_type() == at::kFloat && g.device().is_cpu() && !at::in_parallel_region() &&
+         g.size(0) >= threads * kMinBlockRows && g.size(1) >= threads * kMinBlockRows &&
+         g.size(0) * g.size(1) * x.size(1) >= kMinMacs;
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> linear_grads(const at::Tensor& g, const at::Tensor& wm, const at::Tensor& x,
+                                               const at::Tensor& mask) {
+  auto one_then_other = [&] { return std::make_pair(linear_grad_input(g, wm), linear_grad_weight(g, x, mask)); };
+  if (!side_by_side_allowed(g, wm, x, mask)) return one_then_other();
+  return choose({2, g.size(0), x.size(1), g.size(1), at::get_num_threads(), mask.defined()}, one_then_other,
+                [&] { return grads_side_by_side(g, wm, x, mask); });
+}
+
 void set_linear_split(const std::string& mode) {
   TORCH_CHECK(mode == "auto" || mode == "on" || mode == "off", "linear split '", mode,
               "' is not known; allowed: auto, on, off");
@@ -299,8 +363,11 @@ std::vector<std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, bool>> l
   std::lock_guard<std::mutex> lock(c.mu);
   std::vector<std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, bool>> out;
   for (const auto& [key, split] : c.chosen)
-    out.emplace_back(key[0] == 0 ? "grad_input" : key[5] ? "grad_weight_masked" : "grad_weight", key[1], key[2],
-                     key[3], key[4], split);
+    out.emplace_back(key[0] == 0   ? "grad_input"
+                     : key[0] == 2 ? (key[5] ? "both_masked" : "both")
+                     : key[5]      ? "grad_weight_masked"
+                                   : "grad_weight",
+                     key[1], key[2], key[3], key[4], split);
   return out;
 }
 
@@ -331,8 +398,13 @@ struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunct
     const at::Tensor zero = recorded ? at::zeros({}, g.options()) : at::Tensor();
     const at::Tensor wm = recorded ? at::where(mask, saved[1], zero) : saved[3].defined() ? saved[3] : saved[1];
     at::Tensor dx, dw, db;
-    if (ctx->needs_input_grad(0)) dx = recorded ? g.mm(wm) : linear_grad_input(g, wm);
-    if (ctx->needs_input_grad(1)) {
+    const bool both = ctx->needs_input_grad(0) && ctx->needs_input_grad(1) && !recorded && mask.is_contiguous();
+    if (both) {
+      std::tie(dx, dw) = linear_grads(g, wm, x, mask);  // dW [out, in], contiguous: the weight's own layout
+    } else if (ctx->needs_input_grad(0)) {
+      dx = recorded ? g.mm(wm) : linear_grad_input(g, wm);
+    }
+    if (ctx->needs_input_grad(1) && !both) {
       if (recorded) {
         dw = at::where(mask, g.t().mm(x), zero);
       } else if (mask.is_contiguous()) {

@@ -188,13 +188,12 @@ std::vector<at::Tensor> mlp_epoch(const at::Tensor& inputs, const at::Tensor& la
     }
 
     for (size_t k = L; k-- > 0;) {
-      at::Tensor dw = linear_grad_weight(g, h[k], c.mask[k]);  // [out, in], the weight's layout
+      // dW [out, in], the weight's layout; dX for the layer below, the two side by side where that is faster
+      auto [dx, dw] = k > 0 ? linear_grads(g, wm[k], h[k], c.mask[k])
+                            : std::make_pair(at::Tensor(), linear_grad_weight(g, h[k], c.mask[k]));
       if (c.b[k].defined()) accumulate(c.b[k], g.sum(0));
       accumulate(c.w[k], dw);
-      if (k > 0) {
-        at::Tensor dx = linear_grad_input(g, wm[k]);
-        g = c.relu[k - 1] ? at::threshold_backward(dx, h[k], 0) : dx;
-      }
+      if (k > 0) g = c.relu[k - 1] ? at::threshold_backward(dx, h[k], 0) : dx;
     }
 
     if (adam) {

@@ -162,8 +162,9 @@ def linear_split():
 def test_cpp_backward_products_split_by_rows_are_nn_linear_bit_for_bit(linear_split, cpu_isa_level, mode, rows,
                                                                       in_features, out_features):
     """The backward's products, split into one product per thread over blocks of rows (dX by the batch, dW by the
-    output rows, each block masked as it is made) or not: the gradients are nn.Linear's bit for bit, at two threads,
-    an odd batch and odd widths included, an all-pruned output row too."""
+    output rows, each block masked as it is made), run side by side (dX on one thread, dW on the other: "on" with
+    784->300 and 300->101) or neither: the gradients are nn.Linear's bit for bit, at two threads, an odd batch and
+    odd widths included, an all-pruned output row too."""
     linear_split.set_linear_split(mode)
     x, w, mask, b, grad_out = problem((rows, in_features), out_features, density=0.2, seed=rows)
     mask[3] = False
@@ -176,14 +177,15 @@ def test_cpp_backward_products_split_by_rows_are_nn_linear_bit_for_bit(linear_sp
 
 def test_cpp_auto_split_measures_each_shape_once_and_lists_it(linear_split):
     """`auto` times a splittable shape's two ways at its first call and keeps the verdict: the shape is listed once
-    (product, rows, cols, depth, threads, split) however often it runs; a shape too small to split is not listed."""
+    per choice (product, rows, cols, depth, threads, split) however often it runs: each product split by rows or
+    not, and both side by side or one after the other; a shape too small to split is not listed."""
     linear_split.set_linear_split("auto")
     for _ in range(3):
         run("cpp", *problem((96, 320), 160, density=0.2))
         run("cpp", *problem((96, 16), 8, density=0.2))
     listed = [c for c in linear_split.linear_split_choices() if c[4] == 2 and c[1:4] in {(96, 320, 160),
                                                                                          (160, 320, 96)}]
-    assert sorted(c[0] for c in listed) == ["grad_input", "grad_weight_masked"]
+    assert sorted(c[0] for c in listed) == ["both_masked", "grad_input", "grad_weight_masked"]
     assert not [c for c in linear_split.linear_split_choices() if 16 in c[1:4] and 8 in c[1:4]]
 
 
