@@ -9,7 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("relu_count", &dsd2::relu_count, "ReLU forward that counts on-states in the same pass");
   m.def("kd_loss_forward", &dsd2::kd_loss_forward, "KD loss forward with its gradient, one pass per row");
   m.def("kd_loss_backward", &dsd2::kd_loss_backward, "KD loss backward: the saved gradient scaled (as is for 1)");
-  m.def("masked_weight", &dsd2::masked_weight, "W*M (W itself where it is 0 wherever pruned); its gradient masked");
+  m.def("masked_weight", &dsd2::masked_weight,
+        "W*M (W itself where it is 0 wherever pruned; in bf16 under CPU autocast to bf16); its gradient masked");
   m.def("masked_linear", &dsd2::masked_linear, "linear on masked_weight(weight, mask)");
   m.def("masked_conv2d", &dsd2::masked_conv2d, "conv2d on masked_weight(weight, mask)");
   m.def("set_linear_split", &dsd2::set_linear_split,

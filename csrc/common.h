@@ -26,7 +26,8 @@ std::vector<at::Tensor> kd_loss_forward(const at::Tensor& student, const at::Ten
 at::Tensor kd_loss_backward(const at::Tensor& grad, const at::Tensor& grad_loss);
 
 // W⊙M (weight where mask, else +0): the weight itself when it is 0 wherever pruned, else a new tensor in its
-// layout; differentiable in the weight, whose gradient comes back masked.
+// layout; differentiable in the weight, whose gradient comes back masked. Under CPU autocast to bf16 (an fp32
+// weight) W⊙M in bf16, the cast autocast would make, in the same one pass; its gradient back in fp32, masked.
 at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask);
 
 // The two halves of masked_weight, for the fused epoch (mlp_epoch.cpp): W⊙M as a product reads it, and

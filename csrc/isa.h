@@ -59,6 +59,9 @@ struct KernelTable {
   // whether w[i] is +0 or -0 wherever mask[i] is 0 (w⊙m is then w itself)
   bool (*pruned_zero_f32)(const float* w, const uint8_t* mask, int64_t n);
   bool (*pruned_zero_u16)(const uint16_t* w, const uint8_t* mask, int64_t n);
+  // out[i] = mask[i] ? bf16(w[i]) : +0 (c10::BFloat16's rounding), and out[i] = mask[i] ? float(g[i]) : +0
+  void (*mask_to_bf16)(const float* w, const uint8_t* mask, uint16_t* out, int64_t n);
+  void (*mask_from_bf16)(const uint16_t* g, const uint8_t* mask, float* out, int64_t n);
   // out[i] = sum_k val[k] * x[base[k] + i], i in [0, n), terms in k order: a tile of a product over kept weights
   void (*sparse_row_f32)(const float* x, const int64_t* base, const float* val, int64_t nnz, float* out, int64_t n,
                          float init);

@@ -508,6 +508,27 @@ static bool pruned_zero_u16(const uint16_t* w, const uint8_t* __restrict__ mask,
 }
 #endif
 
+// bf16 of w where the mask keeps it, else +0: c10::BFloat16's rounding (to nearest, ties to even; NaN stays NaN), the
+// cast CPU autocast makes, fused with the mask into one pass. And back: fp32 of a bf16 gradient (exact) where the
+// mask keeps it, else +0.
+static void mask_to_bf16(const float* w, const uint8_t* __restrict__ mask, uint16_t* out, int64_t n) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(w);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = bits[i];
+    const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    const uint32_t v = (b & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded;
+    out[i] = static_cast<uint16_t>(v & (0u - static_cast<uint32_t>(mask[i] != 0)));
+  }
+}
+
+static void mask_from_bf16(const uint16_t* g, const uint8_t* __restrict__ mask, float* out, int64_t n) {
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = (static_cast<uint32_t>(g[i]) << 16) & (0u - static_cast<uint32_t>(mask[i] != 0));
+}
+
 // ---- products over the kept weights only (sparse_layers.cpp) --------------------------------------------------
 
 // One vector of floats at this level: the including file names its width (DSD2_VEC_BITS; 0 for the portable
@@ -1039,7 +1060,7 @@ static void maxpool2_grad_rows_f32(const float* __restrict__ dy, const uint8_t* 
 
 static const KernelTable kTable = {
     DSD2_ISA_NAME, sgd_f32, count_cols_f32, count_cols_u16, relu_rows_f32, relu_rows_u16, kd_row, kd_row_f64,
-    kd_block, mask_f32, mask_u16, pruned_zero_f32, pruned_zero_u16, sparse_row_f32, sparse_dots_f32,
-    sparse_row_post_f32, maxpool2_f32, bn_sums_rows_f32, bn_sums_plane_f32, bn_affine_rows_f32,
+    kd_block, mask_f32, mask_u16, pruned_zero_f32, pruned_zero_u16, mask_to_bf16, mask_from_bf16, sparse_row_f32,
+    sparse_dots_f32, sparse_row_post_f32, maxpool2_f32, bn_sums_rows_f32, bn_sums_plane_f32, bn_affine_rows_f32,
     bn_affine_plane_f32, maxpool2_train_rows_f32, maxpool2_grad_rows_f32,
 };

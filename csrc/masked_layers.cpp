@@ -418,12 +418,63 @@ struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunct
   }
 };
 
+// W⊙M in bf16 under CPU autocast, in one pass: the mask and the cast autocast would make next (the plain layer's
+// one pass over W) together, where the check of W and then autocast's cast were two. Its backward takes the bf16
+// weight gradient to fp32 and masks it in one pass, where autocast's cast back and the masking pass were two.
+at::Tensor masked_bf16(const at::Tensor& w, const at::Tensor& mask) {
+  at::Tensor out = at::empty_like(w, w.options().dtype(at::kBFloat16));  // w's memory order
+  const KernelTable& k = active_kernels();
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  const float* src = w.data_ptr<float>();
+  auto* dst = static_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, w.numel(), kGrain,
+                   [&](int64_t b, int64_t e) { k.mask_to_bf16(src + b, m + b, dst + b, e - b); });
+  return out;
+}
+
+struct MaskedBf16Function : public torch::autograd::Function<MaskedBf16Function> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& mask) {
+    const at::Tensor m = mask_like(weight, mask);  // in the weight's order: the gradient is made in it
+    ctx->save_for_backward({m});
+    return masked_bf16(weight, m);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list& grads) {
+    const at::Tensor mask = ctx->get_saved_variables()[0];
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return {at::Tensor(), at::Tensor()};
+    if (g.requires_grad())  // a double backward: torch's own ops, recorded
+      return {at::where(mask, g, at::zeros({}, g.options())).to(at::kFloat), at::Tensor()};
+    const at::Tensor src = same_order(g, mask) && g.is_non_overlapping_and_dense() && g.scalar_type() == at::kBFloat16
+                               ? g
+                               : at::empty_like(mask, g.options().dtype(at::kBFloat16)).copy_(g);
+    at::Tensor out = at::empty_like(mask, g.options().dtype(at::kFloat));
+    const KernelTable& k = active_kernels();
+    const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+    const auto* from = static_cast<const uint16_t*>(src.data_ptr());
+    float* to = out.data_ptr<float>();
+    at::parallel_for(0, out.numel(), kGrain,
+                     [&](int64_t b, int64_t e) { k.mask_from_bf16(from + b, m + b, to + b, e - b); });
+    return {out, at::Tensor()};
+  }
+};
+
+// Whether the weight goes to a product in bf16 under CPU autocast (an fp32 weight, dense, autocast's dtype bf16).
+bool autocast_bf16(const at::Tensor& weight, const at::Tensor& mask) {
+  return at::autocast::is_autocast_enabled(at::kCPU) &&
+         at::autocast::get_autocast_dtype(at::kCPU) == at::kBFloat16 && weight.scalar_type() == at::kFloat &&
+         weight.is_non_overlapping_and_dense() && mask.is_non_overlapping_and_dense();
+}
+
 }  // namespace
 
 at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask) {
   check(weight, mask);
-  if (!at::GradMode::is_enabled() || !weight.requires_grad())  // no gradient to mask: no autograd node either
-    return masked_operand(weight, mask);
+  const bool graph = at::GradMode::is_enabled() && weight.requires_grad();
+  if (autocast_bf16(weight, mask))
+    return graph ? MaskedBf16Function::apply(weight, mask) : masked_bf16(weight, mask_like(weight, mask));
+  if (!graph) return masked_operand(weight, mask);  // no gradient to mask: no autograd node either
   return MaskedWeightFunction::apply(weight, mask);
 }
 

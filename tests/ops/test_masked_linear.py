@@ -10,6 +10,7 @@ from isa_levels import per_level
 from oracles import masked_linear_oracle
 
 from dsd2.ops import masked_linear, pack_mask
+from dsd2.ops._backend import cpp_extension
 from dsd2.ops.masked_linear import product_tolerance
 
 SHAPES = [((5, 7), 6), ((33, 70), 19), ((2, 3, 17), 4)]  # (x shape, out features): odd sizes, a 3-D input
@@ -206,6 +207,31 @@ def test_cpp_under_cpu_autocast_is_nn_linear_under_autocast():
     yr.float().sum().backward()
     assert w.grad.dtype == torch.float32 and torch.equal(w.grad[mask], plain.grad[mask])
     assert bool((w.grad[~mask] == 0).all())
+
+
+def _edge_values(n=4099, seed=3):
+    """fp32 over its whole range (denormals to the largest finite) with ties, signed zeros, inf and NaN."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g) * torch.logspace(-45, 38, n)
+    w[:12] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, float("inf"), float("-inf"), float("nan"),
+                           1.00390625, 1.01171875, 2.0**-127])  # 1.00390625, 1.01171875: ties to even, down and up
+    return w
+
+
+def test_cpp_masks_and_casts_to_bf16_in_one_pass_as_autocast_casts(cpu_isa_level):
+    w = _edge_values().reshape(-1, 1).requires_grad_()
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(4)) < 0.5
+    mask[:12] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wm = cpp_extension().masked_weight(w, mask)
+    expected = torch.where(mask, w.detach(), 0.0).to(torch.bfloat16)
+    nan = expected.isnan()  # NaN stays NaN; its bits are not compared: torch's scalar and vector casts differ there
+    assert wm.dtype == torch.bfloat16 and torch.equal(wm.isnan(), nan) and int(nan.sum()) == 1
+    assert torch.equal(wm.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+    g = _edge_values(seed=5).to(torch.bfloat16).reshape(w.shape)
+    wm.backward(g)
+    assert w.grad.dtype == torch.float32
+    assert torch.equal(w.grad.view(torch.int32), torch.where(mask, g.float(), 0.0).view(torch.int32))
 
 
 def test_bad_masks_are_refused_in_one_sentence():
