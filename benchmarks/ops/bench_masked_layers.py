@@ -7,7 +7,8 @@ from the Triton kernels' PTX.
 1. Layers, CPU, forward + backward (dX and dW) at batch 128: the VGG-like's (delta 5, gamma 5) and ResNet-18's conv
    shapes at CIFAR size, and the linear layers of the digits MLP (64-256-256-10) and of LeNet-300-100. Variants,
    timed round-robin for at least 40 rounds (each round runs every variant once, so drift in the machine's load
-   hits them alike; a ratio is the median of the ratios within rounds, with its distribution-free 95 % interval):
+   hits them alike; a ratio is the median of the ratios within rounds, with its distribution-free 95 % interval;
+   a layer whose interval spans over 3 % gets further rounds, up to four times its minimum time):
    `plain` (the layer the loop trained before: dsd2's Conv2d, nn.Linear), `hooked` (the same layer under
    torch.nn.utils.prune.custom_from_mask), `masked` (our layer: oneDNN on W⊙M from the C++ pass), `masked-where`
    (the same with W⊙M made by torch.where, the alternative to the C++ pass). 80 % of each weight pruned.
@@ -113,7 +114,7 @@ def time_layers(kind: str, shape: tuple, autocast: bool, min_seconds: float,
         grad = torch.randn_like(layers["plain"](x))
     # warm-up inside: oneDNN picks and caches its kernels on the first calls
     return _round_robin({v: functools.partial(forward_backward, layers[v], x, grad, autocast) for v in VARIANTS},
-                        min_seconds, min_rounds)
+                        min_seconds, min_rounds, pairs=(("masked", "plain"), ("masked", "hooked")))
 
 
 def layer_table(quick: bool) -> list[dict]:
@@ -123,7 +124,8 @@ def layer_table(quick: bool) -> list[dict]:
     if quick:
         cases = cases[:2] + cases[-2:]
     for kind, shape, autocast in cases:
-        # 40 rounds at least: the ratios' 95 % intervals then span about 1 % on this machine's noise
+        # 40 rounds at least (the ratios' 95 % intervals then span about 1 % on this machine's noise), more where
+        # they span over 3 %
         t = time_layers(kind, shape, autocast, *((0.05, 5) if quick else (1.0, 40)))
         rows.append({"layer": shape[0], "precision": "bf16 autocast" if autocast else "fp32", **{
             f"{v}_ms": round(statistics.median(t[v]) * 1e3, 3) for v in VARIANTS},
@@ -239,7 +241,8 @@ def training_steps(quick: bool) -> list[dict]:
             weights = prunable_weights(model)
             opt = MaskedSGD(model.parameters(), {weights[k]: m for k, m in masks.items()}, lr=0.01)
             steps[label] = functools.partial(_train_step, model, opt, x, y, autocast)
-        t = _round_robin(steps, 0.05 if quick else (2.0 if conv else 0.5), 5 if quick else 40)
+        t = _round_robin(steps, 0.05 if quick else (2.0 if conv else 0.5), 5 if quick else 40,
+                         pairs=(("masked", "plain"),))
         rows.append({"model": name, "precision": "bf16 autocast" if autocast else "fp32", "batch": BATCH,
                      "plain_ms": round(statistics.median(t["plain"]) * 1e3, 3),
                      "masked_ms": round(statistics.median(t["masked"]) * 1e3, 3),
@@ -256,24 +259,40 @@ def _train_step(model, opt, x, y, autocast: bool) -> None:
     opt.step()
 
 
-def _round_robin(fns: dict, min_seconds: float, min_rounds: int = 5) -> dict[str, list[float]]:
+def _round_robin(fns: dict, min_seconds: float, min_rounds: int = 5, pairs: tuple = (),
+                 width: float = 0.03, patience: float = 3.0) -> dict[str, list[float]]:
     """Seconds of each call of each function, called in turn (one round calls each once) until each has had
     min_seconds and min_rounds calls; list i of every function is from round i. Each round starts one variant later
     than the round before, so no variant always follows the same one (what the one before leaves in the caches and
-    the allocator would otherwise favour or handicap it every time)."""
+    the allocator would otherwise favour or handicap it every time). Then, while the 95 % interval of a ratio in
+    `pairs` (a over b, as `paired`) is wider than `width`, further rounds, up to `patience` times the time that
+    minimum took: a layer whose calls scatter widely gets the rounds its ratio needs. When to stop looks at the
+    intervals' width only, never at where the ratios lie."""
     for fn in fns.values():
         for _ in range(3):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns.items())
-    start, rounds = time.perf_counter(), 0
-    while time.perf_counter() - start < min_seconds * len(fns) or rounds < min_rounds:
-        first = rounds % len(order)
+
+    def run_round(i: int) -> None:
+        first = i % len(order)
         for k, fn in order[first:] + order[:first]:
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
+
+    def wide() -> bool:
+        return any((ci := paired(times, a, b)["ci95"]) is None or ci[1] - ci[0] > width for a, b in pairs)
+
+    start, rounds = time.perf_counter(), 0
+    while time.perf_counter() - start < min_seconds * len(fns) or rounds < min_rounds:
+        run_round(rounds)
         rounds += 1
+    deadline = start + (1.0 + patience) * (time.perf_counter() - start)
+    while time.perf_counter() < deadline and wide():
+        for _ in range(10):
+            run_round(rounds)
+            rounds += 1
     return times
 
 
