@@ -2,6 +2,7 @@
 
 import math
 import statistics
+from fractions import Fraction
 
 import pytest
 import torch
@@ -147,6 +148,15 @@ def test_median_ci_takes_the_binomial_ranks():
     assert median_ci([1.0, 2.0, 3.0, 4.0, 5.0])["ci95"] is None  # the extremes of 5 cover only 93.8 %
     with pytest.raises(ValueError, match="at least one value"):
         median_ci([])
+
+
+@pytest.mark.parametrize("n", [7, 61, 1074, 1200, 5000])
+def test_median_ci_takes_the_exact_binomial_ranks_past_where_two_to_the_minus_n_underflows(n):
+    tail, j = Fraction(0), 0  # the rank in exact arithmetic
+    while tail + Fraction(math.comb(n, j), 2**n) <= Fraction(1, 40):
+        tail += Fraction(math.comb(n, j), 2**n)
+        j += 1
+    assert median_ci([float(v) for v in range(n)])["ci95"] == [float(j - 1), float(n - j)]
 
 
 def test_median_ci_covers_a_skewed_median_95_percent_of_the_time():

@@ -92,9 +92,14 @@ def median_ci(values: list[float]) -> dict[str, Any]:
         raise ValueError("median_ci needs at least one value")
     ranked = sorted(values)
     median = statistics.median(ranked)
+    log_half_n = n * math.log(0.5)
+
+    def pmf(k: int) -> float:  # P(Binomial(n, 1/2) = k), in logs: 2**-n underflows past n = 1074
+        return math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + log_half_n)
+
     tail, j = 0.0, 0  # tail = P(Binomial(n, 1/2) <= j - 1)
-    while (tail + math.comb(n, j) / 2**n) <= 0.025:
-        tail += math.comb(n, j) / 2**n
+    while tail + pmf(j) <= 0.025:
+        tail += pmf(j)
         j += 1
     if j == 0:
         return {"median": median, "ci95": None, "n": n}
